@@ -34,9 +34,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     rank, size = world()
     if size == 1:
         return x
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public way
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x), dim=0)
 
 
 class ContrastiveLoss(nn.Module):

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny towers and captions so tests run in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+CAPTIONS = [
+    "a red apple", "a green apple", "a cat on a mat", "a black dog", "a yellow school bus",
+    "a blue car", "ein roter Apfel", "un chat noir", "猫が好きです", "قطة سوداء", "🍎 apple emoji",
+] * 5
+
+TINY_TEXT = {"type": "transformer", "width": 32, "depth": 1, "heads": 2, "context_length": 16, "vocab_size": 300}
+
+
+@pytest.fixture
+def tiny_config():
+    from littune import LiTConfig
+    from littune.towers.tiny import SPEC
+
+    def make(setting: str = "Lu", **kw):
+        return LiTConfig(setting=setting, image_tower=SPEC, text_tower=dict(TINY_TEXT), embed_dim=16, **kw)
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    from littune import LiTModel
+
+    def make(setting: str = "Lu", **kw):
+        return LiTModel.from_config(tiny_config(setting, **kw), captions=CAPTIONS)
+
+    return make
