@@ -1,0 +1,134 @@
+"""Run a locked image tower over a source once and write the embedding cache that training reads.
+
+SOURCE is a CSV/TSV (image,caption), a JSONL file, webdataset tar shards (a .tar, a folder of them
+or a brace pattern such as "shards-{000..009}.tar"), a folder of images with sidecar .txt captions,
+or a COCO captions .json. Images are decoded in worker processes and embedded in batches; the cache
+holds the tower's raw features (float16 by default), every caption and key, and a manifest with
+the tower and source fingerprints and per-shard checksums. Images that cannot be decoded are
+skipped and listed in CACHE/skipped.tsv. --views K also stores K augmented views per image
+(Inception crop + flip), so training from the cache still sees augmentation.
+
+The run is resumable: if it is interrupted (even killed), run the same command again and it
+continues from the last complete shard; the result is identical to an uninterrupted run
+with the same options.
+Several processes: torchrun --nproc_per_node 2 -m littune embed SOURCE --out CACHE
+(each rank embeds every N-th shard; rank 0 writes the manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+HELP = "run a locked image tower over a source once and write the embedding cache"
+EXAMPLE = "littune embed data/train.csv --tower efficientnet-lite0 --out cache/train --views 2"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE", help="CSV/TSV, JSONL, tar shards, image folder or COCO captions JSON")
+    p.add_argument("--out", "-o", required=True, metavar="CACHE", help="the cache directory to write")
+    p.add_argument("--tower", "-t", default="efficientnet-lite0",
+                   help="image tower: efficientnet-lite0|1|2, hf:DIR, onnx:FILE, torch:pkg.mod:factory, "
+                        "a JSON spec or a .json file holding one (default efficientnet-lite0)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="stored precision (default float16)")
+    p.add_argument("--views", type=int, default=0, metavar="K",
+                   help="also store K augmented views per image (default 0: the centre-crop view only)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default 16 on a CPU, 64 on a GPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding worker processes (default: one per two cores, at least 2; "
+                        "0 = decode in the main process)")
+    p.add_argument("--lanes", type=int, default=None,
+                   help="concurrent forward passes (default 2 on a CPU, 1 on a GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per lane (default: the cores left after the workers, shared by the lanes)")
+    p.add_argument("--shard-size", type=int, default=2048, help="images per shard, the unit of resuming (default 2048)")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start over even if CACHE holds an interrupted run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the augmented views (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="skip images with more pixels than this (default 89,478,485, Pillow's limit)")
+    g = p.add_argument_group("source options")
+    g.add_argument("--type", dest="source_type", default=None,
+                   help="force the source format: csv, jsonl, webdataset, folder, coco")
+    g.add_argument("--image-column", help="CSV/JSONL: column or key holding the image path (default: found by name)")
+    g.add_argument("--caption-column", help="CSV/JSONL/webdataset json: column or key holding the caption(s)")
+    g.add_argument("--caption-sep", help="split a caption cell into several captions at this string, e.g. '|'")
+    g.add_argument("--delimiter", help="CSV delimiter (default: ',' for .csv, tab for .tsv)")
+    g.add_argument("--image-root", metavar="DIR",
+                   help="base folder of relative image paths (default: the file's folder)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def _tower_spec(text: str):
+    from ..errors import LittuneError
+
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LittuneError(f"--tower: not valid JSON ({e.msg})") from None
+    if text.endswith(".json") and os.path.isfile(text):
+        try:
+            with open(text) as f:
+                return json.load(f)
+        except json.JSONDecodeError as e:
+            raise LittuneError(f"--tower {text}: not valid JSON ({e.msg})") from None
+    return text
+
+
+def _init_distributed(device: str | None):
+    """Under torchrun: initialise the process group (gloo on CPU, NCCL on GPU); returns (rank, world, device)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if device is None:
+        device = f"cuda:{local}" if use_cuda and world > 1 else ("cuda" if use_cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(torch.device(device))
+        # Ranks wait for each other at the end of the work: allow long, uneven runs.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=12))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
+
+
+def run(args) -> int:
+    import torch.distributed as dist
+
+    from ..cache import embed_source, summary
+    from ..data.decode import DEFAULT_MAX_PIXELS
+    from ..data.sources import open_source
+    from ..towers.image import build_image_tower
+
+    options = {k: getattr(args, k) for k in ("image_column", "caption_column", "caption_sep", "delimiter",
+                                             "image_root") if getattr(args, k)}
+    spec = {"type": args.source_type, "path": args.source} if args.source_type else args.source
+    source = open_source(spec, **options)
+    rank, world, device = _init_distributed(args.device)
+    try:
+        tower = build_image_tower(_tower_spec(args.tower))
+        cache = embed_source(
+            source, tower, args.out, dtype=args.dtype, views=args.views, batch_size=args.batch_size,
+            workers=args.workers, shard_size=args.shard_size, resume=args.resume, progress=not args.quiet,
+            seed=args.seed, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, device=device,
+            distributed=world > 1, lanes=args.lanes, threads=args.threads)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        print(summary(cache))
+    if len(cache) == 0:
+        from ..errors import LittuneError
+
+        raise LittuneError(f"none of the {len(source):,} images of {source.describe()} could be decoded "
+                           f"(see {cache.directory / 'skipped.tsv'})")
+    return 0

@@ -1,0 +1,170 @@
+"""Decode any image a dataset may hold into an upright 8-bit RGB Pillow image, or say why not.
+
+:func:`load_image` is the one door through which littune reads pixels. It accepts a path or the
+raw encoded bytes (a webdataset member), applies the EXIF orientation, and converts every mode
+Pillow can open to RGB: palette images (with or without a transparent colour), ``LA``/``PA``/
+``RGBA`` (composited on white, the usual background of clip art and emoji), ``CMYK`` (Adobe
+inverted JPEGs included), 16-bit and 32-bit integer greyscale (scaled, not clipped), float images,
+1-bit and ``YCbCr``/``LAB``/``HSV``. Multi-frame files (GIF, animated WebP) give their first frame.
+
+Anything that cannot be decoded raises :class:`BadImage` with a short ``reason`` that reports can
+count -- ``missing``, ``empty file``, ``not an image``, ``truncated``, ``too many pixels``,
+``corrupt`` or ``remote url`` -- and a ``detail`` for the human. The pixel limit (default
+Pillow's own 89,478,485, about 9459 x 9459) is checked from the header before any pixel is
+decoded, so a decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 89_478_485
+
+#: File extensions littune treats as images when it lists a folder or a tar shard.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+#: The reasons :class:`BadImage` may carry, in the order reports list them.
+REASONS = ("missing", "empty file", "not an image", "truncated", "too many pixels", "corrupt", "remote url")
+
+
+class BadImage(Exception):
+    """An image that cannot be decoded. ``reason`` is one of :data:`REASONS`; ``detail`` says more."""
+
+    def __init__(self, reason: str, detail: str = "", source: str | None = None):
+        self.reason = reason
+        self.detail = detail
+        self.source = source
+        text = f"{reason}: {detail}" if detail else reason
+        super().__init__(f"{source}: {text}" if source else text)
+
+
+def _read(src: str | Path | bytes | bytearray | memoryview) -> tuple[bytes, str | None]:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        if not data:
+            raise BadImage("empty file", "0 bytes")
+        return data, None
+    name = str(src)
+    if name.startswith(("http://", "https://", "ftp://", "s3://", "gs://")):
+        raise BadImage("remote url", "littune reads local files only; download the images first", name)
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        detail = "dangling symbolic link" if os.path.islink(name) else "no such file"
+        raise BadImage("missing", detail, name) from None
+    except IsADirectoryError:
+        raise BadImage("not an image", "is a directory", name) from None
+    except PermissionError as e:
+        raise BadImage("missing", f"cannot read: {e.strerror}", name) from None
+    if not data:
+        raise BadImage("empty file", "0 bytes", name)
+    return data, name
+
+
+def _white(img: Image.Image) -> Image.Image:
+    """Composite an image with alpha onto a white background."""
+    rgba = img.convert("RGBA")
+    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(bg, rgba).convert("RGB")
+
+
+def _scaled_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer or float greyscale -> 8-bit ``L``, scaling instead of clipping."""
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        arr = arr.astype(np.float32) / 257.0
+    elif img.mode == "I":
+        hi = float(arr.max()) if arr.size else 0.0
+        lo = float(arr.min()) if arr.size else 0.0
+        if lo >= 0 and hi <= 255:
+            arr = arr.astype(np.float32)
+        elif lo >= 0 and hi <= 65535:  # 16-bit data in a 32-bit container (PNG, TIFF)
+            arr = arr.astype(np.float32) / 257.0
+        else:
+            arr = (arr.astype(np.float64) - lo) * (255.0 / max(hi - lo, 1.0))
+    else:  # "F": [0, 1] floats are scaled, anything else is taken as 0..255
+        arr = arr.astype(np.float32)
+        finite = arr[np.isfinite(arr)]
+        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            arr = arr * 255.0
+        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a decoded Pillow image of any mode to 8-bit RGB (alpha composited on white)."""
+    mode = img.mode
+    if mode == "RGB":  # an RGB PNG may name one colour transparent (tRNS)
+        return _white(img) if "transparency" in img.info else img
+    if mode == "P":
+        # A palette image may carry a transparent index (tRNS) or per-entry alpha.
+        if "transparency" in img.info or (img.palette is not None and img.palette.mode == "RGBA"):
+            return _white(img)
+        return img.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _white(img)
+    if mode == "L" and "transparency" in img.info:  # a greyscale PNG with a transparent grey level
+        return _white(img)
+    if mode in ("1", "L", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return img.convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return _scaled_to_8bit(img).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise BadImage("corrupt", f"cannot convert mode {mode} to RGB ({e})") from None
+
+
+def load_image(src: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``src`` (a path or encoded bytes) into an upright RGB image.
+
+    Raises :class:`BadImage` for a missing or empty file, a file that is not an image, a truncated
+    or corrupt one, or one with more than ``max_pixels`` pixels (``None``: Pillow's own limit only).
+    """
+    data, name = _read(src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise BadImage("too many pixels", f"{w}x{h} = {w * h:,} pixels > limit {max_pixels:,}", name)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to do
+            return to_rgb(img)
+    except BadImage as e:
+        if e.source is None and name is not None:
+            raise BadImage(e.reason, e.detail, name) from None
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image", "Pillow cannot identify the format", name) from None
+    except Image.DecompressionBombError as e:
+        raise BadImage("too many pixels", str(e), name) from None
+    except OSError as e:
+        msg = str(e)
+        if "truncated" in msg or "broken data stream" in msg or "premature end" in msg.lower():
+            raise BadImage("truncated", msg, name) from None
+        raise BadImage("corrupt", msg, name) from None
+    except (ValueError, SyntaxError, EOFError, struct.error, IndexError, MemoryError) as e:
+        raise BadImage("corrupt", f"{type(e).__name__}: {e}", name) from None
+
+
+def image_size(src: str | Path | bytes) -> tuple[int, int]:
+    """Width and height from the header only (no decoding); raises :class:`BadImage`."""
+    data, name = _read(src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data)).size
+    except UnidentifiedImageError:
+        raise BadImage("not an image", "Pillow cannot identify the format", name) from None
+    except Image.DecompressionBombError as e:
+        raise BadImage("too many pixels", str(e), name) from None

@@ -1,0 +1,195 @@
+"""littune.cache: embed_source writes what the tower computes; EmbeddingCache reads it back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_fixtures import bad_inputs, captions_for, colour_image, encode, write_csv, write_tar
+from littune.cache import EmbeddingCache, augment_rng, embed_source, summary
+from littune.data import load_image, open_source
+from littune.errors import LittuneError, StaleCacheError
+from littune.towers.image import build_image_tower
+from littune.towers.tiny import SPEC
+
+
+@pytest.fixture(scope="module")
+def tower():
+    return build_image_tower(SPEC).eval()
+
+
+def _reference(tower, img, rng=None):
+    px = tower.preprocess.eval(img) if rng is None else tower.preprocess.train(img, rng)
+    with torch.inference_mode():
+        return tower(px[None]).numpy()[0]
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_cache_holds_the_tower_features_captions_and_keys(tmp_path, tower, tiny_model):
+    src = open_source(write_csv(tmp_path / "data", n=10))
+    cache = embed_source(src, tower, tmp_path / "c32", dtype="float32", views=2, batch_size=4, shard_size=4,
+                         workers=0, progress=False)
+    assert (len(cache), cache.dim, cache.dtype, cache.views) == (10, 32, "float32", 2)
+    assert cache.tower_fingerprint == tower.fingerprint() and cache.source_fingerprint == src.fingerprint()
+    assert len(cache.manifest["shards"]) == 3 and cache.manifest["captions"] == src.caption_count()
+    model = tiny_model()
+    for i, rec in enumerate(src.records()):
+        img = load_image(rec.path)
+        assert cache.key(i) == rec.key and cache.path(i) == rec.path
+        assert cache.captions(i) == rec.captions
+        ref = _reference(tower, img)
+        np.testing.assert_allclose(cache.features([i])[0], ref, rtol=1e-5, atol=1e-6)
+        # what LiTModel.image_features gives for the same pixels
+        np.testing.assert_allclose(model.image_features(tower.preprocess.eval(img)[None]).numpy()[0], ref,
+                                   rtol=1e-5, atol=1e-6)
+        for v in range(2):
+            aug = _reference(tower, img, augment_rng(0, rec.key, v))
+            np.testing.assert_allclose(cache.features([i], view=v)[0], aug, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(aug, ref)  # an augmented view is another view
+    idx = np.array([9, 0, 4, 4, 7])
+    views = np.array([1, 0, 1, 0, 1])
+    got = cache.features(idx, view=views)
+    for row, (i, v) in enumerate(zip(idx, views)):
+        np.testing.assert_array_equal(got[row], cache.features([i], view=int(v))[0])
+    assert got.dtype == np.float32 and got.shape == (5, 32)
+    assert cache.features(np.array([], dtype=np.int64)).shape == (0, 32)
+    with pytest.raises(IndexError):
+        cache.features([10])
+    with pytest.raises(IndexError, match="stores 2 augmented"):
+        cache.features([0], view=2)
+    # float16 (the default) stores the same features, rounded
+    c16 = embed_source(src, tower, tmp_path / "c16", batch_size=4, shard_size=4, workers=0, progress=False)
+    assert c16.dtype == "float16" and np.load(tmp_path / "c16" / "shards" / "00000.npy").dtype == np.float16
+    np.testing.assert_allclose(c16.features(np.arange(10)), cache.features(np.arange(10)), rtol=2e-3, atol=2e-3)
+    # opening again reads the same (and verifies checksums)
+    again = EmbeddingCache.open(tmp_path / "c32")
+    np.testing.assert_array_equal(again.features(np.arange(10), view=1), cache.features(np.arange(10), view=1))
+
+
+def test_bad_inputs_are_skipped_counted_and_reported(tmp_path, tower):
+    """Missing, empty, truncated, not-an-image and huge files are skipped; CMYK, 16-bit and palette embed."""
+    csv_path, bad, good = bad_inputs(tmp_path / "bad")
+    src = open_source(csv_path)
+    cache = embed_source(src, tower, tmp_path / "cache", dtype="float32", batch_size=2, shard_size=3, workers=1,
+                         progress=False)
+    assert len(cache) == len(good) == 5
+    assert [cache.key(i) for i in range(len(cache))] == good  # source order, bad ones left out
+    for i, name in enumerate(good):
+        ref = _reference(tower, load_image(tmp_path / "bad" / name))
+        np.testing.assert_allclose(cache.features([i])[0], ref, rtol=1e-5, atol=1e-6)
+        assert cache.captions(i) == [f"a picture called {name}", f"another caption of {name}"]
+    report = (tmp_path / "cache" / "skipped.tsv").read_text().splitlines()
+    assert report[0] == "where\treason\tdetail" and len(report) == 1 + len(bad)
+    rows = {Path(r.split("\t")[0]).name: r.split("\t")[1] for r in report[1:]}
+    assert rows == bad
+    assert cache.manifest["skipped_by_reason"] == {"missing": 1, "empty file": 1, "not an image": 1,
+                                                   "truncated": 1, "too many pixels": 1}
+    line = summary(cache)
+    assert line.startswith(f"embedded 5 images (32-d float32) into {tmp_path / 'cache'}; skipped 5: 1 missing, ")
+    assert "skipped.tsv" in line and "\n" not in line
+
+
+def test_stale_cache_names_both_fingerprints(tmp_path, tower):
+    src = open_source(write_csv(tmp_path, n=3))
+    cache = embed_source(src, tower, tmp_path / "c", workers=0, progress=False)
+    cache.check(tower_fingerprint=tower.fingerprint(), source_fingerprint=src.fingerprint())  # fine
+    other = build_image_tower({**SPEC, "kwargs": {"seed": 1}})
+    with pytest.raises(StaleCacheError) as e:
+        cache.check(tower_fingerprint=other.fingerprint())
+    assert other.fingerprint() in str(e.value) and tower.fingerprint() in str(e.value)
+    with pytest.raises(StaleCacheError) as e:
+        cache.check(source_fingerprint="csv-0000000000000000")
+    assert "csv-0000000000000000" in str(e.value) and src.fingerprint() in str(e.value)
+
+
+def test_damaged_shards_are_redone_identically(tmp_path, tower):
+    src = open_source(write_csv(tmp_path / "data", n=12))
+    out = tmp_path / "c"
+    embed_source(src, tower, out, views=1, batch_size=3, shard_size=3, workers=0, progress=False)
+    before = _tree(out)
+    stamp = {p: (out / p).stat().st_mtime_ns for p in before}
+    # a torn write of shard 1, a shard 2 whose commit record never landed, leftovers of a killed run
+    s1 = out / "shards" / "00001.npy"
+    s1.write_bytes(s1.read_bytes()[:-7] + b"garbage")
+    (out / "shards" / "00002.json").unlink()
+    (out / "shards" / "00003.npy.tmp-12345").write_bytes(b"partial")
+    with pytest.raises(LittuneError, match="00001.npy does not match its checksum"):
+        EmbeddingCache.open(out)
+    cache = embed_source(src, tower, out, views=1, batch_size=3, shard_size=3, workers=0, progress=False)
+    assert _tree(out) == before
+    assert (out / "shards" / "00000.npy").stat().st_mtime_ns == stamp["shards/00000.npy"]  # not redone
+    assert (out / "shards" / "00003.npy").stat().st_mtime_ns == stamp["shards/00003.npy"]
+    assert len(cache) == 12
+    assert not list(out.rglob("*.tmp-*"))
+
+
+def test_other_settings_refuse_to_resume_and_no_resume_starts_over(tmp_path, tower):
+    src = open_source(write_csv(tmp_path / "data", n=4))
+    out = tmp_path / "c"
+    embed_source(src, tower, out, dtype="float32", workers=0, progress=False)
+    with pytest.raises(LittuneError) as e:
+        embed_source(src, tower, out, dtype="float16", workers=0, progress=False)
+    assert "dtype 'float32' -> 'float16'" in str(e.value) and "--no-resume" in str(e.value)
+    assert EmbeddingCache.open(out).dtype == "float32"  # nothing lost
+    (out / "mine.txt").write_text("a user's file")
+    cache = embed_source(src, tower, out, dtype="float16", resume=False, workers=0, progress=False)
+    assert cache.dtype == "float16" and (out / "mine.txt").exists()
+    with pytest.raises(LittuneError, match="not an embedding cache"):
+        EmbeddingCache.open(tmp_path / "data")
+    # a second writer on the same directory is refused while the first holds it
+    from littune.cache import _lock
+
+    held = _lock(out)
+    try:
+        with pytest.raises(LittuneError, match="being written by another"):
+            embed_source(src, tower, out, dtype="float16", workers=0, progress=False)
+    finally:
+        held.close()
+    embed_source(src, tower, out, dtype="float16", workers=0, progress=False)
+
+
+def test_webdataset_through_worker_processes(tmp_path, tower):
+    members = []
+    for i in range(5):
+        members += [(f"k{i}.png", encode(colour_image(i), "PNG")), (f"k{i}.txt", "\n".join(captions_for(i)).encode())]
+    write_tar(tmp_path / "s-0.tar", members[:6])
+    write_tar(tmp_path / "s-1.tar", members[6:])
+    cache = embed_source(str(tmp_path / "s-{0..1}.tar"), tower, tmp_path / "c", dtype="float32", workers=2,
+                         shard_size=2, progress=False)
+    assert [cache.key(i) for i in range(5)] == [f"k{i}" for i in range(5)]
+    for i in range(5):
+        assert cache.captions(i) == captions_for(i)
+        np.testing.assert_allclose(cache.features([i])[0], _reference(tower, colour_image(i)), rtol=1e-5, atol=1e-6)
+    assert cache.path(3).endswith("s-1.tar:k3")
+
+
+def test_reader_memory_stays_bounded(tmp_path, tower):
+    src = open_source(write_csv(tmp_path / "data", n=10))
+    embed_source(src, tower, tmp_path / "c", shard_size=2, workers=0, progress=False)
+    small = EmbeddingCache.open(tmp_path / "c", max_open=2)
+    full = EmbeddingCache.open(tmp_path / "c", verify=False)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        idx = rng.integers(0, 10, size=4)
+        np.testing.assert_array_equal(small.features(idx), full.features(idx))
+        assert len(small._open) <= 2
+        assert all(isinstance(a, np.memmap) for a in small._open.values())
+
+
+def test_empty_source_and_bad_arguments(tmp_path, tower):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("image,caption\n")
+    with pytest.raises(LittuneError, match="holds no images"):
+        embed_source(empty, tower, tmp_path / "c", progress=False)
+    src = write_csv(tmp_path / "d", n=2)
+    with pytest.raises(LittuneError, match="dtype"):
+        embed_source(src, tower, tmp_path / "c", dtype="int8", progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LittuneError, match="is a file"):
+        embed_source(src, tower, tmp_path / "file", workers=0, progress=False)

@@ -1,0 +1,146 @@
+"""`littune embed`: the command, kill -9 and resume, and two torchrun (gloo) processes writing one cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_fixtures import bad_inputs, tiny_tower_arg, write_csv, write_images
+from littune.cache import EmbeddingCache
+from littune.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_embed_command_summary_and_errors(tmp_path, capsys):
+    csv_path, bad, good = bad_inputs(tmp_path / "data")
+    out = tmp_path / "cache"
+    rc = main(["embed", str(csv_path), "--out", str(out), "--tower", tiny_tower_arg(), "--workers", "0",
+               "--views", "1", "--shard-size", "4", "-q"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"embedded 5 images (32-d float16, 1 augmented views) into {out}; skipped 5: 1 missing, "
+                     f"1 empty file, 1 not an image, 1 truncated, 1 too many pixels (see {out / 'skipped.tsv'})"]
+    cache = EmbeddingCache.open(out)
+    assert len(cache) == 5 and cache.views == 1
+    # a second run finds the cache complete and changes nothing
+    before = _tree(out)
+    assert main(["embed", str(csv_path), "--out", str(out), "--tower", tiny_tower_arg(), "--views", "1",
+                 "--shard-size", "4", "-q", "--workers", "0"]) == 0
+    assert _tree(out) == before
+    capsys.readouterr()
+    # user errors: one line, exit 2
+    assert main(["embed", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"littune embed: error: source not found: {tmp_path / 'nope.csv'}"]
+    assert main(["embed", str(csv_path), "--out", str(out), "--tower", "{not json"]) == 2
+    assert "--tower: not valid JSON" in capsys.readouterr().err
+    assert main(["embed", str(csv_path), "--out", str(out), "--tower", tiny_tower_arg(), "--shard-size", "3",
+                 "-q"]) == 2
+    assert "shard_size 4 -> 3" in capsys.readouterr().err
+
+
+def test_all_images_bad_is_an_error_after_the_report(tmp_path, capsys):
+    (tmp_path / "a.png").write_text("not a png")
+    (tmp_path / "list.csv").write_text("image,caption\na.png,x\nb.png,y\n")
+    rc = main(["embed", str(tmp_path / "list.csv"), "--out", str(tmp_path / "c"), "--tower", tiny_tower_arg(),
+               "--workers", "0", "-q"])
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert "embedded 0 images" in captured.out and "1 missing, 1 not an image" in captured.out
+    assert "none of the 2 images" in captured.err
+    assert len(EmbeddingCache.open(tmp_path / "c")) == 0
+
+
+def test_embed_help_has_an_example(capsys):
+    with pytest.raises(SystemExit):
+        main(["embed", "--help"])
+    text = capsys.readouterr().out
+    assert "littune embed data/train.csv" in text and "--views" in text and "resumable" in text
+
+
+def test_kill_minus_9_and_resume_gives_identical_cache(tmp_path):
+    """SIGKILL `littune embed` twice mid-run; the resumed cache equals an uninterrupted run byte for byte."""
+    root = tmp_path / "data"
+    n = 480
+    write_images(root / "img", n, ext="jpg", size=(320, 240))
+    with open(root / "pairs.csv", "w") as f:
+        f.write("image,caption\n")
+        for i in range(n):
+            f.write(f"img/im{i:04d}.jpg,photo {i}\nimg/im{i:04d}.jpg,another caption {i % 7}\n")
+    args = [str(root / "pairs.csv"), "--tower", tiny_tower_arg(), "--shard-size", "16", "--batch-size", "5",
+            "--views", "1", "--threads", "1", "--workers", "1", "-q"]
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "littune", "embed", *args, "--out", str(out)]
+    kills = 0
+    for wait_for in (2, 9):  # kill after the 2nd shard, then after the 9th
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((out / "shards").glob("*.json"))) >= wait_for if (out / "shards").is_dir() else False:
+                break
+            time.sleep(0.002)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+        assert proc.returncode == -signal.SIGKILL
+    assert kills == 2
+    done_before = len(list((out / "shards").glob("*.json")))
+    assert 9 <= done_before < n // 16
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"embedded {n} images")
+    # the reference: one uninterrupted run (in this process)
+    ref = tmp_path / "reference"
+    assert main(["embed", *args, "--out", str(ref)]) == 0
+    killed, clean = _tree(out), _tree(ref)
+    assert sorted(killed) == sorted(clean)
+    assert [k for k in clean if killed[k] != clean[k]] == []
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.distributed
+def test_torchrun_two_gloo_processes_write_the_same_cache(tmp_path):
+    src = write_csv(tmp_path / "data", n=22)
+    write_images(tmp_path / "data" / "img", 1, start=22)  # not listed: ignored
+    args = [str(src), "--tower", tiny_tower_arg(), "--shard-size", "3", "--views", "2", "--threads", "1",
+            "--workers", "0", "-q"]
+    one = tmp_path / "one"
+    assert main(["embed", *args, "--out", str(one)]) == 0
+    two = tmp_path / "two"
+    env = _env()
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "littune", "embed", *args, "--out", str(two)],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("embedded 22 images") == 1  # rank 0 prints the summary
+    metas = [(two / "shards" / f"{s:05d}.json").read_text() for s in range(8)]
+    assert len(metas) == 8
+    a, b = _tree(one), _tree(two)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    c = EmbeddingCache.open(two)
+    np.testing.assert_array_equal(c.features(np.arange(22), view=1),
+                                  EmbeddingCache.open(one).features(np.arange(22), view=1))
