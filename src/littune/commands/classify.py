@@ -1,0 +1,95 @@
+"""Classify images zero-shot against labels you choose, and print a ranked table per image.
+
+The labels become prompts through a template set (short by default; imagenet for CLIP's 80, none for
+the bare label, or a file with one template per line holding {}); each label's prompts are embedded,
+averaged and compared with the image. Probabilities are a softmax over the labels (they sum to 1),
+or with --multi-label an independent sigmoid per label. Images that cannot be read are reported and
+the others are still classified (the exit status is then 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "zero-shot classify images against your own labels"
+EXAMPLE = 'littune classify --model runs/lu/model photos/*.jpg --labels "cat,dog,horse" --top 3'
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--model", "-m", required=True, metavar="DIR", help="a model directory")
+    p.add_argument("--labels", "-l", help='comma-separated labels, e.g. "cat,dog,horse"')
+    p.add_argument("--labels-file", metavar="FILE", help="labels, one per line (instead of or besides --labels)")
+    p.add_argument("--templates", "-t", default="short",
+                   help="prompt templates: short (default), imagenet, imagenet7, none, or a file")
+    p.add_argument("--top", type=int, default=5, help="labels shown per image (default 5; 0 = all)")
+    p.add_argument("--multi-label", action="store_true", help="independent sigmoid per label instead of a softmax")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def parse_labels(text: str | None, file: str | None = None) -> list[str]:
+    """Labels from a comma-separated string and/or a file (one per line); errors on none or repeats."""
+    from pathlib import Path
+
+    from ..errors import LittuneError
+
+    labels: list[str] = []
+    if text is not None:
+        labels += [x.strip() for x in text.split(",") if x.strip()]
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise LittuneError(f"labels file not found: {file}")
+        labels += [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()
+                   if ln.strip() and not ln.strip().startswith("#")]
+    if not labels:
+        raise LittuneError('the label list is empty: give --labels "cat,dog,horse" or --labels-file FILE')
+    seen: set[str] = set()
+    for x in labels:
+        if x in seen:
+            raise LittuneError(f"label {x!r} is given twice")
+        seen.add(x)
+    return labels
+
+
+def run(args) -> int:
+    from ..errors import LittuneError
+    from ..eval.templates import load_templates
+    from ..inference import embed_images
+    from ..model import LiTModel
+
+    labels = parse_labels(args.labels, args.labels_file)
+    templates = load_templates(args.templates)
+    if args.top < 0:
+        raise LittuneError(f"--top must be 0 (all) or more, not {args.top}")
+    model = LiTModel.from_pretrained(args.model)
+    weights = model.zeroshot_weights(labels, templates)
+    emb, kept, skipped = embed_images(model, args.images, batch_size=args.batch_size, skip_bad=True)
+    for where, why in skipped:
+        print(f"littune classify: cannot read {where}: {why}", file=sys.stderr)
+    probs = model.label_probabilities(emb, weights, multi_label=args.multi_label) if kept else None
+    top = len(labels) if args.top == 0 else min(args.top, len(labels))
+    results = []
+    for row, i in enumerate(kept):
+        p = probs[row]
+        order = sorted(range(len(labels)), key=lambda c: (-float(p[c]), c))[:top]
+        results.append({"image": args.images[i], "labels": [{"label": labels[c], "probability": float(p[c])}
+                                                            for c in order]})
+    if args.json:
+        json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+    else:
+        width = max(len(x) for x in labels)
+        for n, r in enumerate(results):
+            if n:
+                print()
+            print(r["image"])
+            for rank, item in enumerate(r["labels"], 1):
+                bar = "#" * round(20 * item["probability"])
+                print(f"  {rank:>2}. {item['label']:<{width}}  {item['probability']:.3f}  {bar}")
+    if not kept:
+        raise LittuneError(f"none of the {len(args.images)} image(s) could be read")
+    return 1 if skipped else 0

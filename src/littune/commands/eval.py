@@ -1,0 +1,177 @@
+"""Measure a trained model: zero-shot classification or image-text retrieval.
+
+`littune eval zeroshot DATASET --model DIR` classifies every image of a class folder
+(root/<class>/*.png, optional classnames.txt with display names in folder order) or of a CSV with
+image and label columns, against prompts made from the class names and a template set (imagenet:
+CLIP's 80, imagenet7, short, none, or a file with one template per line holding {}). It reports
+acc1, acc5 and mean_per_class_recall; --per-class adds a per-class table, --confusion a PNG.
+
+`littune eval retrieval SOURCE --model DIR` ranks images for every caption and captions for every
+image (COCO protocol: several captions per image; an image query is right if any of its captions is
+in the top K) and reports image_retrieval_recall@K and text_retrieval_recall@K.
+
+With a locked image tower, --cache CACHE_DIR (from `littune embed` over the same folder or file)
+reads the image features instead of running the image model. --out writes the results as JSON in
+CLIP_benchmark's layout ({"dataset", "model", "task", "metrics": {...}}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "zero-shot classification and image-text retrieval metrics"
+EXAMPLE = "littune eval zeroshot data/pets --model runs/lu/model --templates imagenet --out pets.json"
+ZEROSHOT_EXAMPLE = ("littune eval zeroshot data/pets --model runs/lu/model --templates short "
+                    "--per-class --confusion pets_confusion.png --out pets.json")
+RETRIEVAL_EXAMPLE = ("littune eval retrieval data/coco_val.csv --model runs/lu/model --cache caches/coco_val "
+                     "--out coco.json")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, metavar="DIR",
+                   help="a model directory (save_pretrained / littune train)")
+    p.add_argument("--cache", metavar="DIR", help="read image features from this embedding cache (locked image tower)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--out", "-o", metavar="FILE", help="write the results JSON here")
+    p.add_argument("--image-column", help="CSV: the image column (default: found by name)")
+    p.add_argument("--image-root", metavar="DIR",
+                   help="CSV: base folder of relative image paths (default: the CSV's folder)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    z = sub.add_parser("zeroshot", help="zero-shot classification: acc1, acc5, mean per-class recall",
+                       description="Zero-shot classification of a class folder or a label CSV.",
+                       epilog=f"example:\n  {ZEROSHOT_EXAMPLE}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    z.add_argument("dataset", metavar="DATASET",
+                   help="a class folder (root/<class>/*.png) or a CSV with image,label columns")
+    _common(z)
+    z.add_argument("--templates", "-t", default="short",
+                   help="prompt templates: imagenet (CLIP's 80), imagenet7, short, none, or a file (default short)")
+    z.add_argument("--classnames", metavar="FILE",
+                   help="class display names, one per line in class-folder / index order")
+    z.add_argument("--label-column", help="CSV: the label column (default: label, class, category...)")
+    z.add_argument("--per-class", action="store_true", help="print (and save) a per-class table")
+    z.add_argument("--confusion", metavar="PNG", help="draw the confusion matrix to this PNG file")
+    r = sub.add_parser("retrieval", help="image-text retrieval: recall@K both ways (COCO protocol)",
+                       description="Image-text retrieval on captioned images "
+                                   "(CSV image,caption; JSONL; COCO; tar shards).",
+                       epilog=f"example:\n  {RETRIEVAL_EXAMPLE}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("dataset", metavar="SOURCE",
+                   help="captioned images: a CSV image,caption (several rows per image allowed), "
+                        "JSONL, COCO captions JSON, tar shards or a folder with .txt captions")
+    _common(r)
+    r.add_argument("--caption-column", help="CSV: the caption column (default: found by name)")
+    r.add_argument("--ks", default="1,5,10", help="the K of recall@K, comma-separated (default 1,5,10)")
+
+
+def _ks(text: str) -> list[int]:
+    from ..errors import LittuneError
+
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LittuneError(f"--ks must be comma-separated integers, not {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise LittuneError(f"--ks needs positive integers, not {text!r}")
+    return ks
+
+
+def _report_skipped(skipped, problems) -> None:
+    items = list(problems) + list(skipped)
+    if items:
+        where, why = items[0]
+        print(f"skipped {len(items)} image(s) or row(s); first: {where}: {why}", file=sys.stderr)
+
+
+def _dump(path: str, dataset: str, model_dir: str, model, task: str, metrics: dict, extra: dict) -> None:
+    from .. import __version__
+
+    out = {
+        "dataset": dataset,
+        "model": f"littune-{model.config.setting}",
+        "pretrained": str(model_dir),
+        "task": task,
+        "metrics": metrics,
+        "language": "en",
+        "littune": {"version": __version__, **extra},
+    }
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"results written to {p}")
+
+
+def _print_metrics(metrics: dict) -> None:
+    width = max(len(k) for k in metrics)
+    for k, v in metrics.items():
+        print(f"{k:<{width}}  {v:.4f}")
+
+
+def run(args) -> int:
+    from ..model import LiTModel
+
+    model = LiTModel.from_pretrained(args.model)
+    if args.task == "zeroshot":
+        return _zeroshot(args, model)
+    return _retrieval(args, model)
+
+
+def _zeroshot(args, model) -> int:
+    from ..eval.datasets import open_labeled
+    from ..eval.templates import load_templates
+    from ..eval.zeroshot import evaluate_zeroshot, save_confusion_png
+
+    templates = load_templates(args.templates)
+    opts = {"image_column": args.image_column, "label_column": args.label_column, "image_root": args.image_root}
+    dataset = open_labeled(args.dataset, args.classnames, **{k: v for k, v in opts.items() if v})
+    res = evaluate_zeroshot(model, dataset, templates, cache=args.cache, batch_size=args.batch_size,
+                            progress=not args.quiet)
+    _report_skipped(res.skipped, dataset.problems)
+    print(f"zero-shot on {dataset.description}: {len(res.labels):,} images, {len(dataset.classnames)} classes, "
+          f"templates {args.templates} ({len(templates)})")
+    _print_metrics(res.metrics)
+    table = res.per_class() if args.per_class else None
+    if table:
+        w = max(5, *(len(r["class"]) for r in table))
+        print(f"\n{'class':<{w}}  {'n':>6}  {'recall':>7}  {'recall@5':>8}  {'precision':>9}  most confused with")
+        for r in table:
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            print(f"{r['class']:<{w}}  {r['n']:>6}  {fmt(r['recall']):>7}  {fmt(r['recall@5']):>8}  "
+                  f"{fmt(r['precision']):>9}  {r['most_confused_with'] or '-'}")
+    if args.confusion:
+        path = save_confusion_png(res.confusion(), res.classnames, args.confusion,
+                                  title=f"zero-shot: {Path(args.dataset).name}")
+        print(f"confusion matrix drawn to {path}")
+    if args.out:
+        extra = {"n_images": len(res.labels), "n_classes": len(res.classnames), "classnames": res.classnames,
+                 "templates": args.templates, "n_templates": len(templates), "cache": args.cache,
+                 "skipped": [{"where": w, "reason": r} for w, r in list(dataset.problems) + list(res.skipped)]}
+        if table:
+            extra["per_class"] = table
+        _dump(args.out, args.dataset, args.model, model, "zeroshot_classification", res.metrics, extra)
+    return 0
+
+
+def _retrieval(args, model) -> int:
+    from ..eval.datasets import open_retrieval
+    from ..eval.retrieval import evaluate_retrieval
+
+    ks = _ks(args.ks)
+    opts = {"image_column": args.image_column, "caption_column": args.caption_column, "image_root": args.image_root}
+    dataset = open_retrieval(args.dataset, **{k: v for k, v in opts.items() if v})
+    res = evaluate_retrieval(model, dataset, cache=args.cache, batch_size=args.batch_size, ks=ks,
+                             progress=not args.quiet)
+    _report_skipped(res.skipped, dataset.problems)
+    print(f"retrieval on {dataset.description}: {res.n_images:,} images, {res.n_texts:,} captions")
+    _print_metrics(res.metrics)
+    if args.out:
+        extra = {"n_images": res.n_images, "n_texts": res.n_texts, "cache": args.cache,
+                 "skipped": [{"where": w, "reason": r} for w, r in list(dataset.problems) + list(res.skipped)]}
+        _dump(args.out, args.dataset, args.model, model, "zeroshot_retrieval", res.metrics, extra)
+    return 0

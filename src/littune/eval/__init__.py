@@ -1,0 +1,20 @@
+"""Evaluation: zero-shot classification and image-text retrieval, measured the way CLIP_benchmark does.
+
+* :mod:`littune.eval.templates` -- prompt template sets kept as data (CLIP's 80 ImageNet templates,
+  CLIP's 7, a short set, ``{}`` alone) or your own file.
+* :mod:`littune.eval.zeroshot` -- class embeddings from names and templates (prompt ensembling),
+  ``acc1``/``acc5``/``mean_per_class_recall``, per-class table and confusion matrix.
+* :mod:`littune.eval.retrieval` -- recall@K both ways with the COCO protocol (several captions per
+  image), keys ``image_retrieval_recall@K`` and ``text_retrieval_recall@K``.
+* :mod:`littune.eval.datasets` -- class folders, label CSVs and captioned sources, and the image
+  embeddings of their images (computed, or read from an embedding cache for a locked tower).
+
+Results files written by ``littune eval`` use CLIP_benchmark's layout
+(``{"dataset", "model", "task", "metrics": {...}}``) so existing tooling reads them.
+"""
+
+from .retrieval import retrieval_metrics
+from .templates import load_templates
+from .zeroshot import zeroshot_classifier, zeroshot_metrics
+
+__all__ = ["load_templates", "retrieval_metrics", "zeroshot_classifier", "zeroshot_metrics"]

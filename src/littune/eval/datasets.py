@@ -1,0 +1,273 @@
+"""Evaluation sets: labelled images for zero-shot classification, captioned images for retrieval.
+
+**Labelled images** (:func:`open_labeled`) come in two layouts:
+
+* a class folder ``root/<class>/*.png`` (images found recursively under each class folder, in
+  sorted order). Classes are the class folders holding at least one image, in sorted (code point)
+  order. Display names -- what goes into the prompts -- are the folder names with ``_`` read as a
+  space, unless a ``classnames.txt`` (in ``root``, or given) lists one name per line in folder order.
+  Images directly in ``root`` belong to no class and are listed in ``problems``.
+* a CSV/TSV with an image column and a label column (``image,label``; common column names are
+  recognised, or name them). Labels are class names; with a class-names file they may also be
+  0-based indices into it, and the file fixes the class order. Without one, the classes are the
+  distinct labels, sorted. Relative image paths are relative to the CSV file (or ``image_root``).
+
+**Retrieval sets** (:func:`open_retrieval`) are any captioned source :func:`littune.data.sources.open_source`
+reads -- typically a CSV ``image,caption`` with several rows per image -- flattened into a caption
+list and ``text_to_image``.
+
+Both keep the :class:`~littune.data.records.Record` of each image and its ``key`` (the relative
+path for a folder, the image cell for a CSV), which is how :func:`image_embeddings` finds an image
+in an embedding cache written by ``littune embed`` over the same folder or file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import LittuneError, StaleCacheError
+
+LABEL_COLUMNS = ("label", "labels", "class", "classname", "class_name", "category", "target", "y")
+CLASSNAMES_FILE = "classnames.txt"
+
+
+@dataclass
+class LabeledImages:
+    """Images with one class each. ``labels[i]`` indexes ``classnames`` for ``records[i]``."""
+
+    records: list[Any]
+    labels: list[int]
+    classnames: list[str]
+    description: str
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def keys(self) -> list[str]:
+        return [r.key for r in self.records]
+
+
+@dataclass
+class RetrievalSet:
+    """Images and their captions: ``texts[t]`` describes ``records[text_to_image[t]]``."""
+
+    records: list[Any]
+    texts: list[str]
+    text_to_image: list[int]
+    description: str
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def read_classnames(path: str | Path) -> list[str]:
+    """One class name per line (blank lines and ``#`` comments skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LittuneError(f"class-names file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise LittuneError(f"class-names file {path} is not UTF-8 text ({e.reason})") from None
+    names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not names:
+        raise LittuneError(f"class-names file {path} is empty")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise LittuneError(f"class-names file {path} repeats {dup[0]!r}")
+    return names
+
+
+def class_folder(root: str | Path, classnames: str | Path | None = None) -> LabeledImages:
+    """Labelled images from ``root/<class>/...`` (see the module docstring)."""
+    from ..data.sources import FolderSource
+
+    root = Path(os.path.expanduser(str(root)))
+    if not root.is_dir():
+        raise LittuneError(f"dataset folder not found: {root}")
+    source = FolderSource(root)
+    found = source.records()
+    records, folders, problems = [], [], list(source.problems)
+    for rec in found:
+        parts = rec.key.split("/")
+        if len(parts) < 2:
+            problems.append((rec.path or rec.key, "image outside a class folder (ignored)"))
+            continue
+        records.append(rec)
+        folders.append(parts[0])
+    classes = sorted(set(folders))
+    if not classes:
+        raise LittuneError(f"{root} has no class folders with images (expected {root}/<class>/<image>)")
+    if classnames is None and (root / CLASSNAMES_FILE).is_file():
+        classnames = root / CLASSNAMES_FILE
+    if classnames is not None:
+        names = read_classnames(classnames)
+        if len(names) != len(classes):
+            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+            raise LittuneError(f"{classnames} has {len(names)} class names but {root} has {len(classes)} "
+                               f"class folders with images ({shown})")
+    else:
+        names = [c.replace("_", " ") for c in classes]
+    index = {c: k for k, c in enumerate(classes)}
+    return LabeledImages(records, [index[f] for f in folders], names, f"class folder {root}", problems)
+
+
+def _csv_header(path: Path, delimiter: str) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f, delimiter=delimiter), [])
+    except FileNotFoundError:
+        raise LittuneError(f"dataset file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise LittuneError(f"{path} is not UTF-8 text ({e.reason})") from None
+
+
+def label_csv(path: str | Path, classnames: str | Path | None = None, image_column: str | None = None,
+              label_column: str | None = None, image_root: str | None = None) -> LabeledImages:
+    """Labelled images from a CSV/TSV with an image and a label column (see the module docstring)."""
+    from ..data.sources import CSVSource
+
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise LittuneError(f"dataset file not found: {path}")
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    header = _csv_header(path, delimiter)
+    if not header:
+        raise LittuneError(f"{path} is empty (expected a header row such as 'image,label')")
+    if label_column is None:
+        lower = {h.strip().lower(): h for h in header}
+        label_column = next((lower[c] for c in LABEL_COLUMNS if c in lower), None)
+        if label_column is None:
+            raise LittuneError(f"{path}: cannot tell which column holds the label; the columns are {header} "
+                               "(name it with --label-column)")
+    elif label_column not in header:
+        raise LittuneError(f"{path}: no label column {label_column!r}; the columns are {header}")
+    opts: dict[str, Any] = {"caption_column": label_column}
+    if image_column:
+        opts["image_column"] = image_column
+    if image_root:
+        opts["image_root"] = image_root
+    source = CSVSource(str(path), **opts)
+    found = source.records()
+    problems = list(source.problems)
+    records, raw = [], []
+    for rec in found:
+        if not rec.captions:
+            problems.append((rec.path or rec.key, "no label (ignored)"))
+            continue
+        if len(rec.captions) > 1:
+            raise LittuneError(f"{path}: image {rec.key!r} has {len(rec.captions)} labels "
+                               f"({', '.join(repr(c) for c in rec.captions[:3])}); a zero-shot set needs one")
+        records.append(rec)
+        raw.append(rec.captions[0])
+    if not records:
+        raise LittuneError(f"{path} lists no labelled image")
+    if classnames is not None:
+        names = read_classnames(classnames)
+        by_name = {n: k for k, n in enumerate(names)}
+        labels = []
+        for rec, value in zip(records, raw):
+            if value in by_name:
+                labels.append(by_name[value])
+            elif value.lstrip("-").isdigit() and 0 <= int(value) < len(names):
+                labels.append(int(value))
+            else:
+                raise LittuneError(f"{path}: label {value!r} of image {rec.key!r} is neither a name in "
+                                   f"{classnames} nor an index below {len(names)}")
+    else:
+        distinct = sorted(set(raw))
+        if all(v.lstrip("-").isdigit() for v in distinct):
+            raise LittuneError(f"{path}: the labels are numbers; give the class names in a file "
+                               "(--classnames FILE, one name per line in index order)")
+        names = distinct
+        by_name = {n: k for k, n in enumerate(names)}
+        labels = [by_name[v] for v in raw]
+    return LabeledImages(records, labels, names, f"{path}", problems)
+
+
+def open_labeled(path: str | Path, classnames: str | Path | None = None, **csv_options: Any) -> LabeledImages:
+    """A class folder (a directory) or a label CSV/TSV (a file)."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_dir():
+        if any(v for v in csv_options.values()):
+            raise LittuneError(f"{p} is a class folder: column options apply to a CSV only")
+        return class_folder(p, classnames)
+    if p.is_file():
+        if p.suffix.lower() not in (".csv", ".tsv", ".tab"):
+            raise LittuneError(f"{p}: a zero-shot set is a class folder or a .csv/.tsv with image and label columns")
+        return label_csv(p, classnames, **csv_options)
+    raise LittuneError(f"dataset not found: {p}")
+
+
+def open_retrieval(spec: str | Path | dict, **options: Any) -> RetrievalSet:
+    """Captioned images from any source ``open_source`` reads (CSV ``image,caption``, JSONL, COCO...)."""
+    from ..data.sources import open_source
+
+    source = open_source(spec, **{k: v for k, v in options.items() if v is not None})
+    records = source.records()
+    texts, owner = [], []
+    for i, rec in enumerate(records):
+        for c in rec.captions:
+            texts.append(c)
+            owner.append(i)
+    if not records:
+        raise LittuneError(f"{source.describe()} holds no images")
+    if not texts:
+        raise LittuneError(f"{source.describe()} holds no captions; retrieval needs image,caption pairs")
+    return RetrievalSet(list(records), texts, owner, source.describe(), list(source.problems))
+
+
+def image_embeddings(model, records: Sequence[Any], cache: str | Path | None = None, batch_size: int = 64,
+                     progress: bool = False) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+    """Normalised image embeddings of ``records``: ``(embeddings (n, D), kept indices, skipped)``.
+
+    With ``cache`` (an embedding cache directory from ``littune embed``), the raw tower features are
+    read from it by key and projected with the model's head -- the image tower is not run. This
+    needs a locked image tower, and the cache's tower fingerprint must be the model's; records whose
+    key is not in the cache are skipped (listed). Without a cache the images are decoded and
+    embedded; images that fail to decode are skipped (listed).
+    """
+    from ..inference import embed_images, evaluating, model_device
+
+    if cache is None:
+        return embed_images(model, records, batch_size=batch_size, progress=progress, skip_bad=True)
+    if not model.setting.image.locked:
+        raise LittuneError(f"the model's image tower is trained (setting {model.config.setting}): features in "
+                           f"the cache {cache} were computed before training; evaluate without --cache")
+    try:
+        from ..cache import EmbeddingCache
+    except ImportError:
+        raise LittuneError("this littune has no embedding cache support (littune.cache)") from None
+    store = EmbeddingCache.open(cache)
+    store.check(tower_fingerprint=model.image_fingerprint)
+    where = {store.key(i): i for i in range(len(store))}
+    kept, rows, skipped = [], [], []
+    for i, rec in enumerate(records):
+        j = where.get(rec.key)
+        if j is None:
+            skipped.append((getattr(rec, "where", rec.key), f"not in the cache {cache}"))
+        else:
+            kept.append(i)
+            rows.append(j)
+    if records and not kept:
+        raise StaleCacheError(f"the cache {cache} holds none of the {len(records)} images of this dataset "
+                              f"(e.g. {records[0].key!r}); was it built from another source?")
+    out = []
+    device = model_device(model)
+    step = max(batch_size, 1024)
+    with evaluating(model):
+        for s in range(0, len(rows), step):
+            feats = np.ascontiguousarray(store.features(np.asarray(rows[s:s + step])), dtype=np.float32)
+            out.append(model.embed_image_features(torch.from_numpy(feats).to(device)).float().cpu())
+    emb = torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
+    return emb, kept, skipped
