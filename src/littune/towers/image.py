@@ -274,3 +274,30 @@ def build_image_tower(spec: str | dict, pretrained: bool = True, base_dir: Path 
         return ONNXTower(spec["path"], preprocess=spec.get("preprocess"), pooling=spec.get("pooling", "cls"),
                          output=spec.get("output", 0))
     raise ValueError(f"unknown image tower type {kind!r} in {spec}")
+
+
+# --------------------------------------------------------------------------------------------
+class CachedFeaturesTower(ImageTower):
+    """Stands in for a locked tower whose outputs come from an embedding cache.
+
+    Training from the cache never loads the image model: this object only carries the tower's spec,
+    preprocessing, output dim and fingerprint (from the cache manifest). Calling it is an error.
+    """
+
+    by_reference = True
+    trainable = False
+
+    def __init__(self, spec: dict, fingerprint: str, dim: int, preprocess: dict | Preprocess):
+        super().__init__()
+        self.spec = dict(spec)
+        self.name = fingerprint.split("|", 1)[0]
+        self.preprocess = preprocess if isinstance(preprocess, Preprocess) else Preprocess.from_dict(preprocess)
+        self._dim = int(dim)
+        self._fingerprint = fingerprint
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"{self.name} was not loaded (features come from an embedding cache); "
+                           "load the model directory with littune.load() to embed images")
+
+    def fingerprint(self) -> str:
+        return self._fingerprint

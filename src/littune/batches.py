@@ -1,0 +1,120 @@
+"""Training batches, one per step, from the embedding cache or decoded on the fly.
+
+Both paths are *stateless*: the content of step ``s`` depends only on (seed, s), never on what came
+before. Each epoch is a seeded permutation of the images; each step takes the next global batch
+from it, and rank ``r`` of ``W`` takes its contiguous slice. One caption is sampled per image per
+step (and, from a cache with ``--views K``, one augmented view). Resuming at step ``s`` therefore
+reproduces exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from .errors import LittuneError
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class StepPlan:
+    """Which images (and caption/view choices) each rank uses at each step."""
+
+    def __init__(self, n_images: int, global_batch: int, rank: int, world: int, seed: int):
+        if global_batch % world:
+            raise LittuneError(f"data.batch_size {global_batch} must be divisible by the number of ranks {world}")
+        if n_images < global_batch:
+            raise LittuneError(f"only {n_images} training images, fewer than one batch of {global_batch}: "
+                               "lower data.batch_size")
+        self.n, self.batch, self.rank, self.world, self.seed = n_images, global_batch, rank, world, seed
+        self.steps_per_epoch = n_images // global_batch  # the remainder of each permutation is dropped
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def local(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's rows at ``step`` (positions into the image list) and one random 62-bit number per row.
+
+        The random numbers (caption choice, view choice, augmentation seed) are drawn for the whole
+        global batch and then sliced, so they do not depend on the number of ranks.
+        """
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, _epoch_order(self.n, self.seed, epoch))
+        rows = self._order[1][pos * self.batch:(pos + 1) * self.batch]
+        rand = np.random.default_rng([self.seed, step, 7919]).integers(1 << 62, size=self.batch, dtype=np.int64)
+        per = self.batch // self.world
+        part = slice(self.rank * per, (self.rank + 1) * per)
+        return rows[part], rand[part]
+
+
+class CacheBatches:
+    """Batches of cached image features + one sampled caption each."""
+
+    def __init__(self, cache, global_batch: int, rank: int, world: int, seed: int):
+        self.cache = cache
+        self.images = np.arange(len(cache))
+        self.plan = StepPlan(len(self.images), global_batch, rank, world, seed)
+
+    def __call__(self, step: int) -> dict:
+        rows, rand = self.plan.local(step)
+        idx = self.images[rows]
+        captions = []
+        for i, r in zip(idx, rand):
+            caps = self.cache.captions(int(i))
+            captions.append(caps[int(r % len(caps))] if caps else "")
+        view = None
+        if getattr(self.cache, "views", 0):
+            view = (rand >> 20) % self.cache.views
+        feats = self.cache.features(idx, view=view)
+        return {"image_features": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
+                "captions": captions}
+
+
+class OnTheFlyBatches(torch.utils.data.Dataset):
+    """Decoded, augmented image batches for unlocked towers (or a forced on-the-fly locked tower).
+
+    Indexed by step, so a DataLoader with worker processes prefetches whole batches. A file that
+    fails to decode is replaced by the next good image (deterministically) and counted.
+    """
+
+    def __init__(self, records, preprocess, global_batch: int, rank: int, world: int, seed: int,
+                 augment: bool = True):
+        self.records = [r for r in records if r.captions]
+        self.preprocess, self.augment, self.seed = preprocess, augment, seed
+        self.plan = StepPlan(len(self.records), global_batch, rank, world, seed)
+
+    def __len__(self) -> int:  # effectively unbounded; the trainer decides when to stop
+        return 1 << 40
+
+    def _image(self, i: int, rng: random.Random):
+        from .data.decode import BadImage
+
+        for k in range(len(self.records)):
+            rec = self.records[(i + k) % len(self.records)]
+            try:
+                img = rec.open()
+            except BadImage as e:
+                self.skipped.append(f"{rec.key}\t{e}")
+                continue
+            return rec, (self.preprocess.train(img, rng) if self.augment else self.preprocess.eval(img))
+        raise LittuneError("no training image could be decoded")
+
+    def __getitem__(self, step: int) -> dict:
+        rows, rand = self.plan.local(step)
+        self.skipped: list[str] = []
+        pixels, captions = [], []
+        for row, r in zip(rows, rand):
+            rec, px = self._image(int(row), random.Random(int(r)))
+            pixels.append(px)
+            captions.append(rec.captions[int(r % len(rec.captions))])
+        return {"pixels": torch.stack(pixels), "captions": captions, "skipped": list(self.skipped)}
+
+
+def step_loader(dataset: OnTheFlyBatches, start: int, stop: int, workers: int):
+    """Batches for steps ``start..stop-1`` in order, decoded by ``workers`` processes."""
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop),
+                                       num_workers=workers, persistent_workers=False,
+                                       prefetch_factor=2 if workers > 0 else None)

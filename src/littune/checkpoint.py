@@ -1,0 +1,83 @@
+"""Training checkpoints: written to a temporary name and renamed, the last K kept.
+
+A checkpoint directory ``checkpoints/step_000200/`` holds ``model.safetensors`` (every weight that
+can change; a locked image tower's are not copied), ``trainer.pt`` (optimizer and scheduler state,
+RNG states: plain tensors and numbers, read back with ``torch.load(weights_only=True)``) and
+``state.json`` (step, config hash). A crash at any moment leaves either the old or the new
+checkpoint complete, never a partial one under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step_"
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    skip_image = model.setting.image.locked
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+            if not (skip_image and k.startswith("image_tower."))}
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, extra: dict | None = None,
+                    keep: int = 2) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:07d}"
+    tmp = root / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_trainable_state(model), str(tmp / "model.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+               tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimiser, scheduler and RNG states; returns ``state.json``."""
+    path = Path(path)
+    state = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (model.setting.image.locked and k.startswith("image_tower."))]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"]["torch"])
+    if "cuda" in trainer["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
+    return json.loads((path / "state.json").read_text())

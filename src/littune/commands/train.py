@@ -1,0 +1,60 @@
+"""Train a LiT model: contrastive tuning of a text tower against a (locked) image tower.
+
+The configuration is a YAML file (see `littune train --print-config` for every key and its default)
+overridden by `--set key=value`. With a locked image tower (setting L*), training reads the
+embedding cache (`littune embed`) and never runs the image model. The run directory gets
+config.yaml, metrics.jsonl, checkpoints/, plots/ and the final model/ directory. Running the same
+command again resumes from the last checkpoint exactly.
+
+Several processes: torchrun --nproc_per_node 2 -m littune train --config cfg.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+
+import yaml
+
+HELP = "contrastive tuning of a text tower against a (locked) image tower"
+EXAMPLE = "littune train --config lit.yaml --set optim.lr=3e-4 --set steps=2000 --run-dir runs/lu"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", "-c", help="YAML configuration file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set optim.lr=3e-4 --set model.setting=LU (repeatable)")
+    p.add_argument("--run-dir", help="run directory (same as --set run_dir=...)")
+    p.add_argument("--resume", action="store_true",
+                   help="require a checkpoint to resume from (resuming is automatic when the run directory has one)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+
+
+def run(args) -> int:
+    from ..checkpoint import latest_checkpoint
+    from ..config import TrainConfig, load_config
+    from ..errors import LittuneError
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.print_config:
+        from dataclasses import asdict
+
+        try:
+            cfg = load_config(args.config, overrides)
+            tree = cfg.to_dict()
+        except LittuneError:
+            tree = asdict(TrainConfig())
+        yaml.safe_dump(tree, sys.stdout, sort_keys=False, allow_unicode=True)
+        return 0
+    cfg = load_config(args.config, overrides)
+    if args.resume and latest_checkpoint(cfg.run_dir) is None:
+        raise LittuneError(f"--resume: no checkpoint in {cfg.run_dir}/checkpoints")
+    from ..trainer import Trainer
+
+    out = Trainer(cfg).run()
+    from .. import distributed as D
+
+    if D.is_main():
+        print(f"model written to {out}")
+    return 0

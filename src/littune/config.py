@@ -1,0 +1,252 @@
+"""Training configuration: a typed dataclass tree, loaded from YAML, overridable from the command line.
+
+``littune train --config cfg.yaml --set optim.lr=3e-4 --set model.setting=LU``. Unknown keys and
+values of the wrong type are errors that name the key (``optim.lr: expected a number, got 'fast'``).
+The resolved configuration is written to the run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    setting: str = "Lu"
+    image_tower: Any = "efficientnet-lite0"  # short string or dict spec (see littune.towers.image)
+    text_tower: dict = field(default_factory=lambda: {
+        "type": "transformer", "width": 384, "depth": 6, "heads": 6, "context_length": 32,
+        "vocab_size": 8000, "tokenizer": "bpe", "pooling": "last"})
+    embed_dim: int = 512
+    image_head: str = "linear"
+    text_head: str = "linear"
+    temperature_init: float = 10.0
+    loss: str = "softmax"
+    bias_init: float = -10.0
+
+
+@dataclass
+class DataSection:
+    #: training pairs: a source (CSV/TSV, JSONL, tar shards, folder, COCO JSON) for the on-the-fly path
+    source: str | None = None
+    #: embedding cache written by `littune embed` (the locked-tower path); built from `source` if missing
+    cache: str | None = None
+    #: run a locked tower on every step instead of reading the cache (for comparisons)
+    on_the_fly: bool = False
+    batch_size: int = 256  # global batch over all ranks (the contrastive batch)
+    workers: int = 1  # decoding workers for the on-the-fly path
+    source_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"  # adamw | adam | adafactor
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    #: learning-rate multipliers: image, text, head (a locked tower is always 0)
+    lr_mults: dict = field(default_factory=dict)
+    clip_grad_norm: float | None = 1.0
+
+
+@dataclass
+class ScheduleSection:
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear | rsqrt | constant
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class ValSection:
+    every: int = 0  # steps between validations (0 = only at the end)
+    #: [{"name": "heldout", "cache": DIR, "classnames": FILE (optional), "templates": "short"}]
+    zeroshot: list = field(default_factory=list)
+    #: [{"name": "captions", "cache": DIR}]
+    retrieval: list = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    val: ValSection = field(default_factory=ValSection)
+    steps: int = 1000
+    seed: int = 0
+    run_dir: str = "runs/lit"
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    grad_accum: int = 1  # micro-batches per step; the contrastive batch stays global
+    grad_checkpointing: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    progress: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> "TrainConfig":
+        from .settings import parse_setting
+
+        try:
+            parse_setting(self.model.setting)
+        except ValueError as e:
+            raise ConfigError(f"model.setting: {e}") from None
+        checks = [
+            ("optim.name", self.optim.name, ("adamw", "adam", "adafactor")),
+            ("schedule.decay", self.schedule.decay, ("cosine", "linear", "rsqrt", "constant")),
+            ("precision", self.precision, ("fp32", "bf16")),
+            ("model.loss", self.model.loss, ("softmax", "sigmoid")),
+            ("device", self.device, ("auto", "cpu", "cuda")),
+        ]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        for key in ("steps", "data.batch_size", "grad_accum"):
+            if _get(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {_get(self, key)}")
+        if self.data.batch_size % self.grad_accum:
+            raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be divisible by grad_accum "
+                              f"({self.grad_accum})")
+        if not self.data.source and not self.data.cache:
+            raise ConfigError("data.source or data.cache: give the training pairs (a source file or an embedding cache)")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        tp = origin
+    return isinstance(value, tp)
+
+
+def _describe(tp) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
+             list: "a list", type(None): "null"}
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    return names.get(typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; known keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown configuration key {key!r}{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+            continue
+        if isinstance(value, str) and not _type_ok(value, tp) and _type_ok(1.0, tp):
+            try:  # YAML 1.1 reads 3e-4 as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{prefix}{name}: expected {_describe(tp)}, got {value!r}")
+        kwargs[name] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML)."""
+    tree: dict = asdict(TrainConfig())
+    if base:
+        _merge(tree, base)
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"configuration file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        _check_keys(loaded, TrainConfig)
+        _merge(tree, loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        _check_keys(_nest(key.strip(), value), TrainConfig)
+        _set_dotted(tree, key.strip(), value)
+    return _build(TrainConfig, tree).validate()
+
+
+def _nest(dotted: str, value) -> dict:
+    out: dict = {}
+    _set_dotted(out, dotted, value)
+    return out
+
+
+def _check_keys(data: dict, cls, prefix: str = "") -> None:
+    """Unknown keys are caught before merging (so a typo never silently lands in a dict field)."""
+    if not isinstance(data, dict):
+        return
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k, v in data.items():
+        if k not in names:
+            _build(cls, {k: v}, prefix)  # raises the unknown-key error with a suggestion
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            _check_keys(v, hints[k], f"{prefix}{k}.")
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k not in ("text_tower", "image_tower",
+                                                                              "lr_mults", "source_options"):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v

@@ -1,0 +1,57 @@
+"""PNG plots of a run: training loss, temperature, learning rate and validation metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write ``plots/training.png`` (and ``plots/validation.png`` when validated); returns the files."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    run_dir = Path(run_dir)
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    written = []
+    train = _read(run_dir / "metrics.jsonl")
+    if train:
+        steps = [r["step"] for r in train]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        axes[0].plot(steps, [r["loss"] for r in train], lw=0.8)
+        axes[0].set(title="contrastive loss", xlabel="step")
+        axes[1].plot(steps, [r["temperature"] for r in train])
+        axes[1].set(title="temperature (1/τ)", xlabel="step")
+        axes[2].plot(steps, [r["lr"] for r in train])
+        axes[2].set(title="learning rate", xlabel="step")
+        fig.tight_layout()
+        fig.savefig(out / "training.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "training.png")
+    val = _read(run_dir / "val.jsonl")
+    if val:
+        series: dict[str, list] = {}
+        for r in val:
+            for name, metrics in r["val"].items():
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)):
+                        series.setdefault(f"{name}/{k}", []).append((r["step"], v))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, pts in sorted(series.items()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set(title="validation", xlabel="step", ylim=(0, 1))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "validation.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "validation.png")
+    return written

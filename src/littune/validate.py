@@ -1,0 +1,80 @@
+"""Validation during training: zero-shot classification and retrieval on held-out caches.
+
+Both read image features from an embedding cache written by ``littune embed`` with the same locked
+tower (the image model is not loaded). Zero-shot: a class-folder source (``root/<class>/*.png``);
+an image's class is the folder of its key, display names come from ``classnames.txt`` (one per line,
+in sorted folder order) when given. Retrieval: a captioned source; every caption of an image counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _image_embeddings(model, cache, device, batch: int = 4096) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(cache), batch):
+            idx = np.arange(s, min(s + batch, len(cache)))
+            feats = torch.from_numpy(np.ascontiguousarray(cache.features(idx), dtype=np.float32)).to(device)
+            out.append(model.embed_image_features(feats).float().cpu())
+    return torch.cat(out)
+
+
+def class_labels(cache, classnames_file: str | None = None) -> tuple[list[str], list[int]]:
+    """Classes from the parent folder of each key; display names from ``classnames.txt`` if given."""
+    folders = [Path(cache.key(i)).parent.name for i in range(len(cache))]
+    classes = sorted(set(folders))
+    index = {c: k for k, c in enumerate(classes)}
+    names = classes
+    if classnames_file:
+        names = [ln.strip() for ln in Path(classnames_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if len(names) != len(classes):
+            raise ValueError(f"{classnames_file} has {len(names)} names for {len(classes)} class folders")
+    return names, [index[f] for f in folders]
+
+
+def zeroshot_on_cache(model, cache, classnames_file=None, templates="short", device="cpu") -> dict:
+    from .eval.templates import load_templates
+    from .eval.zeroshot import zeroshot_classifier, zeroshot_metrics
+
+    names, labels = class_labels(cache, classnames_file)
+    classifier = zeroshot_classifier(model, names, load_templates(templates)).float().cpu()
+    logits = _image_embeddings(model, cache, device) @ classifier.t()
+    return zeroshot_metrics(logits, labels)
+
+
+def retrieval_on_cache(model, cache, device="cpu") -> dict:
+    from .eval.retrieval import retrieval_metrics
+
+    texts, owner = [], []
+    for i in range(len(cache)):
+        for c in cache.captions(i):
+            texts.append(c)
+            owner.append(i)
+    txt = []
+    with torch.no_grad():
+        for s in range(0, len(texts), 512):
+            toks = {k: v.to(device) for k, v in model.tokenize(texts[s:s + 512]).items()}
+            txt.append(model.encode_text(**toks).float().cpu())
+    return retrieval_metrics(_image_embeddings(model, cache, device), torch.cat(txt), owner)
+
+
+def run_validation(model, val_cfg, device="cpu") -> dict:
+    """``{name: metrics}`` for every zero-shot and retrieval set in the ``val`` section."""
+    from .cache import EmbeddingCache
+
+    results = {}
+    for item in val_cfg.zeroshot:
+        cache = EmbeddingCache.open(item["cache"])
+        cache.check(tower_fingerprint=model.image_fingerprint)
+        results[item.get("name", Path(item["cache"]).name)] = zeroshot_on_cache(
+            model, cache, item.get("classnames"), item.get("templates", "short"), device)
+    for item in val_cfg.retrieval:
+        cache = EmbeddingCache.open(item["cache"])
+        cache.check(tower_fingerprint=model.image_fingerprint)
+        results[item.get("name", Path(item["cache"]).name)] = retrieval_on_cache(model, cache, device)
+    return results

@@ -1,0 +1,187 @@
+"""The trainer: both data paths lower the loss, exact resume after kill -9, 2 ranks == 1 rank."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from littune.config import load_config
+from littune.errors import ConfigError
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
+           "black": (10, 10, 10), "white": (245, 245, 245), "purple": (140, 40, 170), "orange": (250, 140, 20)}
+SHAPES = ("square", "stripe")
+
+
+def make_source(root: Path, per_class: int = 4) -> Path:
+    """A CSV of coloured images, two captions each: a task a text tower can learn quickly."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = ["image,caption"]
+    for name, rgb in COLOURS.items():
+        for shape in SHAPES:
+            for k in range(per_class):
+                arr = np.full((40, 40, 3), 128, np.uint8)
+                noise = rng.integers(-20, 20, size=3)
+                colour = np.clip(np.array(rgb) + noise, 0, 255)
+                if shape == "square":
+                    arr[8:32, 8:32] = colour
+                else:
+                    arr[:, 14:26] = colour
+                f = f"{name}_{shape}_{k}.png"
+                Image.fromarray(arr).save(root / f)
+                rows.append(f"{f},a {name} {shape}")
+                rows.append(f"{f},{shape} in {name}")
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return root / "pairs.csv"
+
+
+TINY = ["model.image_tower={type: torch, factory: 'littune.towers.tiny:tiny_cnn', "
+        "preprocess: {size: 32, resize: 32, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}}",
+        "model.text_tower={type: transformer, width: 32, depth: 1, heads: 2, context_length: 12, vocab_size: 200}",
+        "model.embed_dim=16", "data.batch_size=16", "optim.lr=3e-3", "schedule.warmup_steps=5",
+        "progress=false", "log_every=1"]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(overrides=TINY + [f"run_dir={tmp_path / 'run'}", *extra])
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lu_from_cache_lowers_loss_and_never_loads_the_tower(tmp_path, monkeypatch):
+    from littune import load
+    from littune.trainer import Trainer
+
+    src = make_source(tmp_path / "data")
+    cfg = _cfg(tmp_path, f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=100")
+    trainer = Trainer(cfg)
+    out = trainer.run()
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 60
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
+    assert type(trainer.model.image_tower).__name__ == "CachedFeaturesTower"
+    model = load(out)
+    assert model.setting.name == "Lu"
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert (tmp_path / "run" / "plots" / "training.png").exists()
+
+
+def test_uu_on_the_fly_lowers_loss(tmp_path):
+    from littune.trainer import Trainer
+
+    src = make_source(tmp_path / "data")
+    cfg = _cfg(tmp_path, f"data.source={src}", "model.setting=Uu", "steps=40", "data.workers=0")
+    Trainer(cfg).run()
+    losses = _losses(tmp_path / "run")
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_bad_configuration_keys(tmp_path):
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(overrides=["optim.lrr=1", "data.cache=x"])
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(overrides=["optim.lr=fast", "data.cache=x"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lr: 0.1\n  wieght_decay: 0.1\n")
+    with pytest.raises(ConfigError, match="optim.wieght_decay.*did you mean optim.weight_decay"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match="model.setting"):
+        load_config(overrides=["model.setting=Lx", "data.cache=x"])
+
+
+def _run_cli(tmp_path, *extra, **popen):
+    args = [sys.executable, "-m", "littune", "train"]
+    for o in TINY + [f"run_dir={tmp_path / 'run'}", *extra]:
+        args += ["--set", o]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def test_kill_9_and_resume_is_bit_identical(tmp_path):
+    from safetensors.torch import load_file
+
+    src = make_source(tmp_path / "data")
+    common = (f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=40", "checkpoint_every=5")
+    ref = tmp_path / "ref"
+    p = _run_cli(ref, *common)
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    # Same run, killed with SIGKILL once it has written a checkpoint or two.
+    run = tmp_path / "killed"
+    p = _run_cli(run, *common)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ck = run / "run" / "checkpoints"
+        if ck.exists() and any(d.name.startswith("step_") and int(d.name[5:]) >= 10 for d in ck.iterdir()):
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (run / "run" / "model").exists(), "the run should have been killed before finishing"
+    p = _run_cli(run, *common)
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    a = load_file(str(ref / "run" / "model" / "model.safetensors"))
+    b = load_file(str(run / "run" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _losses(ref / "run") == _losses(run / "run")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_ranks_match_one_rank(tmp_path):
+    src = make_source(tmp_path / "data")
+    common = (f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=8")
+    p = _run_cli(tmp_path / "one", *common)
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        args = [sys.executable, "-m", "littune", "train"]
+        for o in TINY + [f"run_dir={tmp_path / 'two' / 'run'}", *common]:
+            args += ["--set", o]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    one, two = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
+    assert len(one) == len(two) == 8
+    assert np.allclose(one, two, rtol=1e-4, atol=1e-5), (one, two)
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    from littune.trainer import Trainer
+
+    src = make_source(tmp_path / "data")
+    base = (f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=6", "optim.clip_grad_norm=null")
+    Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'a'}", *base])).run()
+    Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'b'}", "grad_accum=4", *base])).run()
+    assert np.allclose(_losses(tmp_path / "a"), _losses(tmp_path / "b"), rtol=1e-4, atol=1e-5)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    from littune.trainer import Trainer, TrainingDiverged
+
+    src = make_source(tmp_path / "data")
+    cfg = _cfg(tmp_path, f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=20",
+               "optim.lr=1e30", "optim.clip_grad_norm=null", "schedule.warmup_steps=0", "checkpoint_every=2")
+    with pytest.raises(TrainingDiverged, match="Last good checkpoint"):
+        Trainer(cfg).run()
