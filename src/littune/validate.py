@@ -29,7 +29,7 @@ def class_labels(cache, classnames_file: str | None = None) -> tuple[list[str], 
     folders = [Path(cache.key(i)).parent.name for i in range(len(cache))]
     classes = sorted(set(folders))
     index = {c: k for k, c in enumerate(classes)}
-    names = classes
+    names = [c.replace("_", " ") for c in classes]  # as `littune eval` reads folder names
     if classnames_file:
         names = [ln.strip() for ln in Path(classnames_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
         if len(names) != len(classes):
