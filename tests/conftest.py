@@ -36,3 +36,14 @@ def tiny_model(tiny_config):
         return LiTModel.from_config(tiny_config(setting, **kw), captions=CAPTIONS)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

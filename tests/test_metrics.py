@@ -11,13 +11,7 @@ from littune.eval.zeroshot import (confusion_matrix, per_class_table, true_class
                                    zeroshot_metrics)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- zero-shot ------------------------------------------------------------------------------------

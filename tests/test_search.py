@@ -11,12 +11,7 @@ from littune.errors import LittuneError, StaleCacheError
 from littune.search import SearchIndex, build_index, embedding_fingerprint, topk_search
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(q, db, k):

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from .data.decode import DEFAULT_MAX_PIXELS, REASONS, BadImage
+from .hashing import hash_file
 from .errors import LittuneError, StaleCacheError
 
 FORMAT = "littune-embedding-cache"
@@ -111,11 +112,7 @@ def default_threads(workers: int, lanes: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # small file helpers: atomic writes, checksums
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(path)
 
 
 def _fsync_dir(directory: Path) -> None:

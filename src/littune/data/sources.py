@@ -35,6 +35,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..hashing import hash_file
 from ..errors import ConfigError, LittuneError
 from .decode import IMAGE_EXTENSIONS
 from .records import Record
@@ -124,11 +125,7 @@ class Source:
 
 
 def _file_digest(path: str) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.digest()
+    return bytes.fromhex(hash_file(path))
 
 
 class _Grouper:
