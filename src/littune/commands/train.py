@@ -57,4 +57,8 @@ def run(args) -> int:
 
     if D.is_main():
         print(f"model written to {out}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
