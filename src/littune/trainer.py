@@ -125,7 +125,6 @@ class Trainer:
             image = build_image_tower(mcfg.image_tower, pretrained=self.setting.image.pretrained)
         text_spec = dict(mcfg.text_tower)
         tok_dir = self.run_dir / "tokenizer"
-        texts = None
         if text_spec.get("type", "transformer") == "transformer":
             if D.is_main() and not (tok_dir / "tokenizer.json").exists():
                 from .towers.text import train_tokenizer
@@ -138,7 +137,7 @@ class Trainer:
         if text_spec.get("type", "transformer") == "transformer":
             text = build_text_tower(text_spec, base_dir=tok_dir)
         else:
-            text = build_text_tower(text_spec, pretrained=self.setting.text.pretrained, texts=texts)
+            text = build_text_tower(text_spec, pretrained=self.setting.text.pretrained)
         if self.cfg.grad_checkpointing:
             text.gradient_checkpointing = True
         model = LiTModel(mcfg, image, text).to(self.device)
