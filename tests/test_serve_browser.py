@@ -1,0 +1,150 @@
+"""The web app end to end: a real uvicorn server on a free localhost port, driven in headless Chromium.
+
+Debian's chromium and chromium-driver drive the page through Selenium (no browser download; the
+network is closed, so background networking is off). Test 1 uploads a photo, types labels and finds
+the model's top label ranked first on the page; test 2 searches the index by text, finds the
+index's own first hit first, then clicks it to search by that image. A screenshot of each view is
+saved under pytest's tmp_path, or under $LITTUNE_TEST_OUT when that is set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("multipart")
+pytest.importorskip("selenium")
+
+from test_serve_api import DATA, LABELS, build_served  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1200,900"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, model, index): the app on a real uvicorn server in a thread, stopped afterwards."""
+    import uvicorn
+
+    from littune.serve import create_app
+
+    model, index = build_served(tmp_path_factory.mktemp("browser"))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(model, index, model_name="tiny"), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", model, index
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not (os.path.isfile(p) and os.access(p, os.X_OK))]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not found: install chromium chromium-driver: "
+                    "apt-get install -y chromium chromium-driver")
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not try to download anything
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="littune-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(20)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    where = Path(os.environ["LITTUNE_TEST_OUT"]) if os.environ.get("LITTUNE_TEST_OUT") else tmp_path
+    where.mkdir(parents=True, exist_ok=True)
+    return where
+
+
+def wait(driver, condition, timeout: float = 10):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+
+
+def screenshot(driver, path: Path) -> Path:
+    driver.save_screenshot(str(path))
+    assert path.is_file() and path.stat().st_size > 10_000, path
+    with Image.open(path) as img:
+        assert img.size[0] >= 800 and len(img.convert("RGB").getcolors(1 << 20) or ()) > 20
+    return path
+
+
+def open_page(driver, url):
+    driver.get(url)
+    wait(driver, lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "1")
+
+
+def test_classify_in_the_browser(browser, server, out_dir):
+    url, model, _ = server
+    open_page(browser, url)
+    photo = DATA / "chelsea.jpg"
+    browser.find_element("id", "file").send_keys(str(photo.resolve()))
+    browser.find_element("id", "labels").send_keys(", ".join(LABELS))
+    browser.find_element("id", "classify-btn").click()
+    rows = wait(browser, lambda d: d.find_elements("css selector", "#results li.bar-row"))
+    shown = [r.get_attribute("data-label") for r in rows]
+    probs = model.classify(str(photo), LABELS, templates="short")[0]
+    assert sorted(shown) == sorted(LABELS)
+    assert shown[0] == LABELS[int(probs.argmax())]
+    assert rows[0].find_element("css selector", ".prob").text == f"{100 * float(probs.max()):.1f}%"
+    wait(browser, lambda d: d.execute_script("return document.getElementById('preview').complete"))
+    screenshot(browser, out_dir / "classify.png")
+
+
+def test_search_in_the_browser(browser, server, out_dir):
+    url, model, index = server
+    open_page(browser, url)
+    browser.find_element("id", "tab-search").click()
+    query = "a cat on a mat"
+    browser.find_element("id", "query").send_keys(query)
+    browser.find_element("id", "search-btn").click()
+    cards = wait(browser, lambda d: d.find_elements("css selector", "#grid .hit"))
+    expected = index.search_text(model, query, k=12)[0]
+    assert [int(c.get_attribute("data-id")) for c in cards] == [h.index for h in expected]
+    all_loaded = "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
+    wait(browser, lambda d: d.execute_script(all_loaded))
+    screenshot(browser, out_dir / "search.png")
+    # clicking an image searches by that image: it comes first
+    target = cards[-1].get_attribute("data-id")
+    cards[-1].click()
+    wait(browser, lambda d: "images like" in d.find_element("id", "search-caption").text)
+    first = browser.find_element("css selector", "#grid .hit")
+    assert first.get_attribute("data-id") == target
