@@ -152,6 +152,43 @@ def test_retrieval_ranks_match_a_reference_sort_in_any_chunking(chunk):
     assert i_rank.tolist() == ref_i
 
 
+def _reference_grouped_ranks(img, txt, owner, groups):
+    """Rank = how many items come before the first item of the query's group in a full sort."""
+    sim = txt @ img.T
+    t_rank = []
+    for t in range(sim.shape[0]):
+        order = sorted(range(sim.shape[1]), key=lambda i: (-sim[t, i], i))
+        t_rank.append(next(r for r, i in enumerate(order) if groups[i] == groups[owner[t]]))
+    i_rank = []
+    for i in range(sim.shape[1]):
+        order = sorted(range(sim.shape[0]), key=lambda t: (-sim[t, i], t))
+        ranks = [r for r, t in enumerate(order) if groups[owner[t]] == groups[i]]
+        i_rank.append(ranks[0] if ranks else -1)
+    return t_rank, i_rank
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+def test_grouped_retrieval_counts_any_image_of_the_group(chunk):
+    # One concept in two designs shares its captions: either design answers them.
+    img = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]], dtype=np.float32)
+    txt = np.array([[0.0, 1.0]], dtype=np.float32)  # closest to image 1, captioned on image 0
+    assert retrieval_ranks(img, txt, [0], chunk=chunk)[0].tolist() == [2]
+    t_rank, i_rank = retrieval_ranks(img, txt, [0], chunk=chunk, image_groups=[5, 5, 6])
+    assert t_rank.tolist() == [0] and i_rank.tolist() == [0, 0, -1]
+    rng = np.random.default_rng(2)
+    img = np.round(rng.standard_normal((10, 3)), 1).astype(np.float32)
+    txt = np.round(rng.standard_normal((25, 3)), 1).astype(np.float32)
+    owner = rng.integers(0, 9, size=25).tolist()
+    groups = rng.integers(0, 4, size=10).tolist()
+    got = retrieval_ranks(img, txt, owner, chunk=chunk, image_groups=groups)
+    ref = _reference_grouped_ranks(img, txt, owner, groups)
+    assert got[0].tolist() == ref[0] and got[1].tolist() == ref[1]
+    assert retrieval_ranks(img, txt, owner, image_groups=list(range(10)))[0].tolist() == \
+        _reference_ranks(img, txt, owner)[0]
+    with pytest.raises(LittuneError, match="image_groups has 2 entries for 10 images"):
+        retrieval_ranks(img, txt, owner, image_groups=[0, 1])
+
+
 def test_retrieval_rejects_bad_input():
     with pytest.raises(LittuneError, match="2 entries for 3 texts"):
         retrieval_metrics(np.eye(2), np.eye(3, 2), [0, 1])
@@ -163,7 +200,7 @@ def test_retrieval_rejects_bad_input():
 
 # -- templates ------------------------------------------------------------------------------------
 def test_builtin_template_sets():
-    assert {"imagenet", "imagenet7", "short", "none"} <= set(builtin_sets())
+    assert {"emoji", "imagenet", "imagenet7", "short", "none"} <= set(builtin_sets())
     imagenet = load_templates("imagenet")
     assert len(imagenet) == 80 and len(set(imagenet)) == 80
     assert imagenet[0] == "a bad photo of a {}." and imagenet[-1] == "a tattoo of the {}."
@@ -185,7 +222,7 @@ def test_user_template_file(tmp_path):
     empty.write_text("# nothing\n")
     with pytest.raises(LittuneError, match="holds no templates"):
         load_templates(str(empty))
-    with pytest.raises(LittuneError, match="unknown template set 'imagenett'.*imagenet, imagenet7, none, short"):
+    with pytest.raises(LittuneError, match="unknown template set 'imagenett'.*emoji, imagenet, imagenet7, none, short"):
         load_templates("imagenett")
 
 

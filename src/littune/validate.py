@@ -3,7 +3,8 @@
 Both read image features from an embedding cache written by ``littune embed`` with the same locked
 tower (the image model is not loaded). Zero-shot: a class-folder source (``root/<class>/*.png``);
 an image's class is the folder of its key, display names come from ``classnames.txt`` (one per line,
-in sorted folder order) when given. Retrieval: a captioned source; every caption of an image counts.
+in sorted folder order) when given. Retrieval: a captioned source; every caption of an image counts;
+with ``group_by_folder: true`` the images of one folder answer each other's captions.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def zeroshot_on_cache(model, cache, classnames_file=None, templates="short", dev
     return zeroshot_metrics(logits, labels)
 
 
-def retrieval_on_cache(model, cache, device="cpu") -> dict:
+def retrieval_on_cache(model, cache, device="cpu", group_by_folder: bool = False) -> dict:
+    """Recall@K both ways; ``group_by_folder``: images in one folder share their captions (one
+    concept in several designs), so any of them answers a caption (see ``retrieval_ranks``)."""
     from .eval.retrieval import retrieval_metrics
 
     texts, owner = [], []
@@ -60,7 +63,12 @@ def retrieval_on_cache(model, cache, device="cpu") -> dict:
         for s in range(0, len(texts), 512):
             toks = {k: v.to(device) for k, v in model.tokenize(texts[s:s + 512]).items()}
             txt.append(model.encode_text(**toks).float().cpu())
-    return retrieval_metrics(_image_embeddings(model, cache, device), torch.cat(txt), owner)
+    groups = None
+    if group_by_folder:
+        folders = [str(Path(cache.key(i)).parent) for i in range(len(cache))]
+        ids = {f: k for k, f in enumerate(dict.fromkeys(folders))}
+        groups = [ids[f] for f in folders]
+    return retrieval_metrics(_image_embeddings(model, cache, device), torch.cat(txt), owner, image_groups=groups)
 
 
 def run_validation(model, val_cfg, device="cpu") -> dict:
@@ -76,5 +84,6 @@ def run_validation(model, val_cfg, device="cpu") -> dict:
     for item in val_cfg.retrieval:
         cache = EmbeddingCache.open(item["cache"])
         cache.check(tower_fingerprint=model.image_fingerprint)
-        results[item.get("name", Path(item["cache"]).name)] = retrieval_on_cache(model, cache, device)
+        results[item.get("name", Path(item["cache"]).name)] = retrieval_on_cache(
+            model, cache, device, bool(item.get("group_by_folder", False)))
     return results

@@ -41,13 +41,18 @@ def _tensor(x, what: str) -> torch.Tensor:
     return t
 
 
-def retrieval_ranks(image_emb, text_emb, text_to_image: Sequence[int], chunk: int = 1024
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def retrieval_ranks(image_emb, text_emb, text_to_image: Sequence[int], chunk: int = 1024,
+                    image_groups: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """0-based ranks ``(text_query_ranks (T,), image_query_ranks (N,))``.
 
     ``text_query_ranks[t]``: the rank of caption t's image among all images for query t.
     ``image_query_ranks[i]``: the rank of image i's best-placed caption among all captions
     (``-1`` for an image without captions). Ties go to the lower index.
+
+    ``image_groups`` (one id per image) makes images of one group interchangeable: when the same
+    captions describe several images (one concept drawn in two designs), a caption's query is right
+    when the best-placed image of its image's group is in the top K, and an image query is right
+    when any caption of any image of its group is. Without it every image is its own group.
     """
     img = _tensor(image_emb, "image embeddings")
     txt = _tensor(text_emb, "text embeddings")
@@ -61,26 +66,33 @@ def retrieval_ranks(image_emb, text_emb, text_to_image: Sequence[int], chunk: in
         raise LittuneError(f"text_to_image names image {int(owner.max() if owner.max() >= n else owner.min())}, "
                            f"but there are {n} images")
     chunk = max(1, int(chunk))
+    if image_groups is None:
+        group = torch.arange(n)
+    else:
+        group = torch.as_tensor(np.asarray(image_groups, dtype=np.int64).reshape(-1))
+        if group.numel() != n:
+            raise LittuneError(f"image_groups has {group.numel()} entries for {n} images")
+    text_group = group[owner]
 
-    # Text queries over images.
+    # Text queries over images: the image that counts is the best-placed one of the caption's group.
     t_rank = torch.empty(t, dtype=torch.int64)
     img_idx = torch.arange(n)
     for s in range(0, t, chunk):
         sim = txt[s:s + chunk] @ img.T  # (c, N)
-        own = owner[s:s + chunk]
-        true = sim.gather(1, own[:, None])
-        t_rank[s:s + chunk] = (sim > true).sum(1) + ((sim == true) & (img_idx[None, :] < own[:, None])).sum(1)
+        ours = group[None, :] == text_group[s:s + chunk, None]  # (c, N)
+        true = torch.where(ours, sim, torch.tensor(float("-inf"))).max(1).values[:, None]
+        own = torch.where(ours & (sim == true), img_idx[None, :], torch.tensor(n)).min(1).values[:, None]
+        t_rank[s:s + chunk] = (sim > true).sum(1) + ((sim == true) & (img_idx[None, :] < own)).sum(1)
 
     # Image queries over texts: the best-placed own caption is the one with the highest score,
     # the lowest index among equals.
     i_rank = torch.full((n,), -1, dtype=torch.int64)
-    has = torch.zeros(n, dtype=torch.bool)
-    has[owner] = True
+    has = torch.isin(group, text_group)  # an image whose group has a caption is a query
     txt_idx = torch.arange(t)
     for s in range(0, n, chunk):
         sim = img[s:s + chunk] @ txt.T  # (c, T)
         rows = torch.arange(s, min(s + chunk, n))
-        mine = owner[None, :] == rows[:, None]  # (c, T)
+        mine = text_group[None, :] == group[rows][:, None]  # (c, T)
         best = torch.where(mine, sim, torch.tensor(float("-inf"))).max(1).values[:, None]
         first = torch.where(mine & (sim == best), txt_idx[None, :], torch.tensor(t)).min(1).values[:, None]
         r = (sim > best).sum(1) + ((sim == best) & (txt_idx[None, :] < first)).sum(1)
@@ -88,15 +100,17 @@ def retrieval_ranks(image_emb, text_emb, text_to_image: Sequence[int], chunk: in
     return t_rank.numpy(), i_rank.numpy()
 
 
-def retrieval_metrics(image_emb, text_emb, text_to_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict:
+def retrieval_metrics(image_emb, text_emb, text_to_image: Sequence[int], ks: Sequence[int] = (1, 5, 10),
+                      image_groups: Sequence[int] | None = None) -> dict:
     """COCO-protocol recall@K both ways, with CLIP_benchmark's keys.
 
     ``image_retrieval_recall@K``: fraction of captions whose image is in their top K images.
     ``text_retrieval_recall@K``: fraction of images (with at least one caption) having any of their
     captions in their top K captions. Embeddings are ``(N, D)`` and ``(T, D)``, L2-normalised;
-    ``text_to_image`` gives each caption's image index.
+    ``text_to_image`` gives each caption's image index; ``image_groups`` makes the images of one
+    group interchangeable (see :func:`retrieval_ranks`).
     """
-    t_rank, i_rank = retrieval_ranks(image_emb, text_emb, text_to_image)
+    t_rank, i_rank = retrieval_ranks(image_emb, text_emb, text_to_image, image_groups=image_groups)
     if t_rank.size == 0:
         raise LittuneError("no captions to evaluate retrieval with")
     queried = i_rank >= 0
