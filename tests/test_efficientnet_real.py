@@ -51,3 +51,19 @@ def test_locked_tower_is_bit_identical_to_the_package_model(tower):
     ).train()  # train mode for the model: the locked tower must still run in eval mode
     assert torch.equal(model.image_features(x), want)
     assert torch.allclose(model.image_tower.imagenet_logits(want), logits_ref, atol=1e-4)
+
+
+def test_another_input_size_keeps_the_weights_and_changes_the_fingerprint(tower):
+    from littune.towers.image import build_image_tower, parse_image_tower
+
+    small = build_image_tower("efficientnet-lite0@128").eval()
+    assert parse_image_tower("efficientnet-lite0@128") == small.spec == {
+        "type": "efficientnet-lite", "name": "efficientnet-lite0", "image_size": 128}
+    assert small.preprocess.size == 128 and small.dim == 1280
+    assert small.weights_hash() == tower.weights_hash()
+    assert small.fingerprint() != tower.fingerprint()  # caches at 128 px and 224 px never mix
+    pixels = small.preprocess.eval(Image.open(DATA / "chelsea.jpg"))[None]
+    assert pixels.shape == (1, 3, 128, 128)
+    with torch.no_grad():
+        assert small.imagenet_logits(small(pixels)).argmax(-1).item() in CATS
+    assert build_image_tower("efficientnet-lite0@224").spec == tower.spec  # the native size is the plain spec

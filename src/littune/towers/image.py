@@ -88,11 +88,15 @@ def _pool(out: torch.Tensor, pooling: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 class EfficientNetLiteTower(ImageTower):
-    """EfficientNet-Lite (ImageNet-1k) with global-average-pooled 1280-d features."""
+    """EfficientNet-Lite (ImageNet-1k) with global-average-pooled 1280-d features.
+
+    ``image_size`` runs the network at another input size than it was trained at (a convolutional
+    network accepts any): smaller is faster, e.g. 128 for an unlocked tower on a CPU.
+    """
 
     by_reference = True
 
-    def __init__(self, name: str = "efficientnet-lite0", pretrained: bool = True):
+    def __init__(self, name: str = "efficientnet-lite0", pretrained: bool = True, image_size: int | None = None):
         super().__init__()
         if name not in EFFICIENTNET_LITE:
             raise ValueError(f"unknown EfficientNet-Lite {name!r}; use one of {sorted(EFFICIENTNET_LITE)}")
@@ -105,6 +109,11 @@ class EfficientNetLiteTower(ImageTower):
             ) from e
         self.name = name
         self.spec = {"type": "efficientnet-lite", "name": name}
+        if image_size is not None and int(image_size) != size:
+            if int(image_size) < 32:
+                raise ValueError(f"{name}: image_size {image_size} is too small (at least 32)")
+            size = int(image_size)
+            self.spec["image_size"] = size
         # TF convention: inputs scaled to [-1, 1].
         self.preprocess = Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         self.net = EfficientNet.from_name(name)
@@ -233,12 +242,15 @@ class TorchModuleTower(ImageTower):
 def parse_image_tower(text: str | dict) -> dict:
     """Turn a short string into a tower spec dict.
 
-    ``efficientnet-lite0`` | ``hf:/dir[#mean]`` | ``onnx:/file.onnx`` | ``torch:pkg.mod:factory``.
+    ``efficientnet-lite0[@SIZE]`` | ``hf:/dir[#mean]`` | ``onnx:/file.onnx`` | ``torch:pkg.mod:factory``.
     """
     if isinstance(text, dict):
         return dict(text)
     if text in EFFICIENTNET_LITE:
         return {"type": "efficientnet-lite", "name": text}
+    name, _, size = text.partition("@")  # efficientnet-lite0@128: run at 128 px
+    if name in EFFICIENTNET_LITE and size.isdigit():
+        return {"type": "efficientnet-lite", "name": name, "image_size": int(size)}
     kind, _, rest = text.partition(":")
     if kind == "hf" and rest:
         path, _, pooling = rest.partition("#")
@@ -248,7 +260,8 @@ def parse_image_tower(text: str | dict) -> dict:
     if kind == "torch" and rest:
         return {"type": "torch", "factory": rest}
     raise ValueError(
-        f"unknown image tower {text!r}; use one of {', '.join(sorted(EFFICIENTNET_LITE))}, "
+        f"unknown image tower {text!r}; use one of {', '.join(sorted(EFFICIENTNET_LITE))} (@SIZE for another "
+        "input size), "
         "hf:<local dir>[#cls|#mean|#pooler], onnx:<file.onnx>, torch:<package.module:factory>"
     )
 
@@ -260,7 +273,8 @@ def build_image_tower(spec: str | dict, pretrained: bool = True, base_dir: Path 
     if spec.get("relative") and base_dir is not None:
         spec = {**spec, "path": str(Path(base_dir) / spec["path"])}
     if kind == "efficientnet-lite":
-        return EfficientNetLiteTower(spec.get("name", "efficientnet-lite0"), pretrained=pretrained)
+        return EfficientNetLiteTower(spec.get("name", "efficientnet-lite0"), pretrained=pretrained,
+                                     image_size=spec.get("image_size"))
     if kind == "hf":
         return HFVisionTower(spec["path"], pooling=spec.get("pooling", "cls"), pretrained=pretrained)
     if kind == "torch":
