@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup test quickstart clean
+.PHONY: setup test quickstart study clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,8 +19,13 @@ setup: $(STAMP)
 test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
+# QUICK=1 make quickstart: the 200-concept subset, a few minutes.
 quickstart: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m littune.smoke
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m littune.quickstart $(if $(filter-out 0,$(QUICK)),--quick,)
+
+# The design-choice study (Lu, LU, Uu, UU, uu, LL); about an hour on 2 CPU cores.
+study: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/littune study --out out/study
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

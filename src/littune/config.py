@@ -44,6 +44,8 @@ class DataSection:
     on_the_fly: bool = False
     batch_size: int = 256  # global batch over all ranks (the contrastive batch)
     workers: int = 1  # decoding workers for the on-the-fly path
+    #: on-the-fly path: Inception crop + flip (true) or the evaluation transform, the cache's pixels (false)
+    augment: bool = True
     source_options: dict = field(default_factory=dict)
 
 

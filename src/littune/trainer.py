@@ -228,7 +228,7 @@ class Trainer:
             batches = (data(s) for s in range(start, cfg.steps))
         else:
             ds = OnTheFlyBatches(self.records, self.model.preprocess, cfg.data.batch_size, self.rank, self.world,
-                                 cfg.seed)
+                                 cfg.seed, augment=cfg.data.augment)
             batches = iter(step_loader(ds, start, cfg.steps, cfg.data.workers))
         self.model.train()
         monitor = Monitor(self.run_dir, cfg, start) if D.is_main() else None

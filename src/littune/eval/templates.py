@@ -7,7 +7,8 @@ ignored. littune ships these sets in ``littune/data_files/templates/``:
 * ``imagenet`` -- CLIP's 80 ImageNet templates (Radford et al. 2021);
 * ``imagenet7`` -- the 7 of them CLIP's prompt-engineering notebook selected;
 * ``short`` -- six domain-neutral templates (photo, picture, image, drawing, "a {}.", "{}");
-* ``none`` -- ``{}`` alone: the class name is the prompt.
+* ``none`` -- ``{}`` alone: the class name is the prompt;
+* ``emoji`` -- the forms emoji captions take ("{}", "{} emoji", "an emoji of {}", "a {} icon").
 
 :func:`load_templates` takes one of those names or the path of your own file. The class name is
 substituted with :func:`fill`, a plain string replacement, so other braces in a template are kept as

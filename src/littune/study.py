@@ -1,0 +1,209 @@
+"""The paper's design-choice study at small scale: which towers to lock, which to pre-train.
+
+LiT (Zhai et al. 2021, Sec. 4 and Fig. 3) compares the tower settings -- first letter the image tower,
+second the text tower; ``L`` pre-trained and locked, ``U`` pre-trained and unlocked, ``u`` random and
+unlocked -- at an equal number of steps and finds ``Lu`` and ``LU`` best for zero-shot transfer, the
+unlocked pre-trained image tower (``Uu``, ``UU``) behind them, ``uu`` (CLIP-style from scratch) far behind,
+and ``LL`` (only the heads trained) weak. This module reruns that question on the emoji data:
+
+* the same data (the emoji training captions), the same steps and batch, the same evaluation
+  (zero-shot on held-out designs, held-out concepts and both; text<->image retrieval on their captions);
+* image tower EfficientNet-Lite0 (ImageNet) run at ``image_size`` px for every setting (128 by default,
+  so that the unlocked settings, which run the tower forward and backward on every step, fit a CPU);
+  locked settings read the embedding cache of that same tower at that same size;
+* text tower: a transformer from scratch for ``u``; all-MiniLM-L6-v2 for ``U`` and ``L``;
+* pre-trained unlocked towers train at 0.1x the learning rate (the paper's advice for fine-tuning);
+  the heads and the from-scratch towers at 1x. Unlocked image towers see the same un-augmented pixels
+  as the cache holds, so the data is the same for every setting.
+
+Writes ``study.md``, ``study.json`` and ``study.png`` (one plot) in the output folder; every setting's run
+(model, metrics, plots) lives in ``runs/<setting>`` and a finished setting is reused on a second run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import quickstart as qs
+
+SETTINGS = ("Lu", "LU", "Uu", "UU", "uu", "LL")
+MINILM = {"type": "hf", "path": "minilm", "pooling": "mean", "context_length": 32}
+
+
+def setting_overrides(setting: str, paths: dict, run_dir: Path, steps: int, batch: int, image_tower: dict,
+                      text_towers: dict | None = None, embed_dim: int = 256) -> list[str]:
+    """``littune train --set`` overrides for one setting of the study.
+
+    ``text_towers``: ``{"scratch": spec, "pretrained": spec}`` (default: the quickstart's transformer
+    and all-MiniLM-L6-v2).
+    """
+    image_letter, text_letter = setting[0], setting[1]
+    towers = {"scratch": qs.TEXT_TOWER, "pretrained": MINILM, **(text_towers or {})}
+    text = towers["pretrained"] if text_letter in "UL" else towers["scratch"]
+    mults = {"image": 0.1 if image_letter == "U" else 1.0, "text": 0.1 if text_letter == "U" else 1.0}
+    out = [
+        f"model.setting={setting}", f"model.image_tower={json.dumps(image_tower)}",
+        f"model.text_tower={json.dumps(text)}", f"model.embed_dim={embed_dim}",
+        f"data.source={paths['data'] / 'train.csv'}", f"run_dir={run_dir}", f"steps={steps}",
+        f"data.batch_size={batch}", "optim.lr=1e-3", "optim.weight_decay=1e-4", f"optim.lr_mults={json.dumps(mults)}",
+        f"schedule.warmup_steps={max(1, steps // 10)}", "log_every=10", f"checkpoint_every={max(50, steps // 4)}",
+        "data.augment=false", "data.workers=1",
+    ]
+    if image_letter == "L":
+        out.append(f"data.cache={paths['train']}")
+    return out
+
+
+def evaluate(model, paths: dict, locked: bool, progress: bool = False) -> dict:
+    """Zero-shot and retrieval metrics on every held-out split, read the same way for every setting.
+
+    Images come from each split's retrieval CSV; a locked image tower reads them from the cache, an
+    unlocked one runs on the pixels. An image's class is its folder (the concept).
+    """
+    from .eval.datasets import image_embeddings, open_retrieval, read_classnames
+    from .eval.retrieval import retrieval_metrics
+    from .eval.templates import load_templates
+    from .eval.zeroshot import zeroshot_classifier, zeroshot_metrics
+    from .inference import embed_texts
+
+    results = {}
+    for split, info in paths["eval"].items():
+        data = open_retrieval(paths["data"] / "eval" / f"retrieval_{split}.csv")
+        emb, kept, skipped = image_embeddings(model, data.records, cache=info["cache"] if locked else None,
+                                              progress=progress)
+        if skipped:
+            raise RuntimeError(f"{split}: {len(skipped)} image(s) could not be embedded, e.g. {skipped[0]}")
+        folders = [Path(r.key).parent.name for r in data.records]
+        classes = sorted(set(folders))
+        names = read_classnames(info["classnames"])
+        if len(names) != len(classes):
+            raise RuntimeError(f"{info['classnames']}: {len(names)} names for {len(classes)} concept folders")
+        index = {c: k for k, c in enumerate(classes)}
+        labels = [index[f] for f in folders]
+        weights = zeroshot_classifier(model, names, load_templates("emoji")).float().cpu()
+        zs = zeroshot_metrics(emb @ weights.T, labels)
+        txt = embed_texts(model, data.texts)
+        rt = retrieval_metrics(emb, txt, data.text_to_image, image_groups=labels)
+        results[split] = zs
+        results[f"{split}_retrieval"] = rt
+    return results
+
+
+def run_setting(setting: str, paths: dict, out: Path, steps: int, batch: int, image_tower: dict,
+                progress: bool = True, **tower_options) -> dict:
+    """Train one setting (or reuse a finished run) and evaluate it; returns its row of the table."""
+    from .config import load_config
+    from .model import LiTModel
+    from .trainer import Trainer
+
+    run_dir = out / "runs" / setting
+    done = run_dir / "study_eval.json"
+    if done.is_file():
+        qs._say(f"study {setting}: finished earlier, reusing {run_dir}")
+        return json.loads(done.read_text())
+    cfg = load_config(overrides=setting_overrides(setting, paths, run_dir, steps, batch, image_tower, **tower_options))
+    cfg.progress = progress
+    qs._say(f"study {setting}: training {steps} steps of {batch} pairs in {run_dir}")
+    t0 = time.time()
+    Trainer(cfg).run()
+    train_s = time.time() - t0
+    model = LiTModel.from_pretrained(run_dir / "model").eval()
+    with torch.no_grad():
+        metrics = evaluate(model, paths, locked=model.setting.image.locked, progress=progress)
+    log = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    row = {"setting": setting, "metrics": metrics, "train_seconds": round(train_s, 1),
+           "final_loss": float(np.mean([r["loss"] for r in log[-3:]])) if log else None,
+           "trainable_params": trainable, "pairs_per_s": log[-1].get("pairs_per_s") if log else None}
+    done.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def markdown(rows: list[dict], baselines: dict) -> str:
+    splits = [s for s in qs.SPLITS if any(s in r["metrics"] for r in rows)]
+    head = ["setting", "trainable params", "train s", "final loss"]
+    head += [f"{s} top-1" for s in splits] + [f"{s} text→image R@1" for s in splits]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, base in baselines.items():
+        cells = [name, "", "", ""] + [qs._f(base.get(s)) for s in splits] + ["" for _ in splits]
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        m = r["metrics"]
+        cells = [f"**{r['setting']}**", f"{r['trainable_params'] / 1e6:.1f}M", f"{r['train_seconds']:.0f}",
+                 qs._f(r["final_loss"])]
+        cells += [qs._f(m.get(s, {}).get("acc1")) for s in splits]
+        cells += [qs._f(m.get(f"{s}_retrieval", {}).get("image_retrieval_recall@1")) for s in splits]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], baselines: dict, path: Path) -> Path | None:
+    """Grouped bars: zero-shot top-1 per held-out split for every setting, chance and ceiling as marks."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    splits = [s for s in qs.SPLITS if any(s in r["metrics"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(1, len(splits))
+    x = np.arange(len(rows))
+    for k, s in enumerate(splits):
+        vals = [r["metrics"].get(s, {}).get("acc1", 0.0) for r in rows]
+        bars = ax.bar(x + (k - (len(splits) - 1) / 2) * width, vals, width, label=s.replace("_", " "))
+        for name, base in baselines.items():
+            if base.get(s) is not None:
+                ax.axhline(base[s], color=bars.patches[0].get_facecolor(), lw=0.8,
+                           ls=":" if name.startswith("chance") else "--")
+    ax.set_xticks(x, [r["setting"] for r in rows])
+    ax.set_ylabel("zero-shot top-1")
+    ax.set_title("LiT tower settings on emoji (dashed: image-only prototype ceiling, dotted: chance)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_study(out: str | Path = "out/study", settings=SETTINGS, steps: int = 200, batch: int = 64,
+              image_size: int = 128, quick: bool = False, progress: bool = True) -> dict:
+    """Run every setting and write ``study.md``, ``study.json`` and ``study.png`` in ``out``."""
+    from .settings import parse_setting
+
+    for s in settings:
+        parse_setting(s)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    image_tower = {"type": "efficientnet-lite", "name": "efficientnet-lite0", "image_size": int(image_size)}
+    tag = f"efficientnet-lite0@{int(image_size)}"
+    paths = qs.prepare(out, quick, tower=tag, progress=progress)
+    t0 = time.time()
+    rows = [run_setting(s, paths, out, steps, batch, image_tower, progress) for s in settings]
+    baselines = {"chance": {}, "image-only prototype (seen concepts)": {}}
+    for split, info in paths["eval"].items():
+        n = len([ln for ln in Path(info["classnames"]).read_text(encoding="utf-8").splitlines() if ln.strip()])
+        baselines["chance"][split] = 1 / n
+        proto = qs.prototype_baseline(paths["train"], info["cache"])
+        baselines["image-only prototype (seen concepts)"][split] = proto["acc1"] if proto else None
+    c = paths["manifest"]["counts"]
+    header = (f"Tower settings at equal steps: {steps} steps of {batch} pairs, EfficientNet-Lite0 at {image_size} px, "
+              f"text transformer {qs.TEXT_TOWER['depth']}x{qs.TEXT_TOWER['width']} from scratch (u) or "
+              f"all-MiniLM-L6-v2 (U, L); emoji {c['train_images']} training images of {c['train_concepts']} concepts. "
+              f"Zero-shot with the 'emoji' prompt ensemble; retrieval: any design of the caption's concept counts. "
+              f"littune commit {qs._commit()}; {time.time() - t0:.0f} s of training and evaluation.")
+    table = markdown(rows, baselines)
+    (out / "study.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
+    (out / "study.json").write_text(json.dumps({"header": header, "steps": steps, "batch": batch,
+                                                "image_size": image_size, "rows": rows, "baselines": baselines},
+                                               indent=2))
+    png = plot(rows, baselines, out / "study.png")
+    print("\n" + header + "\n\n" + table + "\n")
+    print(f"table: {out / 'study.md'}  json: {out / 'study.json'}" + (f"  plot: {png}" if png else ""))
+    return {"rows": rows, "baselines": baselines, "table": table}
