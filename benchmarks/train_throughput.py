@@ -7,10 +7,20 @@ EfficientNet-Lite0 (locked) + a 6-layer 384-wide text transformer, batch 64 and 
       (what open_clip's --lock-image does),
   (c) the bare compute limit: text forward + backward + loss + optimiser step on ready tensors.
 
-Prints pairs/s and peak RSS of each (each measured in its own process), the ratios (a)/(c) and (a)/(b),
-(The 10k-row vs 1M-row cache memory check is not written yet.)
+Prints pairs/s and peak RSS of each (each measured in its own process) and the ratios (a)/(c) and (a)/(b).
+Each rate is the steady state: the first 2 steps (set-up, lazy allocations) are left out of (a) and (b)
+as of (c), and every other step counts whole (data, tokenisation, logging and all).
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--batches 64,256]
+Then the memory check (``--no-memory`` skips it): a few training steps from a 10k-row and from a 1M-row
+cache (synthetic features in the real cache format, written with ``littune.cache.write_cache`` for a
+1280-d tiny tower, float16: ~2.6 GB on disk; two captions per image), each in its own process. Peak RSS
+(the whole process: opening and verifying the cache, training the tokenizer on every caption, training)
+and steady RSS (the median after each step from the 3rd) must differ by less than 100 MB: the trainer
+reads rows and captions from the cache with pread, step by step, and holds nothing per image but the
+epoch's permutation (8 bytes a row).
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--batches 64,256] [--no-memory]
+    .venv/bin/python benchmarks/train_throughput.py --no-throughput --memory-rows 10000,1000000
 """
 
 from __future__ import annotations
@@ -63,7 +73,19 @@ def run_child(kind: str, **kw) -> dict:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (ru_maxrss survives exec, so a child would report at least the
+    RSS the parent had when it forked)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+WARMUP = 2  # steps left out of every rate: (c) runs them before its clock starts, (a) and (b) log them
 
 
 def child_train(source: str, cache: str, run: str, batch: int, steps: int, on_the_fly: bool) -> dict:
@@ -71,7 +93,7 @@ def child_train(source: str, cache: str, run: str, batch: int, steps: int, on_th
     from littune.trainer import Trainer
 
     overrides = [f"data.source={source}", f"data.cache={cache}", f"run_dir={run}", f"data.batch_size={batch}",
-                 f"steps={steps}", "progress=false", f"log_every={steps}", "checkpoint_every=0",
+                 f"steps={steps}", "progress=false", "log_every=1", "checkpoint_every=0",
                  f"model.text_tower={TEXT}", "schedule.warmup_steps=2", f"data.on_the_fly={str(on_the_fly).lower()}",
                  "data.workers=1"]
     trainer = Trainer(load_config(overrides=overrides))
@@ -79,8 +101,122 @@ def child_train(source: str, cache: str, run: str, batch: int, steps: int, on_th
     trainer.run()
     total = time.perf_counter() - t0
     rec = [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-    # Steady-state rate: the last logged window (all steps but set-up), from the trainer's own log.
-    return {"pairs_per_s": rec[-1]["pairs_per_s"], "total_s": total, "peak_rss_mb": peak_rss_mb()}
+    # The trainer's own per-step rate (everything between two steps: batch, tokenisation, logging...).
+    secs = [batch / r["pairs_per_s"] for r in rec]
+    return {"pairs_per_s": batch * (len(secs) - WARMUP) / sum(secs[WARMUP:]),
+            "pairs_per_s_all_steps": batch * len(secs) / sum(secs), "total_s": total, "peak_rss_mb": peak_rss_mb()}
+
+
+# -- memory: a 10k-row vs a 1M-row cache ------------------------------------------------------------
+MEM_TEXT = "{type: transformer, width: 128, depth: 2, heads: 2, context_length: 32, vocab_size: 8000}"
+WORDS = ("cat dog cup coffee animal drink table fur whiskers espresso saucer red green blue small large "
+         "photo picture drawing sketch on under with near old young wooden metal glass plate bowl bird "
+         "tree house street car bike river mountain beach snow night morning sunny cloudy").split()
+
+
+def mem_tower(dim: int) -> dict:
+    from littune.towers.tiny import SPEC
+
+    return {**SPEC, "kwargs": {"dim": dim}}  # a real (tiny) tower whose outputs are dim-d
+
+
+class SyntheticFeatures:
+    """Rows of random features, made one slice at a time (write_cache reads one shard at a time)."""
+
+    def __init__(self, n: int, dim: int):
+        self.n, self.dim = n, dim
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        lo, hi, _ = sl.indices(self.n)
+        return np.random.default_rng([1, lo]).standard_normal((hi - lo, self.dim), dtype=np.float32)
+
+
+class SyntheticCaptions:
+    """Two captions per image, 4-7 words each, from a small vocabulary."""
+
+    def __init__(self, n: int):
+        self.n = n
+        rng = np.random.default_rng(2)
+        self.words = rng.integers(0, len(WORDS), size=(n, 2, 7), dtype=np.int16)
+        self.lengths = rng.integers(4, 8, size=(n, 2), dtype=np.int8)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> list[str]:
+        return ["a " + " ".join(WORDS[w] for w in self.words[i, j, :self.lengths[i, j]]) for j in range(2)]
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child_memtrain(cache: str, run: str, batch: int, steps: int, dim: int) -> dict:
+    from littune import trainer as T
+    from littune.config import load_config
+
+    rss = []
+    log = T.Monitor.log
+
+    def logged(self, record):  # RSS after every step
+        log(self, record)
+        rss.append(current_rss_mb())
+
+    T.Monitor.log = logged
+    overrides = [f"data.cache={cache}", f"run_dir={run}", f"data.batch_size={batch}", f"steps={steps}",
+                 "progress=false", "log_every=1", "checkpoint_every=0", f"model.text_tower={MEM_TEXT}",
+                 f"model.image_tower={json.dumps(mem_tower(dim))}", "schedule.warmup_steps=2"]
+    t0 = time.perf_counter()
+    T.Trainer(load_config(overrides=overrides)).run()
+    # steady: the median RSS after each step past the first WARMUP (one step's reading swings by tens
+    # of MB as the allocator maps and returns activation buffers)
+    return {"peak_rss_mb": peak_rss_mb(), "steady_rss_mb": float(np.median(rss[WARMUP:])), "train_rss_mb": rss,
+            "total_s": time.perf_counter() - t0}
+
+
+def memory_check(tmp: Path, rows: list[int], batch: int, steps: int, limit_mb: float = 100.0) -> bool:
+    import shutil
+
+    from littune.cache import write_cache
+
+    free = shutil.disk_usage(tmp).free
+    dim = 1280
+    for d in (1280, 768, 512, 256, 128):  # float16 features; a smaller dim only if the disk is short
+        dim = d
+        if max(rows) * (d * 2 + 64) * 1.1 + (1 << 30) < free:
+            break
+    note = "" if dim == 1280 else f" (disk short: {free / 2**30:.1f} GB free, so {dim}-d instead of 1280-d)"
+    print(f"\nmemory check: {', '.join(f'{n:,}' for n in rows)}-row caches of {dim}-d float16 features{note}, "
+          f"batch {batch}, {steps} steps, 2-layer 128-wide text tower, each run in its own process")
+    results = []
+    for n in rows:
+        cache = tmp / f"mem{n}"
+        t0 = time.perf_counter()
+        write_cache(cache, SyntheticFeatures(n, dim), SyntheticCaptions(n), mem_tower(dim), dtype="float16")
+        size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+        wrote = time.perf_counter() - t0
+        r = run_child("memtrain", cache=str(cache), run=str(tmp / f"memrun{n}"), batch=batch, steps=steps, dim=dim)
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(tmp / f"memrun{n}", ignore_errors=True)
+        results.append((n, size, wrote, r))
+    print(f"\n| cache rows | on disk | written in | train run (set-up + steps) | peak RSS | steady RSS (median after "
+          f"steps {WARMUP + 1}-{steps}) |")
+    print("|---|---|---|---|---|---|")
+    for n, size, wrote, r in results:
+        print(f"| {n:,} | {size / 2**20:,.0f} MB | {wrote:.0f} s | {r['total_s']:.0f} s | {r['peak_rss_mb']:.0f} MB | "
+              f"{r['steady_rss_mb']:.0f} MB |")
+    ok = True
+    (n0, _, _, small), (n1, _, _, big) = results[0], results[-1]
+    for what in ("peak_rss_mb", "steady_rss_mb"):
+        diff = big[what] - small[what]
+        ok &= diff < limit_mb
+        print(f"{what.replace('_rss_mb', '')} RSS {n1:,} rows - {n0:,} rows: {diff:+.0f} MB -> "
+              f"{'PASS' if diff < limit_mb else 'FAIL'} (limit {limit_mb:.0f} MB)")
+    return ok
 
 
 def child_bare(batch: int, steps: int, dim: int = 1280) -> dict:
@@ -124,17 +260,36 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure (a), (b), (c) (default: on)")
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="the 10k-row vs 1M-row cache memory check (default: on)")
+    ap.add_argument("--memory-rows", default="10000,1000000")
+    ap.add_argument("--memory-steps", type=int, default=8)
+    ap.add_argument("--memory-batch", type=int, default=256)
     ap.add_argument("--child", nargs=2)
     args = ap.parse_args()
     if args.child:
         kind, kw = args.child
-        fn = {"train": child_train, "bare": child_bare}[kind]
+        fn = {"train": child_train, "bare": child_bare, "memtrain": child_memtrain}[kind]
         print(json.dumps(fn(**json.loads(kw))))
         return
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     tmp = Path(tempfile.mkdtemp(prefix="littune-bench-"))
+    ok = True
+    if args.throughput:
+        throughput(tmp, args)
+    if args.memory:
+        ok = memory_check(tmp, [int(n) for n in args.memory_rows.split(",")], args.memory_batch, args.memory_steps)
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if not ok:
+        raise SystemExit(1)
+
+
+def throughput(tmp: Path, args) -> None:
     source = make_images(tmp / "images", args.images)
     cache = tmp / "cache"
     from littune.cache import embed_source
@@ -149,15 +304,19 @@ def main() -> None:
         a = run_child("train", source=str(source), cache=str(cache), run=str(tmp / f"a{batch}"), batch=batch,
                       steps=args.steps, on_the_fly=False)
         b = run_child("train", source=str(source), cache=str(cache), run=str(tmp / f"b{batch}"), batch=batch,
-                      steps=max(3, args.steps // 4), on_the_fly=True)
+                      steps=max(3, args.steps // 4) + WARMUP, on_the_fly=True)
         c = run_child("bare", batch=batch, steps=args.steps)
         rows.append((batch, a, b, c))
+    print(f"\nsteady-state pairs/s (first {WARMUP} steps left out of each)")
     print("\n| batch | (a) cache pairs/s | (b) tower every step | (c) bare compute | (a)/(c) | (a)/(b) | peak RSS a / b / c (MB) |")
     print("|---|---|---|---|---|---|---|")
     for batch, a, b, c in rows:
         print(f"| {batch} | {a['pairs_per_s']:.1f} | {b['pairs_per_s']:.1f} | {c['pairs_per_s']:.1f} | "
               f"{a['pairs_per_s'] / c['pairs_per_s']:.2f} | {a['pairs_per_s'] / b['pairs_per_s']:.1f} | "
               f"{a['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} / {c['peak_rss_mb']:.0f} |")
+    print("\n(with the first steps counted too: " + "; ".join(
+        f"batch {batch}: (a) {a['pairs_per_s_all_steps']:.1f}, (b) {b['pairs_per_s_all_steps']:.1f}"
+        for batch, a, b, _ in rows) + ")")
 
 
 if __name__ == "__main__":

@@ -179,7 +179,49 @@ def test_reader_memory_stays_bounded(tmp_path, tower):
         idx = rng.integers(0, 10, size=4)
         np.testing.assert_array_equal(small.features(idx), full.features(idx))
         assert len(small._open) <= 2
-        assert all(isinstance(a, np.memmap) for a in small._open.values())
+    # Rows are read with pread, never through a memory map (mapped pages would count in the RSS).
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(tmp_path / "c") not in maps.read_text()
+    # Evicted shard files are closed.
+    small.features([0])
+    first = small._open[0]
+    small.features([9, 5])
+    assert 0 not in small._open and first.fd == -1
+
+
+def test_write_cache_from_precomputed_features(tmp_path, tower):
+    from littune.cache import write_cache
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((11, 32)).astype(np.float32)
+    caps = [[f"image {i}", f"picture {i}"] if i % 3 else f"only {i}" for i in range(11)]
+    c = write_cache(tmp_path / "w", feats, caps, SPEC, dtype="float32", shard_size=4)
+    again = EmbeddingCache.open(tmp_path / "w")  # checksums hold
+    c.check(tower_fingerprint=tower.fingerprint())  # a trainer configured with SPEC accepts it
+    assert (len(again), again.dim, again.views, len(again.manifest["shards"])) == (11, 32, 0, 3)
+    np.testing.assert_array_equal(again.features(np.arange(11)), feats)
+    np.testing.assert_array_equal(again.features([10, 3, 3, 0]), feats[[10, 3, 3, 0]])
+    assert again.captions(1) == ["image 1", "picture 1"] and again.captions(3) == ["only 3"]
+    assert again.key(4) == "00000004" and again.source_index(5) == 5
+    assert list(again.iter_captions(chunk=3)) == [x for cs in caps for x in ([cs] if isinstance(cs, str) else cs)]
+    assert again.sample_captions([1, 1, 3, 10], [0, 3, 7, 1]) == ["image 1", "picture 1", "only 3", "picture 10"]
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(again))  # e.g. to a spawned worker: opens its own files
+    np.testing.assert_array_equal(copy.features([7, 2]), feats[[7, 2]])
+    assert copy.captions(2) == again.captions(2)
+    # augmented views and float16
+    views = rng.standard_normal((5, 3, 32)).astype(np.float32)
+    v = write_cache(tmp_path / "v", views, [["x"]] * 5, tower, shard_size=2)
+    assert (v.views, v.dtype) == (2, "float16")
+    np.testing.assert_allclose(v.features([4, 0, 1, 2], view=[1, 0, 1, 0]),
+                               views[[4, 0, 1, 2], [2, 1, 2, 1]], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(v.features(np.arange(5)), views[:, 0], rtol=1e-3, atol=1e-3)
+    with pytest.raises(LittuneError, match="64-d but the tower"):
+        write_cache(tmp_path / "bad", np.zeros((2, 64), np.float32), [["a"], ["b"]], tower)
+    with pytest.raises(LittuneError, match="caption entries"):
+        write_cache(tmp_path / "bad", feats, caps[:3], tower)
 
 
 def test_empty_source_and_bad_arguments(tmp_path, tower):

@@ -147,9 +147,10 @@ def _free_port():
 
 @pytest.mark.distributed
 def test_two_ranks_match_one_rank(tmp_path):
+    from littune.cache import EmbeddingCache
+
     src = make_source(tmp_path / "data")
-    common = (f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=8")
-    p = _run_cli(tmp_path / "one", *common)
+    p = _run_cli(tmp_path / "one", f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=8")
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     port = _free_port()
     procs = []
@@ -157,11 +158,17 @@ def test_two_ranks_match_one_rank(tmp_path):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         args = [sys.executable, "-m", "littune", "train"]
-        for o in TINY + [f"run_dir={tmp_path / 'two' / 'run'}", *common]:
+        # A cache that does not exist yet: both ranks build it (embed_source(distributed=True)).
+        for o in TINY + [f"run_dir={tmp_path / 'two' / 'run'}", f"data.source={src}",
+                         f"data.cache={tmp_path / 'cache2'}", "steps=8"]:
             args += ["--set", o]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    one_cache, two_cache = EmbeddingCache.open(tmp_path / "cache"), EmbeddingCache.open(tmp_path / "cache2")
+    assert len(one_cache) == len(two_cache) and one_cache.source_fingerprint == two_cache.source_fingerprint
+    np.testing.assert_allclose(two_cache.features(np.arange(len(two_cache))),
+                               one_cache.features(np.arange(len(one_cache))), rtol=1e-3, atol=1e-3)
     one, two = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
     assert len(one) == len(two) == 8
     assert np.allclose(one, two, rtol=1e-4, atol=1e-5), (one, two)

@@ -51,24 +51,23 @@ class StepPlan:
 
 
 class CacheBatches:
-    """Batches of cached image features + one sampled caption each."""
+    """Batches of cached image features + one sampled caption each.
+
+    Nothing here grows with the cache: rows and captions are read from it step by step (the only
+    per-image array is the epoch's permutation).
+    """
 
     def __init__(self, cache, global_batch: int, rank: int, world: int, seed: int):
         self.cache = cache
-        self.images = np.arange(len(cache))
-        self.plan = StepPlan(len(self.images), global_batch, rank, world, seed)
+        self.plan = StepPlan(len(cache), global_batch, rank, world, seed)
 
     def __call__(self, step: int) -> dict:
         rows, rand = self.plan.local(step)
-        idx = self.images[rows]
-        captions = []
-        for i, r in zip(idx, rand):
-            caps = self.cache.captions(int(i))
-            captions.append(caps[int(r % len(caps))] if caps else "")
+        captions = self.cache.sample_captions(rows, rand)
         view = None
         if getattr(self.cache, "views", 0):
             view = (rand >> 20) % self.cache.views
-        feats = self.cache.features(idx, view=view)
+        feats = self.cache.features(rows, view=view)
         return {"image_features": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
                 "captions": captions}
 

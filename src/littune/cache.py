@@ -3,8 +3,8 @@
 With a locked image tower (the ``L`` of ``Lu``) the image features never change, so littune
 computes them once. :func:`embed_source` (the library behind ``littune embed``) decodes a source's
 images in worker processes, runs the tower in batches under ``torch.inference_mode()`` and writes
-a cache directory; :class:`EmbeddingCache` reads it back, memory-mapped, by index. Training then
-needs neither the images nor the image model.
+a cache directory; :class:`EmbeddingCache` reads it back by index. Training then needs neither the
+images nor the image model. :func:`write_cache` writes the same format from features computed elsewhere.
 
 Layout of a cache directory::
 
@@ -32,7 +32,9 @@ batch on 2 threads. A ``.lock`` file keeps a second writer out of a directory be
 
 Under ``torchrun`` (``distributed=True``) rank ``r`` embeds shards ``r, r + W, ...`` and rank 0 writes
 the manifest after a barrier; the result equals a one-process run. The reader keeps at most
-``max_open`` shard files mapped, so memory stays constant whatever the cache size.
+``max_open`` shard files open and reads rows with ``pread`` (no memory map: touched pages of a map
+would count in the process's RSS), so memory stays constant whatever the cache size and however many
+rows have been read.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import hashlib
 import json
 import os
 import random
+import struct
 import sys
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -220,7 +223,18 @@ def _unchunk(chunk: tuple[list, torch.Tensor | None]) -> list:
 WORKER_NICE = 0
 
 
+#: file descriptors of the cache locks this process holds; decoding workers close their inherited
+#: copies, so that after a kill -9 of the run the lock goes with it, not with a lingering worker.
+_LOCK_FDS: set[int] = set()
+
+
 def _worker_init(_worker_id: int) -> None:
+    for fd in list(_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
     if WORKER_NICE:
         try:
             os.nice(WORKER_NICE)
@@ -305,7 +319,13 @@ def _lock(out: Path):
     except OSError:
         f.close()
         raise LittuneError(f"cache {out} is being written by another `littune embed`; wait for it to finish") from None
+    _LOCK_FDS.add(f.fileno())
     return f
+
+
+def _unlock(f) -> None:
+    _LOCK_FDS.discard(f.fileno())
+    f.close()
 
 
 def _prepare(out: Path, plan: dict, resume: bool) -> None:
@@ -438,7 +458,7 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
         torch.set_num_threads(old_threads)
         tower.train(was_training)
         if lock is not None:
-            lock.close()
+            _unlock(lock)
     barrier()
     return EmbeddingCache.open(out, verify=False)
 
@@ -630,6 +650,108 @@ def _reason_order(r: str):
     return (REASONS.index(r) if r in REASONS else len(REASONS), r)
 
 
+def write_cache(out_dir: str | Path, features, captions, tower, *, keys: Sequence[str] | None = None,
+                paths: Sequence[str] | None = None, dtype: str = "float16", shard_size: int = 2048,
+                source_fingerprint: str | None = None, source: str = "precomputed features") -> "EmbeddingCache":
+    """Write a cache from features computed elsewhere (in the format :func:`embed_source` writes).
+
+    ``features``: ``(n, dim)`` or ``(n, 1 + views, dim)`` -- anything with ``len()`` and ``[a:b]``
+    slicing that gives arrays (an ndarray, an ``np.memmap``, a lazy generator object); it is read
+    one shard at a time, so it need not fit in memory. ``captions[i]``: image ``i``'s captions (a
+    list of strings, or one string). ``tower``: the :class:`~littune.towers.image.ImageTower` (or
+    spec) that the features belong to; its fingerprint, spec and preprocessing go in the manifest,
+    so a trainer configured with that tower accepts the cache, and its output dim must equal
+    ``dim``. ``keys`` default to ``"00000000"``, ``"00000001"``...; ``paths`` to the keys. The
+    cache has no skipped images; ``source_fingerprint`` defaults to a hash of the keys.
+    """
+    from .towers.image import build_image_tower
+
+    if dtype not in DTYPES:
+        raise LittuneError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if shard_size < 1:
+        raise LittuneError(f"shard_size must be >= 1, not {shard_size}")
+    if not isinstance(tower, torch.nn.Module):
+        tower = build_image_tower(tower)
+    n = len(features)
+    if len(captions) != n:
+        raise LittuneError(f"{n} feature rows but {len(captions)} caption entries")
+    if n == 0:
+        raise LittuneError("no features to write")
+    first = np.asarray(features[0:1])
+    if first.ndim not in (2, 3):
+        raise LittuneError(f"features must be (n, dim) or (n, 1 + views, dim), got rows of shape {first.shape[1:]}")
+    views = first.shape[1] - 1 if first.ndim == 3 else 0
+    dim = int(first.shape[-1])
+    if dim != tower.dim:
+        raise LittuneError(f"features are {dim}-d but the tower {tower.name} gives {tower.dim}-d outputs")
+    keys = [f"{i:08d}" for i in range(n)] if keys is None else [str(k) for k in keys]
+    paths = keys if paths is None else [str(p) for p in paths]
+    if len(keys) != n or len(paths) != n:
+        raise LittuneError(f"{n} feature rows but {len(keys)} keys and {len(paths)} paths")
+    if source_fingerprint is None:
+        h = hashlib.sha256()
+        for k in keys:
+            h.update(k.encode("utf-8") + b"\0")
+        source_fingerprint = f"precomputed|{h.hexdigest()[:16]}"
+    plan = {
+        "format": FORMAT, "version": VERSION, "tower_fingerprint": tower.fingerprint(),
+        "tower_name": getattr(tower, "name", type(tower).__name__), "tower_spec": getattr(tower, "spec", None),
+        "preprocess": tower.preprocess.to_dict(), "dim": dim, "source_fingerprint": source_fingerprint,
+        "source": source, "records": n, "shard_size": int(shard_size), "shards": (n + shard_size - 1) // shard_size,
+        "dtype": dtype, "views": views, "seed": 0, "max_pixels": None,
+    }
+    phash = _plan_hash(plan)
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    out = Path(os.path.expanduser(str(out_dir)))
+    lock = _lock(out)
+    try:
+        _clear(out)
+        (out / SHARD_DIR).mkdir(exist_ok=True)
+        shards = []
+        for s in range(plan["shards"]):
+            lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+            arr = np.asarray(features[lo:hi], dtype=np.float32).reshape(hi - lo, 1 + views, dim)
+            stored = arr.astype(np_dtype)
+            if np_dtype is np.float16 and np.isinf(stored).any() and np.isfinite(arr).all():
+                raise LittuneError(f"features exceed the float16 range (max |x| = {np.abs(arr).max():.4g}); "
+                                   "use dtype='float32'")
+            npy, js = _shard_paths(out, s)
+            _write_npy(npy, stored)
+            meta = {"shard": s, "plan": phash, "records": [lo, hi], "count": hi - lo, "bytes": npy.stat().st_size,
+                    "sha256": _sha256(npy), "good": list(range(hi - lo)), "skipped": []}
+            _write_json(js, meta)
+            shards.append({"file": f"{SHARD_DIR}/{s:05d}.npy", "start": lo, "count": hi - lo, "records": [lo, hi],
+                           "bytes": meta["bytes"], "sha256": meta["sha256"]})
+        files: dict[str, str] = {}
+        files.update(_write_strings(out, "keys", "key_offsets.npy", keys))
+        files.update(_write_strings(out, "paths", "path_offsets.npy", paths))
+        per_image = np.zeros(n + 1, dtype=np.int64)
+        flat: list[str] = []
+        for i in range(n):
+            c = captions[i]
+            c = [c] if isinstance(c, str) else list(c)
+            flat.extend(c)
+            per_image[i + 1] = len(flat)
+        files.update(_write_strings(out, "captions", "caption_offsets.npy", flat))
+        _write_npy(out / "image_captions.npy", per_image)
+        _write_npy(out / "source_index.npy", np.arange(n, dtype=np.int64))
+        files["image_captions.npy"] = _sha256(out / "image_captions.npy")
+        files["source_index.npy"] = _sha256(out / "source_index.npy")
+        _atomic_write(out / SKIPPED, lambda f: f.write(b"where\treason\tdetail\n"))
+        manifest = {
+            "format": FORMAT, "version": VERSION, "count": n, "dim": dim, "dtype": dtype, "views": views,
+            "tower_fingerprint": plan["tower_fingerprint"], "tower_name": plan["tower_name"],
+            "tower_spec": plan["tower_spec"], "preprocess": plan["preprocess"],
+            "source_fingerprint": source_fingerprint, "source": source, "records": n, "captions": len(flat),
+            "skipped": 0, "skipped_by_reason": {}, "index_problems": 0, "plan": plan, "shards": shards,
+            "files": files,
+        }
+        _write_json(out / MANIFEST, manifest)
+    finally:
+        _unlock(lock)
+    return EmbeddingCache.open(out, verify=False)
+
+
 def summary(cache: "EmbeddingCache") -> str:
     """One line: what was embedded, what was skipped and why."""
     m = cache.manifest
@@ -647,25 +769,174 @@ def summary(cache: "EmbeddingCache") -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+def default_max_open() -> int:
+    """Shard files a reader keeps open: a quarter of the open-file limit, between 16 and 1024.
+
+    Random batches touch most shards at every step; a shard that is not open costs an ``open()``
+    (1024 open shards of the default 2048 rows cover a 2M-image cache)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return 128
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(16, min(1024, soft // 4))
+
+
+class _File:
+    """A file read with positional reads (``pread``), never memory-mapped.
+
+    Reading rows through ``pread`` instead of a memory map keeps the process's memory flat: pages of
+    a mapped file that has been touched count in its resident set (and the kernel maps 64 KB around
+    every page fault), so random rows from a large cache would grow RSS up to the cache's size over
+    an epoch. With ``pread`` only the page cache holds them, which belongs to no process.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self.size = os.fstat(self.fd).st_size
+
+    def read_into(self, buf: np.ndarray, offset: int) -> None:
+        """Fill the C-contiguous array ``buf`` with the bytes at ``offset``."""
+        view = memoryview(buf).cast("B")
+        n = _read_at(self.fd, view, offset)
+        while 0 < n < len(view):  # short reads are legal; a 0 means the file ended early
+            view, offset = view[n:], offset + n
+            n = _read_at(self.fd, view, offset)
+        if n <= 0 and len(view):
+            raise LittuneError(f"{self.path} is shorter than its manifest says: re-run `littune embed`")
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        data = _pread(self.fd, nbytes, offset) if nbytes else b""
+        if len(data) < nbytes:  # a short read (legal, rare): finish it
+            buf = np.empty(nbytes, dtype=np.uint8)
+            self.read_into(buf, offset)
+            data = buf.tobytes()
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __getstate__(self) -> dict:  # pickled (e.g. to a spawned process): the copy opens its own file
+        return {**self.__dict__, "fd": -1, "_was_open": self.fd >= 0}
+
+    def __setstate__(self, state: dict) -> None:
+        was_open = state.pop("_was_open", False)
+        self.__dict__.update(state)
+        if was_open:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+if hasattr(os, "preadv"):
+    _pread = os.pread
+
+    def _read_at(fd: int, view: memoryview, offset: int) -> int:
+        return os.preadv(fd, [view], offset)
+else:  # pragma: no cover - Windows: seek + read under a lock
+    import threading
+
+    _SEEK_LOCK = threading.Lock()
+
+    def _pread(fd: int, nbytes: int, offset: int) -> bytes:
+        with _SEEK_LOCK:
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.read(fd, nbytes)
+
+    def _read_at(fd: int, view: memoryview, offset: int) -> int:
+        data = _pread(fd, len(view), offset)
+        view[:len(data)] = data
+        return len(data)
+
+
+_PAIRS = {"<i8": struct.Struct("<qq"), ">i8": struct.Struct(">qq")}
+
+
+class _Npy(_File):
+    """A C-order ``.npy`` array read by rows (first axis) with ``pread``."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(f))
+            offset = f.tell()
+        if fortran and len(shape) > 1:
+            raise LittuneError(f"{path} is stored in Fortran order; littune writes C order")
+        self.shape, self.dtype, self.offset = tuple(shape), np.dtype(dtype), offset
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if self.shape and self.size < self.offset + self.shape[0] * self.row_bytes:
+            raise LittuneError(f"{path} is shorter than its header says")
+        self._pair = self.dtype.str if self.dtype.str in _PAIRS else None  # an int64 offsets table
+
+    def reopen(self) -> "_Npy":
+        """The same file, opened again (header already parsed and checked): one ``open()``."""
+        f = object.__new__(type(self))
+        f.__dict__.update(self.__dict__)
+        f.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return f
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``lo:hi`` (``0 <= lo <= hi <= len``), read into ``out`` when given."""
+        if out is None:
+            out = np.empty((hi - lo,) + self.shape[1:], dtype=self.dtype)
+        if hi > lo:
+            self.read_into(out, self.offset + lo * self.row_bytes)
+        return out
+
+    def pair(self, i: int) -> tuple[int, int]:
+        """Elements ``i`` and ``i + 1`` of a 1-D int64 array (an offsets table), as ints."""
+        if self._pair is not None:  # one pread + struct (no numpy array for two numbers)
+            return _PAIRS[self._pair].unpack(self.read(self.offset + i * 8, 16))
+        a, b = self.rows(i, i + 2)
+        return int(a), int(b)
+
+
 class _Strings:
-    """Memory-mapped UTF-8 blob + int64 offsets."""
+    """A UTF-8 blob + int64 offsets, read with ``pread``."""
 
     def __init__(self, blob: Path, offsets: Path):
-        self.offsets = np.load(offsets, mmap_mode="r", allow_pickle=False)
-        self.blob = np.memmap(blob, dtype=np.uint8, mode="r") if blob.stat().st_size else np.zeros(0, np.uint8)
+        self.offsets = _Npy(offsets)
+        self.blob = _File(blob)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str:
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return bytes(self.blob[a:b]).decode("utf-8")
+        a, b = self.offsets.pair(i)
+        return self.blob.read(a, b - a).decode("utf-8")
+
+    def range(self, lo: int, hi: int) -> list[str]:
+        """Strings ``lo:hi`` with two reads."""
+        off = self.offsets.rows(lo, hi + 1)
+        base = int(off[0])
+        data = self.blob.read(base, int(off[-1]) - base)
+        cut = (off - base).tolist()
+        return [data[cut[k]:cut[k + 1]].decode("utf-8") for k in range(hi - lo)]
 
 
 class EmbeddingCache:
-    """Read a cache written by :func:`embed_source`: features by index (memory-mapped), captions, keys."""
+    """Read a cache written by :func:`embed_source`: features by index, captions, keys.
 
-    def __init__(self, directory: str | Path, manifest: dict, max_open: int = 128):
+    Everything is read with positional reads (``pread``) from at most ``max_open`` open shard files:
+    the process's memory stays the same whatever the cache's size and however long it is read.
+    """
+
+    def __init__(self, directory: str | Path, manifest: dict, max_open: int | None = None):
         self.directory = Path(directory)
         self.manifest = manifest
         self.dim: int = int(manifest["dim"])
@@ -676,17 +947,19 @@ class EmbeddingCache:
         self._count = int(manifest["count"])
         self._shards = [s for s in manifest["shards"] if s["count"] > 0]
         self._starts = np.asarray([s["start"] for s in self._shards], dtype=np.int64)
-        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.max_open = max(1, int(max_open))
+        self._open: OrderedDict[int, _Npy] = OrderedDict()
+        self._known: dict[int, _Npy] = {}  # shards opened before (a few hundred bytes each)
+        self.max_open = max(1, int(default_max_open() if max_open is None else max_open))
         d = self.directory
         self._keys = _Strings(d / "keys.utf8", d / "key_offsets.npy")
         self._paths = _Strings(d / "paths.utf8", d / "path_offsets.npy")
         self._captions = _Strings(d / "captions.utf8", d / "caption_offsets.npy")
-        self._image_captions = np.load(d / "image_captions.npy", mmap_mode="r", allow_pickle=False)
+        self._image_captions = _Npy(d / "image_captions.npy")
 
     @classmethod
-    def open(cls, directory: str | Path, verify: bool = True, max_open: int = 128) -> "EmbeddingCache":
-        """Open a cache; ``verify`` checks every file's sha256 against the manifest (reads it all once)."""
+    def open(cls, directory: str | Path, verify: bool = True, max_open: int | None = None) -> "EmbeddingCache":
+        """Open a cache; ``verify`` checks every file's sha256 against the manifest (reads it all once).
+        ``max_open``: shard files kept open (default :func:`default_max_open`)."""
         d = Path(os.path.expanduser(str(directory)))
         mf = d / MANIFEST
         if not mf.is_file():
@@ -721,20 +994,34 @@ class EmbeddingCache:
                 f"views={self.views})")
 
     # -- features --------------------------------------------------------------------------------
-    def _shard(self, j: int) -> np.ndarray:
-        arr = self._open.get(j)
-        if arr is None:
-            arr = np.load(self.directory / self._shards[j]["file"], mmap_mode="r", allow_pickle=False)
-            self._open[j] = arr
+    def _shard(self, j: int) -> _Npy:
+        f = self._open.get(j)
+        if f is None:
+            # Reopening a shard is one open(): its header is parsed and checked the first time only.
+            known = self._known.get(j)
+            if known is not None:
+                f = known.reopen()
+            else:
+                f = _Npy(self.directory / self._shards[j]["file"])
+                want = (self._shards[j]["count"], 1 + self.views, self.dim)
+                if f.shape != want or f.dtype != np.dtype(self.dtype):
+                    f.close()
+                    raise LittuneError(f"{f.path} holds {f.dtype}{list(f.shape)}, the manifest says "
+                                       f"{self.dtype}{list(want)}: re-run `littune embed`")
+                self._known[j] = f
+            self._open[j] = f
             while len(self._open) > self.max_open:
-                self._open.popitem(last=False)
+                self._open.popitem(last=False)[1].close()
         else:
             self._open.move_to_end(j)
-        return arr
+        return f
 
     def features(self, indices: Sequence[int] | np.ndarray, view: int | np.ndarray | None = None) -> np.ndarray:
         """``(n, dim)`` float32 features of images ``indices``: the eval view (``view=None``), or
-        augmented view ``view`` (an int, or one per row; 0-based, ``< views``)."""
+        augmented view ``view`` (an int, or one per row; 0-based, ``< views``).
+
+        Rows are read in index order, one read per run of consecutive images (a random batch: one
+        small read per row; a range: one read per shard)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < -self._count or idx.max() >= self._count):
             bad = idx[(idx < -self._count) | (idx >= self._count)][0]
@@ -756,20 +1043,46 @@ class EmbeddingCache:
         out = np.empty((len(idx), self.dim), dtype=np.float32)
         if not len(idx):
             return out
-        which = np.searchsorted(self._starts, idx, side="right") - 1
-        order = np.argsort(which, kind="stable")
-        cuts = np.flatnonzero(np.diff(which[order])) + 1
-        for part in np.split(order, cuts):
-            j = int(which[part[0]])
-            out[part] = self._shard(j)[idx[part] - self._starts[j], slot[part]]
+        order = np.argsort(idx, kind="stable")
+        sidx, sslot = idx[order], slot[order]
+        which = np.searchsorted(self._starts, sidx, side="right") - 1
+        # runs of consecutive images within one shard
+        cuts = np.flatnonzero((np.diff(sidx) != 1) | (np.diff(which) != 0)) + 1
+        bounds = np.concatenate([[0], cuts, [len(sidx)]]).tolist()
+        local = (sidx - self._starts[which]).tolist()
+        which_l, slot_l = which.tolist(), sslot.tolist()
+        stored = np.empty((len(idx), self.dim), dtype=np.dtype(self.dtype))
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            f = self._shard(which_l[a])
+            if b - a == 1:  # one row: read just its slot
+                f.read_into(stored[a], f.offset + (local[a] * (1 + self.views) + slot_l[a]) * self.dim * f.dtype.itemsize)
+            elif self.views == 0:
+                f.rows(local[a], local[a] + b - a, out=stored[a:b].reshape(b - a, 1, self.dim))
+            else:
+                block = f.rows(local[a], local[a] + b - a)
+                stored[a:b] = block[np.arange(b - a), sslot[a:b]]
+        out[order] = stored
         return out
 
     # -- metadata ----------------------------------------------------------------------------------
     def captions(self, i: int) -> list[str]:
         """All captions of image ``i``."""
-        i = self._check(i)
-        a, b = int(self._image_captions[i]), int(self._image_captions[i + 1])
-        return [self._captions[k] for k in range(a, b)]
+        a, b = self._image_captions.pair(self._check(i))
+        return self._captions.range(a, b)
+
+    def sample_captions(self, indices: Sequence[int] | np.ndarray, choice: Sequence[int] | np.ndarray) -> list[str]:
+        """One caption per image: caption ``choice[k] % count`` of image ``indices[k]`` ("" if it has none)."""
+        out = []
+        for i, r in zip(np.asarray(indices, dtype=np.int64).tolist(), np.asarray(choice, dtype=np.int64).tolist()):
+            a, b = self._image_captions.pair(self._check(i))
+            out.append(self._captions[a + r % (b - a)] if b > a else "")
+        return out
+
+    def iter_captions(self, chunk: int = 65536):
+        """Every caption of every image, in order (read in chunks of ``chunk`` captions)."""
+        n = len(self._captions)
+        for lo in range(0, n, chunk):
+            yield from self._captions.range(lo, min(n, lo + chunk))
 
     def key(self, i: int) -> str:
         """The image's key in its source (e.g. its relative path)."""
@@ -782,8 +1095,9 @@ class EmbeddingCache:
     def source_index(self, i: int) -> int:
         """Position of image ``i`` among the source's records (bad images leave gaps)."""
         if not hasattr(self, "_source_index"):
-            self._source_index = np.load(self.directory / "source_index.npy", mmap_mode="r", allow_pickle=False)
-        return int(self._source_index[self._check(i)])
+            self._source_index = _Npy(self.directory / "source_index.npy")
+        i = self._check(i)
+        return int(self._source_index.rows(i, i + 1)[0])
 
     def skipped(self) -> list[tuple[str, str, str]]:
         """The report: ``(where, reason, detail)`` of every image (or index row) that was skipped."""

@@ -88,13 +88,14 @@ class Trainer:
         if not manifest.exists():
             if not self.cfg.data.source:
                 raise ConfigError(f"data.cache: {cache_dir} has no manifest.json and no data.source to build it from")
-            if D.is_main():
-                from .data.sources import open_source
+            from .data.sources import open_source
 
-                tower = build_image_tower(tower_spec).eval()
-                embed_source(open_source(self.cfg.data.source, **self.cfg.data.source_options), tower, cache_dir,
-                             progress=self.cfg.progress)
-                del tower
+            # Every rank builds it: under torchrun the shards are split over the ranks (rank 0 writes the
+            # manifest); the cache equals a one-process build.
+            tower = build_image_tower(tower_spec).eval()
+            embed_source(open_source(self.cfg.data.source, **self.cfg.data.source_options), tower, cache_dir,
+                         progress=self.cfg.progress and D.is_main(), distributed=self.world > 1)
+            del tower
             D.barrier()
         cache = EmbeddingCache.open(cache_dir)
         # The cache must come from the configured tower (and source, when one is named).
@@ -109,8 +110,7 @@ class Trainer:
 
     def _captions_for_tokenizer(self):
         if self.use_cache:
-            for i in range(len(self.cache)):
-                yield from self.cache.captions(i)
+            yield from self.cache.iter_captions()  # read in chunks: nothing is held per image
         else:
             for r in self.records:
                 yield from r.captions
