@@ -39,17 +39,20 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         written.append(out / "training.png")
     val = _read(run_dir / "val.jsonl")
     if val:
+        # One line per validation set: its headline metric (zero-shot top-1, text->image recall@1).
+        headline = ("acc1", "image_retrieval_recall@1")
         series: dict[str, list] = {}
         for r in val:
             for name, metrics in r["val"].items():
-                for k, v in metrics.items():
-                    if isinstance(v, (int, float)):
-                        series.setdefault(f"{name}/{k}", []).append((r["step"], v))
-        fig, ax = plt.subplots(figsize=(7, 4))
+                for k in headline:
+                    if isinstance(metrics.get(k), (int, float)):
+                        series.setdefault(f"{name} {k}", []).append((r["step"], metrics[k]))
+        fig, ax = plt.subplots(figsize=(9, 4))
         for label, pts in sorted(series.items()):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        ax.set(title="validation", xlabel="step", ylim=(0, 1))
-        ax.legend(fontsize=7)
+        ax.set(title="validation (zero-shot top-1, text→image R@1; all metrics in val.jsonl)", xlabel="step",
+               ylim=(0, 1))
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(out / "validation.png", dpi=110)
         plt.close(fig)
