@@ -241,3 +241,13 @@ def _as_list(images) -> list:
     if isinstance(images, (str, Path, Image.Image)) or (hasattr(images, "open") and hasattr(images, "key")):
         return [images]
     return list(images)
+
+
+def repeated_label(labels: Sequence[str]) -> str | None:
+    """The first label given twice (a classifier needs distinct labels), or ``None``."""
+    seen: set[str] = set()
+    for x in labels:
+        if x in seen:
+            return x
+        seen.add(x)
+    return None

@@ -140,11 +140,11 @@ def parse_label_text(text: str, max_labels: int = DEFAULT_MAX_LABELS,
     long = next((x for x in labels if len(x) > max_chars), None)
     if long is not None:
         raise ValueError(f"label {long[:40]!r}... is {len(long)} characters long, at most {max_chars}")
-    seen: set[str] = set()
-    for x in labels:
-        if x in seen:
-            raise ValueError(f"label {x!r} is given twice")
-        seen.add(x)
+    from .inference import repeated_label
+
+    twice = repeated_label(labels)
+    if twice is not None:
+        raise ValueError(f"label {twice!r} is given twice")
     return labels
 
 

@@ -47,11 +47,11 @@ def parse_labels(text: str | None, file: str | None = None) -> list[str]:
                    if ln.strip() and not ln.strip().startswith("#")]
     if not labels:
         raise LittuneError('the label list is empty: give --labels "cat,dog,horse" or --labels-file FILE')
-    seen: set[str] = set()
-    for x in labels:
-        if x in seen:
-            raise LittuneError(f"label {x!r} is given twice")
-        seen.add(x)
+    from ..inference import repeated_label
+
+    twice = repeated_label(labels)
+    if twice is not None:
+        raise LittuneError(f"label {twice!r} is given twice")
     return labels
 
 
