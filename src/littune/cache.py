@@ -602,14 +602,23 @@ def _finalize(out: Path, source, records, plan: dict, phash: str) -> None:
                        "records": meta["records"], "bytes": meta["bytes"], "sha256": meta["sha256"]})
         start += meta["count"]
     problems = [[w, "index", r] for w, r in getattr(source, "problems", [])]
-    files: dict[str, str] = {}
     good = [records[i] for i in source_index]
-    files.update(_write_strings(out, "keys", "key_offsets.npy", [r.key for r in good]))
-    files.update(_write_strings(out, "paths", "path_offsets.npy", [r.where for r in good]))
     caps = [c for r in good for c in r.captions]
-    files.update(_write_strings(out, "captions", "caption_offsets.npy", caps))
-    per_image = np.zeros(len(good) + 1, dtype=np.int64)
-    np.cumsum([len(r.captions) for r in good], out=per_image[1:])
+    _write_tables(out, plan, shards, [r.key for r in good], [r.where for r in good], caps,
+                  [len(r.captions) for r in good], source_index, skipped, problems)
+
+
+def _write_tables(out: Path, plan: dict, shards: list[dict], keys: Sequence[str], paths: Sequence[str],
+                  captions: Sequence[str], captions_per_image: Sequence[int], source_index: Sequence[int],
+                  skipped: Sequence = (), problems: Sequence = ()) -> None:
+    """The global key, path and caption tables, skipped.tsv and, last, the manifest of a cache whose
+    shards are written (``captions``: all captions in image order, ``captions_per_image`` their counts)."""
+    files: dict[str, str] = {}
+    files.update(_write_strings(out, "keys", "key_offsets.npy", keys))
+    files.update(_write_strings(out, "paths", "path_offsets.npy", paths))
+    files.update(_write_strings(out, "captions", "caption_offsets.npy", captions))
+    per_image = np.zeros(len(keys) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(captions_per_image, dtype=np.int64), out=per_image[1:])
     _write_npy(out / "image_captions.npy", per_image)
     _write_npy(out / "source_index.npy", np.asarray(source_index, dtype=np.int64))
     files["image_captions.npy"] = _sha256(out / "image_captions.npy")
@@ -618,13 +627,13 @@ def _finalize(out: Path, source, records, plan: dict, phash: str) -> None:
     def clean(x: str) -> str:
         return str(x).replace("\t", " ").replace("\n", " ")
 
-    rows = ["where\treason\tdetail"] + ["\t".join(clean(c) for c in r) for r in problems + skipped]
+    rows = ["where\treason\tdetail"] + ["\t".join(clean(c) for c in r) for r in [*problems, *skipped]]
     _atomic_write(out / SKIPPED, lambda f: f.write(("\n".join(rows) + "\n").encode("utf-8")))
     reasons = Counter(r[1] for r in skipped)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
-        "count": len(good),
+        "count": len(keys),
         "dim": plan["dim"],
         "dtype": plan["dtype"],
         "views": plan["views"],
@@ -635,7 +644,7 @@ def _finalize(out: Path, source, records, plan: dict, phash: str) -> None:
         "source_fingerprint": plan["source_fingerprint"],
         "source": plan["source"],
         "records": plan["records"],
-        "captions": len(caps),
+        "captions": len(captions),
         "skipped": len(skipped),
         "skipped_by_reason": {r: reasons[r] for r in sorted(reasons, key=_reason_order)},
         "index_problems": len(problems),
@@ -722,31 +731,14 @@ def write_cache(out_dir: str | Path, features, captions, tower, *, keys: Sequenc
             _write_json(js, meta)
             shards.append({"file": f"{SHARD_DIR}/{s:05d}.npy", "start": lo, "count": hi - lo, "records": [lo, hi],
                            "bytes": meta["bytes"], "sha256": meta["sha256"]})
-        files: dict[str, str] = {}
-        files.update(_write_strings(out, "keys", "key_offsets.npy", keys))
-        files.update(_write_strings(out, "paths", "path_offsets.npy", paths))
-        per_image = np.zeros(n + 1, dtype=np.int64)
         flat: list[str] = []
+        counts = np.zeros(n, dtype=np.int64)
         for i in range(n):
             c = captions[i]
             c = [c] if isinstance(c, str) else list(c)
             flat.extend(c)
-            per_image[i + 1] = len(flat)
-        files.update(_write_strings(out, "captions", "caption_offsets.npy", flat))
-        _write_npy(out / "image_captions.npy", per_image)
-        _write_npy(out / "source_index.npy", np.arange(n, dtype=np.int64))
-        files["image_captions.npy"] = _sha256(out / "image_captions.npy")
-        files["source_index.npy"] = _sha256(out / "source_index.npy")
-        _atomic_write(out / SKIPPED, lambda f: f.write(b"where\treason\tdetail\n"))
-        manifest = {
-            "format": FORMAT, "version": VERSION, "count": n, "dim": dim, "dtype": dtype, "views": views,
-            "tower_fingerprint": plan["tower_fingerprint"], "tower_name": plan["tower_name"],
-            "tower_spec": plan["tower_spec"], "preprocess": plan["preprocess"],
-            "source_fingerprint": source_fingerprint, "source": source, "records": n, "captions": len(flat),
-            "skipped": 0, "skipped_by_reason": {}, "index_problems": 0, "plan": plan, "shards": shards,
-            "files": files,
-        }
-        _write_json(out / MANIFEST, manifest)
+            counts[i] = len(c)
+        _write_tables(out, plan, shards, keys, paths, flat, counts, np.arange(n, dtype=np.int64))
     finally:
         _unlock(lock)
     return EmbeddingCache.open(out, verify=False)

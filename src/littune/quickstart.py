@@ -133,11 +133,13 @@ def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, te
 
 def results_rows(paths: dict, metrics: dict, label: str = "Lu") -> list[dict]:
     """One row per eval split: sizes, chance, prototype ceiling and the model's metrics."""
+    from .eval.datasets import read_classnames
+
     rows = []
     for split, info in paths["eval"].items():
         if split not in metrics:
             continue
-        n_classes = len([ln for ln in Path(info["classnames"]).read_text(encoding="utf-8").splitlines() if ln.strip()])
+        n_classes = len(read_classnames(info["classnames"]))
         m, r = metrics[split], metrics.get(f"{split}_retrieval", {})
         proto = prototype_baseline(paths["train"], info["cache"])
         n_images = paths["manifest"]["counts"]["eval"][split]["images"]
@@ -213,16 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = results_rows(paths, metrics)
     c = paths["manifest"]["counts"]
     table = markdown_table(rows)
+    commit = _commit()
     header = (f"LiT `Lu` on emoji: locked ImageNet EfficientNet-Lite0, text transformer from scratch "
               f"({TEXT_TOWER['depth']}x{TEXT_TOWER['width']}), {steps} steps of {batch} pairs; trained on "
               f"{c['train_images']} images / {c['train_rows']} captions of {c['train_concepts']} concepts in "
               f"{len(paths['manifest']['train_designs'])} designs. Zero-shot: prompt ensemble 'emoji'; retrieval: "
-              f"any design of the caption's concept counts. littune commit {_commit()}, "
+              f"any design of the caption's concept counts. littune commit {commit}, "
               f"{time.time() - t0:.0f} s in all (data + embedding {t_data:.0f} s, training + evaluation "
               f"{t_train:.0f} s) on {os.cpu_count()} cores.")
     (out / "results.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
     (out / "results.json").write_text(json.dumps({"header": header, "rows": rows, "steps": steps, "batch": batch,
-                                                  "commit": _commit(), "seconds": time.time() - t0}, indent=2))
+                                                  "commit": commit, "seconds": time.time() - t0}, indent=2))
     print("\n" + header + "\n\n" + table + "\n")
     print(f"model: {run_dir / 'model'}   plots: {run_dir / 'plots'}   table: {out / 'results.md'}")
     return 0

@@ -65,11 +65,12 @@ def evaluate(model, paths: dict, locked: bool, progress: bool = False) -> dict:
     Images come from each split's retrieval CSV; a locked image tower reads them from the cache, an
     unlocked one runs on the pixels. An image's class is its folder (the concept).
     """
-    from .eval.datasets import image_embeddings, open_retrieval, read_classnames
+    from .eval.datasets import image_embeddings, open_retrieval
     from .eval.retrieval import retrieval_metrics
     from .eval.templates import load_templates
     from .eval.zeroshot import zeroshot_classifier, zeroshot_metrics
     from .inference import embed_texts
+    from .validate import folder_labels
 
     results = {}
     for split, info in paths["eval"].items():
@@ -78,13 +79,7 @@ def evaluate(model, paths: dict, locked: bool, progress: bool = False) -> dict:
                                               progress=progress)
         if skipped:
             raise RuntimeError(f"{split}: {len(skipped)} image(s) could not be embedded, e.g. {skipped[0]}")
-        folders = [Path(r.key).parent.name for r in data.records]
-        classes = sorted(set(folders))
-        names = read_classnames(info["classnames"])
-        if len(names) != len(classes):
-            raise RuntimeError(f"{info['classnames']}: {len(names)} names for {len(classes)} concept folders")
-        index = {c: k for k, c in enumerate(classes)}
-        labels = [index[f] for f in folders]
+        names, labels = folder_labels([r.key for r in data.records], info["classnames"])
         weights = zeroshot_classifier(model, names, load_templates("emoji")).float().cpu()
         zs = zeroshot_metrics(emb @ weights.T, labels)
         txt = embed_texts(model, data.texts)
@@ -175,6 +170,7 @@ def plot(rows: list[dict], baselines: dict, path: Path) -> Path | None:
 def run_study(out: str | Path = "out/study", settings=SETTINGS, steps: int = 200, batch: int = 64,
               image_size: int = 128, quick: bool = False, progress: bool = True) -> dict:
     """Run every setting and write ``study.md``, ``study.json`` and ``study.png`` in ``out``."""
+    from .eval.datasets import read_classnames
     from .settings import parse_setting
 
     for s in settings:
@@ -188,8 +184,7 @@ def run_study(out: str | Path = "out/study", settings=SETTINGS, steps: int = 200
     rows = [run_setting(s, paths, out, steps, batch, image_tower, progress) for s in settings]
     baselines = {"chance": {}, "image-only prototype (seen concepts)": {}}
     for split, info in paths["eval"].items():
-        n = len([ln for ln in Path(info["classnames"]).read_text(encoding="utf-8").splitlines() if ln.strip()])
-        baselines["chance"][split] = 1 / n
+        baselines["chance"][split] = 1 / len(read_classnames(info["classnames"]))
         proto = qs.prototype_baseline(paths["train"], info["cache"])
         baselines["image-only prototype (seen concepts)"][split] = proto["acc1"] if proto else None
     c = paths["manifest"]["counts"]

@@ -27,7 +27,13 @@ def _image_embeddings(model, cache, device, batch: int = 4096) -> torch.Tensor:
 
 def class_labels(cache, classnames_file: str | None = None) -> tuple[list[str], list[int]]:
     """Classes from the parent folder of each key; display names from ``classnames.txt`` if given."""
-    folders = [Path(cache.key(i)).parent.name for i in range(len(cache))]
+    return folder_labels([cache.key(i) for i in range(len(cache))], classnames_file)
+
+
+def folder_labels(keys, classnames_file: str | None = None) -> tuple[list[str], list[int]]:
+    """``(class names, label of each key)``: a key's class is its parent folder, classes in sorted
+    folder order; display names from ``classnames.txt`` (one per line, that order) when given."""
+    folders = [Path(k).parent.name for k in keys]
     classes = sorted(set(folders))
     index = {c: k for k, c in enumerate(classes)}
     names = [c.replace("_", " ") for c in classes]  # as `littune eval` reads folder names
