@@ -115,6 +115,8 @@ def test_study_settings_train_the_right_towers(prepared):
     assert row["trainable_params"] > 0 and np.isfinite(row["final_loss"])
     # A finished setting is read back, not trained again.
     assert study.run_setting("Uu", paths, root / "study", 4, 8, SPEC, progress=False, text_towers=towers) == row
+    assert row["commit"] == qs._commit()  # each row says which code trained it
     table = study.markdown(
-        [row], {"chance": {s: 0.5 for s in paths["eval"]}, "image-only prototype (seen concepts)": {}})
-    assert "**Uu**" in table and "| chance |" in table
+        [row], {"chance": {s: 0.0005 for s in paths["eval"]}, "image-only prototype (seen concepts)": {}})
+    assert f"**Uu** | {row['commit']} |" in table and "| chance |" in table
+    assert "| 0.0005 |" in table  # chance with 1,914 classes must not print as 0.001

@@ -154,7 +154,10 @@ def results_rows(paths: dict, metrics: dict, label: str = "Lu") -> list[dict]:
 
 
 def _f(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+    """Three decimals; two significant digits below 0.01, so that chance (e.g. 0.0005) does not round away."""
+    if x is None:
+        return "n/a"
+    return f"{x:.2g}" if 0 < abs(x) < 0.01 else f"{x:.3f}"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -191,14 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", default=os.environ.get("QUICK", "") not in ("", "0"),
                     help=f"{QUICK_CONCEPTS} concepts and fewer steps: a few minutes (also QUICK=1)")
     ap.add_argument("--out", default=None, help="output folder (default out/quickstart or out/quickstart-quick)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 600, quick 150)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 400, quick 150)")
     args = ap.parse_args(argv)
     from .trainer import Trainer
     from .config import load_config
 
     t0 = time.time()
     out = Path(args.out or ("out/quickstart-quick" if args.quick else "out/quickstart"))
-    steps = args.steps or (150 if args.quick else 600)
+    steps = args.steps or (150 if args.quick else 400)
     batch = 128 if args.quick else 256
     paths = prepare(out, args.quick)
     t_data = time.time() - t0

@@ -114,22 +114,23 @@ def run_setting(setting: str, paths: dict, out: Path, steps: int, batch: int, im
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row = {"setting": setting, "metrics": metrics, "train_seconds": round(train_s, 1),
            "final_loss": float(np.mean([r["loss"] for r in log[-3:]])) if log else None,
-           "trainable_params": trainable, "pairs_per_s": log[-1].get("pairs_per_s") if log else None}
+           "trainable_params": trainable, "pairs_per_s": log[-1].get("pairs_per_s") if log else None,
+           "commit": qs._commit()}
     done.write_text(json.dumps(row, indent=2))
     return row
 
 
 def markdown(rows: list[dict], baselines: dict) -> str:
     splits = [s for s in qs.SPLITS if any(s in r["metrics"] for r in rows)]
-    head = ["setting", "trainable params", "train s", "final loss"]
+    head = ["setting", "commit", "trainable params", "train s", "final loss"]
     head += [f"{s} top-1" for s in splits] + [f"{s} text→image R@1" for s in splits]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, base in baselines.items():
-        cells = [name, "", "", ""] + [qs._f(base.get(s)) for s in splits] + ["" for _ in splits]
+        cells = [name, "", "", "", ""] + [qs._f(base.get(s)) for s in splits] + ["" for _ in splits]
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         m = r["metrics"]
-        cells = [f"**{r['setting']}**", f"{r['trainable_params'] / 1e6:.1f}M", f"{r['train_seconds']:.0f}",
+        cells = [f"**{r['setting']}**", r.get("commit") or "?", f"{r['trainable_params'] / 1e6:.1f}M", f"{r['train_seconds']:.0f}",
                  qs._f(r["final_loss"])]
         cells += [qs._f(m.get(s, {}).get("acc1")) for s in splits]
         cells += [qs._f(m.get(f"{s}_retrieval", {}).get("image_retrieval_recall@1")) for s in splits]
@@ -192,7 +193,8 @@ def run_study(out: str | Path = "out/study", settings=SETTINGS, steps: int = 200
               f"text transformer {qs.TEXT_TOWER['depth']}x{qs.TEXT_TOWER['width']} from scratch (u) or "
               f"all-MiniLM-L6-v2 (U, L); emoji {c['train_images']} training images of {c['train_concepts']} concepts. "
               f"Zero-shot with the 'emoji' prompt ensemble; retrieval: any design of the caption's concept counts. "
-              f"littune commit {qs._commit()}; {time.time() - t0:.0f} s of training and evaluation.")
+              f"Each row names the littune commit that trained it; this table written at {qs._commit()}, "
+              f"{time.time() - t0:.0f} s of training and evaluation in this call.")
     table = markdown(rows, baselines)
     (out / "study.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
     (out / "study.json").write_text(json.dumps({"header": header, "steps": steps, "batch": batch,
