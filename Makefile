@@ -23,7 +23,7 @@ test: setup
 quickstart: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m littune.quickstart $(if $(filter-out 0,$(QUICK)),--quick,)
 
-# The design-choice study (Lu, LU, Uu, UU, uu, LL); about an hour on 2 CPU cores.
+# The design-choice study (Lu, LU, Uu, UU, uu, LL); about 75 minutes on 2 CPU cores.
 study: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/littune study --out out/study
 

@@ -255,6 +255,19 @@ def child_bare(batch: int, steps: int, dim: int = 1280) -> dict:
     return {"pairs_per_s": batch * steps / (time.perf_counter() - t0), "peak_rss_mb": peak_rss_mb()}
 
 
+def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
+    """This machine's dense fp32 matmul rate: the figures above scale with it across machines."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12)
@@ -277,7 +290,8 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+          f"{matmul_gflops():.0f} GFLOP/s fp32 matmul (to compare machines)")
     tmp = Path(tempfile.mkdtemp(prefix="littune-bench-"))
     ok = True
     if args.throughput:
