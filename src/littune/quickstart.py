@@ -115,8 +115,9 @@ def prototype_baseline(train_cache_dir: Path, eval_cache_dir: Path) -> dict | No
 
 # -- training and the table -----------------------------------------------------------------------
 def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, text_tower: dict | None = None,
-                    embed_dim: int = 256, image_tower: str | dict = "efficientnet-lite0") -> list[str]:
-    """The ``littune train --set`` overrides of the quickstart's ``Lu`` run."""
+                    embed_dim: int = 256, image_tower: str | dict = "efficientnet-lite0",
+                    validations: int = 4) -> list[str]:
+    """The ``littune train --set`` overrides of the quickstart's ``Lu`` run (validated ``validations`` times)."""
     zs = [{"name": f"{s}", "cache": str(v["cache"]), "classnames": str(v["classnames"]), "templates": "emoji"}
           for s, v in paths["eval"].items()]
     rt = [{"name": f"{s}_retrieval", "cache": str(v["cache"]), "group_by_folder": True}
@@ -125,7 +126,7 @@ def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, te
         "model.setting=Lu", f"model.image_tower={json.dumps(image_tower)}", f"data.source={paths['data'] / 'train.csv'}", f"data.cache={paths['train']}",
         f"run_dir={run_dir}", f"steps={steps}", f"data.batch_size={batch}", "optim.lr=1e-3",
         "optim.weight_decay=1e-4", f"schedule.warmup_steps={max(1, steps // 10)}", "log_every=10",
-        f"checkpoint_every={max(50, steps // 4)}", f"val.every={max(1, steps // 4)}",
+        f"checkpoint_every={max(50, steps // 4)}", f"val.every={max(1, steps // max(1, validations))}",
         f"model.text_tower={json.dumps(text_tower or TEXT_TOWER)}", f"model.embed_dim={embed_dim}",
         f"val.zeroshot={json.dumps(zs)}", f"val.retrieval={json.dumps(rt)}",
     ]
@@ -194,21 +195,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", default=os.environ.get("QUICK", "") not in ("", "0"),
                     help=f"{QUICK_CONCEPTS} concepts and fewer steps: a few minutes (also QUICK=1)")
     ap.add_argument("--out", default=None, help="output folder (default out/quickstart or out/quickstart-quick)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 400, quick 150)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 400, quick 100)")
     args = ap.parse_args(argv)
     from .trainer import Trainer
     from .config import load_config
 
     t0 = time.time()
     out = Path(args.out or ("out/quickstart-quick" if args.quick else "out/quickstart"))
-    steps = args.steps or (150 if args.quick else 400)
+    steps = args.steps or (100 if args.quick else 400)
     batch = 128 if args.quick else 256
     paths = prepare(out, args.quick)
     t_data = time.time() - t0
     run_dir = out / "run"
     _say(f"train: littune train --set model.setting=Lu --set data.cache={paths['train']} --set steps={steps} "
          f"--set run_dir={run_dir} ... (resolved configuration: {run_dir / 'config.yaml'})")
-    cfg = load_config(overrides=train_overrides(paths, run_dir, steps, batch=batch))
+    cfg = load_config(overrides=train_overrides(paths, run_dir, steps, batch=batch,
+                                                validations=2 if args.quick else 4))
     if (run_dir / "results.json").is_file() and (run_dir / "model").is_dir():
         _say(f"train: {run_dir} is finished; reusing it (delete it to train again)")
     else:
