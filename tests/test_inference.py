@@ -71,6 +71,23 @@ def test_encode_texts_and_mode_is_restored(tiny_model):
         model.encode_texts([1, 2])
 
 
+def test_encode_texts_dedups_sorts_and_pads_to_longest_without_changing_embeddings(tiny_model):
+    """Inference encodes each distinct text once, shortest first, padded to its batch's longest: the
+    rows (in the caller's order, repeats included) equal the full-context padded forward of each text."""
+    model = tiny_model().eval()
+    texts = ["a very long caption about a red apple on a wooden table", "cat", "a cat on a mat", "cat",
+             "", "a red apple", "a very long caption about a red apple on a wooden table", "dog"]
+    got = model.encode_texts(texts, batch_size=3)
+    toks = model.tokenize(texts)  # padded to the context length, as in training
+    assert toks["input_ids"].shape[1] == model.text_tower.context_length
+    assert model.tokenize(["cat", "a cat on a mat"], padding="longest")["input_ids"].shape[1] < toks["input_ids"].shape[1]
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model.encode_text(**toks).float(), dim=-1)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(got[1], got[3]) and torch.equal(got[0], got[6])
+
+
 def test_classify_probabilities(tiny_model, tmp_path):
     model = tiny_model()
     imgs = [solid(rgb) for rgb in COLOURS.values()]

@@ -150,7 +150,8 @@ def embed_images(model, items: Sequence[ImageLike], batch_size: int = 64, worker
 
 
 def embed_texts(model, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-    """``(len(texts), D)`` float32 CPU tensor of L2-normalised text embeddings."""
+    """``(len(texts), D)`` float32 CPU tensor of L2-normalised text embeddings (a text that repeats is
+    encoded once)."""
     from .errors import LittuneError
 
     texts = list(texts)
@@ -159,18 +160,24 @@ def embed_texts(model, texts: Sequence[str], batch_size: int = 256, progress: bo
         raise LittuneError(f"texts must be strings, got {type(bad[0]).__name__} ({bad[0]!r})")
     if batch_size < 1:
         raise LittuneError(f"batch size must be at least 1, not {batch_size}")
+    # Each distinct text is encoded once (shared captions, repeated labels), in order of length so that
+    # a batch pads little; the rows come back in the caller's order.
+    unique = sorted(set(texts), key=lambda t: (len(t), t))
     device = model_device(model)
     out = []
-    bar = _progress(len(texts), "texts") if progress else None
+    bar = _progress(len(unique), "texts") if progress else None
     with evaluating(model):
-        for idx in _batches(len(texts), batch_size):
-            toks = {k: v.to(device) for k, v in model.tokenize(texts[idx.start:idx.stop]).items()}
+        for idx in _batches(len(unique), batch_size):
+            toks = {k: v.to(device) for k, v in model.tokenize(unique[idx.start:idx.stop], padding="longest").items()}
             out.append(model.encode_text(**toks).float().cpu())
             if bar is not None:
                 bar.update(len(idx))
     if bar is not None:
         bar.close()
-    return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
+    if not out:
+        return torch.empty(0, model.config.embed_dim)
+    where = {t: i for i, t in enumerate(unique)}
+    return torch.cat(out)[torch.tensor([where[t] for t in texts], dtype=torch.long)]
 
 
 def _progress(total: int, desc: str):

@@ -132,8 +132,8 @@ class LiTModel(InferenceMixin, nn.Module):
             feats = self.text_tower(input_ids, attention_mask)
         return F.normalize(self.text_head(feats), dim=-1)
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.text_tower.tokenize(texts)
+    def tokenize(self, texts: list[str], padding: str = "max_length") -> dict[str, torch.Tensor]:
+        return self.text_tower.tokenize(texts, padding=padding)
 
     def forward(self, input_ids, attention_mask, pixels=None, image_features=None):
         """Returns ``(image_emb, text_emb)``, both L2-normalised. Give ``pixels`` or ``image_features``."""

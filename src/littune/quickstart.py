@@ -117,7 +117,8 @@ def prototype_baseline(train_cache_dir: Path, eval_cache_dir: Path) -> dict | No
 def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, text_tower: dict | None = None,
                     embed_dim: int = 256, image_tower: str | dict = "efficientnet-lite0",
                     validations: int = 4) -> list[str]:
-    """The ``littune train --set`` overrides of the quickstart's ``Lu`` run (validated ``validations`` times)."""
+    """The ``littune train --set`` overrides of the quickstart's ``Lu`` run (validated ``validations``
+    times, the last at the end)."""
     zs = [{"name": f"{s}", "cache": str(v["cache"]), "classnames": str(v["classnames"]), "templates": "emoji"}
           for s, v in paths["eval"].items()]
     rt = [{"name": f"{s}_retrieval", "cache": str(v["cache"]), "group_by_folder": True}
@@ -126,7 +127,7 @@ def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, te
         "model.setting=Lu", f"model.image_tower={json.dumps(image_tower)}", f"data.source={paths['data'] / 'train.csv'}", f"data.cache={paths['train']}",
         f"run_dir={run_dir}", f"steps={steps}", f"data.batch_size={batch}", "optim.lr=1e-3",
         "optim.weight_decay=1e-4", f"schedule.warmup_steps={max(1, steps // 10)}", "log_every=10",
-        f"checkpoint_every={max(50, steps // 4)}", f"val.every={max(1, steps // max(1, validations))}",
+        f"checkpoint_every={max(50, steps // 4)}", f"val.every={max(1, -(-steps // max(1, validations)))}",
         f"model.text_tower={json.dumps(text_tower or TEXT_TOWER)}", f"model.embed_dim={embed_dim}",
         f"val.zeroshot={json.dumps(zs)}", f"val.retrieval={json.dumps(rt)}",
     ]
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"train: littune train --set model.setting=Lu --set data.cache={paths['train']} --set steps={steps} "
          f"--set run_dir={run_dir} ... (resolved configuration: {run_dir / 'config.yaml'})")
     cfg = load_config(overrides=train_overrides(paths, run_dir, steps, batch=batch,
-                                                validations=2 if args.quick else 4))
+                                                validations=2 if args.quick else 3))
     if (run_dir / "results.json").is_file() and (run_dir / "model").is_dir():
         _say(f"train: {run_dir} is finished; reusing it (delete it to train again)")
     else:

@@ -59,22 +59,20 @@ def retrieval_on_cache(model, cache, device="cpu", group_by_folder: bool = False
     concept in several designs), so any of them answers a caption (see ``retrieval_ranks``)."""
     from .eval.retrieval import retrieval_metrics
 
+    from .inference import embed_texts
+
     texts, owner = [], []
     for i in range(len(cache)):
         for c in cache.captions(i):
             texts.append(c)
             owner.append(i)
-    txt = []
-    with torch.no_grad():
-        for s in range(0, len(texts), 512):
-            toks = {k: v.to(device) for k, v in model.tokenize(texts[s:s + 512]).items()}
-            txt.append(model.encode_text(**toks).float().cpu())
+    txt = embed_texts(model, texts, batch_size=512)  # captions shared by a concept's designs: encoded once
     groups = None
     if group_by_folder:
         folders = [str(Path(cache.key(i)).parent) for i in range(len(cache))]
         ids = {f: k for k, f in enumerate(dict.fromkeys(folders))}
         groups = [ids[f] for f in folders]
-    return retrieval_metrics(_image_embeddings(model, cache, device), torch.cat(txt), owner, image_groups=groups)
+    return retrieval_metrics(_image_embeddings(model, cache, device), txt, owner, image_groups=groups)
 
 
 def run_validation(model, val_cfg, device="cpu") -> dict:

@@ -70,11 +70,14 @@ class TextTower(nn.Module):
     context_length: int = 64
     gradient_checkpointing: bool = False
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list[str], padding: str = "max_length") -> dict[str, torch.Tensor]:
+        """Token ids and attention mask, cut at ``context_length``; padded to it, or with
+        ``padding="longest"`` to the batch's longest text (padding is masked out of attention and
+        pooling, so it only costs compute: inference pads to the longest)."""
         if isinstance(texts, str):
             texts = [texts]
         enc = self.tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+            list(texts), padding=padding, truncation=True, max_length=self.context_length,
             return_tensors="pt", return_token_type_ids=False,
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
