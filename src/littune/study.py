@@ -130,8 +130,8 @@ def markdown(rows: list[dict], baselines: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         m = r["metrics"]
-        cells = [f"**{r['setting']}**", r.get("commit") or "?", f"{r['trainable_params'] / 1e6:.1f}M", f"{r['train_seconds']:.0f}",
-                 qs._f(r["final_loss"])]
+        cells = [f"**{r['setting']}**", r.get("commit") or "?", f"{r['trainable_params'] / 1e6:.1f}M",
+                 f"{r['train_seconds']:.0f}", qs._f(r["final_loss"])]
         cells += [qs._f(m.get(s, {}).get("acc1")) for s in splits]
         cells += [qs._f(m.get(f"{s}_retrieval", {}).get("image_retrieval_recall@1")) for s in splits]
         lines.append("| " + " | ".join(cells) + " |")

@@ -58,7 +58,6 @@ def retrieval_on_cache(model, cache, device="cpu", group_by_folder: bool = False
     """Recall@K both ways; ``group_by_folder``: images in one folder share their captions (one
     concept in several designs), so any of them answers a caption (see ``retrieval_ranks``)."""
     from .eval.retrieval import retrieval_metrics
-
     from .inference import embed_texts
 
     texts, owner = [], []
