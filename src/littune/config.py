@@ -46,6 +46,10 @@ class DataSection:
     workers: int = 1  # decoding workers for the on-the-fly path
     #: on-the-fly path: Inception crop + flip (true) or the evaluation transform, the cache's pixels (false)
     augment: bool = True
+    #: encode a step's captions in this many length-sorted groups, each padded to its own longest
+    #: caption instead of the context length: the same embeddings and loss, less compute when caption
+    #: lengths vary (1: one group padded to the context length)
+    text_buckets: int = 1
     source_options: dict = field(default_factory=dict)
 
 
@@ -113,7 +117,7 @@ class TrainConfig:
         for key, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-        for key in ("steps", "data.batch_size", "grad_accum"):
+        for key in ("steps", "data.batch_size", "grad_accum", "data.text_buckets"):
             if _get(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {_get(self, key)}")
         if self.data.batch_size % self.grad_accum:

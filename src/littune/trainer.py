@@ -151,15 +151,30 @@ class Trainer:
         return nullcontext()
 
     def _embed(self, batch: dict, sl: slice):
-        toks = self.model.tokenize(batch["captions"][sl])
-        toks = {k: v.to(self.device) for k, v in toks.items()}
         with self._autocast():
             if "image_features" in batch:
                 img = self.model.embed_image_features(batch["image_features"][sl].to(self.device))
             else:
                 img = self.model.encode_image(batch["pixels"][sl].to(self.device, non_blocking=True))
-            txt = self.model.encode_text(**toks)
+            txt = self._encode_captions(batch["captions"][sl])
         return img.float(), txt.float()
+
+    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
+        """Text embeddings in the captions' order. With ``data.text_buckets`` k > 1 the captions are
+        encoded in k groups of similar token length, each padded only to its own longest: the tower
+        sees every caption alone (masked attention, no batch statistics), so the embeddings are the
+        same, the contrastive batch is still the whole batch, and padding costs less compute."""
+        k = min(self.cfg.data.text_buckets, len(captions))
+        if k <= 1:
+            toks = self.model.tokenize(captions)
+            return self.model.encode_text(**{n: v.to(self.device) for n, v in toks.items()})
+        lengths = self.model.tokenize(captions, padding="longest")["attention_mask"].sum(1)
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for idx in torch.tensor_split(order, k):
+            toks = self.model.tokenize([captions[i] for i in idx.tolist()], padding="longest")
+            parts.append(self.model.encode_text(**{n: v.to(self.device) for n, v in toks.items()}))
+        return torch.cat(parts)[torch.argsort(order).to(self.device)]
 
     def _loss(self, img, txt, first: bool):
         scale, bias = self.model.logit_scale, self.model.logit_bias
