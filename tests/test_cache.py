@@ -222,6 +222,8 @@ def test_write_cache_from_precomputed_features(tmp_path, tower):
         write_cache(tmp_path / "bad", np.zeros((2, 64), np.float32), [["a"], ["b"]], tower)
     with pytest.raises(LittuneError, match="caption entries"):
         write_cache(tmp_path / "bad", feats, caps[:3], tower)
+    with pytest.raises(LittuneError, match="exceed the float16 range.*float32"):
+        write_cache(tmp_path / "big", feats * 1e5, caps, tower)  # silently inf in float16: refused
 
 
 def test_empty_source_and_bad_arguments(tmp_path, tower):

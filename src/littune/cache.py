@@ -530,16 +530,9 @@ def _run_shards(out: Path, records, todo: list[int], tower, plan: dict, phash: s
             job = shards.popleft()
             feats = [f.result() for f in job["jobs"]]
             arr = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
-            arr = arr.reshape(len(job["good"]), 1 + views, dim)
-            stored = arr.astype(np_dtype)
-            if np_dtype is np.float16 and np.isinf(stored).any() and np.isfinite(arr).all():
-                raise LittuneError(f"tower features exceed the float16 range (max |x| = {np.abs(arr).max():.4g}); "
-                                   "use --dtype float32")
-            npy, js = _shard_paths(out, job["shard"])
-            _write_npy(npy, stored)
-            _write_json(js, {"shard": job["shard"], "plan": phash, "records": [job["lo"], job["hi"]],
-                             "count": len(job["good"]), "bytes": npy.stat().st_size, "sha256": _sha256(npy),
-                             "good": job["good"], "skipped": job["skipped"]})
+            _write_shard(out, job["shard"], arr.reshape(len(job["good"]), 1 + views, dim), np_dtype, phash,
+                         [job["lo"], job["hi"]], job["good"], job["skipped"],
+                         overflow="tower features exceed the float16 range", fix="use --dtype float32")
 
     it = iter(loader)
     buffered: list = []
@@ -585,6 +578,22 @@ def _next(it, workers: int) -> list:
             raise LittuneError(f"decoding workers ran out of shared memory ({e}); use --workers 0, or give the "
                                "container more /dev/shm (docker run --shm-size 1g)") from None
         raise
+
+
+def _write_shard(out: Path, shard: int, arr: np.ndarray, np_dtype, phash: str, records: list[int],
+                 good: list[int], skipped: list, overflow: str, fix: str) -> dict:
+    """Write shard ``shard``: the float32 ``arr`` (count, 1 + views, dim) stored as ``np_dtype``, then
+    its ``.json`` (last: the shard counts as complete once that exists). Returns the metadata."""
+    with np.errstate(over="ignore"):  # an overflow is caught just below, with a clear message
+        stored = arr.astype(np_dtype)
+    if np_dtype is np.float16 and np.isinf(stored).any() and np.isfinite(arr).all():
+        raise LittuneError(f"{overflow} (max |x| = {np.abs(arr).max():.4g}); {fix}")
+    npy, js = _shard_paths(out, shard)
+    _write_npy(npy, stored)
+    meta = {"shard": shard, "plan": phash, "records": records, "count": len(good), "bytes": npy.stat().st_size,
+            "sha256": _sha256(npy), "good": good, "skipped": skipped}
+    _write_json(js, meta)
+    return meta
 
 
 def _finalize(out: Path, source, records, plan: dict, phash: str) -> None:
@@ -720,15 +729,8 @@ def write_cache(out_dir: str | Path, features, captions, tower, *, keys: Sequenc
         for s in range(plan["shards"]):
             lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
             arr = np.asarray(features[lo:hi], dtype=np.float32).reshape(hi - lo, 1 + views, dim)
-            stored = arr.astype(np_dtype)
-            if np_dtype is np.float16 and np.isinf(stored).any() and np.isfinite(arr).all():
-                raise LittuneError(f"features exceed the float16 range (max |x| = {np.abs(arr).max():.4g}); "
-                                   "use dtype='float32'")
-            npy, js = _shard_paths(out, s)
-            _write_npy(npy, stored)
-            meta = {"shard": s, "plan": phash, "records": [lo, hi], "count": hi - lo, "bytes": npy.stat().st_size,
-                    "sha256": _sha256(npy), "good": list(range(hi - lo)), "skipped": []}
-            _write_json(js, meta)
+            meta = _write_shard(out, s, arr, np_dtype, phash, [lo, hi], list(range(hi - lo)), [],
+                                overflow="features exceed the float16 range", fix="use dtype='float32'")
             shards.append({"file": f"{SHARD_DIR}/{s:05d}.npy", "start": lo, "count": hi - lo, "records": [lo, hi],
                            "bytes": meta["bytes"], "sha256": meta["sha256"]})
         flat: list[str] = []
