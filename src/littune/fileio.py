@@ -23,6 +23,15 @@ import numpy as np
 SKIPPED_HEADER = ("where", "reason", "detail")
 
 
+def cache_home(override: str | Path | None = None) -> Path:
+    """littune's own cache folder (downloads, exported towers): ``override``, else
+    ``$LITTUNE_CACHE``, else ``~/.cache/littune``."""
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get("LITTUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "littune"
+
+
 def fsync_dir(directory: str | Path) -> None:
     """Make a rename inside ``directory`` durable (best effort: not every file system allows it)."""
     try:
