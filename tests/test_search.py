@@ -86,8 +86,16 @@ def test_build_open_and_search(tiny_model, tmp_path):
     t = model.encode_texts(["a red square"])[0].numpy()
     sims = index.embeddings.astype(np.float32) @ t
     assert [h.index for h in text_hits] == sorted(range(8), key=lambda j: (-sims[j], j))
-    # the model recorded in the index is found and checked
-    assert again.load_model() is not None
+    # the model recorded in the index is found (it embeds queries as the model did) and checked
+    loaded = again.load_model()
+    assert embedding_fingerprint(loaded) == meta["model"]["fingerprint"]
+    assert torch.allclose(loaded.encode_texts(["a red square"]), model.encode_texts(["a red square"]), atol=1e-6)
+    other = tiny_model()
+    with torch.no_grad():
+        other.image_head.weight.add_(0.1)
+    other.save_pretrained(tmp_path / "model")  # the recorded directory now holds another image head
+    with pytest.raises(StaleCacheError, match="rebuild the index"):
+        again.load_model()
     with pytest.raises(LittuneError, match="already holds an index"):
         build_index(model, str(root), tmp_path / "idx", progress=False, workers=0)
 
