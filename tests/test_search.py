@@ -86,10 +86,35 @@ def test_build_open_and_search(tiny_model, tmp_path):
     t = model.encode_texts(["a red square"])[0].numpy()
     sims = index.embeddings.astype(np.float32) @ t
     assert [h.index for h in text_hits] == sorted(range(8), key=lambda j: (-sims[j], j))
-    # the model recorded in the index is found and checked
-    assert again.load_model() is not None
+    # the model recorded in the index is found (it embeds queries as the model did) and checked
+    loaded = again.load_model()
+    assert embedding_fingerprint(loaded) == meta["model"]["fingerprint"]
+    assert torch.allclose(loaded.encode_texts(["a red square"]), model.encode_texts(["a red square"]), atol=1e-6)
+    other = tiny_model()
+    with torch.no_grad():
+        other.image_head.weight.add_(0.1)
+    other.save_pretrained(tmp_path / "model")  # the recorded directory now holds another image head
+    with pytest.raises(StaleCacheError, match="rebuild the index"):
+        again.load_model()
     with pytest.raises(LittuneError, match="already holds an index"):
         build_index(model, str(root), tmp_path / "idx", progress=False, workers=0)
+
+
+def test_open_image_reopens_each_row_from_its_source_records_in_any_directory(tiny_model, tmp_path, monkeypatch):
+    model = tiny_model()
+    _collection(tmp_path / "photos", n=4)
+    monkeypatch.chdir(tmp_path)
+    build_index(model, "photos", "idx", progress=False, workers=0)  # relative paths
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    index = SearchIndex.open(tmp_path / "idx")
+    assert index.meta["source"]["spec"] == {"type": "folder", "path": str(tmp_path / "photos")}
+    for i, key in enumerate(index.keys):
+        want = np.asarray(Image.open(tmp_path / "photos" / key).convert("RGB"))
+        assert (np.asarray(index.open_image(i)) == want).all(), key
+    (tmp_path / "photos" / index.keys[0]).unlink()  # the source no longer holds row 0
+    with pytest.raises(LittuneError, match="no longer in the source"):
+        SearchIndex.open(tmp_path / "idx").open_image(0)
 
 
 def test_rebuild_with_a_new_head_reuses_the_tower_features(tiny_model, tmp_path):

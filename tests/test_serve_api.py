@@ -167,6 +167,78 @@ def test_image_by_row_id(client, served):
     assert client.get("/api/image/-1").status_code == 404
 
 
+# (shard, stem, colour, the key the source gives it): the second "s1" is another image, keyed by its shard
+SHARD_IMAGES = [("a.tar.gz", "s0", (220, 30, 30), "s0"), ("a.tar.gz", "s1", (30, 160, 40), "s1"),
+                ("b.tar", "s1", (30, 60, 220), "b.tar/s1"), ("b.tar", "s2", (240, 220, 20), "s2")]
+
+
+def tar_shards(root: Path) -> Path:
+    """Two webdataset shards: ``a.tar.gz`` (gzip-compressed) and ``b.tar``, both holding stem ``s1``."""
+    import tarfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    for shard in ("a.tar.gz", "b.tar"):
+        with tarfile.open(root / shard, "w:gz" if shard.endswith(".gz") else "w") as tf:
+            for _, stem, rgb, _ in (x for x in SHARD_IMAGES if x[0] == shard):
+                for member, data in ((f"{stem}.png", _png(rgb)), (f"{stem}.txt", f"a {stem} square".encode())):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    return root
+
+
+def _png(rgb) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _preview_colour(client, i: int) -> tuple[int, ...]:
+    r = client.get(f"/api/image/{i}")
+    assert r.status_code == 200, (i, r.text)
+    img = Image.open(io.BytesIO(r.content))
+    assert img.format == "JPEG" and img.size == (64, 48)
+    return tuple(int(c) for c in np.asarray(img.convert("RGB"), np.float32).reshape(-1, 3).mean(0).round())
+
+
+def test_previews_from_compressed_shards_and_repeated_stems(served, tmp_path):
+    from littune.search import build_index
+
+    model = served[0]
+    index = build_index(model, str(tar_shards(tmp_path / "shards")), tmp_path / "idx", progress=False, workers=0)
+    assert sorted(index.keys) == sorted(x[3] for x in SHARD_IMAGES)
+    with TestClient(create_app(model, index)) as c:
+        shown = [_preview_colour(c, i) for i in range(len(index))]
+    # each row's preview is that row's own image: the colour its shard and stem were given
+    want = {key: rgb for _, _, rgb, key in SHARD_IMAGES}
+    for i, key in enumerate(index.keys):
+        assert max(abs(a - b) for a, b in zip(shown[i], want[key])) <= 6, (key, index.where[i], shown[i])
+
+
+def test_previews_of_an_index_written_before_source_records(served, tmp_path):
+    """Indexes from before the source spec was recorded (keys and paths only) still show their images."""
+    import json
+
+    from littune.search import SearchIndex, build_index
+
+    model = served[0]
+    root = tmp_path / "photos"
+    (root / "x").mkdir(parents=True)
+    for n, rgb in enumerate(((220, 30, 30), (30, 60, 220))):
+        Image.new("RGB", (64, 48), rgb).save(root / "x" / f"p{n}.png")
+    build_index(model, str(root), tmp_path / "idx", progress=False, workers=0)
+    items = json.loads((tmp_path / "idx" / "items.json").read_text())
+    (tmp_path / "idx" / "items.json").write_text(json.dumps({"keys": items["keys"], "where": items["where"]}))
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    meta["source"] = {k: meta["source"][k] for k in ("describe", "fingerprint")}
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(meta))
+    old = SearchIndex.open(tmp_path / "idx")
+    with TestClient(create_app(model, old)) as c:
+        colours = [_preview_colour(c, i) for i in range(len(old))]
+    assert [max(abs(a - b) for a, b in zip(col, want)) <= 6 for col, want in
+            zip(colours, ((220, 30, 30), (30, 60, 220)))] == [True, True]
+
+
 # -- bad requests ----------------------------------------------------------------------------------
 def test_oversize_upload_and_too_many_pixels(client):
     for n in (210_000, 300_000, 5_000_000):  # over the file limit; over the whole body's limit
