@@ -16,7 +16,8 @@ Layout of a cache directory::
     paths.utf8, path_offsets.npy           where each image came from
     captions.utf8, caption_offsets.npy     every caption; image_captions.npy maps image -> captions
     source_index.npy          each cached image's position in the source
-    skipped.tsv               images that could not be decoded: where, reason, detail
+    skipped.tsv               images that could not be decoded, and cached images without a
+                              caption (reason no-caption): where, reason, detail
 
 Work is cut into shards of ``shard_size`` consecutive source records. A shard's features are written
 to a temporary name, fsync'ed and renamed, then its json (with the sha256 of the features file) is
@@ -25,6 +26,9 @@ A run that is killed at any moment (even ``kill -9``) resumes from the complete 
 the rest; batches never cross a shard boundary and augmentation seeds depend only on the image key,
 so the resumed cache is byte-identical to an uninterrupted one. Images that fail to decode are not
 in the cache: indices run over the good images in source order, and ``skipped.tsv`` lists the others.
+Images without a caption are cached (an index or an evaluation can use their features) but never
+trained on: :meth:`EmbeddingCache.trainable` names the rows that have a caption, the manifest's
+``no_caption`` counts the others and ``skipped.tsv`` lists them.
 
 Speed: decoding runs in worker processes and overlaps the forward; on a CPU the forward runs on
 two "lanes" (two single-threaded batches of 16 at once), which keeps 2 cores busier than one

@@ -136,7 +136,10 @@ def write_tables(out: Path, plan: dict, shards: list[dict], keys: Sequence[str],
                  captions: Sequence[str], captions_per_image: Sequence[int], source_index: Sequence[int],
                  skipped: Sequence = (), problems: Sequence = ()) -> None:
     """The global key, path and caption tables, skipped.tsv and, last, the manifest of a cache whose
-    shards are written (``captions``: all captions in image order, ``captions_per_image`` their counts)."""
+    shards are written (``captions``: all captions in image order, ``captions_per_image`` their counts).
+
+    skipped.tsv lists the index's problems, the images left out (they did not decode) and, with
+    reason ``no-caption``, the cached images that have no caption: they are never trained on."""
     files: dict[str, str] = {}
     files.update(_write_strings(out, "keys", "key_offsets.npy", keys))
     files.update(_write_strings(out, "paths", "path_offsets.npy", paths))
@@ -147,12 +150,15 @@ def write_tables(out: Path, plan: dict, shards: list[dict], keys: Sequence[str],
     write_npy(out / "source_index.npy", np.asarray(source_index, dtype=np.int64))
     files["image_captions.npy"] = sha256(out / "image_captions.npy")
     files["source_index.npy"] = sha256(out / "source_index.npy")
-    write_skipped(out / SKIPPED, [*problems, *skipped])
-    write_json(out / MANIFEST, _manifest(plan, shards, files, len(keys), len(captions), skipped, problems))
+    uncaptioned = [[paths[i], NO_CAPTION, "cached, not trained on"]
+                   for i in np.flatnonzero(np.diff(per_image) == 0).tolist()]
+    write_skipped(out / SKIPPED, [*problems, *skipped, *uncaptioned])
+    write_json(out / MANIFEST, _manifest(plan, shards, files, len(keys), len(captions), len(uncaptioned), skipped,
+                                         problems))
 
 
-def _manifest(plan: dict, shards: list[dict], files: dict, count: int, captions: int, skipped: Sequence,
-              problems: Sequence) -> dict:
+def _manifest(plan: dict, shards: list[dict], files: dict, count: int, captions: int, no_caption: int,
+              skipped: Sequence, problems: Sequence) -> dict:
     reasons = Counter(r[1] for r in skipped)
     return {
         "format": FORMAT,
@@ -169,6 +175,7 @@ def _manifest(plan: dict, shards: list[dict], files: dict, count: int, captions:
         "source": plan["source"],
         "records": plan["records"],
         "captions": captions,
+        "no_caption": no_caption,
         "skipped": len(skipped),
         "skipped_by_reason": {r: reasons[r] for r in sorted(reasons, key=_reason_order)},
         "index_problems": len(problems),
@@ -183,16 +190,19 @@ def _reason_order(r: str):
 
 
 def summary(cache) -> str:
-    """One line: what was embedded, what was skipped and why."""
+    """One line: what was embedded, which images have no caption (not trained on), what was skipped and why."""
     m = cache.manifest
     views = f", {m['views']} augmented views" if m["views"] else ""
     line = f"embedded {m['count']:,} images ({m['dim']}-d {m['dtype']}{views}) into {cache.directory}"
-    n_skip = m["skipped"] + m.get("index_problems", 0)
+    report = cache.directory / SKIPPED
+    n_skip, n_bare = m["skipped"] + m.get("index_problems", 0), m.get("no_caption", 0)
+    if n_bare:
+        line += f"; {n_bare:,} without a caption (not trained on{'' if n_skip else f', see {report}'})"
     if n_skip:
         parts = [f"{n} {r}" for r, n in m["skipped_by_reason"].items()]
         if m.get("index_problems"):
             parts.append(f"{m['index_problems']} index problem{'s' if m['index_problems'] != 1 else ''}")
-        line += f"; skipped {n_skip:,}: {', '.join(parts)} (see {cache.directory / SKIPPED})"
-    else:
+        line += f"; skipped {n_skip:,}: {', '.join(parts)} (see {report})"
+    elif not n_bare:
         line += "; nothing skipped"
     return line

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import LittuneError, StaleCacheError
 from ..fileio import read_skipped
-from .format import FORMAT, MANIFEST, PLAN, SKIPPED, VERSION, sha256
+from .format import FORMAT, MANIFEST, NO_CAPTION, PLAN, SKIPPED, VERSION, sha256
 
 def default_max_open() -> int:
     """Shard files a reader keeps open: a quarter of the open-file limit, between 16 and 1024.
@@ -322,7 +322,8 @@ class EmbeddingCache:
         return self._captions.range(a, b)
 
     def sample_captions(self, indices: Sequence[int] | np.ndarray, choice: Sequence[int] | np.ndarray) -> list[str]:
-        """One caption per image: caption ``choice[k] % count`` of image ``indices[k]`` ("" if it has none)."""
+        """One caption per image: caption ``choice[k] % count`` of image ``indices[k]`` ("" if it has none:
+        training draws only from :meth:`trainable` images)."""
         out = []
         for i, r in zip(np.asarray(indices, dtype=np.int64).tolist(), np.asarray(choice, dtype=np.int64).tolist()):
             a, b = self._image_captions.pair(self._check(i))
@@ -350,9 +351,16 @@ class EmbeddingCache:
         i = self._check(i)
         return int(self._source_index.rows(i, i + 1)[0])
 
+    def trainable(self) -> np.ndarray:
+        """Indices of the images with at least one caption, in order: the rows training draws from
+        (an image without a caption is cached for search and evaluation, never trained on)."""
+        per_image = self._image_captions.rows(0, len(self._image_captions))
+        return np.flatnonzero(np.diff(per_image) > 0)
+
     def skipped(self) -> list[tuple[str, str, str]]:
-        """The report: ``(where, reason, detail)`` of every image (or index row) that was skipped."""
-        return read_skipped(self.directory / SKIPPED)
+        """The report: ``(where, reason, detail)`` of every image (or index row) left out of the cache
+        (skipped.tsv also lists, as ``no-caption``, cached images that are not trained on)."""
+        return [r for r in read_skipped(self.directory / SKIPPED) if r[1] != NO_CAPTION]
 
     def _check(self, i: int) -> int:
         i = int(i)

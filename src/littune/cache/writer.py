@@ -212,7 +212,8 @@ def write_cache(out_dir: str | Path, features, captions, tower, *, keys: Sequenc
     spec) that the features belong to; its fingerprint, spec and preprocessing go in the manifest,
     so a trainer configured with that tower accepts the cache, and its output dim must equal
     ``dim``. ``keys`` default to ``"00000000"``, ``"00000001"``...; ``paths`` to the keys. The
-    cache has no skipped images; ``source_fingerprint`` defaults to a hash of the keys.
+    cache has no skipped images; rows with no (non-blank) caption are stored but not trainable (see
+    :meth:`EmbeddingCache.trainable`). ``source_fingerprint`` defaults to a hash of the keys.
     """
     from ..towers.image import build_image_tower
 
@@ -287,12 +288,12 @@ def _write_feature_shards(out: Path, features, plan: dict) -> list[dict]:
 
 
 def _flat_captions(captions, n: int) -> tuple[list[str], np.ndarray]:
-    """All captions in image order and the count of each image's."""
+    """All captions in image order and the count of each image's (blank captions are dropped)."""
     flat: list[str] = []
     counts = np.zeros(n, dtype=np.int64)
     for i in range(n):
         c = captions[i]
-        c = [c] if isinstance(c, str) else list(c)
+        c = [x for x in ([c] if isinstance(c, str) else c) if str(x).strip()]
         flat.extend(c)
         counts[i] = len(c)
     return flat, counts
