@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import bad_inputs, captions_for, colour_image, encode, write_csv, write_tar
-from littune.cache import EmbeddingCache, augment_rng, embed_source, summary
+from data_fixtures import bad_inputs, captions_for, colour_image, encode, write_csv, write_images, write_tar
+from littune.cache import EmbeddingCache, augment_rng, embed_source, summary, write_cache
 from littune.data import load_image, open_source
 from littune.errors import LittuneError, StaleCacheError
 from littune.towers.image import build_image_tower
@@ -237,3 +237,72 @@ def test_empty_source_and_bad_arguments(tmp_path, tower):
     (tmp_path / "file").write_text("x")
     with pytest.raises(LittuneError, match="is a file"):
         embed_source(src, tower, tmp_path / "file", workers=0, progress=False)
+
+
+def _half_captioned(root: Path) -> Path:
+    """Six images; im0001 has an empty caption cell, im0004 only a row with no caption column value."""
+    names = write_images(root / "img", 6)
+    rows = ["image,caption"]
+    for i, nm in enumerate(names):
+        rows.append(f"img/{nm}," if i in (1, 4) else f"img/{nm},caption of {i}")
+    rows.append("img/im0004.png,   ")  # blank after stripping: still no caption
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return root / "pairs.csv"
+
+
+def test_images_without_a_caption_are_cached_reported_and_never_trained_on(tmp_path, tower):
+    from littune.batches import CacheBatches
+
+    src = open_source(_half_captioned(tmp_path / "data"))
+    cache = embed_source(src, tower, tmp_path / "c", shard_size=4, batch_size=2, workers=0, progress=False)
+    # kept (an index or an eval can use their features), counted, reported, not trainable
+    assert len(cache) == 6 and cache.manifest["no_caption"] == 2
+    np.testing.assert_array_equal(cache.trainable(), [0, 2, 3, 5])
+    rows = [r.split("\t") for r in (tmp_path / "c" / "skipped.tsv").read_text().splitlines()[1:]]
+    assert [(Path(w).name, reason) for w, reason, _ in rows] == [("im0001.png", "no-caption"),
+                                                                  ("im0004.png", "no-caption")]
+    assert cache.skipped() == []  # skipped() lists images left out of the cache; these are in it
+    line = summary(cache)
+    assert line == (f"embedded 6 images (32-d float16) into {tmp_path / 'c'}; 2 without a caption "
+                    f"(not trained on, see {tmp_path / 'c' / 'skipped.tsv'})")
+    # training batches draw only captioned images, never the empty string
+    batches = CacheBatches(cache, 4, 0, 1, seed=0)
+    captioned = {i: f"caption of {i}" for i in (0, 2, 3, 5)}
+    feats = {i: cache.features([i])[0] for i in captioned}
+    for step in range(6):
+        b = batches(step)
+        assert all(c in captioned.values() for c in b["captions"])
+        for caption, f in zip(b["captions"], b["image_features"].numpy()):
+            np.testing.assert_array_equal(f, feats[int(caption.rsplit(" ", 1)[1])])
+
+
+def test_a_cache_without_any_caption_is_refused_for_training(tmp_path, tower):
+    from littune.batches import CacheBatches
+
+    names = write_images(tmp_path / "img", 3)
+    (tmp_path / "list.csv").write_text("image,caption\n" + "".join(f"img/{n},\n" for n in names))
+    cache = embed_source(tmp_path / "list.csv", tower, tmp_path / "c", workers=0, progress=False)
+    assert len(cache) == 3 and len(cache.trainable()) == 0
+    with pytest.raises(LittuneError, match=r"none of the 3 images .* has a caption") as e:
+        CacheBatches(cache, 2, 0, 1, seed=0)
+    assert "\n" not in str(e.value)
+
+
+def test_write_cache_rows_without_captions_are_not_trainable(tmp_path, tower):
+    feats = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
+    c = write_cache(tmp_path / "w", feats, [["a"], [], "", ["b", ""], "c"], tower, dtype="float32")
+    np.testing.assert_array_equal(c.trainable(), [0, 3, 4])
+    assert c.captions(3) == ["b"] and c.manifest["no_caption"] == 2
+    assert c.sample_captions([0, 3, 4], [5, 5, 5]) == ["a", "b", "c"]
+
+
+def test_on_the_fly_batches_skip_records_without_captions(tmp_path, tower):
+    from littune.batches import OnTheFlyBatches
+
+    src = open_source(_half_captioned(tmp_path / "data"))
+    ds = OnTheFlyBatches(src.records(), tower.preprocess, 4, 0, 1, seed=0)
+    for step in range(6):
+        assert all(c.startswith("caption of ") for c in ds[step]["captions"])
+    bare = [r for r in src.records() if not r.captions]
+    with pytest.raises(LittuneError, match="none of the 2 images has a caption"):
+        OnTheFlyBatches(bare, tower.preprocess, 2, 0, 1, seed=0)

@@ -69,6 +69,26 @@ def test_all_images_bad_is_an_error_after_the_report(tmp_path, capsys):
     assert len(EmbeddingCache.open(tmp_path / "c")) == 0
 
 
+def test_images_without_a_caption_are_counted_not_nothing_skipped(tmp_path, capsys):
+    """`good_2.png,` (an empty caption) is embedded for search but reported and never trained on."""
+    write_images(tmp_path / "img", 3)
+    rows = ["image,caption", "img/im0000.png,a red thing", "img/im0001.png,", "img/im0002.png,a blue thing"]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "c"
+    args = ["embed", str(tmp_path / "list.csv"), "--tower", tiny_tower_arg(), "--workers", "0", "-q"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"embedded 3 images (32-d float16) into {out}; 1 without a caption (not trained on, see {out / 'skipped.tsv'})"]
+    assert (out / "skipped.tsv").read_text().splitlines()[1].split("\t")[:2] == [str(tmp_path / "img" / "im0001.png"),
+                                                                                "no-caption"]
+    # with images that fail too: both are counted (a missing file without a caption is "missing")
+    (tmp_path / "list.csv").write_text("\n".join(rows + ["img/gone.png,"]) + "\n")
+    assert main([*args, "--out", str(tmp_path / "d")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"embedded 3 images (32-d float16) into {tmp_path / 'd'}; 1 without a caption (not trained on); "
+        f"skipped 1: 1 missing (see {tmp_path / 'd' / 'skipped.tsv'})"]
+
+
 def test_embed_help_has_an_example(capsys):
     with pytest.raises(SystemExit):
         main(["embed", "--help"])

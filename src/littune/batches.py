@@ -59,10 +59,16 @@ class CacheBatches:
 
     def __init__(self, cache, global_batch: int, rank: int, world: int, seed: int):
         self.cache = cache
-        self.plan = StepPlan(len(cache), global_batch, rank, world, seed)
+        rows = cache.trainable()  # images with a caption; None below: all of them (no index array kept)
+        if not len(rows):
+            raise LittuneError(f"none of the {len(cache)} images of the cache {cache.directory} has a caption: "
+                               "nothing to train on (see its skipped.tsv)")
+        self.rows = None if len(rows) == len(cache) else rows
+        self.plan = StepPlan(len(rows), global_batch, rank, world, seed)
 
     def __call__(self, step: int) -> dict:
         rows, rand = self.plan.local(step)
+        rows = rows if self.rows is None else self.rows[rows]
         captions = self.cache.sample_captions(rows, rand)
         view = None
         if getattr(self.cache, "views", 0):
@@ -81,7 +87,9 @@ class OnTheFlyBatches(torch.utils.data.Dataset):
 
     def __init__(self, records, preprocess, global_batch: int, rank: int, world: int, seed: int,
                  augment: bool = True):
-        self.records = [r for r in records if r.captions]
+        self.records = [r for r in records if r.captions]  # an image without a caption is never trained on
+        if not self.records:
+            raise LittuneError(f"none of the {len(records)} images has a caption: nothing to train on")
         self.preprocess, self.augment, self.seed = preprocess, augment, seed
         self.plan = StepPlan(len(self.records), global_batch, rank, world, seed)
 

@@ -3,8 +3,9 @@
 A checkpoint directory ``checkpoints/step_000200/`` holds ``model.safetensors`` (every weight that
 can change; a locked image tower's are not copied), ``trainer.pt`` (optimizer and scheduler state,
 RNG states: plain tensors and numbers, read back with ``torch.load(weights_only=True)``) and
-``state.json`` (step, config hash). A crash at any moment leaves either the old or the new
-checkpoint complete, never a partial one under the final name.
+``state.json`` (step, config hash). The files are written (through :mod:`littune.fileio`, each
+fsync'ed) into a temporary folder that is then renamed: a crash at any moment leaves either the old
+or the new checkpoint complete, never a partial one under the final name.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+
+from .fileio import atomic_write, fsync_dir, write_json
 
 PREFIX = "step_"
 
@@ -35,19 +39,18 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, extra
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(_trainable_state(model), str(tmp / "model.safetensors"))
+    # each file is fsync'ed (fileio) before the folder's rename publishes them
+    atomic_write(tmp / "model.safetensors", save_safetensors(_trainable_state(model)))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-               tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+    atomic_write(tmp / "trainer.pt", lambda f: torch.save(trainer, f))
+    write_json(tmp / "state.json", {"step": step, **(extra or {})})
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -5,7 +5,8 @@ or a brace pattern such as "shards-{000..009}.tar"), a folder of images with sid
 or a COCO captions .json. Images are decoded in worker processes and embedded in batches; the cache
 holds the tower's raw features (float16 by default), every caption and key, and a manifest with
 the tower and source fingerprints and per-shard checksums. Images that cannot be decoded are
-skipped and listed in CACHE/skipped.tsv. --views K also stores K augmented views per image
+skipped and listed in CACHE/skipped.tsv; images without a caption are embedded (an index can use
+them) but never trained on, and listed there too. --views K also stores K augmented views per image
 (Inception crop + flip), so training from the cache still sees augmentation.
 
 The run is resumable: if it is interrupted (even killed), run the same command again and it

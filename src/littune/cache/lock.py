@@ -1,0 +1,97 @@
+"""One writer per cache directory, and a directory made ready for a plan.
+
+A writer holds an exclusive ``flock`` on ``CACHE/.lock`` for the whole run; the OS drops it when
+the process ends, even on ``kill -9``. Decoding workers close their inherited copy of the lock's
+file descriptor, so a lingering worker never keeps a killed run's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import LittuneError
+from ..fileio import write_json
+from .format import LOCK, MANIFEST, OUR_FILES, PLAN, SHARD_DIR, plan_differences, plan_hash
+
+#: file descriptors of the cache locks this process holds (closed in forked decoding workers)
+_LOCK_FDS: set[int] = set()
+
+
+def lock(out: Path):
+    """An exclusive lock on the cache directory for this run (released by the OS even on kill -9)."""
+    if out.exists() and not out.is_dir():
+        raise LittuneError(f"cache directory {out} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK, "a+")
+    try:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - not POSIX: no protection against a second writer
+        pass
+    except OSError:
+        f.close()
+        raise LittuneError(f"cache {out} is being written by another `littune embed`; wait for it to finish") from None
+    _LOCK_FDS.add(f.fileno())
+    return f
+
+
+def unlock(f) -> None:
+    _LOCK_FDS.discard(f.fileno())
+    f.close()
+
+
+def close_inherited_locks() -> None:
+    """In a forked worker: close the copies of the parent's lock descriptors."""
+    for fd in list(_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+def clear(out: Path) -> None:
+    """Remove a previous cache's files (only littune's own) from ``out``."""
+    for name in OUR_FILES:
+        (out / name).unlink(missing_ok=True)
+    sd = out / SHARD_DIR
+    if sd.is_dir():
+        for p in sd.iterdir():
+            if p.suffix in (".npy", ".json") or ".tmp-" in p.name:
+                p.unlink(missing_ok=True)
+
+
+def _previous_plan(out: Path) -> dict | None:
+    """The plan of what ``out`` holds or was computing (None: nothing, or unreadable)."""
+    try:
+        if (out / PLAN).exists():
+            return json.loads((out / PLAN).read_text())
+        if (out / MANIFEST).exists():
+            return json.loads((out / MANIFEST).read_text()).get("plan")
+    except ValueError:
+        return None
+    return None
+
+
+def prepare(out: Path, plan: dict, resume: bool) -> None:
+    """Rank 0: check or reset the directory for ``plan`` and write plan.json."""
+    if out.exists() and not out.is_dir():
+        raise LittuneError(f"cache directory {out} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    old = _previous_plan(out)
+    if resume and old is not None and plan_hash(old) != plan_hash(plan):
+        raise LittuneError(f"cache {out} was started with other settings ({'; '.join(plan_differences(old, plan))}); "
+                           "choose another --out, or pass --no-resume to overwrite it")
+    if not resume or old is None:
+        clear(out)
+    (out / SHARD_DIR).mkdir(exist_ok=True)
+    for p in (out / SHARD_DIR).iterdir():  # leftovers of a killed run are never trusted
+        if ".tmp-" in p.name:
+            p.unlink(missing_ok=True)
+    for p in out.iterdir():
+        if ".tmp-" in p.name and p.is_file():
+            p.unlink(missing_ok=True)
+    write_json(out / PLAN, plan)

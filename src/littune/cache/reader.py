@@ -1,0 +1,384 @@
+"""Reading a cache: :class:`EmbeddingCache`, features by index, captions, keys -- with ``pread`` only.
+
+The reader keeps at most ``max_open`` shard files open and reads rows with ``pread`` (no memory
+map: touched pages of a map would count in the process's RSS), so memory stays constant whatever
+the cache size and however many rows have been read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import LittuneError, StaleCacheError
+from ..fileio import read_skipped
+from .format import FORMAT, MANIFEST, NO_CAPTION, PLAN, SKIPPED, VERSION, sha256
+
+def default_max_open() -> int:
+    """Shard files a reader keeps open: a quarter of the open-file limit, between 16 and 1024.
+
+    Random batches touch most shards at every step; a shard that is not open costs an ``open()``
+    (1024 open shards of the default 2048 rows cover a 2M-image cache)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return 128
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(16, min(1024, soft // 4))
+
+
+class _File:
+    """A file read with positional reads (``pread``), never memory-mapped.
+
+    Reading rows through ``pread`` instead of a memory map keeps the process's memory flat: pages of
+    a mapped file that has been touched count in its resident set (and the kernel maps 64 KB around
+    every page fault), so random rows from a large cache would grow RSS up to the cache's size over
+    an epoch. With ``pread`` only the page cache holds them, which belongs to no process.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self.size = os.fstat(self.fd).st_size
+
+    def read_into(self, buf: np.ndarray, offset: int) -> None:
+        """Fill the C-contiguous array ``buf`` with the bytes at ``offset``."""
+        view = memoryview(buf).cast("B")
+        n = _read_at(self.fd, view, offset)
+        while 0 < n < len(view):  # short reads are legal; a 0 means the file ended early
+            view, offset = view[n:], offset + n
+            n = _read_at(self.fd, view, offset)
+        if n <= 0 and len(view):
+            raise LittuneError(f"{self.path} is shorter than its manifest says: re-run `littune embed`")
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        data = _pread(self.fd, nbytes, offset) if nbytes else b""
+        if len(data) < nbytes:  # a short read (legal, rare): finish it
+            buf = np.empty(nbytes, dtype=np.uint8)
+            self.read_into(buf, offset)
+            data = buf.tobytes()
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __getstate__(self) -> dict:  # pickled (e.g. to a spawned process): the copy opens its own file
+        return {**self.__dict__, "fd": -1, "_was_open": self.fd >= 0}
+
+    def __setstate__(self, state: dict) -> None:
+        was_open = state.pop("_was_open", False)
+        self.__dict__.update(state)
+        if was_open:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+if hasattr(os, "preadv"):
+    _pread = os.pread
+
+    def _read_at(fd: int, view: memoryview, offset: int) -> int:
+        return os.preadv(fd, [view], offset)
+else:  # pragma: no cover - Windows: seek + read under a lock
+    import threading
+
+    _SEEK_LOCK = threading.Lock()
+
+    def _pread(fd: int, nbytes: int, offset: int) -> bytes:
+        with _SEEK_LOCK:
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.read(fd, nbytes)
+
+    def _read_at(fd: int, view: memoryview, offset: int) -> int:
+        data = _pread(fd, len(view), offset)
+        view[:len(data)] = data
+        return len(data)
+
+
+_PAIRS = {"<i8": struct.Struct("<qq"), ">i8": struct.Struct(">qq")}
+
+
+class _Npy(_File):
+    """A C-order ``.npy`` array read by rows (first axis) with ``pread``."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(f))
+            offset = f.tell()
+        if fortran and len(shape) > 1:
+            raise LittuneError(f"{path} is stored in Fortran order; littune writes C order")
+        self.shape, self.dtype, self.offset = tuple(shape), np.dtype(dtype), offset
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if self.shape and self.size < self.offset + self.shape[0] * self.row_bytes:
+            raise LittuneError(f"{path} is shorter than its header says")
+        self._pair = self.dtype.str if self.dtype.str in _PAIRS else None  # an int64 offsets table
+
+    def reopen(self) -> "_Npy":
+        """The same file, opened again (header already parsed and checked): one ``open()``."""
+        f = object.__new__(type(self))
+        f.__dict__.update(self.__dict__)
+        f.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return f
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``lo:hi`` (``0 <= lo <= hi <= len``), read into ``out`` when given."""
+        if out is None:
+            out = np.empty((hi - lo,) + self.shape[1:], dtype=self.dtype)
+        if hi > lo:
+            self.read_into(out, self.offset + lo * self.row_bytes)
+        return out
+
+    def pair(self, i: int) -> tuple[int, int]:
+        """Elements ``i`` and ``i + 1`` of a 1-D int64 array (an offsets table), as ints."""
+        if self._pair is not None:  # one pread + struct (no numpy array for two numbers)
+            return _PAIRS[self._pair].unpack(self.read(self.offset + i * 8, 16))
+        a, b = self.rows(i, i + 2)
+        return int(a), int(b)
+
+
+class _Strings:
+    """A UTF-8 blob + int64 offsets, read with ``pread``."""
+
+    def __init__(self, blob: Path, offsets: Path):
+        self.offsets = _Npy(offsets)
+        self.blob = _File(blob)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        a, b = self.offsets.pair(i)
+        return self.blob.read(a, b - a).decode("utf-8")
+
+    def range(self, lo: int, hi: int) -> list[str]:
+        """Strings ``lo:hi`` with two reads."""
+        off = self.offsets.rows(lo, hi + 1)
+        base = int(off[0])
+        data = self.blob.read(base, int(off[-1]) - base)
+        cut = (off - base).tolist()
+        return [data[cut[k]:cut[k + 1]].decode("utf-8") for k in range(hi - lo)]
+
+
+class EmbeddingCache:
+    """Read a cache written by :func:`embed_source`: features by index, captions, keys.
+
+    Everything is read with positional reads (``pread``) from at most ``max_open`` open shard files:
+    the process's memory stays the same whatever the cache's size and however long it is read.
+    """
+
+    def __init__(self, directory: str | Path, manifest: dict, max_open: int | None = None):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.dim: int = int(manifest["dim"])
+        self.dtype: str = manifest["dtype"]
+        self.views: int = int(manifest["views"])
+        self.tower_fingerprint: str = manifest["tower_fingerprint"]
+        self.source_fingerprint: str = manifest["source_fingerprint"]
+        self._count = int(manifest["count"])
+        self._shards = [s for s in manifest["shards"] if s["count"] > 0]
+        self._starts = np.asarray([s["start"] for s in self._shards], dtype=np.int64)
+        self._open: OrderedDict[int, _Npy] = OrderedDict()
+        self._known: dict[int, _Npy] = {}  # shards opened before (a few hundred bytes each)
+        self.max_open = max(1, int(default_max_open() if max_open is None else max_open))
+        d = self.directory
+        self._keys = _Strings(d / "keys.utf8", d / "key_offsets.npy")
+        self._paths = _Strings(d / "paths.utf8", d / "path_offsets.npy")
+        self._captions = _Strings(d / "captions.utf8", d / "caption_offsets.npy")
+        self._image_captions = _Npy(d / "image_captions.npy")
+
+    @classmethod
+    def open(cls, directory: str | Path, verify: bool = True, max_open: int | None = None) -> "EmbeddingCache":
+        """Open a cache; ``verify`` checks every file's sha256 against the manifest (reads it all once).
+        ``max_open``: shard files kept open (default :func:`default_max_open`)."""
+        d = Path(os.path.expanduser(str(directory)))
+        mf = d / MANIFEST
+        if not mf.is_file():
+            hint = " (an interrupted `littune embed`: run it again to finish)" if (d / PLAN).exists() else ""
+            raise LittuneError(f"{d} is not an embedding cache: no {MANIFEST}{hint}")
+        try:
+            manifest = json.loads(mf.read_text())
+        except ValueError as e:
+            raise LittuneError(f"{mf} is not valid JSON ({e})") from None
+        if manifest.get("format") != FORMAT:
+            raise LittuneError(f"{mf} is not a littune embedding cache manifest")
+        if manifest.get("version", 0) > VERSION:
+            raise LittuneError(f"{d} was written by a newer littune (cache format {manifest['version']})")
+        for s in manifest["shards"]:
+            p = d / s["file"]
+            if not p.is_file():
+                raise LittuneError(f"embedding cache {d} is incomplete: {s['file']} is missing")
+            if p.stat().st_size != s["bytes"] or (verify and sha256(p) != s["sha256"]):
+                raise LittuneError(f"embedding cache {d} is corrupt: {s['file']} does not match its checksum; "
+                                   "re-run `littune embed` (it redoes only the damaged shards)")
+        for name, digest in manifest.get("files", {}).items():
+            p = d / name
+            if not p.is_file() or (verify and sha256(p) != digest):
+                raise LittuneError(f"embedding cache {d} is corrupt: {name} is missing or does not match its checksum")
+        return cls(d, manifest, max_open=max_open)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __repr__(self) -> str:
+        return (f"EmbeddingCache({str(self.directory)!r}, {self._count} images, {self.dim}-d {self.dtype}, "
+                f"views={self.views})")
+
+    # -- features --------------------------------------------------------------------------------
+    def _shard(self, j: int) -> _Npy:
+        f = self._open.get(j)
+        if f is None:
+            # Reopening a shard is one open(): its header is parsed and checked the first time only.
+            known = self._known.get(j)
+            if known is not None:
+                f = known.reopen()
+            else:
+                f = _Npy(self.directory / self._shards[j]["file"])
+                want = (self._shards[j]["count"], 1 + self.views, self.dim)
+                if f.shape != want or f.dtype != np.dtype(self.dtype):
+                    f.close()
+                    raise LittuneError(f"{f.path} holds {f.dtype}{list(f.shape)}, the manifest says "
+                                       f"{self.dtype}{list(want)}: re-run `littune embed`")
+                self._known[j] = f
+            self._open[j] = f
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(j)
+        return f
+
+    def features(self, indices: Sequence[int] | np.ndarray, view: int | np.ndarray | None = None) -> np.ndarray:
+        """``(n, dim)`` float32 features of images ``indices``: the eval view (``view=None``), or
+        augmented view ``view`` (an int, or one per row; 0-based, ``< views``).
+
+        Rows are read in index order, one read per run of consecutive images (a random batch: one
+        small read per row; a range: one read per shard)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -self._count or idx.max() >= self._count):
+            bad = idx[(idx < -self._count) | (idx >= self._count)][0]
+            raise IndexError(f"image index {bad} out of range for a cache of {self._count} images")
+        idx = np.where(idx < 0, idx + self._count, idx)
+        if view is None:
+            slot = np.zeros(len(idx), dtype=np.int64)
+        else:
+            v = np.asarray(view, dtype=np.int64)
+            if v.ndim == 0:
+                v = np.full(len(idx), int(v), dtype=np.int64)
+            elif v.shape != idx.shape:
+                raise ValueError(f"view has shape {v.shape}; give one view per index ({idx.shape})")
+            if v.size and (v.min() < 0 or v.max() >= self.views):
+                raise IndexError(f"view {int(v.max() if v.max() >= self.views else v.min())} out of range: "
+                                 f"this cache stores {self.views} augmented view(s)"
+                                 + (" (embed with --views K)" if self.views == 0 else ""))
+            slot = v + 1
+        out = np.empty((len(idx), self.dim), dtype=np.float32)
+        if not len(idx):
+            return out
+        order = np.argsort(idx, kind="stable")
+        sidx, sslot = idx[order], slot[order]
+        which = np.searchsorted(self._starts, sidx, side="right") - 1
+        # runs of consecutive images within one shard
+        cuts = np.flatnonzero((np.diff(sidx) != 1) | (np.diff(which) != 0)) + 1
+        bounds = np.concatenate([[0], cuts, [len(sidx)]]).tolist()
+        local = (sidx - self._starts[which]).tolist()
+        which_l, slot_l = which.tolist(), sslot.tolist()
+        stored = np.empty((len(idx), self.dim), dtype=np.dtype(self.dtype))
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            f = self._shard(which_l[a])
+            if b - a == 1:  # one row: read just its slot
+                f.read_into(stored[a], f.offset + (local[a] * (1 + self.views) + slot_l[a]) * self.dim * f.dtype.itemsize)
+            elif self.views == 0:
+                f.rows(local[a], local[a] + b - a, out=stored[a:b].reshape(b - a, 1, self.dim))
+            else:
+                block = f.rows(local[a], local[a] + b - a)
+                stored[a:b] = block[np.arange(b - a), sslot[a:b]]
+        out[order] = stored
+        return out
+
+    # -- metadata ----------------------------------------------------------------------------------
+    def captions(self, i: int) -> list[str]:
+        """All captions of image ``i``."""
+        a, b = self._image_captions.pair(self._check(i))
+        return self._captions.range(a, b)
+
+    def sample_captions(self, indices: Sequence[int] | np.ndarray, choice: Sequence[int] | np.ndarray) -> list[str]:
+        """One caption per image: caption ``choice[k] % count`` of image ``indices[k]`` ("" if it has none:
+        training draws only from :meth:`trainable` images)."""
+        out = []
+        for i, r in zip(np.asarray(indices, dtype=np.int64).tolist(), np.asarray(choice, dtype=np.int64).tolist()):
+            a, b = self._image_captions.pair(self._check(i))
+            out.append(self._captions[a + r % (b - a)] if b > a else "")
+        return out
+
+    def iter_captions(self, chunk: int = 65536):
+        """Every caption of every image, in order (read in chunks of ``chunk`` captions)."""
+        n = len(self._captions)
+        for lo in range(0, n, chunk):
+            yield from self._captions.range(lo, min(n, lo + chunk))
+
+    def key(self, i: int) -> str:
+        """The image's key in its source (e.g. its relative path)."""
+        return self._keys[self._check(i)]
+
+    def path(self, i: int) -> str:
+        """Where the image was read from (a file, or ``shard.tar:key``)."""
+        return self._paths[self._check(i)]
+
+    def source_index(self, i: int) -> int:
+        """Position of image ``i`` among the source's records (bad images leave gaps)."""
+        if not hasattr(self, "_source_index"):
+            self._source_index = _Npy(self.directory / "source_index.npy")
+        i = self._check(i)
+        return int(self._source_index.rows(i, i + 1)[0])
+
+    def trainable(self) -> np.ndarray:
+        """Indices of the images with at least one caption, in order: the rows training draws from
+        (an image without a caption is cached for search and evaluation, never trained on)."""
+        per_image = self._image_captions.rows(0, len(self._image_captions))
+        return np.flatnonzero(np.diff(per_image) > 0)
+
+    def skipped(self) -> list[tuple[str, str, str]]:
+        """The report: ``(where, reason, detail)`` of every image (or index row) left out of the cache
+        (skipped.tsv also lists, as ``no-caption``, cached images that are not trained on)."""
+        return [r for r in read_skipped(self.directory / SKIPPED) if r[1] != NO_CAPTION]
+
+    def _check(self, i: int) -> int:
+        i = int(i)
+        if not -self._count <= i < self._count:
+            raise IndexError(f"image index {i} out of range for a cache of {self._count} images")
+        return i % self._count
+
+    def check(self, tower_fingerprint: str | None = None, source_fingerprint: str | None = None) -> None:
+        """Raise :class:`~littune.errors.StaleCacheError` if the cache was built with another tower or
+        source than the configuration's (the message names the expected and the found fingerprint)."""
+        problems = []
+        if tower_fingerprint is not None and tower_fingerprint != self.tower_fingerprint:
+            problems.append(f"image tower fingerprint: configuration {tower_fingerprint}, "
+                            f"cache {self.tower_fingerprint}")
+        if source_fingerprint is not None and source_fingerprint != self.source_fingerprint:
+            problems.append(f"source fingerprint: configuration {source_fingerprint}, cache {self.source_fingerprint}")
+        if problems:
+            raise StaleCacheError(
+                f"embedding cache {self.directory} is stale ({'; '.join(problems)}): it was built from "
+                f"{self.manifest.get('source')} with {self.manifest.get('tower_name')}; re-run `littune embed` "
+                "with the configured tower and source, or point the configuration at the matching cache")

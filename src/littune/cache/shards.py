@@ -1,0 +1,144 @@
+"""The shard loop: decoded images -> forward lanes -> shard files, written in order as they finish.
+
+Records are decoded in order (see :mod:`.workers`); each shard's good images are cut into batches
+that never cross a shard boundary (so a shard's bytes do not depend on what ran before it) and each
+batch goes to one of ``lanes`` forward threads. A shard is written as soon as all its batches are
+done and every shard before it is written.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .format import write_shard
+from .workers import decoded
+
+Forward = Callable[[torch.Tensor], np.ndarray]
+
+
+class _Now:
+    """A finished computation with the interface of a Future (the one-lane case)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self.value
+
+
+class Lanes:
+    """Run ``forward`` on ``lanes`` threads (in the caller's thread for one lane), with at most
+    ``2 * lanes`` batches in flight; ``after`` runs after each submission."""
+
+    def __init__(self, forward: Forward, lanes: int, after: Callable[[], None]):
+        self.forward, self.lanes, self.after = forward, lanes, after
+        self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="littune-embed") if lanes > 1 else None
+        self.inflight: deque = deque()  # jobs not yet known to be finished (bounded: memory)
+
+    def _run(self, pixels: list[torch.Tensor]) -> np.ndarray:
+        return self.forward(torch.cat(pixels) if len(pixels) > 1 else pixels[0])
+
+    def submit(self, pixels: list[torch.Tensor]):
+        fut = self.pool.submit(self._run, pixels) if self.pool else _Now(self._run(pixels))
+        self.inflight.append(fut)
+        while len(self.inflight) > 2 * self.lanes:
+            self.inflight.popleft().result()
+        self.after()  # a finished shard goes to disk now, not after the next one
+        return fut
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Shard:
+    """A shard whose records are all decoded: its good rows, its skipped ones, its forward jobs."""
+
+    shard: int
+    lo: int
+    hi: int
+    good: list[int] = field(default_factory=list)
+    skipped: list[list] = field(default_factory=list)
+    jobs: list = field(default_factory=list)
+
+
+class _Writer:
+    """Shards waiting for their forward jobs, written in order."""
+
+    def __init__(self, out: Path, plan: dict, phash: str):
+        self.out, self.phash, self.views, self.dim = out, phash, plan["views"], plan["dim"]
+        self.np_dtype = np.float16 if plan["dtype"] == "float16" else np.float32
+        self.queue: deque[_Shard] = deque()
+
+    def write_ready(self, block: bool = False) -> None:
+        while self.queue and (block or all(f.done() for f in self.queue[0].jobs)):
+            job = self.queue.popleft()
+            feats = [f.result() for f in job.jobs]
+            arr = np.concatenate(feats) if feats else np.zeros((0, self.dim), np.float32)
+            write_shard(self.out, job.shard, arr.reshape(len(job.good), 1 + self.views, self.dim), self.np_dtype,
+                        self.phash, [job.lo, job.hi], job.good, job.skipped,
+                        overflow="tower features exceed the float16 range", fix="use --dtype float32")
+
+
+def _embed_shard(job: _Shard, items, lanes: Lanes, per_batch: int, bar) -> _Shard:
+    """Take the shard's records from ``items`` and submit its good images in batches of ``per_batch``."""
+    pending: list[torch.Tensor] = []  # (1 + views, 3, S, S) per good image, in order
+    for _ in range(job.hi - job.lo):
+        i, px, bad = next(items)
+        if px is None:
+            job.skipped.append(list(bad))
+            bar.skipped += 1
+            bar.set_postfix(skipped=bar.skipped, refresh=False)
+        else:
+            job.good.append(i - job.lo)
+            pending.append(px)
+            if len(pending) == per_batch:
+                job.jobs.append(lanes.submit(pending))
+                pending = []
+        bar.update(1)
+    if pending:
+        job.jobs.append(lanes.submit(pending))
+    return job
+
+
+def _progress(total: int, done: int, show: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=done, unit="img", desc="embed", disable=not show, file=sys.stderr,
+               dynamic_ncols=True, smoothing=0.05)
+    bar.skipped = 0
+    return bar
+
+
+def run_shards(out: Path, records, todo: list[int], forward: Forward, preprocess, plan: dict, phash: str, *,
+               batch_size: int, workers: int, lanes: int, progress: bool, done: int, total: int) -> None:
+    """Decode the records of shards ``todo`` (worker processes), embed them batch by batch on
+    ``lanes`` concurrent calls of ``forward``, and write each shard, in order, once its batches are done."""
+    size, n = plan["shard_size"], len(records)
+    spans = [(s, s * size, min(n, (s + 1) * size)) for s in todo]
+    items = decoded(records, [i for _, lo, hi in spans for i in range(lo, hi)], preprocess, plan, batch_size, workers)
+    writer = _Writer(out, plan, phash)
+    pool = Lanes(forward, lanes, after=writer.write_ready)
+    bar = _progress(total, done, progress)
+    per_batch = max(1, batch_size // (1 + plan["views"]))
+    try:
+        for s, lo, hi in spans:
+            writer.queue.append(_embed_shard(_Shard(s, lo, hi), items, pool, per_batch, bar))
+            writer.write_ready()
+        writer.write_ready(block=True)
+    finally:
+        bar.close()
+        items.close()
+        pool.close()

@@ -1,0 +1,299 @@
+"""Writing a cache: :func:`embed_source` runs the locked tower over a source; :func:`write_cache`
+stores features computed elsewhere. Both write the format of :mod:`.format`.
+
+``embed_source`` reads like its recipe: check the options, make the plan, lock and prepare the
+directory (rank 0), find the shards still to do, embed them (:func:`.shards.run_shards`, calling the
+tower through :func:`.forward.tower_forward`), then, once every rank is done, write the global
+tables and the manifest (rank 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..data.decode import DEFAULT_MAX_PIXELS
+from ..errors import LittuneError
+from .format import (DTYPES, MANIFEST, SHARD_DIR, make_plan, manifest_entry, plan_hash, shard_complete,
+                     write_shard, write_tables)
+from .forward import tower_device, tower_forward
+from .lock import clear, lock, prepare, unlock
+from .reader import EmbeddingCache
+from .shards import run_shards
+from .workers import default_batch_size, default_lanes, default_threads, default_workers
+
+
+def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", views: int = 0,
+                 batch_size: int | None = None, workers: int | None = None, shard_size: int = 2048,
+                 resume: bool = True, progress: bool = True, seed: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 device: str | torch.device | None = None, distributed: bool = False,
+                 lanes: int | None = None, threads: int | None = None) -> EmbeddingCache:
+    """Run the locked ``tower`` over every image of ``source`` and write the cache in ``out_dir``.
+
+    ``source``: a :class:`~littune.data.sources.Source` or anything :func:`open_source` takes;
+    ``tower``: an :class:`~littune.towers.image.ImageTower` or a tower spec. ``views`` augmented
+    views (Inception crop + flip) are stored per image besides the eval view. Speed settings:
+    ``workers`` decoding processes (0: decode in this process), ``batch_size`` images per forward
+    pass, ``lanes`` concurrent forward passes of ``threads`` torch threads each (defaults:
+    :func:`default_workers`, :func:`default_batch_size`, :func:`default_lanes`, :func:`default_threads`;
+    on 2 cores: 2 workers, batches of 16, 2 single-threaded lanes). Workers and lanes never change
+    the cache's bytes; the thread count can change the last bits of a float32 feature.
+    ``resume`` continues an interrupted run (``False`` starts over). With ``distributed=True`` every
+    rank of the initialised process group must call this; the shards are split over the ranks.
+    Returns the opened cache.
+    """
+    _check_options(dtype, views, batch_size, shard_size, workers)
+    source, tower = _open_inputs(source, tower)
+    workers = default_workers() if workers is None else int(workers)
+    rank, world = _rank_and_world(distributed)
+    out = Path(os.path.expanduser(str(out_dir)))
+    records = source.records()
+    if not records:
+        raise LittuneError(f"{source.describe()} holds no images")
+    with _embedding(tower):
+        plan = make_plan(tower, dim=tower.dim, source_fingerprint=source.fingerprint(), source=source.describe(),
+                         records=len(records), shard_size=shard_size, dtype=dtype, views=views, seed=seed,
+                         max_pixels=max_pixels)
+        phash = plan_hash(plan)
+        held = _claim(out, plan, resume, rank, world)
+        try:
+            mine, todo, pending = _shards_to_do(out, plan, phash, rank, world)
+            if pending and rank == 0:
+                (out / MANIFEST).unlink(missing_ok=True)  # the cache is incomplete until _finalize
+            _barrier(world)
+            if todo:
+                dev = torch.device(device) if device is not None else tower_device(tower)
+                done, total = _record_counts(plan, mine, todo)
+                run_shards(out, records, todo, tower_forward(tower, dev), tower.preprocess, plan, phash,
+                           **_speed(dev, batch_size, workers, lanes, threads), progress=progress and rank == 0,
+                           done=done, total=total)
+            _barrier(world)
+            if rank == 0 and (pending or not (out / MANIFEST).exists()):
+                _finalize(out, source, records, plan, phash)
+        finally:
+            if held is not None:
+                unlock(held)
+    _barrier(world)
+    return EmbeddingCache.open(out, verify=False)
+
+
+def _check_options(dtype: str, views: int, batch_size: int | None, shard_size: int, workers: int | None) -> None:
+    if dtype not in DTYPES:
+        raise LittuneError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if views < 0:
+        raise LittuneError(f"views must be >= 0, not {views}")
+    if (batch_size is not None and batch_size < 1) or shard_size < 1:
+        raise LittuneError(f"batch_size and shard_size must be >= 1 (got {batch_size}, {shard_size})")
+    if workers is not None and int(workers) < 0:
+        raise LittuneError(f"workers must be >= 0, not {workers}")
+
+
+def _open_inputs(source, tower):
+    """A source and a tower from what the caller gave (objects, paths or specs)."""
+    from ..data.sources import open_source
+    from ..towers.image import build_image_tower
+
+    if not hasattr(source, "records"):
+        source = open_source(source)
+    if not isinstance(tower, torch.nn.Module):
+        tower = build_image_tower(tower)
+    return source, tower
+
+
+def _rank_and_world(distributed: bool) -> tuple[int, int]:
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+@contextmanager
+def _embedding(tower):
+    """The tower in eval mode for the run; its mode and torch's thread count restored afterwards."""
+    was_training, old_threads = tower.training, torch.get_num_threads()
+    tower.eval()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        tower.train(was_training)
+
+
+def _claim(out: Path, plan: dict, resume: bool, rank: int, world: int):
+    """Rank 0 locks ``out`` and prepares it for ``plan``; every rank learns whether it could (and raises
+    the same error if not). Returns rank 0's lock (None on the other ranks)."""
+    held, error = None, None
+    if rank == 0:
+        try:
+            held = lock(out)
+            prepare(out, plan, resume)
+        except LittuneError as e:
+            error = e
+    if world > 1:
+        flag = [str(error) if error else ""]
+        torch.distributed.broadcast_object_list(flag, src=0)
+        if flag[0]:
+            error = error or LittuneError(flag[0])
+    if error:
+        if held is not None:
+            unlock(held)
+        raise error
+    return held
+
+
+def _shards_to_do(out: Path, plan: dict, phash: str, rank: int, world: int) -> tuple[list[int], list[int], int]:
+    """This rank's shards, those of them not complete yet, and the number not complete over all ranks."""
+    mine = [s for s in range(plan["shards"]) if s % world == rank]
+    todo = [s for s in mine if shard_complete(out, s, phash) is None]
+    pending = len(todo)
+    if world > 1:
+        t = torch.tensor([pending], dtype=torch.int64)
+        torch.distributed.all_reduce(t)
+        pending = int(t.item())
+    return mine, todo, pending
+
+
+def _record_counts(plan: dict, mine: list[int], todo: list[int]) -> tuple[int, int]:
+    """Records of this rank's shards already done, and of all its shards (the progress bar's range)."""
+    size, n = plan["shard_size"], plan["records"]
+    count = {s: min(size, n - s * size) for s in mine}
+    return sum(c for s, c in count.items() if s not in todo), sum(count.values())
+
+
+def _speed(device: torch.device, batch_size: int | None, workers: int, lanes: int | None,
+           threads: int | None) -> dict:
+    """The batch size, workers and lanes of the run (defaults for ``device``); sets torch's threads."""
+    batch_size = default_batch_size(device) if batch_size is None else int(batch_size)
+    lanes = default_lanes(device) if lanes is None else max(1, int(lanes))
+    torch.set_num_threads(default_threads(workers, lanes) if threads is None else max(1, int(threads)))
+    return {"batch_size": batch_size, "workers": workers, "lanes": lanes}
+
+
+def _finalize(out: Path, source, records, plan: dict, phash: str) -> None:
+    """Rank 0, once every shard is complete: global key/caption tables, skipped.tsv, manifest."""
+    shards, source_index, skipped = [], [], []
+    start = 0
+    for s in range(plan["shards"]):
+        meta = shard_complete(out, s, phash, verify=False)
+        if meta is None:
+            raise LittuneError(f"shard {s} of {out} is missing or incomplete; run `littune embed` again to finish it")
+        lo = meta["records"][0]
+        source_index.extend(lo + g for g in meta["good"])
+        skipped.extend(meta["skipped"])
+        shards.append(manifest_entry(s, start, meta))
+        start += meta["count"]
+    problems = [[w, "index", r] for w, r in getattr(source, "problems", [])]
+    good = [records[i] for i in source_index]
+    caps = [c for r in good for c in r.captions]
+    write_tables(out, plan, shards, [r.key for r in good], [r.where for r in good], caps,
+                 [len(r.captions) for r in good], source_index, skipped, problems)
+
+
+# -- features computed elsewhere ---------------------------------------------------------------
+def write_cache(out_dir: str | Path, features, captions, tower, *, keys: Sequence[str] | None = None,
+                paths: Sequence[str] | None = None, dtype: str = "float16", shard_size: int = 2048,
+                source_fingerprint: str | None = None, source: str = "precomputed features") -> EmbeddingCache:
+    """Write a cache from features computed elsewhere (in the format :func:`embed_source` writes).
+
+    ``features``: ``(n, dim)`` or ``(n, 1 + views, dim)`` -- anything with ``len()`` and ``[a:b]``
+    slicing that gives arrays (an ndarray, an ``np.memmap``, a lazy generator object); it is read
+    one shard at a time, so it need not fit in memory. ``captions[i]``: image ``i``'s captions (a
+    list of strings, or one string). ``tower``: the :class:`~littune.towers.image.ImageTower` (or
+    spec) that the features belong to; its fingerprint, spec and preprocessing go in the manifest,
+    so a trainer configured with that tower accepts the cache, and its output dim must equal
+    ``dim``. ``keys`` default to ``"00000000"``, ``"00000001"``...; ``paths`` to the keys. The
+    cache has no skipped images; rows with no (non-blank) caption are stored but not trainable (see
+    :meth:`EmbeddingCache.trainable`). ``source_fingerprint`` defaults to a hash of the keys.
+    """
+    from ..towers.image import build_image_tower
+
+    if dtype not in DTYPES:
+        raise LittuneError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if shard_size < 1:
+        raise LittuneError(f"shard_size must be >= 1, not {shard_size}")
+    if not isinstance(tower, torch.nn.Module):
+        tower = build_image_tower(tower)
+    n, views, dim = _feature_shape(features, captions, tower)
+    keys, paths = _keys_and_paths(keys, paths, n)
+    if source_fingerprint is None:
+        source_fingerprint = _keys_fingerprint(keys)
+    plan = make_plan(tower, dim=dim, source_fingerprint=source_fingerprint, source=source, records=n,
+                     shard_size=shard_size, dtype=dtype, views=views, seed=0, max_pixels=None)
+    out = Path(os.path.expanduser(str(out_dir)))
+    held = lock(out)
+    try:
+        clear(out)
+        (out / SHARD_DIR).mkdir(exist_ok=True)
+        shards = _write_feature_shards(out, features, plan)
+        flat, counts = _flat_captions(captions, n)
+        write_tables(out, plan, shards, keys, paths, flat, counts, np.arange(n, dtype=np.int64))
+    finally:
+        unlock(held)
+    return EmbeddingCache.open(out, verify=False)
+
+
+def _feature_shape(features, captions, tower) -> tuple[int, int, int]:
+    """``(rows, views, dim)`` of ``features``, checked against the captions and the tower."""
+    n = len(features)
+    if len(captions) != n:
+        raise LittuneError(f"{n} feature rows but {len(captions)} caption entries")
+    if n == 0:
+        raise LittuneError("no features to write")
+    first = np.asarray(features[0:1])
+    if first.ndim not in (2, 3):
+        raise LittuneError(f"features must be (n, dim) or (n, 1 + views, dim), got rows of shape {first.shape[1:]}")
+    dim = int(first.shape[-1])
+    if dim != tower.dim:
+        raise LittuneError(f"features are {dim}-d but the tower {tower.name} gives {tower.dim}-d outputs")
+    return n, (first.shape[1] - 1 if first.ndim == 3 else 0), dim
+
+
+def _keys_and_paths(keys, paths, n: int) -> tuple[list[str], list[str]]:
+    keys = [f"{i:08d}" for i in range(n)] if keys is None else [str(k) for k in keys]
+    paths = keys if paths is None else [str(p) for p in paths]
+    if len(keys) != n or len(paths) != n:
+        raise LittuneError(f"{n} feature rows but {len(keys)} keys and {len(paths)} paths")
+    return keys, paths
+
+
+def _keys_fingerprint(keys: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode("utf-8") + b"\0")
+    return f"precomputed|{h.hexdigest()[:16]}"
+
+
+def _write_feature_shards(out: Path, features, plan: dict) -> list[dict]:
+    """Every shard of ``features``, read and written one at a time; returns the manifest's shard list."""
+    n, size, views, dim = plan["records"], plan["shard_size"], plan["views"], plan["dim"]
+    np_dtype = np.float16 if plan["dtype"] == "float16" else np.float32
+    phash, shards = plan_hash(plan), []
+    for s in range(plan["shards"]):
+        lo, hi = s * size, min(n, (s + 1) * size)
+        arr = np.asarray(features[lo:hi], dtype=np.float32).reshape(hi - lo, 1 + views, dim)
+        meta = write_shard(out, s, arr, np_dtype, phash, [lo, hi], list(range(hi - lo)), [],
+                           overflow="features exceed the float16 range", fix="use dtype='float32'")
+        shards.append(manifest_entry(s, lo, meta))
+    return shards
+
+
+def _flat_captions(captions, n: int) -> tuple[list[str], np.ndarray]:
+    """All captions in image order and the count of each image's (blank captions are dropped)."""
+    flat: list[str] = []
+    counts = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        c = captions[i]
+        c = [x for x in ([c] if isinstance(c, str) else c) if str(x).strip()]
+        flat.extend(c)
+        counts[i] = len(c)
+    return flat, counts
