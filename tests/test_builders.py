@@ -25,9 +25,10 @@ from PIL import Image
 pytest.importorskip("resvg_py")
 
 from littune.cli import main  # noqa: E402
-from littune.datasets import common, emoji, openclipart  # noqa: E402
-from littune.datasets.render import RenderError, available_renderers, render_svg  # noqa: E402
+from littune.builders import emoji, fetch, openclipart  # noqa: E402
+from littune.builders.render import RenderError, available_renderers, render_svg  # noqa: E402
 from littune.errors import LittuneError  # noqa: E402
+from littune.fileio import read_skipped  # noqa: E402
 
 SIZE = 32
 
@@ -434,16 +435,16 @@ print(json.dumps(out))
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     cache = tmp_path / "cache"
-    got = common.fetch_npm(["@iconify-json/twemoji", "emojibase-data"], cache, log=lambda m: None)
+    got = fetch.fetch_npm(["@iconify-json/twemoji", "emojibase-data"], cache, log=lambda m: None)
     assert got["@iconify-json/twemoji"] == cache / "npm" / "@iconify-json" / "twemoji"
     assert (got["emojibase-data"] / "en" / "data.json").is_file()
-    again = common.fetch_npm(["@iconify-json/twemoji", "emojibase-data"], cache, log=lambda m: None)
+    again = fetch.fetch_npm(["@iconify-json/twemoji", "emojibase-data"], cache, log=lambda m: None)
     assert again == got and len(log.read_text().splitlines()) == 1  # second call downloads nothing
-    common.fetch_npm(["@iconify-json/twemoji@1.0.0", "@iconify-json/noto"], cache, log=lambda m: None)
+    fetch.fetch_npm(["@iconify-json/twemoji@1.0.0", "@iconify-json/noto"], cache, log=lambda m: None)
     assert log.read_text().splitlines()[-1].endswith("@iconify-json/noto")  # only the missing one
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(LittuneError, match="npm not found"):
-        common.fetch_npm(["@iconify-json/openmoji"], cache, log=lambda m: None)
+        fetch.fetch_npm(["@iconify-json/openmoji"], cache, log=lambda m: None)
 
 
 def test_cli_emoji(npm_dir, tmp_path, capsys):
@@ -559,14 +560,14 @@ def test_openclipart_build(clipart_tree, tmp_path):
     assert len({r["caption"] for r in retrieval}) == len(retrieval) == c["retrieval_test_rows"]
     dog = np.asarray(Image.open(out / "images" / "animals__small_dog_01.png"))
     assert dog.shape == (SIZE, SIZE, 3) and ((dog[..., 0] > 100) & (dog[..., 2] < 60)).mean() > 0.4  # cropped
-    skipped = dict(line.split("\t") for line in (out / "skipped.tsv").read_text().splitlines()[1:])
-    assert skipped["animals/cat_link.svg"] == "duplicate: symlink to animals/cat_drawing_01.svg"
-    assert skipped["animals/cat_drawing_01_copy.svg"] == "duplicate: same bytes as animals/cat_drawing_01.svg"
-    assert skipped["computer/icons/lemon-theme/save.svg"].startswith("icon")
-    assert skipped["shapes/stars/star_5pt.svg"].startswith("star shape")
-    assert skipped["special/gradients/g1.svg"].startswith("gradient swatch")
-    assert skipped["misc/untitled.svg"] == "no title"
-    assert skipped["misc/empty.svg"].startswith("render failed")
+    skipped = {where: (reason, detail) for where, reason, detail in read_skipped(out / "skipped.tsv")}
+    assert skipped["animals/cat_link.svg"] == ("duplicate", "symlink to animals/cat_drawing_01.svg")
+    assert skipped["animals/cat_drawing_01_copy.svg"] == ("duplicate", "same bytes as animals/cat_drawing_01.svg")
+    assert skipped["computer/icons/lemon-theme/save.svg"] == ("icon", "icon theme category")
+    assert skipped["shapes/stars/star_5pt.svg"] == ("star shape", "generated series")
+    assert skipped["special/gradients/g1.svg"] == ("gradient swatch, not a drawing", "")
+    assert skipped["misc/untitled.svg"] == ("no title", "")
+    assert skipped["misc/empty.svg"][0] == "render failed" and "nothing drawn" in skipped["misc/empty.svg"][1]
     assert "misc/broken.svg" in skipped and "misc/photo.svg" in skipped and "misc/gpl.svg" in skipped
     card = (out / "datacard.md").read_text()
     assert "public-domain" in card and f"| train | {c['train_images']} |" in card
