@@ -5,7 +5,7 @@ leaves a ``.littune-dataset.json`` stamp). Every file goes through :mod:`littune
 ever half-written: CSV tables with an ``image,caption`` header and paths relative to the CSV
 (:func:`write_csv`), the ``skipped.tsv`` report, JSON manifests, and optional WebDataset tar shards
 (``key.png`` + ``key.json`` with the captions) with fixed tar headers, so the bytes are reproducible
-(:func:`write_wds`). A builder notes each item it leaves out as ``(where, message)``; a message
+(:func:`write_wds`); evaluation folders hard-link the rendered PNGs (:func:`link_or_copy`). A builder notes each item it leaves out as ``(where, message)``; a message
 reads ``"reason: detail"`` or ``"reason (detail)"`` and becomes one ``where, reason, detail`` row of
 ``skipped.tsv`` (:func:`skipped_rows`); the datacard counts the rows by reason.
 """
@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -112,7 +111,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copyfile(src, dst)
+        atomic_write(dst, Path(src).read_bytes())
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:

@@ -28,7 +28,7 @@ from .designs import DESIGNS, REFERENCE_DESIGNS, resolve_designs, resolve_heldou
 from .iconify import IconSet
 from .matching import NameIndex, match_icons
 
-Skipped = list  # of (where, message): one line of skipped.tsv each
+Skipped = list[tuple[str, str]]  # (where, message): one row of skipped.tsv each
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Packages that hold the same or derived art count as one family (Noto and Noto v1; EmojiOne v1 and
 v2; Fluent flat, 3D and high contrast), so holding out a design holds out its whole family
-(:func:`resolve_heldout`). Twemoji and OpenMoji are held out by default, and their ``chars.json``
-(code point -> icon name) is the reference that name-only sets are matched against.
+(:func:`resolve_heldout`). Twemoji and OpenMoji are held out by default; their ``chars.json``
+(code point -> icon name), with those of the other selected code-point sets, is what the
+name-only sets are matched against.
 """
 
 from __future__ import annotations

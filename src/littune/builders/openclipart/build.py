@@ -24,7 +24,7 @@ from .clips import Clip
 from .scan import fetch_source, find_svg_root, scan
 
 SPLITS = ("train", "val", "test")
-Skipped = list  # of (where, message): one line of skipped.tsv each
+Skipped = list[tuple[str, str]]  # (where, message): one row of skipped.tsv each
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Each SVG of Openclipart 0.18 carries its metadata inside the file (``dc:title``, ``dc:subject``
 keywords, ``dc:description``, the creator and the licence). :func:`parse_clip` reads them, cleans
-them ("Clipart by X - " prefixes, underscores, tool noise in the keywords, e-mail addresses as
-descriptions) and says why a drawing is unusable: not valid XML, an external image reference, no
+them ("Clipart by X - " prefixes, underscores, tool noise and the author's name in the keywords,
+descriptions that are only an e-mail address or a link) and says why a drawing is unusable: not valid XML, an external image reference, no
 title, or a licence that is not public domain. A clip's captions are the cleaned title, the title
 with its keywords, and the description when there is one.
 """
