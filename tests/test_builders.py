@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,11 @@ from PIL import Image
 pytest.importorskip("resvg_py")
 
 from littune.cli import main  # noqa: E402
-from littune.datasets import common, emoji, openclipart  # noqa: E402
-from littune.datasets.render import RenderError, available_renderers, render_svg  # noqa: E402
+from littune.builders import emoji, fetch, openclipart  # noqa: E402
+from littune.builders.output import reason_and_detail  # noqa: E402
+from littune.builders.render import RenderError, available_renderers, render_svg  # noqa: E402
 from littune.errors import LittuneError  # noqa: E402
+from littune.fileio import read_skipped  # noqa: E402
 
 SIZE = 32
 
@@ -315,11 +318,17 @@ def test_emoji_build_layout_and_splits(emoji_build):
     assert set(p.name for p in (out / "eval" / "heldout_concepts").iterdir() if p.is_dir()) <= held
     assert set(p.name for p in (out / "eval" / "heldout_both").iterdir() if p.is_dir()) <= held
 
-    skipped = (out / "skipped.tsv").read_text()
-    assert "image noto/banana\trender failed" in skipped
-    assert "icon twemoji:thumbs-up-medium-skin-tone\tskin-tone variant" in skipped
-    assert "icon fxemoji:alienmonster\ticon name matches no emoji concept" in skipped
+    assert (out / "skipped.tsv").read_text().splitlines()[0] == "where\treason\tdetail"
+    rows = read_skipped(out / "skipped.tsv")
+    assert len(rows) == m["counts"]["skipped"] and all(len(r) == 3 and r[0] and r[1] for r in rows)
+    skipped = {where: (reason, detail) for where, reason, detail in rows}
+    assert skipped["image noto/banana"][0] == "render failed" and "nothing drawn" in skipped["image noto/banana"][1]
+    assert skipped["icon twemoji:thumbs-up-medium-skin-tone"] == ("skin-tone variant", "")
+    assert skipped["icon fxemoji:alienmonster"] == ("icon name matches no emoji concept", "")
+    assert skipped["icon streamline:red-apple-2"] == ("another icon of this set drew the same concept", "red-apple-1")
     card = (out / "datacard.md").read_text()
+    for reason, n in Counter(r[1] for r in rows).items():  # the datacard counts the reason column
+        assert f"| {reason} | {n} |" in card
     assert "| fxemoji |" in card and "Held-out design families (never trained on): twemoji, openmoji" in card
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == m["counts"] and manifest["seed"] == 0
@@ -434,16 +443,16 @@ print(json.dumps(out))
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     cache = tmp_path / "cache"
-    got = common.fetch_npm(["@iconify-json/twemoji", "emojibase-data"], cache, log=lambda m: None)
+    got = fetch.fetch_npm(["@iconify-json/twemoji", "emojibase-data"], cache, log=lambda m: None)
     assert got["@iconify-json/twemoji"] == cache / "npm" / "@iconify-json" / "twemoji"
     assert (got["emojibase-data"] / "en" / "data.json").is_file()
-    again = common.fetch_npm(["@iconify-json/twemoji", "emojibase-data"], cache, log=lambda m: None)
+    again = fetch.fetch_npm(["@iconify-json/twemoji", "emojibase-data"], cache, log=lambda m: None)
     assert again == got and len(log.read_text().splitlines()) == 1  # second call downloads nothing
-    common.fetch_npm(["@iconify-json/twemoji@1.0.0", "@iconify-json/noto"], cache, log=lambda m: None)
+    fetch.fetch_npm(["@iconify-json/twemoji@1.0.0", "@iconify-json/noto"], cache, log=lambda m: None)
     assert log.read_text().splitlines()[-1].endswith("@iconify-json/noto")  # only the missing one
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(LittuneError, match="npm not found"):
-        common.fetch_npm(["@iconify-json/openmoji"], cache, log=lambda m: None)
+        fetch.fetch_npm(["@iconify-json/openmoji"], cache, log=lambda m: None)
 
 
 def test_cli_emoji(npm_dir, tmp_path, capsys):
@@ -559,15 +568,18 @@ def test_openclipart_build(clipart_tree, tmp_path):
     assert len({r["caption"] for r in retrieval}) == len(retrieval) == c["retrieval_test_rows"]
     dog = np.asarray(Image.open(out / "images" / "animals__small_dog_01.png"))
     assert dog.shape == (SIZE, SIZE, 3) and ((dog[..., 0] > 100) & (dog[..., 2] < 60)).mean() > 0.4  # cropped
-    skipped = dict(line.split("\t") for line in (out / "skipped.tsv").read_text().splitlines()[1:])
-    assert skipped["animals/cat_link.svg"] == "duplicate: symlink to animals/cat_drawing_01.svg"
-    assert skipped["animals/cat_drawing_01_copy.svg"] == "duplicate: same bytes as animals/cat_drawing_01.svg"
-    assert skipped["computer/icons/lemon-theme/save.svg"].startswith("icon")
-    assert skipped["shapes/stars/star_5pt.svg"].startswith("star shape")
-    assert skipped["special/gradients/g1.svg"].startswith("gradient swatch")
-    assert skipped["misc/untitled.svg"] == "no title"
-    assert skipped["misc/empty.svg"].startswith("render failed")
+    skipped = {where: (reason, detail) for where, reason, detail in read_skipped(out / "skipped.tsv")}
+    assert skipped["animals/cat_link.svg"] == ("duplicate", "symlink to animals/cat_drawing_01.svg")
+    assert skipped["animals/cat_drawing_01_copy.svg"] == ("duplicate", "same bytes as animals/cat_drawing_01.svg")
+    assert skipped["computer/icons/lemon-theme/save.svg"] == ("icon", "icon theme category")
+    assert skipped["shapes/stars/star_5pt.svg"] == ("star shape", "generated series")
+    assert skipped["special/gradients/g1.svg"] == ("gradient swatch, not a drawing", "")
+    assert skipped["misc/untitled.svg"] == ("no title", "")
+    assert skipped["misc/empty.svg"][0] == "render failed" and "nothing drawn" in skipped["misc/empty.svg"][1]
     assert "misc/broken.svg" in skipped and "misc/photo.svg" in skipped and "misc/gpl.svg" in skipped
+    assert skipped["misc/gpl.svg"] == ("licence is not public domain", "http://creativecommons.org/licenses/GPL/2.0/")
+    assert (out / "skipped.tsv").read_text().splitlines()[0] == "where\treason\tdetail"
+    assert len(skipped) == c["skipped"]
     card = (out / "datacard.md").read_text()
     assert "public-domain" in card and f"| train | {c['train_images']} |" in card
     assert sorted(p.relative_to(out / "wds").as_posix() for p in (out / "wds").rglob("*.tar")) == [
@@ -612,3 +624,25 @@ def test_cli_help_lists_designs():
     proc = subprocess.run([sys.executable, "-m", "littune", "data", "emoji", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "fluent-3d (fluent, not default)" in proc.stdout and "--limit-concepts" in proc.stdout
+
+
+def test_skip_messages_split_into_reason_and_detail():
+    assert reason_and_detail("duplicate: same bytes as a.svg") == ("duplicate", "same bytes as a.svg")
+    assert reason_and_detail("not valid XML (no element found: line 1)") == ("not valid XML", "no element found: line 1")
+    assert reason_and_detail("equals a held-out concept's caption; dropped from 2 training image(s)") == (
+        "equals a held-out concept's caption", "dropped from 2 training image(s)")
+    assert reason_and_detail("no title") == ("no title", "")
+
+
+def test_openclipart_without_usable_drawings_reports_why(tmp_path):
+    src = tmp_path / "svg" / "misc"
+    src.mkdir(parents=True)
+    (src / "broken.svg").write_text("<svg><metadata>")
+    (src / "untitled.svg").write_text(_clip("", SHAPE.format("#f00")))
+    out = tmp_path / "oc"
+    with pytest.raises(LittuneError, match="no usable drawings among 2 SVG files"):
+        openclipart.build_openclipart(out, source=tmp_path / "svg", size=SIZE, workers=1, log=lambda msg: None)
+    assert (out / "skipped.tsv").read_text().splitlines()[0] == "where\treason\tdetail"
+    rows = read_skipped(out / "skipped.tsv")
+    assert [(w, r) for w, r, _ in rows] == [("misc/broken.svg", "not valid XML"), ("misc/untitled.svg", "no title")]
+    assert not (out / "manifest.json").exists() and not (out / "train.csv").exists()

@@ -47,11 +47,11 @@ def prepare(out: Path, quick: bool, tower: str | dict = "efficientnet-lite0", pr
             **build_options) -> dict:
     """Build (or reuse) the emoji data and the embedding caches of ``tower``; return their paths.
 
-    ``build_options`` go to :func:`littune.datasets.emoji.build_emoji` (tests pass a fake
+    ``build_options`` go to :func:`littune.builders.emoji.build_emoji` (tests pass a fake
     ``packages`` folder and a small ``size``).
     """
     from .cache import embed_source
-    from .datasets.emoji import build_emoji
+    from .builders.emoji import build_emoji
     from .towers.image import build_image_tower
 
     data = out / ("data/emoji-quick" if quick else "data/emoji")

@@ -23,7 +23,7 @@ def _csv_list(text: str) -> list[str]:
 
 
 def _designs_help() -> str:
-    from littune.datasets.emoji import DESIGNS
+    from littune.builders.emoji.designs import DESIGNS
 
     return "; ".join(f"{d.name} ({d.family}{'' if d.default else ', not default'})" for d in DESIGNS.values())
 
@@ -78,7 +78,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     if args._build == "emoji":
-        from littune.datasets.emoji import build_emoji
+        from littune.builders.emoji import build_emoji
 
         m = build_emoji(args.out, designs=args.designs, heldout_designs=args.heldout_designs,
                         heldout_concepts=args.heldout_concepts, val_fraction=args.val_fraction,
@@ -89,7 +89,7 @@ def run(args) -> int:
               f"({c['train_concepts']} concepts, designs {', '.join(m['train_designs'])}), val {c['val_images']}, "
               f"held-out concepts {c['heldout_concepts']}, held-out designs {', '.join(m['heldout_designs']) or 'none'}")
     else:
-        from littune.datasets.openclipart import build_openclipart
+        from littune.builders.openclipart import build_openclipart
 
         m = build_openclipart(args.out, source=args.source, size=args.size, seed=args.seed, fractions=args.split,
                               limit=args.limit, workers=args.workers, formats=args.format, cache=args.cache)

@@ -15,12 +15,12 @@ Install the renderers with ``pip install resvg-py cairosvg`` (either one is enou
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 from PIL import Image
 
 from ..errors import LittuneError
+from ..fileio import atomic_write
 
 
 # Bump when the drawing code changes what it produces: builders then re-render their cached PNGs.
@@ -174,9 +174,5 @@ def render_svg(svg: str | bytes, size: int = 224, fonts: bool = False,
 
 
 def save_png(img: Image.Image, path: str | Path) -> None:
-    """Write a PNG atomically (temp file + rename) with fixed, deterministic encoder settings."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    img.save(tmp, format="PNG", optimize=False, compress_level=6)
-    os.replace(tmp, path)
+    """Write a PNG atomically (:func:`littune.fileio.atomic_write`) with fixed, deterministic encoder settings."""
+    atomic_write(path, lambda f: img.save(f, format="PNG", optimize=False, compress_level=6))
