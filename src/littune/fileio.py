@@ -46,9 +46,12 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, data: bytes | str | Callable) -> Path:
+def atomic_write(path: str | Path, data: bytes | str | Callable, durable: bool = True) -> Path:
     """Write ``data`` (bytes, text as UTF-8, or a function that writes to a binary file) to ``path``
-    through a temporary file in the same folder: fsync, rename, fsync the folder. Returns ``path``."""
+    through a temporary file in the same folder: fsync, rename, fsync the folder. Returns ``path``.
+
+    ``durable=False`` skips both fsyncs (still never half-written for a reader): for many small files
+    that can be made again, e.g. rendered images, where an fsync each would cost more than the work."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -59,12 +62,14 @@ def atomic_write(path: str | Path, data: bytes | str | Callable) -> Path:
             else:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return path
 
 
