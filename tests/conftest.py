@@ -8,6 +8,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# littune's cache folder (ONNX exports of towers, downloads) is the test session's own, never ~/.cache.
+if "LITTUNE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["LITTUNE_CACHE"] = tempfile.mkdtemp(prefix="littune-test-cache-")
 
 CAPTIONS = [
     "a red apple", "a green apple", "a cat on a mat", "a black dog", "a yellow school bus",

@@ -166,3 +166,26 @@ def test_a_tower_whose_export_disagrees_falls_back_to_torch_saying_why(capfd):
 def test_unknown_runtime_is_a_clear_error():
     with pytest.raises(LittuneError, match="unknown runtime 'tensorrt'; use one of auto, torch, onnxruntime"):
         open_runner(build_image_tower(SPEC), "tensorrt")
+
+
+def test_embed_on_either_runtime_gives_the_same_cache_up_to_float16_rounding(tmp_path):
+    from littune.cache import embed_source
+    from PIL import Image
+
+    rows = ["image,caption"]
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,picture {i}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    tower = build_image_tower(SPEC)
+    caches = {rt: embed_source(tmp_path / "pairs.csv", tower, tmp_path / rt, runtime=rt, workers=0, dtype="float32",
+                               progress=False, shard_size=5) for rt in ("torch", "onnxruntime")}
+    a, b = (caches[rt].features(np.arange(12)) for rt in ("torch", "onnxruntime"))
+    assert_agree(a, b, 1e-5)
+    assert caches["torch"].tower_fingerprint == caches["onnxruntime"].tower_fingerprint == tower.fingerprint()
+    for rt, cache in caches.items():
+        assert cache.manifest["runtime"] == rt
+        assert {s["runtime"] for s in cache.manifest["shards"]} == {rt}
+    assert embed_source(tmp_path / "pairs.csv", tower, tmp_path / "auto", workers=0, progress=False
+                        ).manifest["runtime"] == "onnxruntime"  # auto, on a CPU, for a tower that exports

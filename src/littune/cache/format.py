@@ -99,7 +99,7 @@ def shard_complete(out: Path, s: int, phash: str, verify: bool = True) -> dict |
 
 
 def write_shard(out: Path, shard: int, arr: np.ndarray, np_dtype, phash: str, records: list[int],
-                good: list[int], skipped: list, overflow: str, fix: str) -> dict:
+                good: list[int], skipped: list, overflow: str, fix: str, runtime: str | None = None) -> dict:
     """Write shard ``shard``: the float32 ``arr`` (count, 1 + views, dim) stored as ``np_dtype``, then
     its ``.json`` (last: the shard counts as complete once that exists). Returns the commit record."""
     with np.errstate(over="ignore"):  # an overflow is caught just below, with a clear message
@@ -110,14 +110,19 @@ def write_shard(out: Path, shard: int, arr: np.ndarray, np_dtype, phash: str, re
     write_npy(npy, stored)
     meta = {"shard": shard, "plan": phash, "records": records, "count": len(good), "bytes": npy.stat().st_size,
             "sha256": sha256(npy), "good": good, "skipped": skipped}
+    if runtime:
+        meta["runtime"] = runtime
     write_json(js, meta)
     return meta
 
 
 def manifest_entry(shard: int, start: int, meta: dict) -> dict:
     """The manifest's line for a shard whose commit record is ``meta`` and whose first row is ``start``."""
-    return {"file": f"{SHARD_DIR}/{shard:05d}.npy", "start": start, "count": meta["count"],
-            "records": meta["records"], "bytes": meta["bytes"], "sha256": meta["sha256"]}
+    entry = {"file": f"{SHARD_DIR}/{shard:05d}.npy", "start": start, "count": meta["count"],
+             "records": meta["records"], "bytes": meta["bytes"], "sha256": meta["sha256"]}
+    if meta.get("runtime"):
+        entry["runtime"] = meta["runtime"]
+    return entry
 
 
 # -- the global tables and the manifest --------------------------------------------------------
@@ -170,6 +175,7 @@ def _manifest(plan: dict, shards: list[dict], files: dict, count: int, captions:
         "tower_fingerprint": plan["tower_fingerprint"],
         "tower_name": plan["tower_name"],
         "tower_spec": plan["tower_spec"],
+        "runtime": "+".join(sorted({s["runtime"] for s in shards if s.get("runtime")})) or None,
         "preprocess": plan["preprocess"],
         "source_fingerprint": plan["source_fingerprint"],
         "source": plan["source"],

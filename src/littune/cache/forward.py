@@ -1,8 +1,9 @@
 """The locked tower as one function: a batch of pixels in, a float32 feature matrix out.
 
 The cache writer calls the tower only through :func:`tower_forward`'s result, from one or more
-forward lanes (threads) at once, so whatever runs the tower -- torch eager here -- plugs in at this
-one place: ``forward(pixels: torch.Tensor (B, 3, S, S)) -> np.ndarray (B, dim) float32``.
+forward lanes (threads) at once. What computes it is a :mod:`littune.runtime` runner: onnxruntime
+on a CPU when the tower exports, torch otherwise (``runtime``: auto, torch or onnxruntime).
+``forward(pixels: torch.Tensor (B, 3, S, S)) -> np.ndarray (B, dim) float32``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import LittuneError
+from ..runtime import open_runner
 
 
 def tower_device(tower: torch.nn.Module) -> torch.device:
@@ -23,27 +25,33 @@ def tower_device(tower: torch.nn.Module) -> torch.device:
 
 
 class TowerForward:
-    """``forward(pixels)``: the tower's features of a batch under ``torch.inference_mode()``.
+    """``forward(pixels)``: the tower's features of a batch, computed by ``runner``.
 
     Called from several lanes at once (it holds no state that a call changes). Checks that the tower
-    gives ``(batch, dim)`` features."""
+    gives ``(batch, dim)`` features. ``runtime`` names what computes them; :meth:`close` gives the
+    tower back as it was."""
 
-    def __init__(self, tower: torch.nn.Module, device: torch.device, dim: int, name: str):
-        self.tower, self.device, self.dim, self.name = tower, device, dim, name
+    def __init__(self, runner, dim: int, name: str):
+        self.runner, self.dim, self.name = runner, dim, name
+        self.runtime: str = runner.name
 
     def __call__(self, pixels: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            y = self.tower(pixels.to(self.device, non_blocking=True))
+        y = self.runner(pixels)
         if y.ndim != 2 or y.shape[-1] != self.dim:
             raise LittuneError(f"image tower {self.name} returned shape {tuple(y.shape)}, "
                                f"expected (batch, {self.dim})")
-        return y.float().cpu().numpy()
+        return y
+
+    def close(self) -> None:
+        self.runner.close()
 
 
-def tower_forward(tower: torch.nn.Module, device: str | torch.device | None = None) -> TowerForward:
+def tower_forward(tower: torch.nn.Module, device: str | torch.device | None = None, runtime: str = "auto",
+                  threads: int | None = None) -> TowerForward:
     """The forward function of the (eval-mode, locked) ``tower`` on ``device`` (default: where its
-    weights are; the tower is moved there)."""
+    weights are; the tower is moved there) through ``runtime``; ``threads``: onnxruntime's intra-op
+    threads per call (torch's are the process's)."""
     dev = torch.device(device) if device is not None else tower_device(tower)
-    if dev != tower_device(tower):
-        tower.to(dev)
-    return TowerForward(tower, dev, int(tower.dim), getattr(tower, "name", type(tower).__name__))
+    dim = int(tower.dim)
+    runner = open_runner(tower, runtime, device=dev, threads=threads)
+    return TowerForward(runner, dim, getattr(tower, "name", type(tower).__name__))

@@ -77,8 +77,9 @@ class _Shard:
 class _Writer:
     """Shards waiting for their forward jobs, written in order."""
 
-    def __init__(self, out: Path, plan: dict, phash: str):
+    def __init__(self, out: Path, plan: dict, phash: str, runtime: str | None):
         self.out, self.phash, self.views, self.dim = out, phash, plan["views"], plan["dim"]
+        self.runtime = runtime
         self.np_dtype = np.float16 if plan["dtype"] == "float16" else np.float32
         self.queue: deque[_Shard] = deque()
 
@@ -89,7 +90,8 @@ class _Writer:
             arr = np.concatenate(feats) if feats else np.zeros((0, self.dim), np.float32)
             write_shard(self.out, job.shard, arr.reshape(len(job.good), 1 + self.views, self.dim), self.np_dtype,
                         self.phash, [job.lo, job.hi], job.good, job.skipped,
-                        overflow="tower features exceed the float16 range", fix="use --dtype float32")
+                        overflow="tower features exceed the float16 range", fix="use --dtype float32",
+                        runtime=self.runtime)
 
 
 def _embed_shard(job: _Shard, items, lanes: Lanes, per_batch: int, bar) -> _Shard:
@@ -129,7 +131,7 @@ def run_shards(out: Path, records, todo: list[int], forward: Forward, preprocess
     size, n = plan["shard_size"], len(records)
     spans = [(s, s * size, min(n, (s + 1) * size)) for s in todo]
     items = decoded(records, [i for _, lo, hi in spans for i in range(lo, hi)], preprocess, plan, batch_size, workers)
-    writer = _Writer(out, plan, phash)
+    writer = _Writer(out, plan, phash, getattr(forward, "runtime", None))
     pool = Lanes(forward, lanes, after=writer.write_ready)
     bar = _progress(total, done, progress)
     per_batch = max(1, batch_size // (1 + plan["views"]))

@@ -20,6 +20,7 @@ import torch
 
 from ..data.decode import DEFAULT_MAX_PIXELS
 from ..errors import LittuneError
+from ..runtime import check_runtime
 from .format import (DTYPES, MANIFEST, SHARD_DIR, make_plan, manifest_entry, plan_hash, shard_complete,
                      write_shard, write_tables)
 from .forward import tower_device, tower_forward
@@ -33,7 +34,7 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
                  batch_size: int | None = None, workers: int | None = None, shard_size: int = 2048,
                  resume: bool = True, progress: bool = True, seed: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  device: str | torch.device | None = None, distributed: bool = False,
-                 lanes: int | None = None, threads: int | None = None) -> EmbeddingCache:
+                 lanes: int | None = None, threads: int | None = None, runtime: str = "auto") -> EmbeddingCache:
     """Run the locked ``tower`` over every image of ``source`` and write the cache in ``out_dir``.
 
     ``source``: a :class:`~littune.data.sources.Source` or anything :func:`open_source` takes;
@@ -43,12 +44,16 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
     pass, ``lanes`` concurrent forward passes of ``threads`` torch threads each (defaults:
     :func:`default_workers`, :func:`default_batch_size`, :func:`default_lanes`, :func:`default_threads`;
     on 2 cores: 2 workers, batches of 16, 2 single-threaded lanes). Workers and lanes never change
-    the cache's bytes; the thread count can change the last bits of a float32 feature.
+    the cache's bytes; the thread count can change the last bits of a float32 feature. ``runtime``
+    (:mod:`littune.runtime`: ``auto``, ``torch`` or ``onnxruntime``) says what computes the features;
+    it does not change the tower's fingerprint (the runtimes agree far inside float16 rounding) and
+    each shard records its runtime, the manifest all of them.
     ``resume`` continues an interrupted run (``False`` starts over). With ``distributed=True`` every
     rank of the initialised process group must call this; the shards are split over the ranks.
     Returns the opened cache.
     """
     _check_options(dtype, views, batch_size, shard_size, workers)
+    check_runtime(runtime)
     source, tower = _open_inputs(source, tower)
     workers = default_workers() if workers is None else int(workers)
     rank, world = _rank_and_world(distributed)
@@ -68,11 +73,9 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
                 (out / MANIFEST).unlink(missing_ok=True)  # the cache is incomplete until _finalize
             _barrier(world)
             if todo:
-                dev = torch.device(device) if device is not None else tower_device(tower)
-                done, total = _record_counts(plan, mine, todo)
-                run_shards(out, records, todo, tower_forward(tower, dev), tower.preprocess, plan, phash,
-                           **_speed(dev, batch_size, workers, lanes, threads), progress=progress and rank == 0,
-                           done=done, total=total)
+                _embed_shards(out, records, todo, tower, plan, phash, device, runtime,
+                              _record_counts(plan, mine, todo), progress=progress and rank == 0,
+                              speed=(batch_size, workers, lanes, threads))
             _barrier(world)
             if rank == 0 and (pending or not (out / MANIFEST).exists()):
                 _finalize(out, source, records, plan, phash)
@@ -81,6 +84,19 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
                 unlock(held)
     _barrier(world)
     return EmbeddingCache.open(out, verify=False)
+
+
+def _embed_shards(out: Path, records, todo: list[int], tower, plan: dict, phash: str, device, runtime: str,
+                  counts: tuple[int, int], progress: bool, speed: tuple) -> None:
+    """Embed shards ``todo`` with the tower on ``runtime`` (threads set first: onnxruntime takes them)."""
+    dev = torch.device(device) if device is not None else tower_device(tower)
+    settings = _speed(dev, *speed)
+    forward = tower_forward(tower, dev, runtime, threads=torch.get_num_threads())
+    try:
+        run_shards(out, records, todo, forward, tower.preprocess, plan, phash, **settings, progress=progress,
+                   done=counts[0], total=counts[1])
+    finally:
+        forward.close()
 
 
 def _check_options(dtype: str, views: int, batch_size: int | None, shard_size: int, workers: int | None) -> None:

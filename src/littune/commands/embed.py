@@ -50,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start over even if CACHE holds an interrupted run")
     p.add_argument("--seed", type=int, default=0, help="seed of the augmented views (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="what runs the tower: auto (default) takes onnxruntime on a CPU when the tower exports "
+                        "to ONNX (once, kept in littune's cache folder), torch otherwise (channels_last; "
+                        "float16 autocast on CUDA); recorded in the cache manifest, features agree within "
+                        "float16 rounding")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="skip images with more pixels than this (default 89,478,485, Pillow's limit)")
     g = p.add_argument_group("source options")
@@ -121,7 +126,7 @@ def run(args) -> int:
             source, tower, args.out, dtype=args.dtype, views=args.views, batch_size=args.batch_size,
             workers=args.workers, shard_size=args.shard_size, resume=args.resume, progress=not args.quiet,
             seed=args.seed, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, device=device,
-            distributed=world > 1, lanes=args.lanes, threads=args.threads)
+            distributed=world > 1, lanes=args.lanes, threads=args.threads, runtime=args.runtime)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
