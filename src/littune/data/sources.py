@@ -21,6 +21,19 @@ Problems in the index itself -- a row with no image, captions with no image in a
 anything: they are collected in :attr:`Source.problems` (``(where, reason)``) and reported with the
 images that fail to decode. Structural errors (a missing column, a line that is not JSON) raise
 :class:`~littune.errors.LittuneError` naming the file and line.
+
+Fingerprints. :meth:`Source.fingerprint` (``<type>-<16 hex digits>``) ties an embedding cache to what
+was read. It is a sha256 over the reader type; the options that change how the index is parsed
+(``image_column``, ``caption_column``, ``caption_sep``, ``delimiter``, as far as the reader uses them);
+the index file's whole content (CSV/TSV, JSONL, COCO JSON); each tar shard's file name, byte size and
+``mtime_ns``, in order; then every record in order: its key, its captions, its tar member size, and for
+an image in its own file that file's byte size and ``mtime_ns`` -- one ``stat`` per image, no image
+bytes read (``-1`` for a file that cannot be stat'ed). Every other option (``image_root``,
+``encoding``) acts through what it makes the records and stamps. So where the images are counts
+through the files found there: the same index pointed at other files, or an image rewritten or
+touched, gives another fingerprint. Absolute paths do not enter: a copy that keeps sizes and mtimes
+(``cp -a``, ``rsync -a``, ``shutil.copytree``) is the same source, and a dataset may move without
+invalidating its cache.
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ from .records import Record
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_path", "path", "file", "filename", "file_name", "img")
 CAPTION_COLUMNS = ("caption", "captions", "text", "title", "sentence", "label")
 TAR_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
-_FINGERPRINT_VERSION = "1"
+_FINGERPRINT_VERSION = "2"
 
 
 def _clean_captions(values: list[Any], sep: str | None = None) -> list[str]:
@@ -96,7 +109,9 @@ class Source:
         return f"{self.type}:{self.path}"
 
     def fingerprint(self) -> str:
-        """``<type>-<sha256 prefix>`` over the records (keys, captions) and the source's content."""
+        """``<type>-<sha256 prefix>`` over the records, the index and the image files' stamps.
+
+        See "Fingerprints" in the module docstring for exactly what enters it."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(f"littune-source-v{_FINGERPRINT_VERSION}|{self.type}|".encode())
@@ -105,7 +120,8 @@ class Source:
             for part in self._content():
                 h.update(part)
             for r in self.records():
-                h.update(json.dumps([r.key, r.captions, r.size], ensure_ascii=False).encode())
+                stamp = _stamp(r.path) if r.path is not None else None
+                h.update(json.dumps([r.key, r.captions, r.size, stamp], ensure_ascii=False).encode())
             self._fingerprint = f"{self.type}-{h.hexdigest()[:16]}"
         return self._fingerprint
 
@@ -126,6 +142,15 @@ class Source:
 
 def _file_digest(path: str) -> bytes:
     return bytes.fromhex(hash_file(path))
+
+
+def _stamp(path: str) -> list[int]:
+    """``[size, mtime_ns]`` of a file from one ``stat`` (no reading); ``[-1, -1]`` if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return [-1, -1]
+    return [st.st_size, st.st_mtime_ns]
 
 
 class _Grouper:
@@ -288,7 +313,6 @@ class FolderSource(Source):
     def _load(self) -> list[Record]:
         root = Path(self.path)
         records = []
-        sizes = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             names = set(filenames)
@@ -303,17 +327,7 @@ class FolderSource(Source):
                         break
                 rel = Path(full).relative_to(root).as_posix()
                 records.append(Record(key=rel, captions=caps, path=full))
-                try:
-                    sizes.append(os.stat(full).st_size)
-                except OSError:
-                    sizes.append(-1)
-        order = sorted(range(len(records)), key=lambda i: records[i].key)
-        self._sizes = [sizes[i] for i in order]
-        return [records[i] for i in order]
-
-    def _content(self) -> Iterator[bytes]:
-        self.records()
-        yield json.dumps(self._sizes).encode()
+        return sorted(records, key=lambda r: r.key)
 
 
 def _read_caption_file(path: str, source: Source) -> list[str]:
@@ -517,7 +531,8 @@ class WebDatasetSource(Source):
 
     def _content(self) -> Iterator[bytes]:
         for s in self.shards:
-            yield f"{Path(s).name}:{os.path.getsize(s)}|".encode()
+            size, mtime_ns = _stamp(s)
+            yield f"{Path(s).name}:{size}:{mtime_ns}|".encode()
 
 
 # ---------------------------------------------------------------------------------------------
