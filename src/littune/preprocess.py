@@ -8,6 +8,7 @@ normalised with the tower's mean and std. Pillow and numpy only: no torchvision 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -57,11 +58,10 @@ class Preprocess:
         return cls(**d)
 
     def key(self) -> str:
-        """A short stable string for fingerprints."""
-        return (
-            f"size={self.size},resize={self.resize_to},mean={list(self.mean)},std={list(self.std)},"
-            f"interp={self.interpolation}"
-        )
+        """A short stable string for fingerprints: every field (all change the pixels a tower sees,
+        the crop ranges the augmented views), with ``resize`` as the size it resolves to."""
+        d = {**self.to_dict(), "resize": self.resize_to}
+        return ",".join(f"{k}={json.dumps(d[k])}" for k in sorted(d))
 
     # -- transforms -------------------------------------------------------------------------------
     def _normalise(self, img: Image.Image) -> torch.Tensor:
