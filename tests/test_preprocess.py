@@ -24,6 +24,12 @@ def test_key_is_stable_for_equal_specs():
     assert Preprocess(size=224, resize=256).key() == Preprocess(size=224).key()  # 224 / 0.875 = 256
 
 
+def test_key_of_a_default_augmentation_spec_is_the_one_saved_models_and_caches_carry():
+    """Tower fingerprints hash this string: it must not move, or every saved model fails to load."""
+    assert Preprocess(size=224).key() == ("size=224,resize=256,mean=[0.485, 0.456, 0.406],"
+                                          "std=[0.229, 0.224, 0.225],interp=bicubic")
+
+
 @pytest.mark.parametrize("name", sorted(OTHER))
 def test_key_changes_with_every_field(name):
     """Bug: crop_scale and crop_ratio were left out, so caches of other augmentations were resumed."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -63,10 +63,19 @@ class Preprocess:
         return cls(**d)
 
     def key(self) -> str:
-        """A short stable string for fingerprints: every field (all change the pixels a tower sees,
-        the crop ranges the augmented views), with ``resize`` as the size it resolves to."""
-        d = {**self.to_dict(), "resize": self.resize_to}
-        return ",".join(f"{k}={json.dumps(d[k])}" for k in sorted(d))
+        """A short stable string for fingerprints, covering every field (all of them change the pixels a
+        tower sees; the crop ranges change the augmented views).
+
+        The fields of the first version (size, resize, mean, std, interpolation) keep their old
+        spelling, and any other field enters only when it differs from its default: the key of a
+        default-augmentation spec -- and so the fingerprint of every tower, model and cache made before
+        the crop ranges entered -- is unchanged, while any other crop range gives another key."""
+        key = (f"size={self.size},resize={self.resize_to},mean={list(self.mean)},std={list(self.std)},"
+               f"interp={self.interpolation}")
+        for f in fields(self):
+            if f.name not in _FIRST_KEY_FIELDS and getattr(self, f.name) != _DEFAULTS[f.name]:
+                key += f",{f.name}={json.dumps(getattr(self, f.name))}"
+        return key
 
     # -- transforms -------------------------------------------------------------------------------
     def eval(self, img: Image.Image) -> torch.Tensor:
@@ -143,6 +152,11 @@ class Preprocess:
             cw, ch = w, h
         x0, y0 = (w - cw) // 2, (h - ch) // 2
         return (x0, y0, x0 + cw, y0 + ch)
+
+
+#: the fields :meth:`Preprocess.key` spelled from the start, and every field's default
+_FIRST_KEY_FIELDS = ("size", "resize", "mean", "std", "interpolation")
+_DEFAULTS = Preprocess().to_dict()
 
 
 def _chw_uint8(img: Image.Image) -> torch.Tensor:
