@@ -44,7 +44,6 @@ def clean_captions(values: list[Any], sep: str | None = None) -> list[str]:
     return [c for c in out if c and not (c in seen or seen.add(c))]
 
 
-
 class Source:
     """A collection of images with captions. Subclasses implement :meth:`_load` (and ``_content``)."""
 
@@ -112,7 +111,6 @@ class Source:
         self.problems.append((where, reason))
 
 
-
 def file_digest(path: str) -> bytes:
     """The sha256 of a whole file (an index file: CSV, JSONL, COCO JSON)."""
     return bytes.fromhex(hash_file(path))
@@ -125,7 +123,6 @@ def file_stamp(path: str) -> list[int]:
     except (OSError, ValueError):
         return [-1, -1]
     return [st.st_size, st.st_mtime_ns]
-
 
 
 class RecordGrouper:
@@ -144,7 +141,6 @@ class RecordGrouper:
 
     def records(self) -> list[Record]:
         return list(self.by_key.values())
-
 
 
 def normalise_key(image: str) -> str:
