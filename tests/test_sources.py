@@ -215,3 +215,56 @@ def test_open_source_detection_and_errors(tmp_path):
         open_source(path, colour="red")
     with pytest.raises(ConfigError, match="unknown source type"):
         open_source({"type": "parquet", "path": str(path)})
+
+
+def _grow(path) -> None:
+    """Change a file's size (and so its stamp) without renaming it."""
+    with open(path, "ab") as f:
+        f.write(b"\0")
+
+
+def test_fingerprint_follows_the_image_files_of_every_kind(tmp_path):
+    """Bug: the same index pointed at other images (image_root, a changed file) kept its fingerprint."""
+    write_images(tmp_path / "a", 3)
+    write_images(tmp_path / "b", 3, start=3)  # the same names, other pictures
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text("image,caption\nim0000.png,one\nim0001.png,two\nim0002.png,three\n")
+    fp_a = open_source(csv_path, image_root=str(tmp_path / "a")).fingerprint()
+    assert open_source(csv_path, image_root=str(tmp_path / "b")).fingerprint() != fp_a
+    # the same files somewhere else (a copy that keeps sizes and mtimes) are the same images
+    shutil.copytree(tmp_path / "a", tmp_path / "a_copy")
+    assert open_source(csv_path, image_root=str(tmp_path / "a_copy")).fingerprint() == fp_a
+    _grow(tmp_path / "a" / "im0001.png")
+    assert open_source(csv_path, image_root=str(tmp_path / "a")).fingerprint() != fp_a
+
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": f"im{i:04d}.png", "caption": f"c{i}"}) + "\n" for i in range(3)))
+    fp_j = open_source(jsonl, image_root=str(tmp_path / "a_copy")).fingerprint()
+    assert open_source(jsonl, image_root=str(tmp_path / "b")).fingerprint() != fp_j
+
+    coco = {"images": [{"id": i, "file_name": f"im{i:04d}.png"} for i in range(3)],
+            "annotations": [{"image_id": i, "caption": f"c{i}"} for i in range(3)]}
+    coco_path = tmp_path / "captions_x.json"
+    coco_path.write_text(json.dumps(coco))
+    fp_c = open_source(coco_path, image_root=str(tmp_path / "a_copy")).fingerprint()
+    assert open_source(coco_path, image_root=str(tmp_path / "b")).fingerprint() != fp_c
+
+    (tmp_path / "a_copy" / "im0000.txt").write_text("a caption")
+    fp_f = open_source(tmp_path / "a_copy").fingerprint()
+    _grow(tmp_path / "a_copy" / "im0002.png")  # no caption, no key changes: only the file
+    assert open_source(tmp_path / "a_copy").fingerprint() != fp_f
+
+
+def test_fingerprint_follows_tar_shards(tmp_path):
+    (tmp_path / "s").mkdir()
+    shard = write_tar(tmp_path / "s" / "shard-000.tar", _wds_members(0, 3))
+    fp = open_source(shard).fingerprint()
+    shutil.copytree(tmp_path / "s", tmp_path / "s2")
+    assert open_source(tmp_path / "s2" / "shard-000.tar").fingerprint() == fp
+    # rewrite the shard: other bytes of the same length under the same member names, same tar size
+    members = [(n, bytes(reversed(d)) if n.endswith(".webp") else d) for n, d in _wds_members(0, 3)]
+    size = shard.stat().st_size
+    write_tar(shard, members)
+    os.utime(shard, ns=(1, 1))
+    assert shard.stat().st_size == size
+    assert open_source(shard).fingerprint() != fp

@@ -4,13 +4,19 @@ Each image tower carries a :class:`Preprocess` spec (input size, resize rule, me
 evaluation transform is *resize the shorter side, then centre crop*; the training augmentation is
 the Inception-style random resized crop plus horizontal flip. Both produce float32 CHW tensors
 normalised with the tower's mean and std. Pillow and numpy only: no torchvision needed.
+
+Each transform also comes in two halves, so that data-loader workers can ship 4x fewer bytes:
+:meth:`Preprocess.eval_uint8` / :meth:`Preprocess.train_uint8` give the resized, cropped pixels as
+uint8 ``(3, S, S)``, and :meth:`Preprocess.normalize` turns a stacked batch of them into exactly what
+``eval`` / ``train`` return (bit-identical on CPU; the tests check every byte value per channel).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -57,36 +63,76 @@ class Preprocess:
         return cls(**d)
 
     def key(self) -> str:
-        """A short stable string for fingerprints."""
-        return (
-            f"size={self.size},resize={self.resize_to},mean={list(self.mean)},std={list(self.std)},"
-            f"interp={self.interpolation}"
-        )
+        """A short stable string for fingerprints, covering every field (all of them change the pixels a
+        tower sees; the crop ranges change the augmented views).
+
+        The fields of the first version (size, resize, mean, std, interpolation) keep their old
+        spelling, and any other field enters only when it differs from its default: the key of a
+        default-augmentation spec -- and so the fingerprint of every tower, model and cache made before
+        the crop ranges entered -- is unchanged, while any other crop range gives another key."""
+        key = (f"size={self.size},resize={self.resize_to},mean={list(self.mean)},std={list(self.std)},"
+               f"interp={self.interpolation}")
+        for f in fields(self):
+            if f.name not in _FIRST_KEY_FIELDS and getattr(self, f.name) != _DEFAULTS[f.name]:
+                key += f",{f.name}={json.dumps(getattr(self, f.name))}"
+        return key
 
     # -- transforms -------------------------------------------------------------------------------
+    def eval(self, img: Image.Image) -> torch.Tensor:
+        """Resize the shorter side to ``resize_to``, centre crop ``size``, normalise: float32 (3, S, S)."""
+        return self._normalise(self._eval_image(img))
+
+    def train(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """Inception-style random resized crop + random horizontal flip, then normalise."""
+        return self._normalise(self._train_image(img, rng or random))
+
+    def eval_uint8(self, img: Image.Image) -> torch.Tensor:
+        """:meth:`eval` before normalising: the resized, cropped pixels as uint8 (3, S, S)."""
+        return _chw_uint8(self._eval_image(img))
+
+    def train_uint8(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """:meth:`train` before normalising (the same draws from ``rng``): uint8 (3, S, S)."""
+        return _chw_uint8(self._train_image(img, rng or random))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels ``(..., 3, S, S)`` (a batch of :meth:`eval_uint8` / :meth:`train_uint8`) to the
+        float32 tensor :meth:`eval` / :meth:`train` give, on the pixels' device: ``x / 255``, minus the
+        mean, over the std, the same three float32 operations in the same order (bit-identical on CPU)."""
+        if pixels.dtype != torch.uint8 or pixels.dim() < 3 or pixels.shape[-3] != 3:
+            raise ValueError(f"normalize wants uint8 pixels (..., 3, S, S), got {pixels.dtype} {list(pixels.shape)}")
+        dev = pixels.device
+        # Tensors, not Python scalars: CUDA turns division by a scalar into a multiplication by its
+        # reciprocal, which can differ from the true quotient in the last bit.
+        full = torch.full((1, 1, 1), 255.0, dtype=torch.float32, device=dev)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=dev).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=dev).view(3, 1, 1)
+        return (pixels.to(torch.float32) / full - mean) / std
+
     def _normalise(self, img: Image.Image) -> torch.Tensor:
         arr = np.asarray(img, dtype=np.float32) / 255.0
         arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
-    def eval(self, img: Image.Image) -> torch.Tensor:
-        """Resize the shorter side to ``resize_to``, centre crop ``size``, normalise."""
+    def _eval_image(self, img: Image.Image) -> Image.Image:
         img = img.convert("RGB") if img.mode != "RGB" else img
         w, h = img.size
         scale = self.resize_to / min(w, h)
         nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
         img = img.resize((nw, nh), _RESAMPLE[self.interpolation])
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
-        return self._normalise(img)
+        return img.crop((left, top, left + self.size, top + self.size))
 
-    def train(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        """Inception-style random resized crop + random horizontal flip, then normalise."""
-        rng = rng or random
+    def _train_image(self, img: Image.Image, rng) -> Image.Image:
         img = img.convert("RGB") if img.mode != "RGB" else img
-        w, h = img.size
+        box = self._crop_box(*img.size, rng)
+        img = img.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img
+
+    def _crop_box(self, w: int, h: int, rng) -> tuple[int, int, int, int]:
+        """The Inception crop: area in ``crop_scale``, log-uniform aspect in ``crop_ratio``, 10 tries."""
         area = w * h
-        box = None
         for _ in range(10):
             target = area * rng.uniform(*self.crop_scale)
             log_r = (math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
@@ -95,19 +141,23 @@ class Preprocess:
             ch = int(round(math.sqrt(target / ratio)))
             if 0 < cw <= w and 0 < ch <= h:
                 x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
-                box = (x0, y0, x0 + cw, y0 + ch)
-                break
-        if box is None:  # fall back to a centre crop at a clamped aspect ratio
-            in_ratio = w / h
-            if in_ratio < self.crop_ratio[0]:
-                cw, ch = w, int(round(w / self.crop_ratio[0]))
-            elif in_ratio > self.crop_ratio[1]:
-                ch, cw = h, int(round(h * self.crop_ratio[1]))
-            else:
-                cw, ch = w, h
-            x0, y0 = (w - cw) // 2, (h - ch) // 2
-            box = (x0, y0, x0 + cw, y0 + ch)
-        img = img.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box)
-        if rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self._normalise(img)
+                return (x0, y0, x0 + cw, y0 + ch)
+        # fall back to a centre crop at a clamped aspect ratio
+        in_ratio = w / h
+        if in_ratio < self.crop_ratio[0]:
+            cw, ch = w, int(round(w / self.crop_ratio[0]))
+        elif in_ratio > self.crop_ratio[1]:
+            ch, cw = h, int(round(h * self.crop_ratio[1]))
+        else:
+            cw, ch = w, h
+        x0, y0 = (w - cw) // 2, (h - ch) // 2
+        return (x0, y0, x0 + cw, y0 + ch)
+
+
+#: the fields :meth:`Preprocess.key` spelled from the start, and every field's default
+_FIRST_KEY_FIELDS = ("size", "resize", "mean", "std", "interpolation")
+_DEFAULTS = Preprocess().to_dict()
+
+
+def _chw_uint8(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))

@@ -1,0 +1,154 @@
+"""What every source is: a list of :class:`~littune.data.records.Record` (one per image, all of its
+captions), the problems met reading the index, and a fingerprint of what was read.
+
+Fingerprints. :meth:`Source.fingerprint` (``<type>-<16 hex digits>``) ties an embedding cache to what
+was read. It is a sha256 over the reader type; the options that change how the index is parsed
+(``image_column``, ``caption_column``, ``caption_sep``, ``delimiter``, as far as the reader uses them);
+the index file's whole content (CSV/TSV, JSONL, COCO JSON); each tar shard's file name, byte size and
+``mtime_ns``, in order; then every record in order: its key, its captions, its tar member size, and for
+an image in its own file that file's byte size and ``mtime_ns`` -- one ``stat`` per image, no image
+bytes read (``-1`` for a file that cannot be stat'ed). Every other option (``image_root``,
+``encoding``) acts through what it makes the records and stamps. So where the images are counts
+through the files found there: the same index pointed at other files, or an image rewritten or
+touched, gives another fingerprint. Absolute paths do not enter: a copy that keeps sizes and mtimes
+(``cp -a``, ``rsync -a``, ``shutil.copytree``) is the same source, and a dataset may move without
+invalidating its cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..hashing import hash_file
+from .records import Record
+
+_FINGERPRINT_VERSION = "2"
+
+
+def clean_captions(values: list[Any], sep: str | None = None) -> list[str]:
+    """Flatten strings / lists (``sep`` splits a string), strip, drop blanks and repeats, keep order."""
+    out: list[str] = []
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, (list, tuple)):
+            out.extend(clean_captions(list(v), sep))
+            continue
+        parts = str(v).split(sep) if sep else [str(v)]
+        out.extend(p.strip() for p in parts)
+    seen: set[str] = set()
+    return [c for c in out if c and not (c in seen or seen.add(c))]
+
+
+class Source:
+    """A collection of images with captions. Subclasses implement :meth:`_load` (and ``_content``)."""
+
+    type: str = "source"
+    #: options that change which records come out (they enter the fingerprint)
+    _record_options: tuple[str, ...] = ()
+
+    def __init__(self, path: str | Path, **options: Any):
+        self.path = str(path)
+        self.options = options
+        self.problems: list[tuple[str, str]] = []
+        self._records: list[Record] | None = None
+        self._fingerprint: str | None = None
+
+    # -- the public interface ----------------------------------------------------------------
+    def records(self) -> list[Record]:
+        """All records, materialised once (the list is shared: do not mutate it)."""
+        if self._records is None:
+            self.problems = []
+            self._records = self._load()
+        return self._records
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records())
+
+    def __len__(self) -> int:
+        """Number of distinct images."""
+        return len(self.records())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r})"
+
+    def describe(self) -> str:
+        return f"{self.type}:{self.path}"
+
+    def fingerprint(self) -> str:
+        """``<type>-<sha256 prefix>`` over the records, the index and the image files' stamps.
+
+        See "Fingerprints" in the module docstring for exactly what enters it."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(f"littune-source-v{_FINGERPRINT_VERSION}|{self.type}|".encode())
+            opts = {k: self.options.get(k) for k in self._record_options}
+            h.update(json.dumps(opts, sort_keys=True, default=str).encode())
+            for part in self._content():
+                h.update(part)
+            for r in self.records():
+                stamp = file_stamp(r.path) if r.path is not None else None
+                h.update(json.dumps([r.key, r.captions, r.size, stamp], ensure_ascii=False).encode())
+            self._fingerprint = f"{self.type}-{h.hexdigest()[:16]}"
+        return self._fingerprint
+
+    def caption_count(self) -> int:
+        return sum(len(r.captions) for r in self.records())
+
+    # -- for subclasses ----------------------------------------------------------------------
+    def _load(self) -> list[Record]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _content(self) -> Iterator[bytes]:
+        """Bytes that identify the source's content beyond the record list (e.g. an index file's hash)."""
+        return iter(())
+
+    def _problem(self, where: str, reason: str) -> None:
+        self.problems.append((where, reason))
+
+
+def file_digest(path: str) -> bytes:
+    """The sha256 of a whole file (an index file: CSV, JSONL, COCO JSON)."""
+    return bytes.fromhex(hash_file(path))
+
+
+def file_stamp(path: str) -> list[int]:
+    """``[size, mtime_ns]`` of a file from one ``stat`` (no reading); ``[-1, -1]`` if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return [-1, -1]
+    return [st.st_size, st.st_mtime_ns]
+
+
+class RecordGrouper:
+    """Merge records that name the same image, keeping first-appearance order."""
+
+    def __init__(self):
+        self.by_key: dict[str, Record] = {}
+
+    def add(self, key: str, captions: list[str], **where: Any) -> None:
+        rec = self.by_key.get(key)
+        if rec is None:
+            self.by_key[key] = Record(key=key, captions=list(captions), **where)
+        else:
+            seen = set(rec.captions)
+            rec.captions.extend(c for c in captions if not (c in seen or seen.add(c)))
+
+    def records(self) -> list[Record]:
+        return list(self.by_key.values())
+
+
+def normalise_key(image: str) -> str:
+    """One spelling per file: ``./img//a.jpg`` and ``img/a.jpg`` are the same image (URLs untouched)."""
+    return image if "://" in image else os.path.normpath(image).replace(os.sep, "/")
+
+
+def resolve_path(base: Path, value: str) -> str:
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else base / p)
+

@@ -1,0 +1,76 @@
+"""littune.preprocess: the eval/train transforms, their uint8 halves, and the key that fingerprints them."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_fixtures import colour_image
+from littune.preprocess import Preprocess
+
+# one other value for every field: each changes the pixels a tower sees
+OTHER = {"size": 96, "resize": 300, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+         "interpolation": "bilinear", "crop_scale": (0.5, 1.0), "crop_ratio": (0.9, 1.1)}
+
+
+def test_key_is_stable_for_equal_specs():
+    assert Preprocess().key() == Preprocess().key()
+    assert Preprocess(crop_scale=[0.08, 1]).key() == Preprocess().key()  # lists/ints normalised
+    assert Preprocess(size=224, resize=256).key() == Preprocess(size=224).key()  # 224 / 0.875 = 256
+
+
+def test_key_of_a_default_augmentation_spec_is_the_one_saved_models_and_caches_carry():
+    """Tower fingerprints hash this string: it must not move, or every saved model fails to load."""
+    assert Preprocess(size=224).key() == ("size=224,resize=256,mean=[0.485, 0.456, 0.406],"
+                                          "std=[0.229, 0.224, 0.225],interp=bicubic")
+
+
+@pytest.mark.parametrize("name", sorted(OTHER))
+def test_key_changes_with_every_field(name):
+    """Bug: crop_scale and crop_ratio were left out, so caches of other augmentations were resumed."""
+    assert {f.name for f in dataclasses.fields(Preprocess)} == set(OTHER)  # a new field needs a case here
+    assert Preprocess(**{name: OTHER[name]}).key() != Preprocess().key()
+
+
+def test_specs_differing_only_in_crop_scale_make_other_views_and_other_keys():
+    a, b = Preprocess(size=32, crop_scale=(0.08, 1.0)), Preprocess(size=32, crop_scale=(0.9, 1.0))
+    img = colour_image(3, size=(64, 48))
+    assert not torch.equal(a.train(img, random.Random(0)), b.train(img, random.Random(0)))
+    assert torch.equal(a.eval(img), b.eval(img))  # only the augmentation differs ...
+    assert a.key() != b.key()  # ... and still the key (hence the tower fingerprint) differs
+
+
+@pytest.mark.parametrize("mean,std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet
+                                      ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                                      ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+def test_normalize_of_uint8_is_bit_identical_to_eval_for_every_byte_value(mean, std):
+    """Each output element depends only on its byte and channel: 256 values x 3 channels is every case."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    img = Image.fromarray(np.stack([values, values[::-1], values.T], axis=-1))
+    p = Preprocess(size=16, resize=16, mean=mean, std=std)
+    px = p.eval_uint8(img)
+    assert px.dtype == torch.uint8 and px.shape == (3, 16, 16)
+    assert all(len(torch.unique(px[c])) == 256 for c in range(3))  # the crop kept every value
+    out = p.normalize(px[None])
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 16, 16)
+    assert torch.equal(out[0], p.eval(img))
+
+
+def test_uint8_halves_match_eval_and_train_on_real_images():
+    p = Preprocess(size=32)
+    imgs = [colour_image(i, size=s) for i, s in enumerate([(48, 36), (30, 90), (200, 201), (12, 8)])]
+    imgs += [colour_image(9).convert("RGBA"), colour_image(10).convert("L")]
+    batch = torch.stack([p.eval_uint8(im) for im in imgs])
+    assert torch.equal(p.normalize(batch), torch.stack([p.eval(im) for im in imgs]))
+    for seed in range(8):  # the same draws from the generator: the same crop and flip
+        views = [p.train_uint8(im, random.Random(seed)) for im in imgs]
+        assert torch.equal(p.normalize(torch.stack(views)),
+                           torch.stack([p.train(im, random.Random(seed)) for im in imgs]))
+    assert torch.equal(p.normalize(batch[0]), p.eval(imgs[0]))  # one image (3, S, S) works too
+    with pytest.raises(ValueError, match="uint8"):
+        p.normalize(batch.float())
