@@ -127,12 +127,12 @@ def _progress(total: int, done: int, show: bool):
 def run_shards(out: Path, records, todo: list[int], forward: Forward, preprocess, plan: dict, phash: str, *,
                batch_size: int, workers: int, lanes: int, progress: bool, done: int, total: int) -> None:
     """Decode the records of shards ``todo`` (worker processes), embed them batch by batch on
-    ``lanes`` concurrent calls of ``forward``, and write each shard, in order, once its batches are done."""
+    ``lanes`` concurrent calls of ``forward`` (each normalising its uint8 batch first), and write each shard, in order, once its batches are done."""
     size, n = plan["shard_size"], len(records)
     spans = [(s, s * size, min(n, (s + 1) * size)) for s in todo]
     items = decoded(records, [i for _, lo, hi in spans for i in range(lo, hi)], preprocess, plan, batch_size, workers)
     writer = _Writer(out, plan, phash, getattr(forward, "runtime", None))
-    pool = Lanes(forward, lanes, after=writer.write_ready)
+    pool = Lanes(lambda px: forward(preprocess.normalize(px)), lanes, after=writer.write_ready)
     bar = _progress(total, done, progress)
     per_batch = max(1, batch_size // (1 + plan["views"]))
     try:

@@ -1,8 +1,10 @@
 """Decoding in worker processes, and the speed defaults of ``littune embed``.
 
-Workers decode and preprocess records (the eval view, then ``views`` augmented views whose random
-stream depends only on the seed, the image key and the view number), four records to a chunk, so
-one tensor per chunk crosses the process boundary. The defaults below size the workers, the batch,
+Workers decode, resize and crop records (the eval view, then ``views`` augmented views whose random
+stream depends only on the seed, the image key and the view number) and ship uint8 pixels, four
+records to a chunk, so one small tensor per chunk crosses the process boundary (a quarter of the
+float32 bytes); the forward lanes normalise a whole batch at once (:meth:`Preprocess.normalize`,
+bit-identical to normalising each image in the worker). The defaults below size the workers, the batch,
 the forward lanes and their threads to the machine.
 """
 
@@ -74,7 +76,7 @@ def augment_rng(seed: int, key: str, view: int) -> random.Random:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Decode + preprocess one record: eval view, then ``views`` augmented views (seeded by key)."""
+    """Decode, resize and crop one record to uint8: eval view, then ``views`` augmented views (seeded by key)."""
 
     def __init__(self, records, order: list[int], preprocess, views: int, seed: int, max_pixels: int | None):
         self.records, self.order = records, order
@@ -88,9 +90,9 @@ class _Decode(torch.utils.data.Dataset):
         rec = self.records[i]
         try:
             img = rec.open(max_pixels=self.max_pixels)
-            px = [self.preprocess.eval(img)]
+            px = [self.preprocess.eval_uint8(img)]
             for v in range(self.views):
-                px.append(self.preprocess.train(img, augment_rng(self.seed, rec.key, v)))
+                px.append(self.preprocess.train_uint8(img, augment_rng(self.seed, rec.key, v)))
         except BadImage as e:
             return i, None, (rec.where, e.reason, e.detail)
         except Exception as e:  # never let one file stop a run
@@ -127,7 +129,7 @@ def _worker_init(_worker_id: int) -> None:
 
 def decoded(records, order: list[int], preprocess, plan: dict, batch_size: int,
             workers: int) -> Iterator[tuple[int, torch.Tensor | None, tuple | None]]:
-    """``(index, pixels (1 + views, 3, S, S) or None, (where, reason, detail) or None)`` for each
+    """``(index, uint8 pixels (1 + views, 3, S, S) or None, (where, reason, detail) or None)`` for each
     record of ``order``, in that order, decoded by ``workers`` processes (0: in this one)."""
     dataset = _Decode(records, order, preprocess, plan["views"], plan["seed"], plan["max_pixels"])
     loader = torch.utils.data.DataLoader(
