@@ -101,7 +101,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self) -> "TrainConfig":
-        from .settings import parse_setting
+        from .tower_settings import parse_setting
 
         try:
             parse_setting(self.model.setting)

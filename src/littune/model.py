@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .inference import InferenceMixin
 from .losses import LOSSES
-from .settings import parse_setting
+from .tower_settings import parse_setting
 from .towers.image import ImageTower, build_image_tower
 from .towers.text import TextTower, build_text_tower
 

@@ -31,7 +31,7 @@ from .errors import ConfigError, LittuneError, StaleCacheError
 from .losses import ContrastiveLoss
 from .model import LiTConfig, LiTModel
 from .optim import build_optimizer, build_scheduler
-from .settings import parse_setting
+from .tower_settings import parse_setting
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
 from .towers.text import build_text_tower
 
