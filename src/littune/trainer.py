@@ -68,7 +68,6 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.setting = parse_setting(cfg.model.setting)
         self.use_cache = self.setting.image.locked and not cfg.data.on_the_fly
-        self.metrics_path = self.run_dir / "metrics.jsonl"
         self.skipped_images = 0
         self.loss_fn = ContrastiveLoss(cfg.model.loss)
 
