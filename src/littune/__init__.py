@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .model import LiTConfig, LiTModel  # noqa: E402
-from .settings import parse_setting  # noqa: E402
+from .tower_settings import parse_setting  # noqa: E402
 
 
 def load(directory: str, map_location: str = "cpu") -> LiTModel:

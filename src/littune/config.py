@@ -2,7 +2,9 @@
 
 ``littune train --config cfg.yaml --set optim.lr=3e-4 --set model.setting=LU``. Unknown keys and
 values of the wrong type are errors that name the key (``optim.lr: expected a number, got 'fast'``).
-The resolved configuration is written to the run directory as ``config.yaml``.
+The resolved configuration is written to the run directory as ``config.yaml``. Its ``model``
+section is :class:`LiTConfig`, the model's own configuration (a model directory's ``config.json``
+stores the same fields). Every enumerated option is checked against :data:`CHOICES`.
 """
 
 from __future__ import annotations
@@ -17,21 +19,84 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .tower_settings import VALID_SETTINGS, parse_setting
+
+
+#: Every enumerated option and its allowed values, checked in one place (:func:`check_choice`).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.setting": VALID_SETTINGS,
+    "model.image_head": ("linear", "identity"),  # identity needs the tower's dim == embed_dim
+    "model.text_head": ("linear", "identity"),
+    "model.loss": ("softmax", "sigmoid"),
+    "model.image_tower.type": ("efficientnet-lite", "hf", "onnx", "torch"),
+    "model.text_tower.type": ("transformer", "hf"),
+    "model.text_tower.tokenizer": ("bpe", "unigram"),
+    "optim.name": ("adamw", "adam", "adafactor"),
+    "schedule.decay": ("cosine", "linear", "rsqrt", "constant"),
+    "precision": ("fp32", "bf16"),
+    "device": ("auto", "cpu", "cuda"),
+}
+#: Text pooling depends on the text tower: last (EOS) | mean | first token; a pre-trained encoder: mean | cls.
+TEXT_POOLING = {"transformer": ("last", "mean", "first"), "hf": ("mean", "cls")}
+
+
+def check_choice(key: str, value, allowed: tuple | None = None) -> None:
+    """One-line :class:`ConfigError` naming ``key`` when ``value`` is not among its allowed values."""
+    allowed = CHOICES[key] if allowed is None else allowed
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass
-class ModelSection:
-    setting: str = "Lu"
-    image_tower: Any = "efficientnet-lite0"  # short string or dict spec (see littune.towers.image)
+class LiTConfig:
+    """Everything that defines a LiT model (not how it is trained): the ``model`` section of a
+    training configuration, and what a model directory's ``config.json`` stores."""
+
+    setting: str = "Lu"  # see littune.tower_settings
+    image_tower: str | dict = "efficientnet-lite0"  # short string or dict spec (see littune.towers.image)
     text_tower: dict = field(default_factory=lambda: {
         "type": "transformer", "width": 384, "depth": 6, "heads": 6, "context_length": 32,
         "vocab_size": 8000, "tokenizer": "bpe", "pooling": "last"})
     embed_dim: int = 512
-    image_head: str = "linear"
+    image_head: str = "linear"  # linear | identity
     text_head: str = "linear"
     temperature_init: float = 10.0
-    loss: str = "softmax"
+    loss: str = "softmax"  # softmax | sigmoid
     bias_init: float = -10.0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "LiTConfig":
+        try:
+            parse_setting(self.setting)
+        except ValueError as e:
+            raise ConfigError(f"model.setting: {e}") from None
+        for name in ("image_head", "text_head", "loss"):
+            check_choice(f"model.{name}", getattr(self, name))
+        self._check_towers()
+        return self
+
+    def _check_towers(self) -> None:
+        from .towers.image import parse_image_tower
+
+        try:
+            image = parse_image_tower(self.image_tower)
+        except ValueError as e:
+            raise ConfigError(f"model.image_tower: {e}") from None
+        check_choice("model.image_tower.type", image.get("type"))
+        if not isinstance(self.text_tower, dict):
+            raise ConfigError(f"model.text_tower: expected a mapping, got {self.text_tower!r}")
+        kind = self.text_tower.get("type", "transformer")
+        check_choice("model.text_tower.type", kind)
+        if kind == "transformer":
+            check_choice("model.text_tower.tokenizer", self.text_tower.get("tokenizer", "bpe"))
+        if "pooling" in self.text_tower:
+            check_choice("model.text_tower.pooling", self.text_tower["pooling"], TEXT_POOLING[kind])
+
+
+#: The ``model`` section of :class:`TrainConfig` is the model's own configuration.
+ModelSection = LiTConfig
 
 
 @dataclass
@@ -83,7 +148,7 @@ class ValSection:
 
 @dataclass
 class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: LiTConfig = field(default_factory=LiTConfig)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -101,22 +166,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self) -> "TrainConfig":
-        from .settings import parse_setting
-
-        try:
-            parse_setting(self.model.setting)
-        except ValueError as e:
-            raise ConfigError(f"model.setting: {e}") from None
-        checks = [
-            ("optim.name", self.optim.name, ("adamw", "adam", "adafactor")),
-            ("schedule.decay", self.schedule.decay, ("cosine", "linear", "rsqrt", "constant")),
-            ("precision", self.precision, ("fp32", "bf16")),
-            ("model.loss", self.model.loss, ("softmax", "sigmoid")),
-            ("device", self.device, ("auto", "cpu", "cuda")),
-        ]
-        for key, value, allowed in checks:
-            if value not in allowed:
-                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        self.model.validate()
+        for key in ("optim.name", "schedule.decay", "precision", "device"):
+            check_choice(key, _get(self, key))
         for key in ("steps", "data.batch_size", "grad_accum", "data.text_buckets"):
             if _get(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {_get(self, key)}")

@@ -13,17 +13,32 @@ import torch
 import torch.distributed as dist
 
 
-def init_from_env(device: str = "auto") -> tuple[int, int, torch.device]:
-    """Initialise the default process group when launched by torchrun; returns (rank, world, device)."""
+#: How long a rank waits for the others at a collective. Long on purpose: ranks legitimately wait
+#: for one another while rank 0 trains the tokenizer or while the embedding cache's shards, split
+#: unevenly over the ranks, are written (hours for a large source); every process group uses it.
+TIMEOUT = timedelta(hours=12)
+
+
+def init_from_env(device: str | None = "auto") -> tuple[int, int, torch.device]:
+    """Initialise the default process group when launched by torchrun; returns (rank, world, device).
+
+    ``device``: ``auto`` (or None) picks CUDA when available; ``cpu``, ``cuda`` or ``cuda:N``
+    choose. Under torchrun each rank takes the GPU of its ``LOCAL_RANK`` unless ``cuda:N`` names one.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-    if use_cuda:
+    device = "auto" if device is None else str(device)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if not use_cuda:
+        dev = torch.device("cpu")
+    else:
+        dev = torch.device(device if device.startswith("cuda:") else f"cuda:{local}")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
     return rank, world, dev
 
 

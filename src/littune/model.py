@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
@@ -27,38 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .config import LiTConfig
 from .inference import InferenceMixin
-from .losses import LOSSES
-from .settings import parse_setting
-from .towers.image import ImageTower, build_image_tower
+from .tower_settings import parse_setting
+from .towers.image import ImageTower, build_image_tower, parse_image_tower
 from .towers.text import TextTower, build_text_tower
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
-
-
-@dataclass
-class LiTConfig:
-    """Everything that defines a LiT model (not how it is trained)."""
-
-    setting: str = "Lu"
-    image_tower: dict = field(default_factory=lambda: {"type": "efficientnet-lite", "name": "efficientnet-lite0"})
-    text_tower: dict = field(default_factory=lambda: {"type": "transformer"})
-    embed_dim: int = 512
-    image_head: str = "linear"  # linear | identity (identity needs the tower's dim == embed_dim)
-    text_head: str = "linear"
-    temperature_init: float = 10.0
-    loss: str = "softmax"  # softmax | sigmoid
-    bias_init: float = -10.0
-
-    def __post_init__(self):
-        parse_setting(self.setting)
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
-        for name in ("image_head", "text_head"):
-            if getattr(self, name) not in ("linear", "identity"):
-                raise ValueError(f"{name} must be 'linear' or 'identity', not {getattr(self, name)!r}")
 
 
 def _head(kind: str, dim_in: int, dim_out: int, which: str) -> nn.Module:
@@ -214,9 +191,13 @@ class LiTModel(InferenceMixin, nn.Module):
         meta = json.loads((directory / CONFIG_NAME).read_text())
         if "config" not in meta or "image_fingerprint" not in meta:
             raise ValueError(f"{directory / CONFIG_NAME} is not a littune model config")
-        config = LiTConfig(**meta["config"])
+        try:
+            config = LiTConfig(**meta["config"])
+        except TypeError as e:  # a key this version does not know (a model from a newer littune)
+            raise ValueError(f"{directory / CONFIG_NAME}: {e}") from None
         by_reference = meta.get("image_tower_by_reference", False)
-        image = build_image_tower(config.image_tower, pretrained=by_reference or config.image_tower.get("type") == "onnx",
+        image_spec = parse_image_tower(config.image_tower)
+        image = build_image_tower(image_spec, pretrained=by_reference or image_spec.get("type") == "onnx",
                                   base_dir=directory)
         text = build_text_tower(config.text_tower, pretrained=False, base_dir=directory / "text")
         model = cls.__new__(cls)

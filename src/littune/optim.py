@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .config import check_choice
 from .errors import ConfigError
 
 
@@ -25,20 +26,20 @@ def build_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
     if not groups:
         raise ConfigError("nothing to train: every parameter group is locked")
     name = optim_cfg.name
+    check_choice("optim.name", name)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
     if name == "adam":
         # Adam with decoupled weight decay off; weight decay as L2 in the gradient, as torch.optim.Adam does.
         return torch.optim.Adam(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
-    if name == "adafactor":
-        if not hasattr(torch.optim, "Adafactor"):
-            raise ConfigError("optim.name=adafactor needs torch >= 2.5 (torch.optim.Adafactor)")
-        return torch.optim.Adafactor(groups, lr=optim_cfg.lr)
-    raise ConfigError(f"optim.name: unknown optimiser {name!r}")
+    if not hasattr(torch.optim, "Adafactor"):  # adafactor
+        raise ConfigError("optim.name=adafactor needs torch >= 2.5 (torch.optim.Adafactor)")
+    return torch.optim.Adafactor(groups, lr=optim_cfg.lr)
 
 
 def schedule_factor(step: int, total: int, warmup: int, decay: str, min_ratio: float = 0.0) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based)."""
+    check_choice("schedule.decay", decay)
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if decay == "constant":
@@ -48,10 +49,8 @@ def schedule_factor(step: int, total: int, warmup: int, decay: str, min_ratio: f
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if decay == "linear":
         frac = 1.0 - progress
-    elif decay == "cosine":
+    else:  # cosine
         frac = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        raise ConfigError(f"schedule.decay: unknown decay {decay!r}")
     return min_ratio + (1.0 - min_ratio) * frac
 
 

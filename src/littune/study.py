@@ -172,7 +172,7 @@ def run_study(out: str | Path = "out/study", settings=SETTINGS, steps: int = 200
               image_size: int = 128, quick: bool = False, progress: bool = True) -> dict:
     """Run every setting and write ``study.md``, ``study.json`` and ``study.png`` in ``out``."""
     from .eval.datasets import read_classnames
-    from .settings import parse_setting
+    from .tower_settings import parse_setting
 
     for s in settings:
         parse_setting(s)

@@ -5,38 +5,41 @@ never run: each step is text tower forward + backward + loss + optimiser step. W
 tower (``U*``, ``u*``), or ``data.on_the_fly``, images are decoded, augmented and run through the
 tower every step. Everything else is shared: the global contrastive loss over all ranks, gradient
 accumulation that keeps the contrastive batch global, warm-up + decay, gradient clipping, bf16
-autocast, checkpoints with exact resume, NaN guard, Ctrl-C checkpoint, progress bar, JSON-lines
-metrics, TensorBoard (if installed), periodic validation and PNG plots at the end.
+autocast, checkpoints with exact resume, NaN guard, Ctrl-C checkpoint, and the run directory's
+metrics, validation and plots (:mod:`littune.monitor`).
+
+What is loaded, and when, with a locked tower: the cache is checked against the configured tower's
+fingerprint, computed from the weights file for ``efficientnet-lite`` and ``onnx`` towers (nothing
+is built; :mod:`littune.towers.fingerprint`) and by building the tower once on the CPU for ``hf``
+and ``torch`` towers (freed at once). A missing cache is first built from ``data.source`` with the
+tower. At export, a tower stored by reference (``efficientnet-lite``) is not loaded; the others are
+built once more to be copied into ``model/``.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import copy
 import signal
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
 from . import distributed as D
 from .batches import CacheBatches, OnTheFlyBatches, step_loader
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import LiTConfig, TrainConfig
 from .errors import ConfigError, LittuneError, StaleCacheError
 from .losses import ContrastiveLoss
-from .model import LiTConfig, LiTModel
+from .model import LiTModel
+from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
 from .optim import build_optimizer, build_scheduler
-from .settings import parse_setting
+from .tower_settings import parse_setting
+from .towers.fingerprint import fingerprint_from_spec
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
 from .towers.text import build_text_tower
-
-# Keys that may differ between a run and its resumption (they do not change what is computed).
-RESUMABLE_CHANGES = {"steps", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "val", "device"}
 
 
 class TrainingDiverged(LittuneError):
@@ -44,10 +47,18 @@ class TrainingDiverged(LittuneError):
 
 
 def model_config(cfg: TrainConfig) -> LiTConfig:
-    m = cfg.model
-    return LiTConfig(setting=m.setting, image_tower=parse_image_tower(m.image_tower), text_tower=dict(m.text_tower),
-                     embed_dim=m.embed_dim, image_head=m.image_head, text_head=m.text_head,
-                     temperature_init=m.temperature_init, loss=m.loss, bias_init=m.bias_init)
+    """The model's configuration: the ``model`` section, with the image tower as a full spec."""
+    m = copy.deepcopy(cfg.model)
+    return replace(m, image_tower=parse_image_tower(m.image_tower))
+
+
+def tower_fingerprint(spec: dict, tower=None) -> str:
+    """The configured tower's fingerprint: from its weights file where possible, else from ``tower``
+    (or a tower built for the purpose, on the CPU, and freed)."""
+    found = fingerprint_from_spec(spec)
+    if found is not None:
+        return found
+    return (tower if tower is not None else build_image_tower(spec)).fingerprint()
 
 
 class Trainer:
@@ -57,24 +68,24 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.setting = parse_setting(cfg.model.setting)
         self.use_cache = self.setting.image.locked and not cfg.data.on_the_fly
-        self.metrics_path = self.run_dir / "metrics.jsonl"
         self.skipped_images = 0
+        self.loss_fn = ContrastiveLoss(cfg.model.loss)
 
     # -- set-up --------------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> None:
-        saved = self.run_dir / "config.yaml"
-        if D.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if saved.exists() and latest_checkpoint(self.run_dir):
-                old = yaml.safe_load(saved.read_text())
-                new = self.cfg.to_dict()
-                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-                if diff:
-                    raise ConfigError(
-                        f"{self.run_dir} holds a run with a different configuration ({', '.join(diff)} differ): "
-                        "use another run_dir, or delete its checkpoints/ to start over")
-            self.cfg.save(saved)
-        D.barrier()
+    def _open_data(self) -> None:
+        """The cache (locked tower) or the source's records (the tower runs every step)."""
+        if self.use_cache:
+            self.cache = self._open_cache()
+            return
+        if not self.cfg.data.source:
+            raise ConfigError(f"data.source: setting {self.cfg.model.setting} runs the image tower every step and "
+                              "needs a source of images (a cache holds only a locked tower's features)")
+        self.records = self._source().records()
+
+    def _source(self):
+        from .data.sources import open_source
+
+        return open_source(self.cfg.data.source, **self.cfg.data.source_options)
 
     def _open_cache(self):
         from .cache import EmbeddingCache, embed_source
@@ -84,27 +95,21 @@ class Trainer:
             raise ConfigError("data.cache: a locked image tower trains from an embedding cache; give its directory "
                               "(it is built from data.source when missing), or set data.on_the_fly=true")
         tower_spec = parse_image_tower(self.cfg.model.image_tower)
-        manifest = Path(cache_dir) / "manifest.json"
-        if not manifest.exists():
+        built = None
+        if not (Path(cache_dir) / "manifest.json").exists():
             if not self.cfg.data.source:
                 raise ConfigError(f"data.cache: {cache_dir} has no manifest.json and no data.source to build it from")
-            from .data.sources import open_source
-
             # Every rank builds it: under torchrun the shards are split over the ranks (rank 0 writes the
             # manifest); the cache equals a one-process build.
-            tower = build_image_tower(tower_spec).eval()
-            embed_source(open_source(self.cfg.data.source, **self.cfg.data.source_options), tower, cache_dir,
-                         progress=self.cfg.progress and D.is_main(), distributed=self.world > 1)
-            del tower
+            built = build_image_tower(tower_spec).eval()
+            embed_source(self._source(), built, cache_dir, progress=self.cfg.progress and D.is_main(),
+                         distributed=self.world > 1)
             D.barrier()
         cache = EmbeddingCache.open(cache_dir)
         # The cache must come from the configured tower (and source, when one is named).
-        expected = build_image_tower(tower_spec).fingerprint()
-        source_fp = None
-        if self.cfg.data.source:
-            from .data.sources import open_source
-
-            source_fp = open_source(self.cfg.data.source, **self.cfg.data.source_options).fingerprint()
+        expected = tower_fingerprint(tower_spec, built)
+        del built
+        source_fp = self._source().fingerprint() if self.cfg.data.source else None
         cache.check(tower_fingerprint=expected, source_fingerprint=source_fp)
         return cache
 
@@ -115,17 +120,18 @@ class Trainer:
             for r in self.records:
                 yield from r.captions
 
-    def _build_model(self) -> LiTModel:
-        mcfg = model_config(self.cfg)
+    def _image_tower(self, mcfg: LiTConfig):
         if self.use_cache:
             m = self.cache.manifest
-            image = CachedFeaturesTower(m.get("tower_spec", mcfg.image_tower), self.cache.tower_fingerprint,
-                                        self.cache.dim, m.get("preprocess", {}))
-        else:
-            image = build_image_tower(mcfg.image_tower, pretrained=self.setting.image.pretrained)
+            return CachedFeaturesTower(m.get("tower_spec", mcfg.image_tower), self.cache.tower_fingerprint,
+                                       self.cache.dim, m.get("preprocess", {}))
+        return build_image_tower(mcfg.image_tower, pretrained=self.setting.image.pretrained)
+
+    def _text_tower(self, mcfg: LiTConfig):
         text_spec = dict(mcfg.text_tower)
         tok_dir = self.run_dir / "tokenizer"
-        if text_spec.get("type", "transformer") == "transformer":
+        from_scratch = text_spec.get("type", "transformer") == "transformer"
+        if from_scratch:
             if D.is_main() and not (tok_dir / "tokenizer.json").exists():
                 from .towers.text import train_tokenizer
 
@@ -134,15 +140,42 @@ class Trainer:
                 tok.save_pretrained(tok_dir)
             D.barrier()  # every rank uses rank 0's tokenizer
         torch.manual_seed(self.cfg.seed)
-        if text_spec.get("type", "transformer") == "transformer":
-            text = build_text_tower(text_spec, base_dir=tok_dir)
-        else:
-            text = build_text_tower(text_spec, pretrained=self.setting.text.pretrained)
+        if from_scratch:
+            return build_text_tower(text_spec, base_dir=tok_dir)
+        return build_text_tower(text_spec, pretrained=self.setting.text.pretrained)
+
+    def _build_model(self) -> LiTModel:
+        mcfg = model_config(self.cfg)
+        image = self._image_tower(mcfg)
+        text = self._text_tower(mcfg)
         if self.cfg.grad_checkpointing:
             text.gradient_checkpointing = True
         model = LiTModel(mcfg, image, text).to(self.device)
         D.broadcast_parameters(model)
         return model
+
+    def _build_training(self) -> int:
+        """Model, optimiser and schedule, restored from the latest checkpoint; returns the first step."""
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.cfg.steps)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return 0
+        start = int(load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)["step"])
+        truncate_metrics(self.run_dir, start)
+        log_line(f"resumed from {ckpt} at step {start}")
+        return start
+
+    def _batches(self, start: int):
+        cfg = self.cfg
+        if self.use_cache:
+            data = CacheBatches(self.cache, cfg.data.batch_size, self.rank, self.world, cfg.seed)
+            return (data(s) for s in range(start, cfg.steps))
+        ds = OnTheFlyBatches(self.records, self.model.preprocess, cfg.data.batch_size, self.rank, self.world,
+                             cfg.seed, augment=cfg.data.augment)
+        return iter(step_loader(ds, start, cfg.steps, cfg.data.workers))
 
     # -- one step --------------------------------------------------------------------------------
     def _autocast(self):
@@ -215,92 +248,81 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg = self.cfg
-        self._prepare_run_dir()
-        if self.use_cache:
-            self.cache = self._open_cache()
-        else:
-            if not cfg.data.source:
-                raise ConfigError(f"data.source: setting {cfg.model.setting} runs the image tower every step and "
-                                  "needs a source of images (a cache holds only a locked tower's features)")
-            from .data.sources import open_source
+        """Train ``steps`` steps (resuming from the latest checkpoint), validate, export ``model/``."""
+        prepare_run_dir(self.run_dir, self.cfg)
+        self._open_data()
+        start = self._build_training()
+        self._loop(start, self._batches(start))
+        return self._finish()
 
-            self.records = open_source(cfg.data.source, **cfg.data.source_options).records()
-        self.model = self._build_model()
-        self.loss_fn = ContrastiveLoss(cfg.model.loss)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.steps)
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        start = 0
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
-            start = int(state["step"])
-            self._truncate_metrics(start)
-            self._log_line(f"resumed from {ckpt} at step {start}")
-        if self.use_cache:
-            data = CacheBatches(self.cache, cfg.data.batch_size, self.rank, self.world, cfg.seed)
-            batches = (data(s) for s in range(start, cfg.steps))
-        else:
-            ds = OnTheFlyBatches(self.records, self.model.preprocess, cfg.data.batch_size, self.rank, self.world,
-                                 cfg.seed, augment=cfg.data.augment)
-            batches = iter(step_loader(ds, start, cfg.steps, cfg.data.workers))
+    def _loop(self, start: int, batches) -> None:
+        """The steps from ``start``; Ctrl-C or SIGTERM writes a checkpoint and re-raises."""
         self.model.train()
-        monitor = Monitor(self.run_dir, cfg, start) if D.is_main() else None
-        done = start  # steps completed (weights, optimiser and schedule all updated)
-        interrupted = False
+        monitor = Monitor(self.run_dir, self.cfg, start) if D.is_main() else None
+        self._done = start  # steps completed (weights, optimiser and schedule all updated)
+        self._clock = (time.perf_counter(), 0)  # time of the last throughput record, pairs since
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
-            t_last, pairs = time.perf_counter(), 0
-            for step in range(start, cfg.steps):
-                batch = next(batches)
-                self.skipped_images += len(batch.get("skipped", []))
-                loss = self.train_step(batch)
-                loss_all = D.mean_over_ranks(loss)
-                if not torch.isfinite(loss_all):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    last = latest_checkpoint(self.run_dir)
-                    raise TrainingDiverged(
-                        f"loss became {loss_all.item()} at step {step}: stopped without saving. Last good checkpoint: "
-                        f"{last or 'none'}. Lower optim.lr, raise schedule.warmup_steps or set optim.clip_grad_norm")
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                done = step + 1
-                pairs += cfg.data.batch_size
-                if monitor:
-                    now = time.perf_counter()
-                    record = {"step": step + 1, "loss": loss_all.item(), "lr": self.scheduler.get_last_lr()[0],
-                              "temperature": self.model.logit_scale.exp().item()}
-                    if self.model.logit_bias is not None:
-                        record["bias"] = self.model.logit_bias.item()
-                    if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                        record["pairs_per_s"] = pairs / max(now - t_last, 1e-9)
-                        t_last, pairs = now, 0
-                    monitor.log(record)
-                if cfg.val.every and (step + 1) % cfg.val.every == 0 and step + 1 < cfg.steps:
-                    self._validate(step + 1, monitor)
-                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                    self._checkpoint(step + 1)
+            for step in range(start, self.cfg.steps):
+                self._step(step, next(batches), monitor)
         except KeyboardInterrupt:
-            interrupted = True
-            self._checkpoint(done)
-            self._log_line(f"interrupted: checkpoint written at step {done}; run the same command again to resume")
+            self._checkpoint(self._done)
+            log_line(f"interrupted: checkpoint written at step {self._done}; run the same command again to resume")
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
             if monitor:
                 monitor.close()
-        if interrupted:
-            raise KeyboardInterrupt
-        self._checkpoint(cfg.steps)
-        results = self._validate(cfg.steps, monitor=None, final=True)
+
+    def _step(self, step: int, batch: dict, monitor) -> None:
+        """One optimiser step, then what is due after it: metrics, validation, a checkpoint."""
+        cfg = self.cfg
+        self.skipped_images += len(batch.get("skipped", []))
+        loss = D.mean_over_ranks(self.train_step(batch))
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at step {step}: stopped without saving. Last good checkpoint: "
+                f"{latest_checkpoint(self.run_dir) or 'none'}. Lower optim.lr, raise schedule.warmup_steps or set "
+                "optim.clip_grad_norm")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._done = done = step + 1
+        if monitor:
+            monitor.log(self._record(done, loss))
+        if cfg.val.every and done % cfg.val.every == 0 and done < cfg.steps:
+            self._validate(done, monitor)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            self._checkpoint(done)
+
+    def _record(self, done: int, loss: torch.Tensor) -> dict:
+        """The metrics line of a step; throughput every ``log_every`` steps and at the last."""
+        record = {"step": done, "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
+                  "temperature": self.model.logit_scale.exp().item()}
+        if self.model.logit_bias is not None:
+            record["bias"] = self.model.logit_bias.item()
+        t_last, pairs = self._clock
+        pairs += self.cfg.data.batch_size
+        if done % self.cfg.log_every == 0 or done == self.cfg.steps:
+            now = time.perf_counter()
+            record["pairs_per_s"] = pairs / max(now - t_last, 1e-9)
+            t_last, pairs = now, 0
+        self._clock = (t_last, pairs)
+        return record
+
+    def _finish(self) -> Path:
+        """The last checkpoint, the final validation, the model directory and the plots."""
+        self._checkpoint(self.cfg.steps)
+        self._validate(self.cfg.steps, monitor=None, final=True)
         out = self._export()
         if D.is_main():
-            if monitor:
-                monitor.plots(results)
+            from .plots import plot_run
+
+            plot_run(self.run_dir)
             if self.skipped_images:
-                self._log_line(f"skipped {self.skipped_images} undecodable images during training")
+                log_line(f"skipped {self.skipped_images} undecodable images during training")
         D.barrier()
         return out
 
@@ -320,13 +342,9 @@ class Trainer:
         self.model.eval()
         results = run_validation(self.model, self.cfg.val, device=self.device)
         self.model.train(was)
-        line = {"step": step, "val": results}
-        with open(self.run_dir / "val.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+        record_validation(self.run_dir, step, results, final)
         if monitor:
             monitor.log_val(step, results)
-        if final:
-            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         return results
 
     def _export(self) -> Path:
@@ -347,68 +365,6 @@ class Trainer:
             self.model.to(self.device)
         return out
 
-    def _truncate_metrics(self, step: int) -> None:
-        if not D.is_main():
-            return
-        for path in (self.metrics_path, self.run_dir / "val.jsonl"):
-            if path.exists():
-                keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-                path.write_text("".join(k + "\n" for k in keep))
-
-    def _log_line(self, text: str) -> None:
-        if D.is_main():
-            print(f"littune train: {text}", file=sys.stderr)
-
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-class Monitor:
-    """Progress bar, metrics.jsonl, TensorBoard (optional), and the end-of-run plots."""
-
-    def __init__(self, run_dir: Path, cfg: TrainConfig, start: int):
-        from tqdm.auto import tqdm
-
-        self.run_dir, self.cfg = run_dir, cfg
-        self.file = open(run_dir / "metrics.jsonl", "a")
-        self.bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model.setting}", unit="step",
-                        disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except Exception:  # tensorboard not installed: JSON lines only
-            self.tb = None
-
-    def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        post = {"loss": f"{record['loss']:.4f}", "T": f"{record['temperature']:.1f}"}
-        if "pairs_per_s" in record:
-            post["pairs/s"] = f"{record['pairs_per_s']:.0f}"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
-        if self.tb:
-            for k, v in record.items():
-                if k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
-
-    def log_val(self, step: int, results: dict) -> None:
-        if self.tb:
-            for name, metrics in results.items():
-                for k, v in metrics.items():
-                    if isinstance(v, (int, float)):
-                        self.tb.add_scalar(f"val/{name}/{k}", v, step)
-
-    def close(self) -> None:
-        self.bar.close()
-        self.file.close()
-        if self.tb:
-            self.tb.close()
-
-    def plots(self, final: dict) -> None:
-        from .plots import plot_run
-
-        plot_run(self.run_dir)

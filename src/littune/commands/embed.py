@@ -86,40 +86,20 @@ def _tower_spec(text: str):
     return text
 
 
-def _init_distributed(device: str | None):
-    """Under torchrun: initialise the process group (gloo on CPU, NCCL on GPU); returns (rank, world, device)."""
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
-    if device is None:
-        device = f"cuda:{local}" if use_cuda and world > 1 else ("cuda" if use_cuda else "cpu")
-    if world > 1 and not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(torch.device(device))
-        # Ranks wait for each other at the end of the work: allow long, uneven runs.
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=12))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
-
-
 def run(args) -> int:
     import torch.distributed as dist
 
     from ..cache import embed_source, summary
     from ..data.decode import DEFAULT_MAX_PIXELS
     from ..data.sources import open_source
+    from ..distributed import init_from_env
     from ..towers.image import build_image_tower
 
     options = {k: getattr(args, k) for k in ("image_column", "caption_column", "caption_sep", "delimiter",
                                              "image_root") if getattr(args, k)}
     spec = {"type": args.source_type, "path": args.source} if args.source_type else args.source
     source = open_source(spec, **options)
-    rank, world, device = _init_distributed(args.device)
+    rank, world, device = init_from_env(args.device)
     try:
         tower = build_image_tower(_tower_spec(args.tower))
         cache = embed_source(
