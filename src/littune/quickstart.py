@@ -135,7 +135,7 @@ def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, te
 
 def results_rows(paths: dict, metrics: dict, label: str = "Lu") -> list[dict]:
     """One row per eval split: sizes, chance, prototype ceiling and the model's metrics."""
-    from .eval.datasets import read_classnames
+    from .eval.sets import read_classnames
 
     rows = []
     for split, info in paths["eval"].items():

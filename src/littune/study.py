@@ -65,24 +65,23 @@ def evaluate(model, paths: dict, locked: bool, progress: bool = False) -> dict:
     Images come from each split's retrieval CSV; a locked image tower reads them from the cache, an
     unlocked one runs on the pixels. An image's class is its folder (the concept).
     """
-    from .eval.datasets import image_embeddings, open_retrieval
+    from .embeddings import image_embeddings, text_embeddings
     from .eval.retrieval import retrieval_metrics
     from .eval.templates import load_templates
     from .eval.zeroshot import zeroshot_classifier, zeroshot_metrics
-    from .inference import embed_texts
-    from .validate import folder_labels
+    from .eval.sets import folder_labels, open_retrieval
 
     results = {}
     for split, info in paths["eval"].items():
         data = open_retrieval(paths["data"] / "eval" / f"retrieval_{split}.csv")
         emb, kept, skipped = image_embeddings(model, data.records, cache=info["cache"] if locked else None,
-                                              progress=progress)
+                                              progress=progress, skip_bad=True)
         if skipped:
             raise RuntimeError(f"{split}: {len(skipped)} image(s) could not be embedded, e.g. {skipped[0]}")
         names, labels = folder_labels([r.key for r in data.records], info["classnames"])
         weights = zeroshot_classifier(model, names, load_templates("emoji")).float().cpu()
         zs = zeroshot_metrics(emb @ weights.T, labels)
-        txt = embed_texts(model, data.texts)
+        txt = text_embeddings(model, data.texts)
         rt = retrieval_metrics(emb, txt, data.text_to_image, image_groups=labels)
         results[split] = zs
         results[f"{split}_retrieval"] = rt
@@ -171,7 +170,7 @@ def plot(rows: list[dict], baselines: dict, path: Path) -> Path | None:
 def run_study(out: str | Path = "out/study", settings=SETTINGS, steps: int = 200, batch: int = 64,
               image_size: int = 128, quick: bool = False, progress: bool = True) -> dict:
     """Run every setting and write ``study.md``, ``study.json`` and ``study.png`` in ``out``."""
-    from .eval.datasets import read_classnames
+    from .eval.sets import read_classnames
     from .settings import parse_setting
 
     for s in settings:
