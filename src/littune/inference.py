@@ -44,7 +44,7 @@ class InferenceMixin:
 
     def encode_images(self, images: Sequence[ImageLike] | ImageLike, batch_size: int = 64,
                       progress: bool = False) -> torch.Tensor:
-        """L2-normalised embeddings ``(N, D)`` (float32, CPU) of images given as paths or PIL images.
+        """Image embeddings ``(N, D)`` (L2-normalised, float32, CPU) of images given as paths or PIL images.
 
         A single path or image is accepted too (``N = 1``). An image that cannot be decoded raises
         :class:`littune.errors.LittuneError` naming the file and the reason.
@@ -53,7 +53,7 @@ class InferenceMixin:
         return emb
 
     def encode_texts(self, texts: Sequence[str] | str, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-        """L2-normalised embeddings ``(N, D)`` (float32, CPU) of a list of strings (or one string)."""
+        """Text embeddings ``(N, D)`` (L2-normalised, float32, CPU) of a list of strings (or one string)."""
         return text_embeddings(self, [texts] if isinstance(texts, str) else list(texts), batch_size, progress)
 
     def zeroshot_weights(self, labels: Sequence[str], templates: str | Sequence[str] = "short") -> torch.Tensor:

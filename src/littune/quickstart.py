@@ -3,12 +3,12 @@
 1. **Data** -- ``littune data emoji``: about 1,900 emoji concepts in ten design families, with two
    families (Twemoji, OpenMoji) and 10% of the concepts never trained on.
 2. **Embed once** -- ``littune embed``: the locked ImageNet EfficientNet-Lite0 runs over every image
-   one time; training never loads it again.
+   one time; training reads those features from the cache instead of running the tower on the images.
 3. **Train** ``Lu`` -- ``littune train``: a text transformer from scratch, from the cache.
 4. **Evaluate** -- zero-shot classification (prompt ensemble) of the held-out designs, the held-out
    concepts and both at once, and text<->image retrieval on their captions, next to two baselines:
-   chance, and an image-only prototype classifier (the mean training-design embedding of each concept,
-   nearest prototype), the ceiling a locked tower allows for concepts seen in training.
+   chance, and an image-only prototype classifier (the mean locked image features of each concept's
+   training designs, nearest prototype), the ceiling a locked tower allows for concepts seen in training.
 
 Prints the results table and writes it (``results.md``, ``results.json``) with the run directory
 (model, plots, metrics) under ``out/quickstart`` (``out/quickstart-quick`` with ``QUICK=1``: 200
