@@ -270,6 +270,8 @@ def test_image_embeddings_from_cache_match_computed(tiny_model, tmp_path):
     assert all("not in the cache" in why for _, why in skipped_m)
     with pytest.raises(LittuneError, match="is not in the cache"):
         image_embeddings(model, more.records, cache=tmp_path / "cache")
+    with pytest.raises(LittuneError, match="must be a record with a key"):
+        image_embeddings(model, [more.records[0].path], cache=tmp_path / "cache")
     unlocked = tiny_model("Uu")
     with pytest.raises(LittuneError, match="evaluate without --cache"):
         image_embeddings(unlocked, ds.records, cache=tmp_path / "cache")

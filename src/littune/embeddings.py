@@ -203,6 +203,8 @@ def _embed_by_key(model, records: list, cache: str | Path, batch_size: int, prog
     where = {store.key(i): i for i in range(len(store))}
     kept, rows, skipped = [], [], []
     for i, rec in enumerate(records):
+        if getattr(rec, "key", None) is None:
+            raise LittuneError(f"{describe(rec)}: an image looked up in an embedding cache must be a record with a key")
         j = where.get(rec.key)
         if j is not None:
             kept.append(i)
