@@ -15,7 +15,8 @@ from PIL import Image
 
 import littune
 from littune.errors import LittuneError
-from littune.eval.datasets import class_folder, image_embeddings, label_csv, open_labeled, open_retrieval
+from littune.embeddings import cached_image_embedding_batches, cached_image_embeddings, image_embeddings
+from littune.eval.sets import class_folder, label_csv, open_labeled, open_retrieval
 from littune.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
@@ -231,7 +232,9 @@ def test_image_embeddings_skip_bad_images(tiny_model, tmp_path):
     (root / "c0_red" / "bad.png").write_bytes(b"")
     model = tiny_model()
     ds = class_folder(root)
-    emb, kept, skipped = image_embeddings(model, ds.records)
+    with pytest.raises(LittuneError, match="bad.png"):  # by default a bad image is an error naming it
+        image_embeddings(model, ds.records)
+    emb, kept, skipped = image_embeddings(model, ds.records, skip_bad=True)
     assert len(ds) == 6 and emb.shape == (5, 16)
     assert [ds.keys[i] for i in range(len(ds)) if i not in kept] == ["c0_red/bad.png"]
     assert skipped[0][0].endswith("bad.png") and "empty" in skipped[0][1]
@@ -252,6 +255,23 @@ def test_image_embeddings_from_cache_match_computed(tiny_model, tmp_path):
     cached, kept_c, skipped = image_embeddings(model, ds.records, cache=tmp_path / "cache")
     assert kept_c == kept and not skipped
     assert torch.allclose(direct, cached, atol=2e-3)  # float16 cache
+    # The cache's own rows, whole or batch by batch, are the same embeddings (keys in cache order).
+    store = cache_mod.EmbeddingCache.open(tmp_path / "cache")
+    order = [ds.keys.index(store.key(i)) for i in range(len(store))]
+    assert torch.allclose(cached_image_embeddings(model, store), cached[order])
+    batches = list(cached_image_embedding_batches(model, store, rows=[3, 1, 0], batch_size=2))
+    assert [s for s, _ in batches] == [0, 2] and [len(e) for _, e in batches] == [2, 1]
+    assert torch.allclose(torch.cat([e for _, e in batches]), cached_image_embeddings(model, store)[[3, 1, 0]], atol=1e-6)
+    # A record the cache does not hold: skipped with skip_bad, else an error naming it.
+    extra = make_class_folder(tmp_path / "more", per_class=3)
+    more = class_folder(extra)
+    _, kept_m, skipped_m = image_embeddings(model, more.records, cache=tmp_path / "cache", skip_bad=True)
+    assert len(kept_m) == len(ds) and len(skipped_m) == len(more) - len(ds)
+    assert all("not in the cache" in why for _, why in skipped_m)
+    with pytest.raises(LittuneError, match="is not in the cache"):
+        image_embeddings(model, more.records, cache=tmp_path / "cache")
+    with pytest.raises(LittuneError, match="must be a record with a key"):
+        image_embeddings(model, [more.records[0].path], cache=tmp_path / "cache")
     unlocked = tiny_model("Uu")
     with pytest.raises(LittuneError, match="evaluate without --cache"):
         image_embeddings(unlocked, ds.records, cache=tmp_path / "cache")

@@ -15,13 +15,22 @@ pytest.importorskip("resvg_py")
 from conftest import TINY_TEXT  # noqa: E402
 from test_builders import DESIGNS, SIZE, _fake_npm  # noqa: E402
 
+from littune import benchmark as bench  # noqa: E402
 from littune import quickstart as qs  # noqa: E402
 from littune import study  # noqa: E402
 from littune.cache import EmbeddingCache  # noqa: E402
 from littune.config import load_config  # noqa: E402
+from littune.eval.sets import read_classnames  # noqa: E402
 from littune.towers.tiny import SPEC  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS = 24  # enough for the tiny model to learn its training pairs well above chance
+METRICS = ("acc1", "acc5", "image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
+           "text_retrieval_recall@5")
+
+
+def _mtimes(*dirs, pattern: str = "*") -> dict:
+    return {p: p.stat().st_mtime_ns for d in dirs for p in sorted(d.rglob(pattern)) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +38,22 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("qs")
     npm = _fake_npm(root / "npm")
     opts = dict(designs=DESIGNS, packages=npm, size=SIZE, workers=1, cache=root / "dl", log=lambda m: None)
-    paths = qs.prepare(root / "out", quick=False, tower=SPEC, progress=False, **opts)
+    paths = bench.prepare(root / "out", quick=False, tower=SPEC, progress=False, **opts)
     return root, paths, opts
+
+
+@pytest.fixture(scope="module")
+def quickstart(prepared):
+    """One tiny quickstart run through :func:`run_quickstart` (the function behind `make quickstart`)."""
+    root, paths, opts = prepared
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = qs.run_quickstart(root / "out", steps=STEPS, batch=8, image_tower=SPEC, text_tower=TINY_TEXT,
+                                   embed_dim=16, progress=False, **opts)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "out", paths, result, opts
 
 
 def test_prepare_builds_every_cache_and_reuses_them(prepared):
@@ -40,16 +63,21 @@ def test_prepare_builds_every_cache_and_reuses_them(prepared):
         cache = EmbeddingCache.open(info["cache"])
         assert len(cache) > 0 and all(cache.captions(i) for i in range(len(cache)))
         assert info["classnames"].is_file()
-    stamp = (paths["train"] / "manifest.json").stat().st_mtime_ns
-    again = qs.prepare(root / "out", quick=False, tower=SPEC, progress=False, **opts)
-    assert again["train"] == paths["train"]
-    assert (paths["train"] / "manifest.json").stat().st_mtime_ns == stamp  # reused, not re-embedded
+    caches = [paths["train"]] + [info["cache"] for info in paths["eval"].values()]
+    drawn = _mtimes(paths["data"] / "images", pattern="*.png")
+    before = _mtimes(*caches)
+    tables = {p: p.read_bytes() for p in paths["data"].rglob("*") if p.is_file() and p.suffix in (".csv", ".txt")}
+    again = bench.prepare(root / "out", quick=False, tower=SPEC, progress=False, **opts)
+    assert again["train"] == paths["train"] and again["eval"] == paths["eval"]
+    assert _mtimes(paths["data"] / "images", pattern="*.png") == drawn  # no image drawn again
+    assert _mtimes(*caches) == before  # no cache file written again
+    assert {p: p.read_bytes() for p in tables} == tables  # the builder rewrites its tables: the same bytes
 
 
 def test_prototype_baseline_by_hand(prepared):
     _, paths, _ = prepared
     train, test = EmbeddingCache.open(paths["train"]), EmbeddingCache.open(paths["eval"]["heldout_designs"]["cache"])
-    got = qs.prototype_baseline(paths["train"], paths["eval"]["heldout_designs"]["cache"])
+    got = bench.prototype_baseline(paths["train"], paths["eval"]["heldout_designs"]["cache"])
     # By hand: centre on the training mean (after normalising), average per concept, nearest prototype.
     def norm(x):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -68,39 +96,86 @@ def test_prototype_baseline_by_hand(prepared):
             n += 1
     assert got["images"] == n and got["classes"] == len(classes)
     assert got["acc1"] == pytest.approx(hits / n, abs=1 / n + 1e-9)  # float32 vs float64: one tie at most
-    assert qs.prototype_baseline(paths["train"], paths["eval"]["heldout_both"]["cache"]) is None  # no seen concept
+    assert bench.prototype_baseline(paths["train"], paths["eval"]["heldout_both"]["cache"]) is None  # no seen concept
 
 
-def test_quickstart_run_table_and_study_evaluation_agree(prepared):
+def test_quickstart_model_beats_chance_on_its_training_pairs(quickstart):
     from littune.model import LiTModel
-    from littune.trainer import Trainer
+    from littune.validation import retrieval_on_cache
 
-    root, paths, _ = prepared
-    run = root / "run_lu"
-    cfg = load_config(overrides=qs.train_overrides(paths, run, steps=6, batch=8, text_tower=TINY_TEXT,
-                                                   embed_dim=16, image_tower=SPEC))
-    cfg.progress = False
-    Trainer(cfg).run()
-    metrics = json.loads((run / "results.json").read_text())
-    assert {"heldout_designs", "heldout_designs_retrieval", "heldout_concepts"} <= set(metrics)
-    rows = qs.results_rows(paths, metrics)
-    assert [r["split"] for r in rows] == list(paths["eval"])
-    for r in rows:
-        assert r["chance_acc1"] == pytest.approx(1 / r["classes"])
-        assert 0 <= r["acc1"] <= r["acc5"] <= 1
-    table = qs.markdown_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "heldout_designs" in table
-    # The study's evaluator, reading the same caches, gives the trainer's validation numbers.
-    model = LiTModel.from_pretrained(run / "model").eval()
-    with torch.no_grad():
-        again = study.evaluate(model, paths, locked=True)
+    out, paths, _, _ = quickstart
+    model = LiTModel.from_pretrained(out / "run" / "model")
+    train = EmbeddingCache.open(paths["train"])
+    got = retrieval_on_cache(model, train)
+    chance = 1 / len(train)  # a caption's own image among the training images
+    assert got["image_retrieval_recall@1"] > 2.5 * chance
+    losses = [json.loads(ln)["loss"] for ln in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == STEPS and np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])  # it learned on the way
+
+
+def test_quickstart_results_json_holds_every_split_and_metric_with_the_commit(quickstart):
+    out, paths, result, _ = quickstart
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["commit"] == bench.code_commit() == result["commit"]
+    assert f"littune commit {saved['commit']}" in saved["header"]
+    assert saved["steps"] == STEPS and saved["batch"] == 8
+    assert [r["split"] for r in saved["rows"]] == list(paths["eval"]) == list(bench.SPLITS)
+    validated = json.loads((out / "run" / "results.json").read_text())  # the trainer's final validation
+    for row in saved["rows"]:
+        split = row["split"]
+        assert row["classes"] == len(read_classnames(paths["eval"][split]["classnames"]))
+        assert row["chance_acc1"] == pytest.approx(1 / row["classes"])
+        assert row["images"] == paths["manifest"]["counts"]["eval"][split]["images"]
+        assert row["acc1"] == validated[split]["acc1"] and row["acc5"] == validated[split]["acc5"]
+        for k in METRICS[2:]:
+            assert row[k] == validated[f"{split}_retrieval"][k]
+        assert all(isinstance(row[k], float) and 0 <= row[k] <= 1 for k in METRICS)
+
+
+def test_quickstart_table_shows_the_numbers_of_results_json(quickstart):
+    out, _, result, _ = quickstart
+    saved = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert md.startswith(saved["header"] + "\n\n")
+    lines = [ln for ln in md.splitlines() if ln.startswith("| heldout_")]
+    assert len(lines) == len(saved["rows"])
+    for line, row in zip(lines, saved["rows"]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == f"{row['split']}: {row['tests']}"
+        assert cells[1:4] == [str(row["images"]), str(row["classes"]), f"{row['chance_acc1']:.4f}"]
+        proto = row["prototype"]
+        assert cells[4] == (f"{proto['acc1']:.3f} ({proto['classes']} classes)" if proto else "n/a (no concept seen)")
+        assert cells[5:] == [bench.fmt(row[k]) for k in METRICS]
+
+
+def test_quickstart_and_study_evaluation_give_the_trainers_numbers(quickstart):
+    from littune.model import LiTModel
+
+    out, paths, _, _ = quickstart
+    validated = json.loads((out / "run" / "results.json").read_text())
+    model = LiTModel.from_pretrained(out / "run" / "model")
+    again = bench.evaluate(model, paths, locked=True)  # what the study reports for every setting
+    assert set(again) == set(validated)
     for split in paths["eval"]:
-        assert again[split]["acc1"] == pytest.approx(metrics[split]["acc1"])
-        for k, v in metrics[f"{split}_retrieval"].items():
+        assert again[split]["acc1"] == pytest.approx(validated[split]["acc1"])
+        for k, v in validated[f"{split}_retrieval"].items():
             assert again[f"{split}_retrieval"][k] == pytest.approx(v)
 
 
-def test_study_settings_train_the_right_towers(prepared):
+def test_quickstart_second_run_reuses_data_caches_and_model(quickstart):
+    out, paths, result, opts = quickstart
+    kept = _mtimes(out / "run", out / "caches") | _mtimes(paths["data"] / "images", pattern="*.png")
+    again = qs.run_quickstart(out, steps=STEPS, batch=8, image_tower=SPEC, text_tower=TINY_TEXT, embed_dim=16,
+                              progress=False, **opts)
+    now = _mtimes(out / "run", out / "caches") | _mtimes(paths["data"] / "images", pattern="*.png")
+    assert now == kept  # nothing drawn, embedded or trained again
+    assert again["rows"] == result["rows"]
+
+
+def test_study_settings_train_the_right_towers(prepared, quickstart):
+    from littune.model import LiTModel
+    from littune.towers.image import build_image_tower
+
     root, paths, _ = prepared
     towers = {"scratch": TINY_TEXT, "pretrained": TINY_TEXT}
     for setting in ("Lu", "Uu"):
@@ -113,9 +188,17 @@ def test_study_settings_train_the_right_towers(prepared):
                             embed_dim=16)
     assert row["setting"] == "Uu" and set(row["metrics"]) >= {"heldout_designs", "heldout_concepts_retrieval"}
     assert row["trainable_params"] > 0 and np.isfinite(row["final_loss"])
+    assert row["commit"] == bench.code_commit()  # each row says which code trained it
+    # U: the pre-trained image tower moved; L (the quickstart's Lu run): it is exactly the pre-trained one.
+    pretrained = build_image_tower(SPEC).state_dict()
+    for run, moved in ((root / "study" / "runs" / "Uu", True), (quickstart[0] / "run", False)):
+        tower = LiTModel.from_pretrained(run / "model").image_tower.state_dict()
+        same = all(torch.equal(tower[k], v) for k, v in pretrained.items() if v.is_floating_point())
+        assert same != moved, run
     # A finished setting is read back, not trained again.
+    kept = _mtimes(root / "study" / "runs" / "Uu")
     assert study.run_setting("Uu", paths, root / "study", 4, 8, SPEC, progress=False, text_towers=towers) == row
-    assert row["commit"] == qs._commit()  # each row says which code trained it
+    assert _mtimes(root / "study" / "runs" / "Uu") == kept
     table = study.markdown(
         [row], {"chance": {s: 0.0005 for s in paths["eval"]}, "image-only prototype (seen concepts)": {}})
     assert f"**Uu** | {row['commit']} |" in table and "| chance |" in table

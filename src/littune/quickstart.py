@@ -3,16 +3,18 @@
 1. **Data** -- ``littune data emoji``: about 1,900 emoji concepts in ten design families, with two
    families (Twemoji, OpenMoji) and 10% of the concepts never trained on.
 2. **Embed once** -- ``littune embed``: the locked ImageNet EfficientNet-Lite0 runs over every image
-   one time; training never loads it again.
+   one time; training reads those features from the cache instead of running the tower on the images.
 3. **Train** ``Lu`` -- ``littune train``: a text transformer from scratch, from the cache.
 4. **Evaluate** -- zero-shot classification (prompt ensemble) of the held-out designs, the held-out
    concepts and both at once, and text<->image retrieval on their captions, next to two baselines:
-   chance, and an image-only prototype classifier (the mean training-design embedding of each concept,
-   nearest prototype), the ceiling a locked tower allows for concepts seen in training.
+   chance, and an image-only prototype classifier (the mean locked image features of each concept's
+   training designs, nearest prototype), the ceiling a locked tower allows for concepts seen in training.
 
 Prints the results table and writes it (``results.md``, ``results.json``) with the run directory
 (model, plots, metrics) under ``out/quickstart`` (``out/quickstart-quick`` with ``QUICK=1``: 200
-concepts and fewer steps, a few minutes). Everything is reused on a second run.
+concepts and fewer steps, a few minutes). Everything is reused on a second run. The data, caches,
+evaluation and baselines are :mod:`littune.benchmark`, which the study shares; this module adds the
+``Lu`` run and its table (:func:`run_quickstart`).
 
     python -m littune.quickstart [--quick] [--out DIR] [--steps N]
 """
@@ -26,116 +28,36 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from . import benchmark as bench
 
-SPLITS = {  # eval split -> what it tests
-    "heldout_designs": "designs never seen (Twemoji, OpenMoji), all concepts",
-    "heldout_concepts": "concepts never seen, training designs",
-    "heldout_both": "unseen concepts in unseen designs",
-}
-TEXT_TOWER = {"type": "transformer", "width": 256, "depth": 4, "heads": 4, "context_length": 24,
-              "vocab_size": 8000, "tokenizer": "bpe", "pooling": "last"}
-QUICK_CONCEPTS = 200
-
-
-def _say(msg: str) -> None:
-    print(f"[littune] {msg}", flush=True)
-
-
-# -- data and caches ----------------------------------------------------------------------------
-def prepare(out: Path, quick: bool, tower: str | dict = "efficientnet-lite0", progress: bool = True,
-            **build_options) -> dict:
-    """Build (or reuse) the emoji data and the embedding caches of ``tower``; return their paths.
-
-    ``build_options`` go to :func:`littune.builders.emoji.build_emoji` (tests pass a fake
-    ``packages`` folder and a small ``size``).
-    """
-    from .cache import embed_source
-    from .builders.emoji import build_emoji
-    from .towers.image import build_image_tower
-
-    data = out / ("data/emoji-quick" if quick else "data/emoji")
-    _say(f"data: littune data emoji --out {data}" + (f" --limit-concepts {QUICK_CONCEPTS}" if quick else ""))
-    manifest = build_emoji(data, limit_concepts=QUICK_CONCEPTS if quick else None, **build_options)
-    tag = tower if isinstance(tower, str) else tower.get("name", tower.get("type", "tower"))
-    caches = out / "caches" / f"{data.name}-{tag}"
-    paths = {"data": data, "manifest": manifest, "train": caches / "train", "eval": {}}
-    net = None
-    jobs = [("train", data / "train.csv", caches / "train")]
-    jobs += [(s, data / "eval" / f"retrieval_{s}.csv", caches / s) for s in SPLITS
-             if (data / "eval" / f"retrieval_{s}.csv").is_file()]
-    for name, source, cache in jobs:
-        if not (cache / "manifest.json").is_file():
-            net = net or build_image_tower(tower).eval()
-            _say(f"embed: littune embed {source} --tower {tag} --out {cache}")
-            embed_source(source, net, cache, progress=progress)
-        if name != "train":
-            paths["eval"][name] = {"cache": cache, "classnames": data / "eval" / name / "classnames.txt"}
-    return paths
-
-
-# -- baselines ------------------------------------------------------------------------------------
-def _normalised(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _all_features(cache) -> np.ndarray:
-    return np.asarray(cache.features(np.arange(len(cache))), dtype=np.float32)
-
-
-def prototype_baseline(train_cache_dir: Path, eval_cache_dir: Path) -> dict | None:
-    """Image-only nearest-prototype accuracy on the eval images whose concept was trained on.
-
-    A concept's prototype is the mean of its training images' (centred, normalised) locked features;
-    an eval image is classified to the nearest prototype among the eval split's seen concepts. No text
-    is involved: it is what the locked image features alone can tell apart. ``None`` when the split
-    holds no trained concept.
-    """
-    from .cache import EmbeddingCache
-
-    train, test = EmbeddingCache.open(train_cache_dir), EmbeddingCache.open(eval_cache_dir)
-    f_train = _all_features(train)
-    mean = f_train.mean(0, keepdims=True)
-    f_train = _normalised(_normalised(f_train) - _normalised(mean))
-    concept = np.array([Path(train.key(i)).stem for i in range(len(train))])  # images/<design>/<concept>.png
-    test_concept = [Path(test.key(i)).parent.name for i in range(len(test))]  # <split>/<concept>/<design>.png
-    classes = sorted(set(test_concept) & set(concept.tolist()))
-    if not classes:
-        return None
-    protos = _normalised(np.stack([f_train[concept == c].mean(0) for c in classes]))
-    keep = [i for i, c in enumerate(test_concept) if c in set(classes)]
-    f_test = _normalised(_normalised(_all_features(test)[keep]) - _normalised(mean))
-    index = {c: k for k, c in enumerate(classes)}
-    labels = np.array([index[test_concept[i]] for i in keep])
-    scores = f_test @ protos.T
-    ranks = (scores > scores[np.arange(len(keep)), labels][:, None]).sum(1)
-    return {"acc1": float(np.mean(ranks < 1)), "acc5": float(np.mean(ranks < 5)),
-            "classes": len(classes), "images": len(keep)}
+IMAGE_TOWER = "efficientnet-lite0"
 
 
 # -- training and the table -----------------------------------------------------------------------
 def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, text_tower: dict | None = None,
-                    embed_dim: int = 256, image_tower: str | dict = "efficientnet-lite0",
+                    embed_dim: int = 256, image_tower: str | dict = IMAGE_TOWER,
                     validations: int = 4) -> list[str]:
     """The ``littune train --set`` overrides of the quickstart's ``Lu`` run (validated ``validations``
     times, the last at the end)."""
-    zs = [{"name": f"{s}", "cache": str(v["cache"]), "classnames": str(v["classnames"]), "templates": "emoji"}
+    zs = [{"name": f"{s}", "cache": str(v["cache"]), "classnames": str(v["classnames"]),
+           "templates": bench.TEMPLATES}
           for s, v in paths["eval"].items()]
     rt = [{"name": f"{s}_retrieval", "cache": str(v["cache"]), "group_by_folder": True}
           for s, v in paths["eval"].items()]
     return [
-        "model.setting=Lu", f"model.image_tower={json.dumps(image_tower)}", f"data.source={paths['data'] / 'train.csv'}", f"data.cache={paths['train']}",
+        "model.setting=Lu", f"model.image_tower={json.dumps(image_tower)}",
+        f"data.source={paths['data'] / 'train.csv'}", f"data.cache={paths['train']}",
         f"run_dir={run_dir}", f"steps={steps}", f"data.batch_size={batch}", "optim.lr=1e-3",
         "optim.weight_decay=1e-4", f"schedule.warmup_steps={max(1, steps // 10)}", "log_every=10",
         f"checkpoint_every={max(50, steps // 4)}", f"val.every={max(1, -(-steps // max(1, validations)))}",
-        f"model.text_tower={json.dumps(text_tower or TEXT_TOWER)}", f"model.embed_dim={embed_dim}",
+        f"model.text_tower={json.dumps(text_tower or bench.TEXT_TOWER)}", f"model.embed_dim={embed_dim}",
         f"val.zeroshot={json.dumps(zs)}", f"val.retrieval={json.dumps(rt)}",
     ]
 
 
 def results_rows(paths: dict, metrics: dict, label: str = "Lu") -> list[dict]:
     """One row per eval split: sizes, chance, prototype ceiling and the model's metrics."""
-    from .eval.datasets import read_classnames
+    from .eval.sets import read_classnames
 
     rows = []
     for split, info in paths["eval"].items():
@@ -143,9 +65,9 @@ def results_rows(paths: dict, metrics: dict, label: str = "Lu") -> list[dict]:
             continue
         n_classes = len(read_classnames(info["classnames"]))
         m, r = metrics[split], metrics.get(f"{split}_retrieval", {})
-        proto = prototype_baseline(paths["train"], info["cache"])
+        proto = bench.prototype_baseline(paths["train"], info["cache"])
         n_images = paths["manifest"]["counts"]["eval"][split]["images"]
-        rows.append({"split": split, "tests": SPLITS[split], "images": n_images, "classes": n_classes,
+        rows.append({"split": split, "tests": bench.SPLITS[split], "images": n_images, "classes": n_classes,
                      "chance_acc1": 1 / n_classes, "prototype": proto, "model": label,
                      "acc1": m["acc1"], "acc5": m["acc5"], "mean_per_class_recall": m["mean_per_class_recall"],
                      "image_retrieval_recall@1": r.get("image_retrieval_recall@1"),
@@ -153,13 +75,6 @@ def results_rows(paths: dict, metrics: dict, label: str = "Lu") -> list[dict]:
                      "text_retrieval_recall@1": r.get("text_retrieval_recall@1"),
                      "text_retrieval_recall@5": r.get("text_retrieval_recall@5")})
     return rows
-
-
-def _f(x) -> str:
-    """Three decimals; two significant digits below 0.01, so that chance (e.g. 0.0005) does not round away."""
-    if x is None:
-        return "n/a"
-    return f"{x:.2g}" if 0 < abs(x) < 0.01 else f"{x:.3f}"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -170,70 +85,76 @@ def markdown_table(rows: list[dict]) -> str:
         p = r["prototype"]
         proto = f"{p['acc1']:.3f} ({p['classes']} classes)" if p else "n/a (no concept seen)"
         lines.append(f"| {r['split']}: {r['tests']} | {r['images']} | {r['classes']} | {r['chance_acc1']:.4f} | "
-                     f"{proto} | {_f(r['acc1'])} | {_f(r['acc5'])} | {_f(r['image_retrieval_recall@1'])} | "
-                     f"{_f(r['image_retrieval_recall@5'])} | {_f(r['text_retrieval_recall@1'])} | "
-                     f"{_f(r['text_retrieval_recall@5'])} |")
+                     f"{proto} | {bench.fmt(r['acc1'])} | {bench.fmt(r['acc5'])} | {bench.fmt(r['image_retrieval_recall@1'])} | "
+                     f"{bench.fmt(r['image_retrieval_recall@5'])} | {bench.fmt(r['text_retrieval_recall@1'])} | "
+                     f"{bench.fmt(r['text_retrieval_recall@5'])} |")
     return "\n".join(lines)
 
 
-def _commit() -> str:
-    import subprocess
+def _header(paths: dict, steps: int, batch: int, image_tower, text_tower: dict, commit: str, seconds: dict) -> str:
+    c = paths["manifest"]["counts"]
+    image = "ImageNet EfficientNet-Lite0" if image_tower == IMAGE_TOWER else f"{image_tower}"
+    return (f"LiT `Lu` on emoji: locked {image}, text transformer from scratch "
+            f"({text_tower['depth']}x{text_tower['width']}), {steps} steps of {batch} pairs; trained on "
+            f"{c['train_images']} images / {c['train_rows']} captions of {c['train_concepts']} concepts in "
+            f"{len(paths['manifest']['train_designs'])} designs. Zero-shot: prompt ensemble 'emoji'; retrieval: "
+            f"any design of the caption's concept counts. littune commit {commit}, "
+            f"{seconds['all']:.0f} s in all (data + embedding {seconds['data']:.0f} s, training + evaluation "
+            f"{seconds['train']:.0f} s) on {os.cpu_count()} cores.")
 
-    try:
-        here = Path(__file__).resolve().parent
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("+dirty" if dirty else "")) or "unknown"
-    except Exception:  # noqa: BLE001 - not a git checkout
-        return "unknown"
+
+def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = None, batch: int | None = None,
+                   image_tower: str | dict = IMAGE_TOWER, text_tower: dict | None = None, embed_dim: int = 256,
+                   progress: bool = True, **build_options) -> dict:
+    """Data, caches, the ``Lu`` run (reused when finished) and the table; writes ``out/results.md`` and
+    ``out/results.json`` and returns what the latter holds. ``steps`` default 400 (quick 100), ``batch``
+    256 (quick 128); the towers and ``build_options`` (see :func:`littune.benchmark.prepare`) let a
+    test run it small."""
+    from .config import load_config
+    from .trainer import Trainer
+
+    t0 = time.time()
+    out = Path(out)
+    steps = steps or (100 if quick else 400)
+    batch = batch or (128 if quick else 256)
+    text_tower = text_tower or bench.TEXT_TOWER
+    paths = bench.prepare(out, quick, tower=image_tower, progress=progress, **build_options)
+    t_data = time.time() - t0
+    run_dir = out / "run"
+    bench.say(f"train: littune train --set model.setting=Lu --set data.cache={paths['train']} --set steps={steps} "
+              f"--set run_dir={run_dir} ... (resolved configuration: {run_dir / 'config.yaml'})")
+    cfg = load_config(overrides=train_overrides(paths, run_dir, steps, batch=batch, text_tower=text_tower,
+                                                embed_dim=embed_dim, image_tower=image_tower,
+                                                validations=2 if quick else 3))
+    cfg.progress = progress
+    if (run_dir / "results.json").is_file() and (run_dir / "model").is_dir():
+        bench.say(f"train: {run_dir} is finished; reusing it (delete it to train again)")
+    else:
+        Trainer(cfg).run()
+    t_train = time.time() - t0 - t_data
+    rows = results_rows(paths, json.loads((run_dir / "results.json").read_text()))
+    commit = bench.code_commit()
+    seconds = {"all": time.time() - t0, "data": t_data, "train": t_train}
+    header = _header(paths, steps, batch, image_tower, text_tower, commit, seconds)
+    table = markdown_table(rows)
+    (out / "results.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
+    result = {"header": header, "rows": rows, "steps": steps, "batch": batch, "commit": commit,
+              "seconds": time.time() - t0}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print("\n" + header + "\n\n" + table + "\n")
+    print(f"model: {run_dir / 'model'}   plots: {run_dir / 'plots'}   table: {out / 'results.md'}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m littune.quickstart", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", default=os.environ.get("QUICK", "") not in ("", "0"),
-                    help=f"{QUICK_CONCEPTS} concepts and fewer steps: a few minutes (also QUICK=1)")
+                    help=f"{bench.QUICK_CONCEPTS} concepts and fewer steps: a few minutes (also QUICK=1)")
     ap.add_argument("--out", default=None, help="output folder (default out/quickstart or out/quickstart-quick)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default 400, quick 100)")
     args = ap.parse_args(argv)
-    from .trainer import Trainer
-    from .config import load_config
-
-    t0 = time.time()
-    out = Path(args.out or ("out/quickstart-quick" if args.quick else "out/quickstart"))
-    steps = args.steps or (100 if args.quick else 400)
-    batch = 128 if args.quick else 256
-    paths = prepare(out, args.quick)
-    t_data = time.time() - t0
-    run_dir = out / "run"
-    _say(f"train: littune train --set model.setting=Lu --set data.cache={paths['train']} --set steps={steps} "
-         f"--set run_dir={run_dir} ... (resolved configuration: {run_dir / 'config.yaml'})")
-    cfg = load_config(overrides=train_overrides(paths, run_dir, steps, batch=batch,
-                                                validations=2 if args.quick else 3))
-    if (run_dir / "results.json").is_file() and (run_dir / "model").is_dir():
-        _say(f"train: {run_dir} is finished; reusing it (delete it to train again)")
-    else:
-        Trainer(cfg).run()
-    t_train = time.time() - t0 - t_data
-    metrics = json.loads((run_dir / "results.json").read_text())
-    rows = results_rows(paths, metrics)
-    c = paths["manifest"]["counts"]
-    table = markdown_table(rows)
-    commit = _commit()
-    header = (f"LiT `Lu` on emoji: locked ImageNet EfficientNet-Lite0, text transformer from scratch "
-              f"({TEXT_TOWER['depth']}x{TEXT_TOWER['width']}), {steps} steps of {batch} pairs; trained on "
-              f"{c['train_images']} images / {c['train_rows']} captions of {c['train_concepts']} concepts in "
-              f"{len(paths['manifest']['train_designs'])} designs. Zero-shot: prompt ensemble 'emoji'; retrieval: "
-              f"any design of the caption's concept counts. littune commit {commit}, "
-              f"{time.time() - t0:.0f} s in all (data + embedding {t_data:.0f} s, training + evaluation "
-              f"{t_train:.0f} s) on {os.cpu_count()} cores.")
-    (out / "results.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"header": header, "rows": rows, "steps": steps, "batch": batch,
-                                                  "commit": commit, "seconds": time.time() - t0}, indent=2))
-    print("\n" + header + "\n\n" + table + "\n")
-    print(f"model: {run_dir / 'model'}   plots: {run_dir / 'plots'}   table: {out / 'results.md'}")
+    run_quickstart(args.out or ("out/quickstart-quick" if args.quick else "out/quickstart"), args.quick, args.steps)
     return 0
 
 

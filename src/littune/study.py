@@ -18,6 +18,7 @@ and ``LL`` (only the heads trained) weak. This module reruns that question on th
 
 Writes ``study.md``, ``study.json`` and ``study.png`` (one plot) in the output folder; every setting's run
 (model, metrics, plots) lives in ``runs/<setting>`` and a finished setting is reused on a second run.
+The data, caches, evaluation and baselines are :mod:`littune.benchmark`, shared with the quickstart.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from . import quickstart as qs
+from . import benchmark as bench
 
 SETTINGS = ("Lu", "LU", "Uu", "UU", "uu", "LL")
 MINILM = {"type": "hf", "path": "minilm", "pooling": "mean", "context_length": 32}
@@ -43,7 +43,7 @@ def setting_overrides(setting: str, paths: dict, run_dir: Path, steps: int, batc
     and all-MiniLM-L6-v2).
     """
     image_letter, text_letter = setting[0], setting[1]
-    towers = {"scratch": qs.TEXT_TOWER, "pretrained": MINILM, **(text_towers or {})}
+    towers = {"scratch": bench.TEXT_TOWER, "pretrained": MINILM, **(text_towers or {})}
     text = towers["pretrained"] if text_letter in "UL" else towers["scratch"]
     mults = {"image": 0.1 if image_letter == "U" else 1.0, "text": 0.1 if text_letter == "U" else 1.0}
     out = [
@@ -59,36 +59,6 @@ def setting_overrides(setting: str, paths: dict, run_dir: Path, steps: int, batc
     return out
 
 
-def evaluate(model, paths: dict, locked: bool, progress: bool = False) -> dict:
-    """Zero-shot and retrieval metrics on every held-out split, read the same way for every setting.
-
-    Images come from each split's retrieval CSV; a locked image tower reads them from the cache, an
-    unlocked one runs on the pixels. An image's class is its folder (the concept).
-    """
-    from .eval.datasets import image_embeddings, open_retrieval
-    from .eval.retrieval import retrieval_metrics
-    from .eval.templates import load_templates
-    from .eval.zeroshot import zeroshot_classifier, zeroshot_metrics
-    from .inference import embed_texts
-    from .validate import folder_labels
-
-    results = {}
-    for split, info in paths["eval"].items():
-        data = open_retrieval(paths["data"] / "eval" / f"retrieval_{split}.csv")
-        emb, kept, skipped = image_embeddings(model, data.records, cache=info["cache"] if locked else None,
-                                              progress=progress)
-        if skipped:
-            raise RuntimeError(f"{split}: {len(skipped)} image(s) could not be embedded, e.g. {skipped[0]}")
-        names, labels = folder_labels([r.key for r in data.records], info["classnames"])
-        weights = zeroshot_classifier(model, names, load_templates("emoji")).float().cpu()
-        zs = zeroshot_metrics(emb @ weights.T, labels)
-        txt = embed_texts(model, data.texts)
-        rt = retrieval_metrics(emb, txt, data.text_to_image, image_groups=labels)
-        results[split] = zs
-        results[f"{split}_retrieval"] = rt
-    return results
-
-
 def run_setting(setting: str, paths: dict, out: Path, steps: int, batch: int, image_tower: dict,
                 progress: bool = True, **tower_options) -> dict:
     """Train one setting (or reuse a finished run) and evaluate it; returns its row of the table."""
@@ -99,41 +69,40 @@ def run_setting(setting: str, paths: dict, out: Path, steps: int, batch: int, im
     run_dir = out / "runs" / setting
     done = run_dir / "study_eval.json"
     if done.is_file():
-        qs._say(f"study {setting}: finished earlier, reusing {run_dir}")
+        bench.say(f"study {setting}: finished earlier, reusing {run_dir}")
         return json.loads(done.read_text())
     cfg = load_config(overrides=setting_overrides(setting, paths, run_dir, steps, batch, image_tower, **tower_options))
     cfg.progress = progress
-    qs._say(f"study {setting}: training {steps} steps of {batch} pairs in {run_dir}")
+    bench.say(f"study {setting}: training {steps} steps of {batch} pairs in {run_dir}")
     t0 = time.time()
     Trainer(cfg).run()
     train_s = time.time() - t0
     model = LiTModel.from_pretrained(run_dir / "model").eval()
-    with torch.no_grad():
-        metrics = evaluate(model, paths, locked=model.setting.image.locked, progress=progress)
+    metrics = bench.evaluate(model, paths, locked=model.setting.image.locked, progress=progress)
     log = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row = {"setting": setting, "metrics": metrics, "train_seconds": round(train_s, 1),
            "final_loss": float(np.mean([r["loss"] for r in log[-3:]])) if log else None,
            "trainable_params": trainable, "pairs_per_s": log[-1].get("pairs_per_s") if log else None,
-           "commit": qs._commit()}
+           "commit": bench.code_commit()}
     done.write_text(json.dumps(row, indent=2))
     return row
 
 
 def markdown(rows: list[dict], baselines: dict) -> str:
-    splits = [s for s in qs.SPLITS if any(s in r["metrics"] for r in rows)]
+    splits = [s for s in bench.SPLITS if any(s in r["metrics"] for r in rows)]
     head = ["setting", "commit", "trainable params", "train s", "final loss"]
     head += [f"{s} top-1" for s in splits] + [f"{s} text→image R@1" for s in splits]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, base in baselines.items():
-        cells = [name, "", "", "", ""] + [qs._f(base.get(s)) for s in splits] + ["" for _ in splits]
+        cells = [name, "", "", "", ""] + [bench.fmt(base.get(s)) for s in splits] + ["" for _ in splits]
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         m = r["metrics"]
         cells = [f"**{r['setting']}**", r.get("commit") or "?", f"{r['trainable_params'] / 1e6:.1f}M",
-                 f"{r['train_seconds']:.0f}", qs._f(r["final_loss"])]
-        cells += [qs._f(m.get(s, {}).get("acc1")) for s in splits]
-        cells += [qs._f(m.get(f"{s}_retrieval", {}).get("image_retrieval_recall@1")) for s in splits]
+                 f"{r['train_seconds']:.0f}", bench.fmt(r["final_loss"])]
+        cells += [bench.fmt(m.get(s, {}).get("acc1")) for s in splits]
+        cells += [bench.fmt(m.get(f"{s}_retrieval", {}).get("image_retrieval_recall@1")) for s in splits]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -147,7 +116,7 @@ def plot(rows: list[dict], baselines: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    splits = [s for s in qs.SPLITS if any(s in r["metrics"] for r in rows)]
+    splits = [s for s in bench.SPLITS if any(s in r["metrics"] for r in rows)]
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / max(1, len(splits))
     x = np.arange(len(rows))
@@ -171,7 +140,6 @@ def plot(rows: list[dict], baselines: dict, path: Path) -> Path | None:
 def run_study(out: str | Path = "out/study", settings=SETTINGS, steps: int = 200, batch: int = 64,
               image_size: int = 128, quick: bool = False, progress: bool = True) -> dict:
     """Run every setting and write ``study.md``, ``study.json`` and ``study.png`` in ``out``."""
-    from .eval.datasets import read_classnames
     from .tower_settings import parse_setting
 
     for s in settings:
@@ -180,20 +148,20 @@ def run_study(out: str | Path = "out/study", settings=SETTINGS, steps: int = 200
     out.mkdir(parents=True, exist_ok=True)
     image_tower = {"type": "efficientnet-lite", "name": "efficientnet-lite0", "image_size": int(image_size)}
     tag = f"efficientnet-lite0@{int(image_size)}"
-    paths = qs.prepare(out, quick, tower=tag, progress=progress)
+    paths = bench.prepare(out, quick, tower=tag, progress=progress)
     t0 = time.time()
     rows = [run_setting(s, paths, out, steps, batch, image_tower, progress) for s in settings]
     baselines = {"chance": {}, "image-only prototype (seen concepts)": {}}
     for split, info in paths["eval"].items():
-        baselines["chance"][split] = 1 / len(read_classnames(info["classnames"]))
-        proto = qs.prototype_baseline(paths["train"], info["cache"])
+        baselines["chance"][split] = bench.chance(info["classnames"])
+        proto = bench.prototype_baseline(paths["train"], info["cache"])
         baselines["image-only prototype (seen concepts)"][split] = proto["acc1"] if proto else None
     c = paths["manifest"]["counts"]
     header = (f"Tower settings at equal steps: {steps} steps of {batch} pairs, EfficientNet-Lite0 at {image_size} px, "
-              f"text transformer {qs.TEXT_TOWER['depth']}x{qs.TEXT_TOWER['width']} from scratch (u) or "
+              f"text transformer {bench.TEXT_TOWER['depth']}x{bench.TEXT_TOWER['width']} from scratch (u) or "
               f"all-MiniLM-L6-v2 (U, L); emoji {c['train_images']} training images of {c['train_concepts']} concepts. "
               f"Zero-shot with the 'emoji' prompt ensemble; retrieval: any design of the caption's concept counts. "
-              f"Each row names the littune commit that trained it; this table written at {qs._commit()}, "
+              f"Each row names the littune commit that trained it; this table written at {bench.code_commit()}, "
               f"{time.time() - t0:.0f} s of training and evaluation in this call.")
     table = markdown(rows, baselines)
     (out / "study.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")

