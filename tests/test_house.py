@@ -8,7 +8,6 @@
 import ast
 from pathlib import Path
 
-import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "littune"
 MAX_MODULE_LINES = 400
@@ -105,8 +104,6 @@ def test_no_import_cycle_among_littune_modules():
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
-@pytest.mark.xfail(strict=False, reason="cache.py, data/sources.py, datasets/*, search.py, serve.py and trainer.py "
-                                        "are being split by other helpers (issue 13); drop this mark when they land")
 def test_no_module_over_400_lines_and_no_function_over_60():
     bad = oversized()
     assert not bad, "\n".join(bad)
