@@ -30,13 +30,7 @@ import torch.nn.functional as F
 
 from .embeddings import ImageLike, evaluating, image_embeddings, load_rgb, model_device, text_embeddings
 
-# Old names of the embedding loops, kept for callers that have not moved to littune.embeddings yet
-# (search.py): embed_images is image_embeddings without a cache, embed_texts is text_embeddings.
-embed_images = image_embeddings
-embed_texts = text_embeddings
-
-__all__ = ["ImageLike", "InferenceMixin", "embed_images", "embed_texts", "evaluating", "load_rgb",
-           "model_device", "repeated_label"]
+__all__ = ["ImageLike", "InferenceMixin", "evaluating", "load_rgb", "model_device", "repeated_label"]
 
 
 class InferenceMixin:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..errors import LittuneError
 from ..fileio import atomic_write, write_json, write_npy, write_skipped
@@ -115,23 +114,19 @@ def _features_from_cache(model, source, cache_dir: Path, batch_size: int, worker
 def _embed_through_cache(model, src, feats_dir: Path, emb_path: Path, batch_size: int, workers: int | None,
                          progress: bool, fresh: bool) -> _Embedded:
     """The tower's features from the cache, through the image head, streamed into ``embeddings.npy``."""
-    from ..inference import evaluating, model_device
+    from ..embeddings import cached_image_embedding_batches
 
     cache = _features_from_cache(model, src, feats_dir, batch_size, workers, progress, fresh=fresh)
     n, dim = len(cache), model.config.embed_dim
     done = _Embedded([cache.key(i) for i in range(n)], [cache.path(i) for i in range(n)],
                      list(cache.skipped()), str(feats_dir))  # the cache's report includes the source's problems
     _refuse_empty(src, done)
-    device = model_device(model)
 
     def write(f) -> None:
         np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.float16).str, "fortran_order": False,
                                                  "shape": (n, dim)})
-        with evaluating(model):
-            for s in range(0, n, HEAD_ROWS):
-                feats = np.ascontiguousarray(cache.features(np.arange(s, min(s + HEAD_ROWS, n))), dtype=np.float32)
-                emb = model.embed_image_features(torch.from_numpy(feats).to(device)).float().cpu().numpy()
-                f.write(emb.astype(np.float16).tobytes())
+        for _, emb in cached_image_embedding_batches(model, cache, batch_size=HEAD_ROWS):
+            f.write(emb.numpy().astype(np.float16).tobytes())
 
     atomic_write(emb_path, write)
     return done
@@ -139,10 +134,10 @@ def _embed_through_cache(model, src, feats_dir: Path, emb_path: Path, batch_size
 
 def _embed_directly(model, src, emb_path: Path, batch_size: int, workers: int | None, progress: bool) -> _Embedded:
     """Without the cache: decode and embed every record in memory."""
-    from ..inference import embed_images
+    from ..embeddings import image_embeddings
 
     records = src.records()
-    emb, kept, bad = embed_images(model, records, batch_size=batch_size, workers=workers, progress=progress,
+    emb, kept, bad = image_embeddings(model, records, batch_size=batch_size, workers=workers, progress=progress,
                                   skip_bad=True)
     done = _Embedded([records[i].key for i in kept], [records[i].where for i in kept], [*src.problems, *bad])
     _refuse_empty(src, done)
