@@ -11,8 +11,10 @@ The functions here are what evaluation, validation, the study, the search index 
 
 * :func:`image_embeddings` -- image embeddings of images given as paths, Pillow images or
   :class:`~littune.data.records.Record` objects. The images are decoded (a few threads, one batch
-  ahead of the model) and run through the whole model, or, with ``cache=``, looked up by key in an
-  embedding cache whose features only go through the head (the image tower is not run).
+  ahead of the model) and run through the whole model -- a locked tower on the fastest runtime
+  (:mod:`littune.runtime`: onnxruntime on a CPU when it exports, opened once per tower) -- or, with
+  ``cache=``, looked up by key in an embedding cache whose features only go through the head (the
+  image tower is not run).
 * :func:`cached_image_embeddings` -- image embeddings of the rows of an opened embedding cache;
   :func:`cached_image_embedding_batches` yields them batch by batch for a writer that keeps memory flat.
 * :func:`text_embeddings` -- text embeddings of strings (a text that repeats is encoded once).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
@@ -111,8 +114,8 @@ def load_rgb(item: ImageLike):
 
 # -- images ----------------------------------------------------------------------------------------
 def image_embeddings(model, images: Sequence[ImageLike], cache: str | Path | None = None, batch_size: int = 64,
-                     workers: int | None = None, progress: bool = False, skip_bad: bool = False
-                     ) -> tuple[torch.Tensor, list[int], Skipped]:
+                     workers: int | None = None, progress: bool = False, skip_bad: bool = False,
+                     runtime: str = "auto") -> tuple[torch.Tensor, list[int], Skipped]:
     """Image embeddings of ``images``: ``(embeddings (len(kept), D), kept, skipped)``.
 
     ``kept`` are the indices of ``images`` that were embedded, ``skipped`` the ``(where, reason)`` of
@@ -120,14 +123,16 @@ def image_embeddings(model, images: Sequence[ImageLike], cache: str | Path | Non
     transform and run through the model; ``workers`` decoding threads (default: up to 4) prepare the
     next batch while the model runs. With ``cache`` (an embedding cache directory from
     ``littune embed``, images given as records) each image's features are read by its key and only
-    the head runs; see :func:`open_feature_cache` for what that needs. An image that fails to decode
+    the head runs; see :func:`open_feature_cache` for what that needs. ``runtime`` runs a locked
+    tower (``auto``, ``torch``, ``onnxruntime``; ``model``: the torch model itself, bit for bit what
+    ``model.encode_image`` gives). An image that fails to decode
     or is not in the cache raises :class:`~littune.errors.LittuneError` naming it, or with
     ``skip_bad=True`` is skipped and listed.
     """
     _check_batch_size(batch_size)
     if cache is not None:
         return _embed_by_key(model, list(images), cache, batch_size, progress, skip_bad)
-    return _embed_decoded(model, list(images), batch_size, workers, progress, skip_bad)
+    return _embed_decoded(model, list(images), batch_size, workers, progress, skip_bad, runtime)
 
 
 def _decoded_batches(items: list, preprocess, batch_size: int, workers: int | None):
@@ -155,9 +160,29 @@ def _decoded_batches(items: list, preprocess, batch_size: int, workers: int | No
                 f.cancel()
 
 
-def _embed_decoded(model, items: list, batch_size: int, workers: int | None, progress: bool,
-                   skip_bad: bool) -> tuple[torch.Tensor, list[int], Skipped]:
+_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _image_encoder(model, runtime: str):
+    """``pixels -> image embeddings``: a locked tower through its :mod:`littune.runtime` runner (kept
+    with the tower, so a server opens it once), then the head; a trained tower through the model."""
     device = model_device(model)
+    if not model.setting.image.locked or runtime == "model":
+        return lambda px: model.encode_image(px.to(device))
+    key = model.image_tower
+    runner = _RUNNERS.get(key)
+    if runner is None or runner.requested != runtime:
+        from .runtime import open_runner
+
+        runner = open_runner(model.image_tower, runtime, device=device, quiet=runtime == "auto")
+        runner.requested = runtime
+        _RUNNERS[key] = runner
+    return lambda px: model.embed_image_features(torch.from_numpy(runner(px)).to(device))
+
+
+def _embed_decoded(model, items: list, batch_size: int, workers: int | None, progress: bool,
+                   skip_bad: bool, runtime: str = "auto") -> tuple[torch.Tensor, list[int], Skipped]:
+    encode = _image_encoder(model, runtime)
     out: list[torch.Tensor] = []
     kept: list[int] = []
     skipped: Skipped = []
@@ -175,7 +200,7 @@ def _embed_decoded(model, items: list, batch_size: int, workers: int | None, pro
                 tensors.append(pixels)
                 kept.append(i)
             if tensors:
-                out.append(model.encode_image(torch.stack(tensors).to(device)).float().cpu())
+                out.append(encode(torch.stack(tensors)).float().cpu())
             if bar is not None:
                 bar.update(len(idx))
     if bar is not None:
