@@ -191,7 +191,7 @@ def test_text_buckets_change_nothing_but_padding(tmp_path):
 
     src = make_source(tmp_path / "data")
     base = (f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=6")
-    Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'a'}", *base])).run()
+    Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'a'}", "data.text_buckets=1", *base])).run()
     b = Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'b'}", "data.text_buckets=3", *base]))
     b.run()
     assert np.allclose(_losses(tmp_path / "a"), _losses(tmp_path / "b"), rtol=1e-4, atol=1e-5)
@@ -214,6 +214,33 @@ def test_text_buckets_change_nothing_but_padding(tmp_path):
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
     with pytest.raises(ConfigError, match="data.text_buckets"):
         _cfg(tmp_path, f"data.source={src}", "data.text_buckets=0")
+    assert _cfg(tmp_path, f"data.source={src}").data.text_buckets > 1  # dynamic padding is the default
+    _length_groups_cut_what_tokenizing_each_group_gives(b.model.text_tower.tokenizer, caps)
+
+
+def _length_groups_cut_what_tokenizing_each_group_gives(tokenizer, caps):
+    """One tokenization cut into groups == each group tokenized alone, padded on either side; the groups
+    pad the fewest tokens of any split into at most k runs of the length-sorted captions."""
+    import itertools
+
+    from littune.batches import length_groups
+
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        enc = tokenizer(caps, padding="longest", return_tensors="pt", return_token_type_ids=False)
+        toks = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        for k in (2, 3):
+            groups = length_groups(toks, k, padding_side=side)
+            assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(len(caps)))
+            for rows, got in groups:
+                alone = tokenizer([caps[i] for i in rows.tolist()], padding="longest", return_tensors="pt")
+                assert torch.equal(got["input_ids"], alone["input_ids"])
+                assert torch.equal(got["attention_mask"], alone["attention_mask"])
+            lengths = sorted(toks["attention_mask"].sum(1).tolist())
+            best = min(sum((b - a) * lengths[b - 1] for a, b in zip((0, *cut), (*cut, len(lengths))))
+                       for g in range(k) for cut in itertools.combinations(range(1, len(lengths)), g))
+            assert sum(g["input_ids"].numel() for _, g in groups) == best
+    tokenizer.padding_side = "right"
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):

@@ -46,10 +46,11 @@ class DataSection:
     workers: int = 1  # decoding workers for the on-the-fly path
     #: on-the-fly path: Inception crop + flip (true) or the evaluation transform, the cache's pixels (false)
     augment: bool = True
-    #: encode a step's captions in this many length-sorted groups, each padded to its own longest
-    #: caption instead of the context length: the same embeddings and loss, less compute when caption
-    #: lengths vary (1: one group padded to the context length)
-    text_buckets: int = 1
+    #: dynamic padding: encode a step's captions in at most this many groups of similar token length,
+    #: each padded only to its own longest caption (the groups that pad the fewest tokens), instead of
+    #: all to the context length: the same embeddings and loss, less compute (1: one group padded to
+    #: the context length, the old way)
+    text_buckets: int = 4
     source_options: dict = field(default_factory=dict)
 
 

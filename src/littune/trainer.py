@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from . import distributed as D
-from .batches import CacheBatches, OnTheFlyBatches, step_loader
+from .batches import CacheBatches, OnTheFlyBatches, length_groups, step_loader
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import ConfigError, LittuneError, StaleCacheError
@@ -160,20 +160,19 @@ class Trainer:
         return img.float(), txt.float()
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Text embeddings in the captions' order. With ``data.text_buckets`` k > 1 the captions are
-        encoded in k groups of similar token length, each padded only to its own longest: the tower
-        sees every caption alone (masked attention, no batch statistics), so the embeddings are the
-        same, the contrastive batch is still the whole batch, and padding costs less compute."""
+        """Text embeddings in the captions' order. With ``data.text_buckets`` k > 1 (dynamic padding) one
+        tokenization is encoded in <= k groups of similar length, each cut to its own longest (batches.
+        length_groups): the tower sees each caption alone (masked attention, no batch statistics), so the
+        embeddings are the same, the contrastive batch is still the whole batch, padding costs less."""
         k = min(self.cfg.data.text_buckets, len(captions))
         if k <= 1:
             toks = self.model.tokenize(captions)
             return self.model.encode_text(**{n: v.to(self.device) for n, v in toks.items()})
-        lengths = self.model.tokenize(captions, padding="longest")["attention_mask"].sum(1)
-        order = torch.argsort(lengths, stable=True)
-        parts = []
-        for idx in torch.tensor_split(order, k):
-            toks = self.model.tokenize([captions[i] for i in idx.tolist()], padding="longest")
-            parts.append(self.model.encode_text(**{n: v.to(self.device) for n, v in toks.items()}))
+        toks = self.model.tokenize(captions, padding="longest")
+        side = getattr(getattr(self.model.text_tower, "tokenizer", None), "padding_side", "right")
+        groups = length_groups(toks, k, padding_side=side)
+        parts = [self.model.encode_text(**{n: v.to(self.device) for n, v in g.items()}) for _, g in groups]
+        order = torch.cat([rows for rows, _ in groups])
         return torch.cat(parts)[torch.argsort(order).to(self.device)]
 
     def _loss(self, img, txt, first: bool):
