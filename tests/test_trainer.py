@@ -99,6 +99,8 @@ def test_bad_configuration_keys(tmp_path):
         load_config(cfg)
     with pytest.raises(ConfigError, match="model.setting"):
         load_config(overrides=["model.setting=Lx", "data.cache=x"])
+    with pytest.raises(ConfigError, match="model.loss_chunk: must be >= 0"):
+        load_config(overrides=["model.loss_chunk=-1", "data.cache=x"])
 
 
 def _run_cli(tmp_path, *extra, **popen):
@@ -174,14 +176,19 @@ def test_two_ranks_match_one_rank(tmp_path):
     assert np.allclose(one, two, rtol=1e-4, atol=1e-5), (one, two)
 
 
-def test_grad_accumulation_equals_one_big_batch(tmp_path):
+def test_grad_accumulation_and_chunked_loss_equal_one_big_batch(tmp_path):
+    """4 micro-batches, and 2 micro-batches with the loss 5 rows at a time: the losses of one full step."""
     from littune.trainer import Trainer
 
     src = make_source(tmp_path / "data")
     base = (f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=6", "optim.clip_grad_norm=null")
-    Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'a'}", *base])).run()
+    Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'a'}", "model.loss_chunk=0", *base])).run()
     Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'b'}", "grad_accum=4", *base])).run()
+    c = Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'c'}", "grad_accum=2", "model.loss_chunk=5", *base]))
+    c.run()
+    assert c.loss_fn.chunk == 5
     assert np.allclose(_losses(tmp_path / "a"), _losses(tmp_path / "b"), rtol=1e-4, atol=1e-5)
+    assert np.allclose(_losses(tmp_path / "a"), _losses(tmp_path / "c"), rtol=1e-4, atol=1e-5)
 
 
 def test_text_buckets_change_nothing_but_padding(tmp_path):
@@ -241,6 +248,34 @@ def _length_groups_cut_what_tokenizing_each_group_gives(tokenizer, caps):
                        for g in range(k) for cut in itertools.combinations(range(1, len(lengths)), g))
             assert sum(g["input_ids"].numel() for _, g in groups) == best
     tokenizer.padding_side = "right"
+
+
+def test_grad_accumulation_moves_batchnorm_statistics_once_per_micro_batch(tmp_path):
+    """An unlocked BatchNorm image tower with grad_accum=2: after a step its running statistics are those
+    of one train-mode pass over each micro-batch (the no-grad pre-pass used to move them a second time)."""
+    import copy
+
+    from littune.trainer import Trainer
+
+    seen = {}
+
+    class Recording(Trainer):
+        def train_step(self, batch):
+            seen["tower"], seen["pixels"] = copy.deepcopy(self.model.image_tower), batch["pixels"]
+            return super().train_step(batch)
+
+    src = make_source(tmp_path / "data")
+    trainer = Recording(_cfg(tmp_path, "model.setting=Uu", f"data.source={src}", "steps=1", "grad_accum=2",
+                             "data.workers=0"))
+    trainer.run()
+    want = seen["tower"].train()
+    with torch.no_grad():
+        for part in seen["pixels"].chunk(2):
+            want(part)
+    got = dict(trainer.model.image_tower.named_buffers())
+    assert len(got) == 9 and got["net.1.num_batches_tracked"].item() == 2
+    for name, value in want.named_buffers():
+        assert torch.allclose(got[name], value, atol=1e-6), name
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):

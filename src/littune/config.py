@@ -32,6 +32,10 @@ class ModelSection:
     temperature_init: float = 10.0
     loss: str = "softmax"
     bias_init: float = -10.0
+    #: the contrastive loss over this many rows at a time when a rank holds more rows than that:
+    #: memory O(global batch x loss_chunk) instead of O(global batch^2), the same loss and gradients
+    #: to float rounding (0: always the full logit matrix)
+    loss_chunk: int = 1024
 
 
 @dataclass
@@ -121,6 +125,8 @@ class TrainConfig:
         for key in ("steps", "data.batch_size", "grad_accum", "data.text_buckets"):
             if _get(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {_get(self, key)}")
+        if self.model.loss_chunk < 0:
+            raise ConfigError(f"model.loss_chunk: must be >= 0 (0: the full logit matrix), got {self.model.loss_chunk}")
         if self.data.batch_size % self.grad_accum:
             raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be divisible by grad_accum "
                               f"({self.grad_accum})")
