@@ -161,8 +161,9 @@ def test_two_ranks_match_one_rank(tmp_path):
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         args = [sys.executable, "-m", "littune", "train"]
         # A cache that does not exist yet: both ranks build it (embed_source(distributed=True)).
+        # Each rank also accumulates 2 micro-batches and takes the loss 3 of its 8 rows at a time.
         for o in TINY + [f"run_dir={tmp_path / 'two' / 'run'}", f"data.source={src}",
-                         f"data.cache={tmp_path / 'cache2'}", "steps=8"]:
+                         f"data.cache={tmp_path / 'cache2'}", "steps=8", "grad_accum=2", "model.loss_chunk=3"]:
             args += ["--set", o]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for p in procs:
