@@ -15,7 +15,7 @@ Both come in two forms with the same value and gradients (to float rounding). Th
 this rank's ``n x N`` logit matrices (``N`` the global batch) and lets autograd keep them. The chunked
 form (``chunk`` rows at a time, :mod:`littune.chunked_loss`) never holds more than ``chunk x N`` logits:
 its forward keeps only each row's log-sum-exp, its backward recomputes each chunk's logits, so the
-memory of the loss is O(N x chunk) instead of O(N^2) and the global batch is limited by time alone.
+memory of the loss is O(N x chunk) instead of O(N^2): the loss no longer limits the batch.
 """
 
 from __future__ import annotations
