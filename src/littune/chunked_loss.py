@@ -87,9 +87,11 @@ class _SigmoidPairs(torch.autograd.Function):
         dbias = torch.zeros_like(dscale)
         for lo, hi in _chunks(x.shape[0], ctx.chunk):
             dots = x[lo:hi] @ y.t()
-            z = torch.full_like(dots, -1.0)
-            z[_positives(z, lo, ctx.first)] = 1.0
-            g = torch.sigmoid(-z * (dots * scale + bias)).mul_(z).neg_()  # d(-log sigmoid(z l)) / dl
+            idx = _positives(dots, lo, ctx.first)
+            g = (dots * scale).add_(bias)  # l, then -z l (z = -1 but +1 on the matching pairs) ...
+            g[idx] = -g[idx]
+            g = g.sigmoid_()  # ... then -z sigmoid(-z l) = d(-log sigmoid(z l)) / dl
+            g[idx] = -g[idx]
             dbias += g.sum()
             dscale += (g * dots).sum()
             g.mul_(scale * grad)
