@@ -5,9 +5,13 @@ EfficientNet-Lite0 (locked) + a 6-layer 384-wide text transformer, batch 64 and 
   (a) `littune train` from the embedding cache (the LiT way: the image model is never run),
   (b) the same model with the locked image tower run on every step on decoded images
       (what open_clip's --lock-image does),
-  (c) the bare compute limit: text forward + backward + loss + optimiser step on ready tensors.
+  (c) the bare compute limit: text forward + backward + loss + optimiser step on ready tensors, on the
+      same shapes as (a): the same cached features and sampled captions, tokenized and cut into the
+      same dynamic-padding groups as the trainer does (``data.text_buckets``), before the clock starts.
 
-Prints pairs/s and peak RSS of each (each measured in its own process) and the ratios (a)/(c) and (a)/(b).
+Prints pairs/s and peak memory of each (each measured in its own process) and the ratios (a)/(c) and (a)/(b),
+then the text tower's FLOPs per pair on the real tokens (padding left out; forward + backward = 3x the
+forward's matmuls) and the utilisation they give (a) against the fp32 matmul rate measured at the start.
 Each rate is the steady state: the first 2 steps (set-up, lazy allocations) are left out of (a) and (b)
 as of (c), and every other step counts whole (data, tokenisation, logging and all).
 
@@ -19,8 +23,28 @@ and steady RSS (the median after each step from the 3rd) must differ by less tha
 reads rows and captions from the cache with pread, step by step, and holds nothing per image but the
 epoch's permutation (8 bytes a row).
 
+Then the largest batch (``--no-max-batch`` skips it; the paper's Table 7: precomputed embeddings let far
+larger batches fit). A global batch *trains* if `littune train` runs 2 steps of it in a fresh process that
+exits cleanly (no out-of-memory, finite loss), whose peak memory stays under ``--mem-limit-gib`` (20 GiB:
+VmHWM on CPU, polled and killed above it; GPU memory allocated by torch on CUDA, where the process is also
+capped at that much) and whose wall time (start, set-up, 2 steps, export) stays under ``--max-batch-cap-s``.
+The batch doubles from a start until a trial fails, then the midpoint of the last good and the first bad
+is tried once. Both sides train the same small text tower (2 layers, 128 wide) and the same 512-d heads:
+
+  (a) from a cache (synthetic 1280-d features, EfficientNet-Lite0's width, in the real cache format):
+      the chunked loss (``model.loss_chunk``, its default) and ``grad_accum`` micro-batches of 512 pairs;
+  (b) the locked EfficientNet-Lite0 run every step on decoded images, the whole global batch in one pass
+      (``grad_accum=1``, the full logit matrix: open_clip's --lock-image with its default accum_freq 1).
+
+On 2 CPU cores both searches are usually stopped by the time cap, not memory: the figure is then the
+largest batch whose 2 steps fit the cap. On a CUDA machine the same code runs on the GPU.
+
     .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--batches 64,256] [--no-memory]
     .venv/bin/python benchmarks/train_throughput.py --no-throughput --memory-rows 10000,1000000
+    .venv/bin/python benchmarks/train_throughput.py --no-throughput --no-memory --max-batch-cap-s 60
+    .venv/bin/python benchmarks/train_throughput.py --quick       # a smoke run of every part
+
+It ends with ``result: NAME = NUMBER`` lines (``nan`` for a part that was skipped).
 """
 
 from __future__ import annotations
@@ -57,7 +81,8 @@ def make_images(root: Path, n: int) -> Path:
         x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         crop = im.crop((x, y, x + cw, y + ch)).resize((int(rng.integers(240, 400)), int(rng.integers(240, 400))))
         name = f"img{i:05d}.{'jpg' if i % 3 else 'png'}"
-        crop.save(root / name, quality=90) if name.endswith("jpg") else crop.save(root / name)
+        if not (root / name).exists():  # else an earlier call wrote it (the same draws: the same file)
+            crop.save(root / name, quality=90) if name.endswith("jpg") else crop.save(root / name)
         for _ in range(2):
             rows.append(f"{name},a photo of a {' '.join(rng.choice(words, size=4))}")
     (root / "pairs.csv").write_text("\n".join(rows) + "\n")
@@ -85,6 +110,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def device_name() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: GPU memory allocated by torch on CUDA, peak RSS on CPU."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb()
+
+
+def memory_name() -> str:
+    return "peak GPU memory" if device_name() == "cuda" else "peak RSS"
+
+
 WARMUP = 2  # steps left out of every rate: (c) runs them before its clock starts, (a) and (b) log them
 
 
@@ -104,7 +146,7 @@ def child_train(source: str, cache: str, run: str, batch: int, steps: int, on_th
     # The trainer's own per-step rate (everything between two steps: batch, tokenisation, logging...).
     secs = [batch / r["pairs_per_s"] for r in rec]
     return {"pairs_per_s": batch * (len(secs) - WARMUP) / sum(secs[WARMUP:]),
-            "pairs_per_s_all_steps": batch * len(secs) / sum(secs), "total_s": total, "peak_rss_mb": peak_rss_mb()}
+            "pairs_per_s_all_steps": batch * len(secs) / sum(secs), "total_s": total, "peak_rss_mb": peak_memory_mb()}
 
 
 # -- memory: a 10k-row vs a 1M-row cache ------------------------------------------------------------
@@ -219,56 +261,101 @@ def memory_check(tmp: Path, rows: list[int], batch: int, steps: int, limit_mb: f
     return ok
 
 
-def child_bare(batch: int, steps: int, dim: int = 1280) -> dict:
+def text_flops(length: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs of the text transformer on one sequence of ``length`` tokens: the matmuls of the
+    q/k/v, output and MLP projections (2 (3 + 1 + 2 mlp_ratio) width^2 a token) and of attention
+    (scores and mix, 4 width length^2) in each layer."""
+    return depth * ((8 + 4 * mlp_ratio) * width ** 2 * length + 4 * width * length ** 2)
+
+
+def _bare_batches(cache: str, text, batch: int, n: int, buckets: int, device):
+    """(a)'s first n batches (the same seed: the same rows and captions), ready on the device: features,
+    the trainer's dynamic-padding groups, the inverse order; and the token lengths, real and padded."""
     import torch
 
-    from littune.losses import ContrastiveLoss
-    from littune.towers.text import TextTransformer, TextTransformerConfig
+    from littune.batches import CacheBatches, length_groups
+    from littune.cache import EmbeddingCache
 
+    data, out, real, padded = CacheBatches(EmbeddingCache.open(cache), batch, 0, 1, seed=0), [], [], []
+    for s in range(n):
+        b = data(s)
+        if buckets > 1:
+            groups = length_groups(text.tokenize(b["captions"], padding="longest"), buckets,
+                                   padding_side=getattr(text.tokenizer, "padding_side", "right"))
+        else:
+            groups = [(torch.arange(batch), text.tokenize(b["captions"]))]
+        order = torch.cat([rows for rows, _ in groups])
+        real += [int(x) for _, g in groups for x in g["attention_mask"].sum(1)]
+        padded += [g["input_ids"].shape[1] for _, g in groups for _ in range(g["input_ids"].shape[0])]
+        out.append((b["image_features"].to(device), [{k: v.to(device) for k, v in g.items()} for _, g in groups],
+                    torch.argsort(order).to(device)))
+    return out, real, padded
+
+
+def child_bare(cache: str, tokenizer: str, batch: int, steps: int, buckets: int) -> dict:
+    import torch
+    import yaml
+
+    from littune.losses import ContrastiveLoss
+    from littune.towers.text import build_text_tower
+
+    device = torch.device(device_name())
     torch.manual_seed(0)
-    text = TextTransformer(TextTransformerConfig(vocab_size=8000, width=384, depth=6, heads=6, context_length=32),
-                           tokenizer=None)
-    head_i, head_t = torch.nn.Linear(dim, 512), torch.nn.Linear(384, 512)
-    scale = torch.nn.Parameter(torch.tensor(2.3))
+    spec = yaml.safe_load(TEXT)
+    text = build_text_tower(spec, base_dir=Path(tokenizer)).to(device)
+    ready, real, padded = _bare_batches(cache, text, batch, WARMUP + steps, buckets, device)
+    head_i = torch.nn.Linear(ready[0][0].shape[1], 512).to(device)
+    head_t = torch.nn.Linear(spec["width"], 512).to(device)
+    scale = torch.nn.Parameter(torch.tensor(2.3, device=device))
     params = [*text.parameters(), *head_i.parameters(), *head_t.parameters(), scale]
     opt = torch.optim.AdamW(params, lr=1e-3)
     loss_fn = ContrastiveLoss()
-    feats = torch.randn(batch, dim)
-    ids = torch.randint(4, 8000, (batch, 32))
-    mask = torch.ones(batch, 32, dtype=torch.long)
-    mask[:, 12:] = 0
 
-    def step():
+    def step(feats, groups, inverse):
         img = torch.nn.functional.normalize(head_i(feats), dim=-1)
-        txt = torch.nn.functional.normalize(head_t(text(ids, mask)), dim=-1)
-        loss = loss_fn(img, txt, scale)
+        txt = torch.cat([head_t(text(**g)) for g in groups])[inverse]
+        loss = loss_fn(img, torch.nn.functional.normalize(txt, dim=-1), scale)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
-    for _ in range(2):
-        step()
+    for r in ready[:WARMUP]:
+        step(*r)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return {"pairs_per_s": batch * steps / (time.perf_counter() - t0), "peak_rss_mb": peak_rss_mb()}
+    for r in ready[WARMUP:]:
+        step(*r)
+    sync()
+    secs = time.perf_counter() - t0
+    w, d = spec["width"], spec["depth"]
+    return {"pairs_per_s": batch * steps / secs, "peak_rss_mb": peak_memory_mb(),
+            "train_flops_real": 3 * float(np.mean([text_flops(n, w, d) for n in real])),
+            "train_flops_padded": 3 * float(np.mean([text_flops(n, w, d) for n in padded])),
+            "real_tokens": float(np.mean(real)), "padded_tokens": float(np.mean(padded))}
 
 
 def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
-    """This machine's dense fp32 matmul rate: the figures above scale with it across machines."""
+    """This machine's dense fp32 matmul rate (on the GPU when there is one): the figures above scale with it."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    device = device_name()
+    if device == "cuda":
+        n, reps = 8192, 20
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
+    sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batches", default="64,256")
@@ -280,36 +367,63 @@ def main() -> None:
     ap.add_argument("--memory-rows", default="10000,1000000")
     ap.add_argument("--memory-steps", type=int, default=8)
     ap.add_argument("--memory-batch", type=int, default=256)
+    ap.add_argument("--max-batch", action=argparse.BooleanOptionalAction, default=True,
+                    help="the largest batch that trains, from the cache vs the tower every step (default: on)")
+    ap.add_argument("--max-batch-cap-s", type=float, default=60.0, help="wall-time cap of one trial (default 60 s)")
+    ap.add_argument("--mem-limit-gib", type=float, default=20.0, help="peak memory cap of one trial (default 20)")
+    ap.add_argument("--max-batch-upto", type=int, default=65536,
+                    help="the largest (a) batch tried (the synthetic cache has this many rows)")
+    ap.add_argument("--max-batch-start", default="2048,128", help="the first batch tried for (a),(b)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run of every part: 4 steps at batch 256, no memory check, 20 s trials")
     ap.add_argument("--child", nargs=2)
     args = ap.parse_args()
+    if args.quick:  # smaller defaults; an option given on the command line still wins
+        quick = {"steps": 4, "batches": "256", "images": 256, "memory": False, "max_batch_cap_s": 30.0,
+                 "max_batch_upto": 8192, "max_batch_start": "1024,32"}
+        for key, value in quick.items():
+            if getattr(args, key) == ap.get_default(key):
+                setattr(args, key, value)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         kind, kw = args.child
-        fn = {"train": child_train, "bare": child_bare, "memtrain": child_memtrain}[kind]
+        fn = {"train": child_train, "bare": child_bare, "memtrain": child_memtrain, "maxtrain": child_maxtrain}[kind]
         print(json.dumps(fn(**json.loads(kw))))
         return
     import torch
 
+    gflops = matmul_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
-          f"{matmul_gflops():.0f} GFLOP/s fp32 matmul (to compare machines)")
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, device {device_name()}, "
+          f"{gflops:.0f} GFLOP/s fp32 matmul (to compare machines)")
     tmp = Path(tempfile.mkdtemp(prefix="littune-bench-"))
-    ok = True
+    ok, results = True, dict.fromkeys(("cache_vs_tower_every_step_b256", "cache_vs_bare_b256",
+                                       "text_flop_utilisation", "max_batch_ratio", "max_batch_cache"), "nan")
     if args.throughput:
-        throughput(tmp, args)
+        results.update(throughput(tmp, args, gflops))
     if args.memory:
         ok = memory_check(tmp, [int(n) for n in args.memory_rows.split(",")], args.memory_batch, args.memory_steps)
+    if args.max_batch:
+        results.update(max_batch(tmp, args))
     print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for name, value in results.items():
+        print(f"result: {name} = {value}")
     if not ok:
         raise SystemExit(1)
 
 
-def throughput(tmp: Path, args) -> None:
-    source = make_images(tmp / "images", args.images)
-    cache = tmp / "cache"
+def throughput(tmp: Path, args, gflops: float) -> dict:
     from littune.cache import embed_source
+    from littune.config import DataSection
     from littune.data.sources import open_source
     from littune.towers.image import build_image_tower
 
+    source = make_images(tmp / "images", args.images)
+    cache = tmp / "cache"
     t0 = time.perf_counter()
     embed_source(open_source(source), build_image_tower("efficientnet-lite0").eval(), cache, progress=False)
     print(f"embedded {args.images} images once in {time.perf_counter() - t0:.1f} s")
@@ -319,10 +433,24 @@ def throughput(tmp: Path, args) -> None:
                       steps=args.steps, on_the_fly=False)
         b = run_child("train", source=str(source), cache=str(cache), run=str(tmp / f"b{batch}"), batch=batch,
                       steps=max(3, args.steps // 4) + WARMUP, on_the_fly=True)
-        c = run_child("bare", batch=batch, steps=args.steps)
+        # (c) on (a)'s batches and tokenizer, cut into the trainer's default dynamic-padding groups
+        c = run_child("bare", cache=str(cache), tokenizer=str(tmp / f"a{batch}" / "tokenizer"), batch=batch,
+                      steps=args.steps, buckets=DataSection().text_buckets)
         rows.append((batch, a, b, c))
+    print_throughput(rows, gflops)
+    out = {}
+    for batch, a, b, c in rows:
+        if batch == 256:
+            out = {"cache_vs_tower_every_step_b256": f"{a['pairs_per_s'] / b['pairs_per_s']:.2f}",
+                   "cache_vs_bare_b256": f"{a['pairs_per_s'] / c['pairs_per_s']:.3f}",
+                   "text_flop_utilisation": f"{a['pairs_per_s'] * c['train_flops_real'] / (gflops * 1e9):.4f}"}
+    return out
+
+
+def print_throughput(rows, gflops: float) -> None:
     print(f"\nsteady-state pairs/s (first {WARMUP} steps left out of each)")
-    print("\n| batch | (a) cache pairs/s | (b) tower every step | (c) bare compute | (a)/(c) | (a)/(b) | peak RSS a / b / c (MB) |")
+    print(f"\n| batch | (a) cache pairs/s | (b) tower every step | (c) bare compute | (a)/(c) | (a)/(b) | "
+          f"{memory_name()} a / b / c (MB) |")
     print("|---|---|---|---|---|---|---|")
     for batch, a, b, c in rows:
         print(f"| {batch} | {a['pairs_per_s']:.1f} | {b['pairs_per_s']:.1f} | {c['pairs_per_s']:.1f} | "
@@ -331,6 +459,157 @@ def throughput(tmp: Path, args) -> None:
     print("\n(with the first steps counted too: " + "; ".join(
         f"batch {batch}: (a) {a['pairs_per_s_all_steps']:.1f}, (b) {b['pairs_per_s_all_steps']:.1f}"
         for batch, a, b, _ in rows) + ")")
+    print(f"\ntext tower FLOPs per pair (forward + backward = 3x forward), against {gflops:.0f} GFLOP/s fp32 matmul:")
+    for batch, a, _, c in rows:
+        print(f"  batch {batch}: {c['real_tokens']:.1f} real tokens a caption, {c['padded_tokens']:.1f} with the "
+              f"dynamic padding; {c['train_flops_real'] / 1e6:.0f} MFLOP on the real tokens "
+              f"({c['train_flops_padded'] / 1e6:.0f} as computed); utilisation on the real tokens: (a) "
+              f"{a['pairs_per_s'] * c['train_flops_real'] / (gflops * 1e9):.3f}, (c) "
+              f"{c['pairs_per_s'] * c['train_flops_real'] / (gflops * 1e9):.3f}; as computed (c) "
+              f"{c['pairs_per_s'] * c['train_flops_padded'] / (gflops * 1e9):.3f}")
+
+
+# -- the largest batch that trains -------------------------------------------------------------------
+MAX_TEXT = "{type: transformer, width: 128, depth: 2, heads: 2, context_length: 32, vocab_size: 8000}"
+MICRO = 512  # (a)'s micro-batch: grad_accum = batch / MICRO above it
+
+
+class PhotoCaptions:
+    """Two captions per image in make_images' form ("a photo of a" and 4 of its words): (a)'s text = (b)'s."""
+
+    WORDS = ["cat", "coffee", "cup", "animal", "drink", "table", "fur", "whiskers", "espresso", "saucer"]
+
+    def __init__(self, n: int):
+        self.words = np.random.default_rng(3).integers(0, len(self.WORDS), size=(n, 2, 4), dtype=np.int8)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __getitem__(self, i: int) -> list[str]:
+        return ["a photo of a " + " ".join(self.WORDS[w] for w in self.words[i, j]) for j in range(2)]
+
+
+def child_maxtrain(data: list, run: str, batch: int, accum: int, chunk: int, limit_mb: float) -> dict:
+    import torch
+
+    from littune.config import load_config
+    from littune.trainer import Trainer
+
+    if torch.cuda.is_available():  # an allocation past the limit is an out-of-memory error
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit_mb * 2**20 / total))
+    overrides = [*data, f"run_dir={run}", f"data.batch_size={batch}", "steps=2", f"grad_accum={accum}",
+                 f"model.loss_chunk={chunk}", "progress=false", "log_every=1", "checkpoint_every=0",
+                 f"model.text_tower={MAX_TEXT}", "schedule.warmup_steps=1"]
+    t0 = time.perf_counter()
+    Trainer(load_config(overrides=overrides)).run()
+    return {"peak_mb": peak_memory_mb(), "total_s": time.perf_counter() - t0}
+
+
+def _child_rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def trial(kw: dict, cap_s: float, limit_mb: float, tmp: Path) -> tuple[bool, str]:
+    """Train 2 steps in a fresh process: (trains?, what happened)."""
+    import shutil
+
+    with open(tmp / "trial.out", "w+") as out, open(tmp / "trial.err", "w+") as err:
+        proc = subprocess.Popen([sys.executable, __file__, "--child", "maxtrain", json.dumps({**kw, "limit_mb": limit_mb})],
+                                stdout=out, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        t0, why = time.perf_counter(), None
+        while proc.poll() is None:
+            if time.perf_counter() - t0 > cap_s:
+                why = f"over the {cap_s:.0f} s cap"
+            elif device_name() == "cpu" and _child_rss_mb(proc.pid) > limit_mb:
+                why = f"RSS over {limit_mb / 1024:.0f} GiB"
+            if why:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(0.2)
+        shutil.rmtree(kw["run"], ignore_errors=True)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if why:
+        return False, why
+    if proc.returncode:
+        last = (stderr.strip().splitlines() or ["?"])[-1][:160]
+        oom = proc.returncode == -9 or "out of memory" in stderr.lower()
+        return False, "out of memory" if oom else f"exit {proc.returncode}: {last}"
+    r = json.loads(stdout.strip().splitlines()[-1])
+    if r["peak_mb"] > limit_mb:
+        return False, f"peak {r['peak_mb']:.0f} MB over the limit"
+    return True, f"{r['total_s']:.0f} s, {memory_name()} {r['peak_mb']:.0f} MB"
+
+
+def largest_batch(name: str, kwargs, start: int, unit: int, upto: int, try_one) -> tuple[int, str]:
+    """Double from ``start`` until a trial fails (halve first if ``start`` fails), then try the midpoint."""
+    def ok(b):
+        good, note = try_one(kwargs(b))
+        print(f"  {name}: batch {b:,}: {'trains' if good else 'fails'} ({note})", flush=True)
+        return good, note
+
+    good_b, bad_b, why = 0, None, f"reached --max-batch-upto {upto}"
+    b = start
+    while b <= upto:
+        good, note = ok(b)
+        if not good:
+            bad_b, why = b, note
+            break
+        good_b, b = b, 2 * b
+    while not good_b and b // 2 >= unit:  # even the start failed
+        b //= 2
+        good, note = ok(b)
+        good_b = b if good else 0
+    mid = (good_b + bad_b) // 2 // unit * unit if good_b and bad_b else 0
+    if good_b < mid < bad_b and ok(mid)[0]:
+        good_b = mid
+    return good_b, why
+
+
+def max_batch(tmp: Path, args) -> dict:
+    from littune.cache import write_cache
+    from littune.config import ModelSection
+
+    limit_mb = args.mem_limit_gib * 1024
+    start_a, start_b = (int(x) for x in args.max_batch_start.split(","))
+    print(f"\nlargest global batch that trains: 2 steps, {memory_name()} under {args.mem_limit_gib:g} GiB, "
+          f"under {args.max_batch_cap_s:.0f} s a trial (start, set-up, steps, export); text tower {MAX_TEXT}")
+    cache = tmp / "maxcache"
+    write_cache(cache, SyntheticFeatures(args.max_batch_upto, 1280), PhotoCaptions(args.max_batch_upto),
+                mem_tower(1280), dtype="float16")
+    chunk = ModelSection().loss_chunk
+    a_data = [f"data.cache={cache}", f"model.image_tower={json.dumps(mem_tower(1280))}"]
+
+    def a_kwargs(b):
+        return {"data": a_data, "run": str(tmp / "maxrun"), "batch": b, "accum": max(1, b // MICRO), "chunk": chunk}
+
+    def b_kwargs(b):
+        source = make_images(tmp / "maximages", b)  # the images a batch of b needs (written once)
+        return {"data": [f"data.source={source}", "data.on_the_fly=true", "data.workers=1"],
+                "run": str(tmp / "maxrun"), "batch": b, "accum": 1, "chunk": 0}
+
+    def try_one(kw):
+        return trial(kw, args.max_batch_cap_s, limit_mb, tmp)
+
+    print(f"(a) from the cache: loss_chunk {chunk}, grad_accum = batch / {MICRO} above {MICRO}")
+    a, why_a = largest_batch("(a)", a_kwargs, start_a, MICRO, args.max_batch_upto, try_one)
+    print("(b) locked EfficientNet-Lite0 every step: the whole batch in one pass, grad_accum 1, full logit matrix")
+    b, why_b = largest_batch("(b)", b_kwargs, start_b, 16, 1 << 30, try_one)
+    ratio = a / b if b else float("nan")
+    bound = "at least " if why_a.startswith("reached") else ""  # (a) never failed: its true limit is higher
+    print(f"\n| | largest batch | stopped by |\n|---|---|---|\n| (a) from the cache | {a:,} | {why_a} |\n"
+          f"| (b) tower every step | {b:,} | {why_b} |\n\n(a)/(b) = {bound}{ratio:.1f} (the paper's Table 7: 2448/146 = 16.8)")
+    return {"max_batch_ratio": f"{ratio:.1f}", "max_batch_cache": str(a)}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The contrastive losses, in one process and global across 2 gloo processes."""
+"""The contrastive losses, in one process and global across 2 gloo processes; full and chunked."""
 
 import math
 import os
@@ -52,6 +52,48 @@ def test_loss_is_lower_for_matching_pairs():
     assert loss(a, a, torch.tensor(math.log(10.0))) < loss(a, rnd, torch.tensor(math.log(10.0)))
 
 
+def _loss_and_grads(kind, chunk, n=37, d=8, seed=0):
+    a, b = _pairs(n, d, seed)
+    a, b = a.requires_grad_(), b.requires_grad_()
+    scale = torch.tensor(math.log(12.0), requires_grad=True)
+    bias = torch.tensor(-4.0, requires_grad=True)
+    loss = ContrastiveLoss(kind, chunk=chunk)(a, b, scale, bias if kind == "sigmoid" else None)
+    loss.backward()
+    return [loss.detach(), a.grad, b.grad, scale.grad] + ([bias.grad] if kind == "sigmoid" else [])
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("chunk", [1, 5, 36])
+def test_chunked_loss_equals_full_loss_and_gradients(kind, chunk):
+    """Rows in chunks (one row, a chunk that does not divide the batch, all but one row): the same loss
+    and the same gradients for both embeddings, the temperature and the sigmoid bias."""
+    full, chunked = _loss_and_grads(kind, 0), _loss_and_grads(kind, chunk)
+    for name, f, c in zip(["loss", "image", "text", "scale", "bias"], full, chunked):
+        assert f.abs().sum() > 0, name  # every gradient is there to compare
+        assert torch.allclose(f, c, rtol=1e-5, atol=1e-6), (name, f, c)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_chunked_loss_never_keeps_a_batch_by_batch_matrix(kind):
+    """What autograd keeps for the backward pass is O(N x d), not the N x N logits (the full loss keeps them)."""
+    def largest_saved(chunk):
+        sizes = []
+        a, b = _pairs(256, 4)
+        a, b = a.requires_grad_(), b.requires_grad_()
+        scale, bias = torch.tensor(2.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            ContrastiveLoss(kind, chunk=chunk)(a, b, scale, bias).backward()
+        return max(sizes)
+
+    assert largest_saved(0) >= 256 * 256
+    assert largest_saved(16) <= 256 * 4
+
+
+def test_chunk_must_not_be_negative():
+    with pytest.raises(ValueError, match="chunk"):
+        ContrastiveLoss("softmax", chunk=-1)
+
+
 # -- global loss over 2 processes ----------------------------------------------------------------------
 def _free_port():
     with socket.socket() as s:
@@ -67,21 +109,22 @@ def _model_and_data(seed=0):
     return img_proj, txt_proj, scale, bias, x, y
 
 
-def _grads(kind, img_proj, txt_proj, scale, bias, x, y):
-    loss = ContrastiveLoss(kind)(F.normalize(img_proj(x), dim=-1), F.normalize(txt_proj(y), dim=-1), scale, bias)
+def _grads(kind, img_proj, txt_proj, scale, bias, x, y, chunk=0):
+    loss = ContrastiveLoss(kind, chunk=chunk)(F.normalize(img_proj(x), dim=-1), F.normalize(txt_proj(y), dim=-1), scale, bias)
     params = [*img_proj.parameters(), *txt_proj.parameters(), scale, bias]
     loss.backward()
     return loss.detach(), [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
-def _worker(rank, world, port, kind, out):
+def _worker(rank, world, port, kind, chunk, out):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     img_proj, txt_proj, scale, bias, x, y = _model_and_data()
     n = x.shape[0] // world
-    loss, grads = _grads(kind, img_proj, txt_proj, scale, bias, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
+    part = slice(rank * n, (rank + 1) * n)
+    loss, grads = _grads(kind, img_proj, txt_proj, scale, bias, x[part], y[part], chunk=chunk)
     # What DDP does: average gradients (and we average the loss for reporting).
     dist.all_reduce(loss)
     for g in grads:
@@ -99,11 +142,13 @@ def _worker(rank, world, port, kind, out):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_global_loss_two_processes_equals_one_process(kind):
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_global_loss_two_processes_equals_one_process(kind, chunk):
+    """Full (chunk 0) and chunked (3 of each rank's 4 rows at a time) over 2 ranks == the full loss in 1."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, kind, q)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, kind, chunk, q)) for r in range(2)]
     for p in procs:
         p.start()
     loss2, grads2 = q.get(timeout=120)

@@ -142,6 +142,8 @@ def test_bad_configuration_keys(tmp_path):
         load_config(cfg)
     with pytest.raises(ConfigError, match="model.setting"):
         load_config(overrides=["model.setting=Lx", "data.cache=x"])
+    with pytest.raises(ConfigError, match="model.loss_chunk: must be >= 0"):
+        load_config(overrides=["model.loss_chunk=-1", "data.cache=x"])
 
 
 def _run_cli(tmp_path, *extra, **popen):
@@ -202,8 +204,9 @@ def test_two_ranks_match_one_rank(tmp_path):
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         args = [sys.executable, "-m", "littune", "train"]
         # A cache that does not exist yet: both ranks build it (embed_source(distributed=True)).
+        # Each rank also accumulates 2 micro-batches and takes the loss 3 of its 8 rows at a time.
         for o in TINY + [f"run_dir={tmp_path / 'two' / 'run'}", f"data.source={src}",
-                         f"data.cache={tmp_path / 'cache2'}", "steps=8"]:
+                         f"data.cache={tmp_path / 'cache2'}", "steps=8", "grad_accum=2", "model.loss_chunk=3"]:
             args += ["--set", o]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for p in procs:
@@ -217,14 +220,19 @@ def test_two_ranks_match_one_rank(tmp_path):
     assert np.allclose(one, two, rtol=1e-4, atol=1e-5), (one, two)
 
 
-def test_grad_accumulation_equals_one_big_batch(tmp_path):
+def test_grad_accumulation_and_chunked_loss_equal_one_big_batch(tmp_path):
+    """4 micro-batches, and 2 micro-batches with the loss 5 rows at a time: the losses of one full step."""
     from littune.trainer import Trainer
 
     src = make_source(tmp_path / "data")
     base = (f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=6", "optim.clip_grad_norm=null")
-    Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'a'}", *base])).run()
+    Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'a'}", "model.loss_chunk=0", *base])).run()
     Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'b'}", "grad_accum=4", *base])).run()
+    c = Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'c'}", "grad_accum=2", "model.loss_chunk=5", *base]))
+    c.run()
+    assert c.loss_fn.chunk == 5
     assert np.allclose(_losses(tmp_path / "a"), _losses(tmp_path / "b"), rtol=1e-4, atol=1e-5)
+    assert np.allclose(_losses(tmp_path / "a"), _losses(tmp_path / "c"), rtol=1e-4, atol=1e-5)
 
 
 def test_text_buckets_change_nothing_but_padding(tmp_path):
@@ -234,7 +242,7 @@ def test_text_buckets_change_nothing_but_padding(tmp_path):
 
     src = make_source(tmp_path / "data")
     base = (f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=6")
-    Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'a'}", *base])).run()
+    Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'a'}", "data.text_buckets=1", *base])).run()
     b = Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'b'}", "data.text_buckets=3", *base]))
     b.run()
     assert np.allclose(_losses(tmp_path / "a"), _losses(tmp_path / "b"), rtol=1e-4, atol=1e-5)
@@ -257,6 +265,61 @@ def test_text_buckets_change_nothing_but_padding(tmp_path):
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
     with pytest.raises(ConfigError, match="data.text_buckets"):
         _cfg(tmp_path, f"data.source={src}", "data.text_buckets=0")
+    assert _cfg(tmp_path, f"data.source={src}").data.text_buckets > 1  # dynamic padding is the default
+    _length_groups_cut_what_tokenizing_each_group_gives(b.model.text_tower.tokenizer, caps)
+
+
+def _length_groups_cut_what_tokenizing_each_group_gives(tokenizer, caps):
+    """One tokenization cut into groups == each group tokenized alone, padded on either side; the groups
+    pad the fewest tokens of any split into at most k runs of the length-sorted captions."""
+    import itertools
+
+    from littune.batches import length_groups
+
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        enc = tokenizer(caps, padding="longest", return_tensors="pt", return_token_type_ids=False)
+        toks = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        for k in (2, 3):
+            groups = length_groups(toks, k, padding_side=side)
+            assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(len(caps)))
+            for rows, got in groups:
+                alone = tokenizer([caps[i] for i in rows.tolist()], padding="longest", return_tensors="pt")
+                assert torch.equal(got["input_ids"], alone["input_ids"])
+                assert torch.equal(got["attention_mask"], alone["attention_mask"])
+            lengths = sorted(toks["attention_mask"].sum(1).tolist())
+            best = min(sum((b - a) * lengths[b - 1] for a, b in zip((0, *cut), (*cut, len(lengths))))
+                       for g in range(k) for cut in itertools.combinations(range(1, len(lengths)), g))
+            assert sum(g["input_ids"].numel() for _, g in groups) == best
+    tokenizer.padding_side = "right"
+
+
+def test_grad_accumulation_moves_batchnorm_statistics_once_per_micro_batch(tmp_path):
+    """An unlocked BatchNorm image tower with grad_accum=2: after a step its running statistics are those
+    of one train-mode pass over each micro-batch (the no-grad pre-pass used to move them a second time)."""
+    import copy
+
+    from littune.trainer import Trainer
+
+    seen = {}
+
+    class Recording(Trainer):
+        def train_step(self, batch):
+            seen["tower"], seen["pixels"] = copy.deepcopy(self.model.image_tower), batch["pixels"]
+            return super().train_step(batch)
+
+    src = make_source(tmp_path / "data")
+    trainer = Recording(_cfg(tmp_path, "model.setting=Uu", f"data.source={src}", "steps=1", "grad_accum=2",
+                             "data.workers=0"))
+    trainer.run()
+    want = seen["tower"].train()
+    with torch.no_grad():
+        for part in seen["pixels"].chunk(2):
+            want(part)
+    got = dict(trainer.model.image_tower.named_buffers())
+    assert len(got) == 9 and got["net.1.num_batches_tracked"].item() == 2
+    for name, value in want.named_buffers():
+        assert torch.allclose(got[name], value, atol=1e-6), name
 
 
 def test_nan_loss_stops_keeping_the_last_good_checkpoint_and_writing_no_model(tmp_path):

@@ -5,6 +5,10 @@ before. Each epoch is a seeded permutation of the images; each step takes the ne
 from it, and rank ``r`` of ``W`` takes its contiguous slice. One caption is sampled per image per
 step (and, from a cache with ``--views K``, one augmented view). Resuming at step ``s`` therefore
 reproduces exactly the batches an uninterrupted run would have seen.
+
+Dynamic padding (:func:`length_groups`): a step's captions are tokenized once and encoded in a few
+groups of similar length, each cut to its own longest caption, so the text tower computes on little
+padding while the contrastive batch stays the whole step.
 """
 
 from __future__ import annotations
@@ -125,3 +129,48 @@ def step_loader(dataset: OnTheFlyBatches, start: int, stop: int, workers: int):
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop),
                                        num_workers=workers, persistent_workers=False,
                                        prefetch_factor=2 if workers > 0 else None)
+
+
+def length_groups(tokens: dict[str, torch.Tensor], k: int, padding_side: str = "right") -> list[tuple]:
+    """Split one tokenization (padded to its longest) into at most ``k`` groups, each cut to its own
+    longest text: ``[(rows, {"input_ids", "attention_mask"}), ...]``, rows in ascending length.
+
+    The groups are the ones that pad the fewest tokens in all (a small dynamic programme over the
+    distinct lengths, each group a run of them in sorted order). Cutting the padded end (``padding_side``
+    of the tokenizer) gives exactly what tokenizing each group on its own with ``padding="longest"``
+    would, since each text's tokens do not depend on the others.
+    """
+    lengths = tokens["attention_mask"].sum(1)
+    order = torch.argsort(lengths, stable=True)
+    values, counts = torch.unique_consecutive(lengths[order], return_counts=True)
+    ends = np.cumsum(counts.tolist())
+    cuts = _fewest_padded_cuts(values.tolist(), ends.tolist(), k)
+    out, start = [], 0
+    for j in cuts:
+        rows, width = order[start:ends[j]], max(int(values[j]), 1)
+        cols = slice(None, width) if padding_side == "right" else slice(-width, None)
+        out.append((rows, {name: t[rows][:, cols] for name, t in tokens.items()}))
+        start = ends[j]
+    return out
+
+
+def _fewest_padded_cuts(values: list[int], ends: list[int], k: int) -> list[int]:
+    """Indices j of the distinct lengths that end a group, for at most k groups padding the fewest
+    tokens (a group over distinct lengths i+1..j costs its count times ``values[j]``)."""
+    m, inf = len(values), float("inf")
+    best = [[inf] * m for _ in range(k)]  # best[g][j]: distinct lengths 0..j in g+1 groups
+    back = [[-1] * m for _ in range(k)]
+    for j in range(m):
+        best[0][j] = ends[j] * values[j]
+    for g in range(1, k):
+        for j in range(g, m):
+            for i in range(g - 1, j):  # the previous group ends at distinct length i
+                cost = best[g - 1][i] + (ends[j] - ends[i]) * values[j]
+                if cost < best[g][j]:
+                    best[g][j], back[g][j] = cost, i
+    g = min(range(k), key=lambda g: (best[g][m - 1], g))  # the fewest groups among the cheapest
+    cuts, j = [], m - 1
+    while j >= 0:
+        cuts.append(j)
+        j, g = back[g][j], g - 1
+    return cuts[::-1]

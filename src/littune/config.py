@@ -63,6 +63,10 @@ class LiTConfig:
     temperature_init: float = 10.0
     loss: str = "softmax"  # softmax | sigmoid
     bias_init: float = -10.0
+    #: the contrastive loss over this many rows at a time when a rank holds more rows than that:
+    #: memory O(global batch x loss_chunk) instead of O(global batch^2), the same loss and gradients
+    #: to float rounding (0: always the full logit matrix)
+    loss_chunk: int = 1024
 
     def __post_init__(self):
         self.validate()
@@ -74,6 +78,8 @@ class LiTConfig:
             raise ConfigError(f"model.setting: {e}") from None
         for name in ("image_head", "text_head", "loss"):
             check_choice(f"model.{name}", getattr(self, name))
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ConfigError(f"model.loss_chunk: must be >= 0 (0: the full logit matrix), got {self.loss_chunk!r}")
         self._check_towers()
         return self
 
@@ -111,10 +117,11 @@ class DataSection:
     workers: int = 1  # decoding workers for the on-the-fly path
     #: on-the-fly path: Inception crop + flip (true) or the evaluation transform, the cache's pixels (false)
     augment: bool = True
-    #: encode a step's captions in this many length-sorted groups, each padded to its own longest
-    #: caption instead of the context length: the same embeddings and loss, less compute when caption
-    #: lengths vary (1: one group padded to the context length)
-    text_buckets: int = 1
+    #: dynamic padding: encode a step's captions in at most this many groups of similar token length,
+    #: each padded only to its own longest caption (the groups that pad the fewest tokens), instead of
+    #: all to the context length: the same embeddings and loss, less compute (1: one group padded to
+    #: the context length, the old way)
+    text_buckets: int = 4
     source_options: dict = field(default_factory=dict)
 
 

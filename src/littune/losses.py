@@ -10,6 +10,12 @@ nothing is gathered.
 * softmax: CLIP/LiT's symmetric cross-entropy, image->text and text->image, averaged.
 * sigmoid: SigLIP's pairwise binary loss, ``-log sigmoid(z_ij * (t * <x_i, y_j> + b))`` summed over
   all pairs and divided by the global batch size, ``z_ij = +1`` on matching pairs, ``-1`` elsewhere.
+
+Both come in two forms with the same value and gradients (to float rounding). The full form builds
+this rank's ``n x N`` logit matrices (``N`` the global batch) and lets autograd keep them. The chunked
+form (``chunk`` rows at a time, :mod:`littune.chunked_loss`) never holds more than ``chunk x N`` logits:
+its forward keeps only each row's log-sum-exp, its backward recomputes each chunk's logits, so the
+memory of the loss is O(N x chunk) instead of O(N^2): the loss no longer limits the batch.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .chunked_loss import chunked_sigmoid, chunked_softmax
 
 LOSSES = ("softmax", "sigmoid")
 
@@ -49,13 +57,18 @@ class ContrastiveLoss(nn.Module):
     ``forward(image_emb, text_emb, logit_scale, logit_bias=None)`` takes L2-normalised local
     embeddings of matching pairs (row i of each is a pair) and the *log* temperature; it returns this
     rank's share of the global loss (the mean over ranks equals the global loss).
+
+    ``chunk`` > 0 computes it ``chunk`` rows at a time whenever this rank holds more rows than that
+    (memory O(N x chunk), the same value and gradients); 0 always builds the full matrices.
     """
 
-    def __init__(self, kind: str = "softmax"):
+    def __init__(self, kind: str = "softmax", chunk: int = 0):
         super().__init__()
         if kind not in LOSSES:
             raise ValueError(f"unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
-        self.kind = kind
+        if chunk < 0:
+            raise ValueError(f"loss chunk must be >= 0 (0: the full matrix), got {chunk}")
+        self.kind, self.chunk = kind, chunk
 
     def forward(
         self,
@@ -69,14 +82,19 @@ class ContrastiveLoss(nn.Module):
         all_images = gather_with_grad(image_emb)
         all_texts = gather_with_grad(text_emb)
         scale = logit_scale.exp()
+        if self.kind == "sigmoid" and logit_bias is None:
+            raise ValueError("the sigmoid loss needs a logit bias (LiTModel with loss='sigmoid')")
+        if self.chunk and n_local > self.chunk:
+            first = rank * n_local  # the global column of this rank's first row's match
+            if self.kind == "softmax":
+                return chunked_softmax(image_emb, text_emb, all_images, all_texts, scale, first, self.chunk)
+            return chunked_sigmoid(image_emb, all_texts, scale, logit_bias, first, self.chunk)
         # This rank's rows against every column of the global batch.
         logits_i2t = scale * image_emb @ all_texts.t()
         logits_t2i = scale * text_emb @ all_images.t()
         if self.kind == "softmax":
             labels = torch.arange(n_local, device=image_emb.device) + rank * n_local
             return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
-        if logit_bias is None:
-            raise ValueError("the sigmoid loss needs a logit bias (LiTModel with loss='sigmoid')")
         logits = logits_i2t + logit_bias
         targets = -torch.ones_like(logits)
         idx = torch.arange(n_local, device=logits.device)

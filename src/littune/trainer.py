@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
-from .batches import CacheBatches, OnTheFlyBatches, step_loader
+from .batches import CacheBatches, OnTheFlyBatches, length_groups, step_loader
+from .accumulate import accumulated_backward
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LiTConfig, TrainConfig
 from .errors import ConfigError, LittuneError, StaleCacheError
@@ -69,7 +70,7 @@ class Trainer:
         self.setting = parse_setting(cfg.model.setting)
         self.use_cache = self.setting.image.locked and not cfg.data.on_the_fly
         self.skipped_images = 0
-        self.loss_fn = ContrastiveLoss(cfg.model.loss)
+        self.loss_fn = ContrastiveLoss(cfg.model.loss, chunk=cfg.model.loss_chunk)
 
     # -- set-up --------------------------------------------------------------------------------
     def _open_data(self) -> None:
@@ -193,54 +194,38 @@ class Trainer:
         return img.float(), txt.float()
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Text embeddings in the captions' order. With ``data.text_buckets`` k > 1 the captions are
-        encoded in k groups of similar token length, each padded only to its own longest: the tower
-        sees every caption alone (masked attention, no batch statistics), so the embeddings are the
-        same, the contrastive batch is still the whole batch, and padding costs less compute."""
+        """Text embeddings in the captions' order. With ``data.text_buckets`` k > 1 (dynamic padding) one
+        tokenization is encoded in <= k groups of similar length, each cut to its own longest (batches.
+        length_groups): the tower sees each caption alone (masked attention, no batch statistics), so the
+        embeddings are the same, the contrastive batch is still the whole batch, padding costs less."""
         k = min(self.cfg.data.text_buckets, len(captions))
         if k <= 1:
             toks = self.model.tokenize(captions)
             return self.model.encode_text(**{n: v.to(self.device) for n, v in toks.items()})
-        lengths = self.model.tokenize(captions, padding="longest")["attention_mask"].sum(1)
-        order = torch.argsort(lengths, stable=True)
-        parts = []
-        for idx in torch.tensor_split(order, k):
-            toks = self.model.tokenize([captions[i] for i in idx.tolist()], padding="longest")
-            parts.append(self.model.encode_text(**{n: v.to(self.device) for n, v in toks.items()}))
+        toks = self.model.tokenize(captions, padding="longest")
+        side = getattr(getattr(self.model.text_tower, "tokenizer", None), "padding_side", "right")
+        groups = length_groups(toks, k, padding_side=side)
+        parts = [self.model.encode_text(**{n: v.to(self.device) for n, v in g.items()}) for _, g in groups]
+        order = torch.cat([rows for rows, _ in groups])
         return torch.cat(parts)[torch.argsort(order).to(self.device)]
 
-    def _loss(self, img, txt, first: bool):
-        scale, bias = self.model.logit_scale, self.model.logit_bias
-        if not first:  # the temperature's gradient is counted once per step, not once per micro-batch
-            scale = scale.detach()
-            bias = bias.detach() if bias is not None else None
-        return self.loss_fn(img, txt, scale, bias)
+    def _loss(self, img, txt):
+        return self.loss_fn(img, txt, self.model.logit_scale, self.model.logit_bias)
 
     def train_step(self, batch: dict) -> torch.Tensor:
         n = len(batch["captions"])
         k = self.cfg.grad_accum
         if k == 1:
             img, txt = self._embed(batch, slice(None))
-            loss = self._loss(img, txt, first=True)
+            loss = self._loss(img, txt)
             loss.backward()
         else:
-            # Gradient accumulation with a global contrastive batch (as open_clip's accum_freq): embed all
-            # micro-batches without gradient, then re-embed each with gradient and compute the loss of the
-            # *whole* batch with the others' embeddings held fixed. Summed, the gradients equal one big step.
-            m = n // k
-            parts = [slice(j * m, (j + 1) * m) for j in range(k)]
-            with torch.no_grad():
-                embs = [self._embed(batch, sl) for sl in parts]
-            all_img = [e[0] for e in embs]
-            all_txt = [e[1] for e in embs]
-            for j, sl in enumerate(parts):
-                img, txt = self._embed(batch, sl)
-                imgs = torch.cat(all_img[:j] + [img] + all_img[j + 1:])
-                txts = torch.cat(all_txt[:j] + [txt] + all_txt[j + 1:])
-                lj = self._loss(imgs, txts, first=j == 0)
-                lj.backward()
-                if j == 0:
-                    loss = lj.detach()
+            if "pixels" in batch and self.setting.image.locked:  # a locked tower runs once, not once a pass
+                with torch.no_grad(), self._autocast():
+                    feats = self.model.image_features(batch["pixels"].to(self.device, non_blocking=True))
+                batch = {"image_features": feats, "captions": batch["captions"]}
+            # One big step's gradients, one loss for the whole batch (see littune.accumulate).
+            loss = accumulated_backward(self.model, lambda sl: self._embed(batch, sl), self._loss, n, k, self.device)
         D.average_gradients(self.params)
         if self.cfg.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad_norm)
