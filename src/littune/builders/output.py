@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import LittuneError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_json, write_skipped
 
 STAMP = ".littune-dataset.json"
 FORMATS = ("csv", "wds")
@@ -96,6 +96,16 @@ def reason_and_detail(message: str) -> tuple[str, str]:
 def skipped_rows(items: Iterable[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """``(where, message)`` notes as ``skipped.tsv`` rows ``(where, reason, detail)``."""
     return [(where, *reason_and_detail(message)) for where, message in items]
+
+
+def write_report(out: Path, manifest: dict, skipped: Iterable[tuple[str, str]], card) -> list[tuple[str, str, str]]:
+    """A build's last files: ``skipped.tsv``, ``manifest.json`` and ``datacard.md`` (``card(manifest, rows)``,
+    written last). Returns the ``skipped.tsv`` rows."""
+    rows = skipped_rows(skipped)
+    write_skipped(out / "skipped.tsv", rows)
+    write_json(out / "manifest.json", manifest)
+    atomic_write(out / "datacard.md", card(manifest, rows))
+    return rows
 
 
 def reason_counts(rows: Iterable[Sequence[str]]) -> list[tuple[str, int]]:

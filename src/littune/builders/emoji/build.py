@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ...errors import LittuneError
-from ...fileio import atomic_write, write_json, write_skipped
+from ...fileio import atomic_write
 from ..fetch import cache_dir, fetch_npm, find_npm_package, package_version
-from ..output import check_formats, link_or_copy, prepare_out, prune_files, skipped_rows, write_csv, write_wds
+from ..output import check_formats, link_or_copy, prepare_out, prune_files, write_csv, write_report, write_wds
 from ..render_pool import RenderJob, render_all
 from ..splits import pick_fraction
 from .card import datacard
@@ -334,10 +334,7 @@ def build_emoji(out: str | Path, *, designs: Iterable[str] | None = None,
     designs_entry = design_entries(sets, pkgs, drawing.images, splits.test_designs)
     manifest = emoji_manifest(opts, held_families, pkgs, designs_entry, drawing, splits, tables, eval_counts,
                               len(skipped), t0)
-    rows = skipped_rows(skipped)
-    write_skipped(out / "skipped.tsv", rows)
-    write_json(out / "manifest.json", manifest)
-    atomic_write(out / "datacard.md", datacard(manifest, rows))
+    write_report(out, manifest, skipped, datacard)
     log(f"emoji: wrote {out} in {manifest['build_seconds']} s: {len(splits.train_pairs)} train / "
         f"{len(splits.val_pairs)} val images, {len(skipped)} skipped (see skipped.tsv)")
     return manifest

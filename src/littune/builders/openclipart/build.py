@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ...errors import LittuneError
-from ...fileio import atomic_write, write_json, write_skipped
+from ...fileio import write_skipped
 from ..fetch import cache_dir
-from ..output import check_formats, prepare_out, prune_files, skipped_rows, write_csv, write_wds
+from ..output import check_formats, prepare_out, prune_files, skipped_rows, write_csv, write_report, write_wds
 from ..render_pool import RenderJob, render_all
 from ..splits import pick_fraction, stable_fraction
 from .card import datacard
@@ -178,10 +178,7 @@ def build_openclipart(out: str | Path, *, source: str | Path | None = None, size
     shards = write_shards(out, parts, opts)
     manifest = clipart_manifest(opts, root, n_files, clips, parts, rows_n, n_retrieval, (done, failed), shards,
                                 len(skipped), t0)
-    rows = skipped_rows(skipped)
-    write_skipped(out / "skipped.tsv", rows)
-    write_json(out / "manifest.json", manifest)
-    atomic_write(out / "datacard.md", datacard(manifest, rows))
+    write_report(out, manifest, skipped, datacard)
     log(f"openclipart: wrote {out} in {manifest['build_seconds']} s: {len(parts['train'])} train / "
         f"{len(parts['val'])} val / {len(parts['test'])} test images, {len(skipped)} skipped (see skipped.tsv)")
     return manifest
