@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import warnings
 from contextlib import contextmanager, nullcontext, redirect_stderr

@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import LittuneError
+from ..fileio import cache_home
 from .output import read_json
 
 
 def cache_dir(override: str | Path | None = None) -> Path:
-    """The download cache: ``override``, else ``$LITTUNE_CACHE``, else ``~/.cache/littune``."""
-    if override:
-        return Path(override).expanduser()
-    env = os.environ.get("LITTUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "littune"
+    """The download cache: ``override``, else ``$LITTUNE_CACHE``, else ``~/.cache/littune``
+    (:func:`littune.fileio.cache_home`, which exported towers share)."""
+    return cache_home(override)
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
