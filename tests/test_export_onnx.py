@@ -165,15 +165,16 @@ def test_overwrite_replaces_an_earlier_export(saved, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "onnx"]
 
 
-def test_an_onnx_image_tower_gives_the_text_side_only_and_says_why(tiny_model, tmp_path, capsys):
+def test_an_onnx_image_tower_gives_the_text_side_only_and_says_why_and_a_sigmoid_model_its_bias(tiny_model, tmp_path, capsys):
     from littune.export import export_onnx_model
     from littune.runtime import export_onnx
 
     tower_file = export_onnx(tiny_model("Lu").image_tower, tmp_path / "tower")
     spec = {"type": "onnx", "path": str(tower_file), "preprocess": {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}}
-    config = LiTConfig(setting="Lu", image_tower=spec, text_tower=dict(TINY_TEXT), embed_dim=16)
+    config = LiTConfig(setting="Lu", image_tower=spec, text_tower=dict(TINY_TEXT), embed_dim=16, loss="sigmoid")
     model = LiTModel.from_config(config, captions=CAPTIONS)
     record = export_onnx_model(model, tmp_path / "onnx")
+    assert record["logit_bias"] == pytest.approx(float(model.logit_bias.detach()))
     assert record["image"] is None and "ONNX graph" in record["image_skipped"]
     assert not (tmp_path / "onnx" / "image.onnx").exists() and (tmp_path / "onnx" / "text.onnx").exists()
     err = capsys.readouterr().err.strip().splitlines()

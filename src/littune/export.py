@@ -257,8 +257,8 @@ def export_onnx_model(model, out: str | Path, overwrite: bool = False) -> dict:
 
     Raises :class:`LittuneError` (one line, nothing written) if ``out`` exists (see ``overwrite`` in
     the module docstring), or if the text side cannot be exported or disagrees with torch."""
-    out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(Path(out), overwrite)
+    out = Path(out).resolve()  # "." or "runs/x/" have a name to put the temporary folder beside
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
