@@ -25,6 +25,7 @@ COMMANDS = {
     "search": ("littune.commands.search", "search an index by text or by image"),
     "study": ("littune.commands.study", "the paper's design-choice comparison (Lu, LU, Uu, UU, uu, LL)"),
     "serve": ("littune.commands.serve", "a local web app: classify and search in the browser"),
+    "export": ("littune.commands.export", "export a model as ONNX graphs plus tokenizer, to run with onnxruntime alone"),
 }
 
 

@@ -1,0 +1,274 @@
+"""The model out: a trained model as ONNX graphs that run with onnxruntime and ``tokenizers`` alone.
+
+:func:`export_onnx_model` writes a folder that needs neither torch nor littune to use:
+
+* ``text.onnx`` -- ``input_ids`` and ``attention_mask`` (int64, ``(batch, sequence)``, both axes
+  dynamic) to ``text_embeddings`` ``(batch, D)``: the text tower, the text head, L2 normalisation;
+* ``image.onnx`` -- ``pixels`` (float32 ``(batch, 3, S, S)``, the batch axis dynamic) to
+  ``image_embeddings`` ``(batch, D)``: the image tower, the image head, L2 normalisation. A tower
+  that does not export (an ``onnx:`` tower, an operator the exporter lacks) leaves the text side
+  only; one line and ``image_skipped`` in the JSON say why;
+* ``tokenizer.json`` -- the text tower's Hugging Face ``tokenizers`` tokenizer, with littune's
+  truncation (at the context length) and padding (to the batch's longest text) built in, so
+  ``Tokenizer.from_file(...).encode_batch(texts)`` gives exactly the ids littune feeds the tower;
+* ``littune_onnx.json`` -- the image preprocessing (:meth:`~littune.preprocess.Preprocess.eval`:
+  shorter side resized to ``resize_to`` with ``interpolation``, centre crop ``size``, ``/255``,
+  minus ``mean``, over ``std``), the temperature (``exp(logit_scale)``), the sigmoid loss's logit
+  bias, the embedding size, the context length, the pad id, littune's version and the model's
+  fingerprints.
+
+Each graph is exported as :mod:`littune.runtime` exports locked towers (``torch.onnx.export``, the
+TorchScript exporter, its warnings silenced) and compared with torch right after, on inputs of two
+batch sizes (and, for text, two sequence lengths); an export that disagrees is refused. The folder
+is written beside ``out`` under a temporary name and renamed into place, so a failed export leaves
+nothing; a folder that exists already is an error unless ``overwrite`` (which replaces only an
+earlier export, or an empty folder).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import sys
+import warnings
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import LittuneError
+from .fileio import write_json
+from .runtime import EXPORT_TOLERANCE, OPSET
+
+FORMAT = "littune-onnx"
+FORMAT_VERSION = 1
+TEXT_NAME, IMAGE_NAME = "text.onnx", "image.onnx"
+TOKENIZER_NAME, META_NAME = "tokenizer.json", "littune_onnx.json"
+#: texts the exported tokenizer is checked on against littune's own (several scripts, one too long)
+CHECK_TEXTS = ["a photo of a cat", "ein roter Apfel", "猫が好きです", "قطة سوداء", "🍎 emoji 🐱",
+               "a very long caption " * 40]
+
+
+class _TextGraph(nn.Module):
+    """Token ids and mask -> L2-normalised text embeddings (what ``LiTModel.encode_text`` computes)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.tower, self.head = model.text_tower, model.text_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.tower(input_ids, attention_mask)), dim=-1)
+
+
+class _ImageGraph(nn.Module):
+    """Pixels -> L2-normalised image embeddings (what ``LiTModel.encode_image`` computes)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.tower, self.head = model.image_tower, model.image_head
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.tower(pixels)), dim=-1)
+
+
+# -- one graph: export, then check against torch -------------------------------------------------
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else 'no message'}"
+
+
+def _export(module: nn.Module, example: tuple, path: Path, inputs: list[str], output: str, axes: dict) -> None:
+    """``module`` on ``example`` as an ONNX file, the exporter's chatter kept off the console."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, buf, input_names=inputs, output_names=[output],
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    path.write_bytes(buf.getvalue())
+
+
+def _max_diff(module: nn.Module, path: Path, feeds: list[dict[str, torch.Tensor]]) -> float:
+    """Largest |ONNX - torch| over the input batches ``feeds`` (inf if a shape differs)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for feed in feeds:
+        with torch.inference_mode():
+            want = module(*feed.values()).float().numpy()
+        got = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+        if got.shape != want.shape:
+            return float("inf")
+        worst = max(worst, float(np.abs(got - want).max()))
+    return worst
+
+
+def _export_checked(module: nn.Module, path: Path, feeds: list[dict], output: str, axes: dict, what: str) -> float:
+    """Export ``module`` to ``path`` and check it on ``feeds``; returns the largest difference.
+
+    ``module`` must be in eval mode: the exporter gives it back in the mode it found it, children too."""
+    try:
+        _export(module, tuple(feeds[0].values()), path, list(feeds[0]), output, axes)
+        err = _max_diff(module, path, feeds)
+    except Exception as e:  # the exporter's errors are many and long: keep the first line
+        raise LittuneError(f"cannot export the {what} to ONNX ({_first_line(e)})") from None
+    if not err <= EXPORT_TOLERANCE:
+        raise LittuneError(f"the ONNX export of the {what} disagrees with torch (max abs difference {err:.2g})")
+    return err
+
+
+def export_text(model, path: Path) -> float:
+    """``text.onnx``: the text tower, head and normalisation; checked at two batch and sequence sizes."""
+    tower = model.text_tower
+    short = tower.tokenize(CHECK_TEXTS[:2], padding="longest")
+    full = tower.tokenize(CHECK_TEXTS, padding="max_length")
+    feeds = [{k: short[k].long() for k in ("input_ids", "attention_mask")},
+             {k: full[k].long() for k in ("input_ids", "attention_mask")}]
+    seq = {0: "batch", 1: "sequence"}
+    axes = {"input_ids": seq, "attention_mask": seq, "text_embeddings": {0: "batch"}}
+    return _export_checked(_TextGraph(model).eval(), path, feeds, "text_embeddings", axes, "text tower")
+
+
+def export_image(model, path: Path) -> float:
+    """``image.onnx``: the image tower, head and normalisation; checked at batch sizes 2 and 3."""
+    from .towers.onnx import ONNXTower
+
+    if isinstance(model.image_tower, ONNXTower):
+        raise LittuneError(f"the image tower {model.image_tower.name} is an ONNX graph already; "
+                           "littune does not join it to the head yet")
+    size = model.preprocess.size
+    gen = torch.Generator().manual_seed(0)
+    feeds = [{"pixels": torch.randn(n, 3, size, size, generator=gen)} for n in (2, 3)]
+    axes = {"pixels": {0: "batch"}, "image_embeddings": {0: "batch"}}
+    return _export_checked(_ImageGraph(model).eval(), path, feeds, "image_embeddings", axes,
+                           f"image tower {model.image_tower.name}")
+
+
+# -- the tokenizer and the record ----------------------------------------------------------------
+def export_tokenizer(model, path: Path) -> None:
+    """``tokenizer.json`` with littune's truncation and padding, checked against littune's ids."""
+    from tokenizers import Tokenizer
+
+    hf = model.text_tower.tokenizer
+    tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    tok.enable_truncation(max_length=model.text_tower.context_length, direction=hf.truncation_side)
+    tok.enable_padding(direction=hf.padding_side, pad_id=hf.pad_token_id, pad_token=hf.pad_token)
+    got = [e.ids for e in tok.encode_batch(CHECK_TEXTS)]
+    want = model.text_tower.tokenize(CHECK_TEXTS, padding="longest")["input_ids"].tolist()
+    if got != want:
+        raise LittuneError("the text tower's tokenizer does not export: the `tokenizers` copy gives other ids")
+    path.write_text(tok.to_str(pretty=True), encoding="utf-8")
+
+
+def _fingerprints(model) -> dict:
+    """The image tower's (keys the embedding cache), the image embeddings' (keys an index) and the
+    text embeddings' (text tower, text head, tokenizer)."""
+    import hashlib
+
+    from .hashing import hash_state_dict
+    from .search.index import embedding_fingerprint
+
+    h = hashlib.sha256()
+    for part in (model.text_tower, model.text_head):
+        h.update(f"{hash_state_dict(part.state_dict())}|".encode())
+    h.update(model.text_tower.tokenizer.backend_tokenizer.to_str().encode())
+    return {"image_tower": model.image_fingerprint, "image_embeddings": embedding_fingerprint(model),
+            "text_embeddings": "txt-" + h.hexdigest()[:24]}
+
+
+def onnx_record(model, text_err: float, image: dict) -> dict:
+    """What ``littune_onnx.json`` holds (see the module docstring)."""
+    from . import __version__
+
+    p = model.preprocess
+    tok = model.text_tower.tokenizer
+    bias = model.logit_bias
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "littune": __version__,
+        "setting": model.config.setting, "loss": model.config.loss, "embed_dim": int(model.config.embed_dim),
+        "text": {"file": TEXT_NAME, "inputs": ["input_ids", "attention_mask"], "output": "text_embeddings",
+                 "max_abs_diff": text_err},
+        **image,
+        "tokenizer": TOKENIZER_NAME, "context_length": int(model.text_tower.context_length),
+        "pad_id": int(tok.pad_token_id), "padding_side": tok.padding_side,
+        "preprocess": {"size": p.size, "resize_to": p.resize_to, "interpolation": p.interpolation,
+                       "mean": list(p.mean), "std": list(p.std), "crop": "center",
+                       "decode": "EXIF orientation applied, RGB, alpha composited on white"},
+        "logit_scale": float(model.logit_scale.detach()),
+        "temperature": float(model.logit_scale.detach().exp()),
+        "logit_bias": None if bias is None else float(bias.detach()),
+        "fingerprints": _fingerprints(model),
+    }
+
+
+# -- the folder ------------------------------------------------------------------------------------
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing ``out`` (unless ``overwrite`` and it is an earlier export or empty)."""
+    if out.exists() and not out.is_dir():
+        raise LittuneError(f"{out} is a file; choose another --out (nothing was written)")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise LittuneError(f"{out} exists; choose another --out or pass --overwrite (nothing was written)")
+    if any(out.iterdir()) and not (out / META_NAME).is_file():
+        raise LittuneError(f"{out} is not a littune ONNX export (no {META_NAME}); --overwrite replaces "
+                           "only an earlier export or an empty folder (nothing was written)")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """``tmp`` becomes ``out``; an ``out`` there already is moved aside first and removed after."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)  # the earlier export comes back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_folder(model, folder: Path) -> dict:
+    text_err = export_text(model, folder / TEXT_NAME)
+    try:
+        err = export_image(model, folder / IMAGE_NAME)
+        image = {"image": {"file": IMAGE_NAME, "input": "pixels", "output": "image_embeddings",
+                           "max_abs_diff": err}, "image_skipped": None}
+    except LittuneError as e:
+        (folder / IMAGE_NAME).unlink(missing_ok=True)
+        print(f"littune: image tower not exported, the text side only: {e}", file=sys.stderr)
+        image = {"image": None, "image_skipped": str(e)}
+    export_tokenizer(model, folder / TOKENIZER_NAME)
+    record = onnx_record(model, text_err, image)
+    write_json(folder / META_NAME, record)
+    return record
+
+
+def export_onnx_model(model, out: str | Path, overwrite: bool = False) -> dict:
+    """Write the ONNX export of ``model`` to the folder ``out``; returns ``littune_onnx.json``'s record.
+
+    Raises :class:`LittuneError` (one line, nothing written) if ``out`` exists (see ``overwrite`` in
+    the module docstring), or if the text side cannot be exported or disagrees with torch."""
+    _check_out(Path(out), overwrite)
+    out = Path(out).resolve()  # "." or "runs/x/" have a name to put the temporary folder beside
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    was = model.training
+    model.eval()
+    try:
+        record = _write_folder(model, tmp)
+        _move_into_place(tmp, out)
+    finally:
+        model.train(was)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
