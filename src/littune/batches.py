@@ -58,15 +58,24 @@ class CacheBatches:
     """Batches of cached image features + one sampled caption each.
 
     Nothing here grows with the cache: rows and captions are read from it step by step (the only
-    per-image array is the epoch's permutation).
+    per-image array is the epoch's permutation). ``exclude`` names a ``littune dedup`` list (or None):
+    the images it lists, matched by key, are never sampled; ``excluded`` counts the captioned rows it
+    removed. With nothing excluded the batches are exactly those without the option.
     """
 
-    def __init__(self, cache, global_batch: int, rank: int, world: int, seed: int):
+    def __init__(self, cache, global_batch: int, rank: int, world: int, seed: int, exclude=None):
         self.cache = cache
         rows = cache.trainable()  # images with a caption; None below: all of them (no index array kept)
+        self.excluded = 0
+        if exclude is not None:
+            from .dedup import excluded_rows
+
+            kept = np.setdiff1d(rows, excluded_rows(cache, exclude))  # sorted, as trainable() is
+            self.excluded, rows = len(rows) - len(kept), kept
         if not len(rows):
-            raise LittuneError(f"none of the {len(cache)} images of the cache {cache.directory} has a caption: "
-                               "nothing to train on (see its skipped.tsv)")
+            raise LittuneError(f"none of the {len(cache)} images of the cache {cache.directory} has a caption"
+                               f"{' and is not excluded' if self.excluded else ''}: nothing to train on "
+                               "(see its skipped.tsv)")
         self.rows = None if len(rows) == len(cache) else rows
         self.plan = StepPlan(len(rows), global_batch, rank, world, seed)
 

@@ -123,6 +123,9 @@ class DataSection:
     #: the context length, the old way)
     text_buckets: int = 4
     source_options: dict = field(default_factory=dict)
+    #: a `littune dedup` list (TSV): its training images, matched by key, are never sampled (the
+    #: cache path only); None: train on every captioned image
+    exclude: str | None = None
 
 
 @dataclass
@@ -184,6 +187,10 @@ class TrainConfig:
                               f"({self.grad_accum})")
         if not self.data.source and not self.data.cache:
             raise ConfigError("data.source or data.cache: give the training pairs (a source file or an embedding cache)")
+        locked = parse_setting(self.model.setting).image.locked
+        if self.data.exclude is not None and (self.data.on_the_fly or not locked):
+            raise ConfigError("data.exclude: only training from the embedding cache (a locked image tower, "
+                              "data.on_the_fly=false) can exclude images")
         return self
 
     def to_dict(self) -> dict:
