@@ -38,7 +38,8 @@ def test_set_builds_an_unlock_entry_key_by_key():
     assert cfg.optim.unlock == {"image": {"after": 3, "ramp": 2}}
 
 
-def test_a_delayed_image_tower_is_bit_identical_in_eval_mode_without_gradients_until_it_unlocks(tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_delayed_image_tower_is_bit_identical_in_eval_mode_without_gradients_until_it_unlocks(tmp_path, accum):
     from littune.trainer import Trainer
 
     seen = []
@@ -53,7 +54,8 @@ def test_a_delayed_image_tower_is_bit_identical_in_eval_mode_without_gradients_u
             return loss
 
     src = make_source(tmp_path / "data", per_class=2)
-    Recording(_cfg(tmp_path, *UU, f"data.source={src}", "steps=5", "optim.unlock={image: {after: 3}}")).run()
+    Recording(_cfg(tmp_path, *UU, f"data.source={src}", "steps=5", f"grad_accum={accum}",
+                        "optim.unlock={image: {after: 3}}")).run()
     assert [s[2] for s in seen] == [False, False, False, True, True]  # eval mode while held
     assert [s[3] for s in seen] == [False, False, False, True, True]  # no gradient while held
     before, after = seen[0][0], seen[3][0]  # before step 0, and after steps 0-2 (held)
