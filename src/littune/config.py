@@ -138,6 +138,10 @@ class OptimSection:
     #: learning-rate multipliers: image, text, head (a locked tower is always 0)
     lr_mults: dict = field(default_factory=dict)
     clip_grad_norm: float | None = 1.0
+    #: delayed unlocking: {image: {after: 1000, ramp: 200}} keeps a group (image, text, head) at
+    #: learning rate 0 and held as if locked for its first `after` steps, then ramps it linearly to
+    #: its multiplier over `ramp` steps (see littune.optim)
+    unlock: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -191,6 +195,7 @@ class TrainConfig:
         if self.data.exclude is not None and (self.data.on_the_fly or not locked):
             raise ConfigError("data.exclude: only training from the embedding cache (a locked image tower, "
                               "data.on_the_fly=false) can exclude images")
+        _check_unlock(self)
         return self
 
     def to_dict(self) -> dict:
@@ -198,6 +203,34 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def _check_unlock(cfg: TrainConfig) -> None:
+    """``optim.unlock``: each named group exists, can train, and unlocks before the last step."""
+    setting = parse_setting(cfg.model.setting)
+    trainable = {"head"} | {p for p in ("image", "text") if not getattr(setting, p).locked}
+    trainable = {p for p in trainable if cfg.optim.lr_mults.get(p, 1.0) != 0}
+    for part, spec in cfg.optim.unlock.items():
+        key = f"optim.unlock.{part}"
+        if part not in ("image", "text", "head"):
+            raise ConfigError(f"{key}: unknown group; use image, text, head")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{key}: expected a mapping like {{after: 1000, ramp: 200}}, got {spec!r}")
+        for name, value in spec.items():
+            if name not in ("after", "ramp"):
+                raise ConfigError(f"{key}.{name}: unknown key; use after, ramp")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{key}.{name}: expected an integer >= 0, got {value!r}")
+        if part != "head" and getattr(setting, part).locked:
+            raise ConfigError(f"{key}: the {part} tower is locked in setting {setting.name} and never trains; "
+                              f"use U or u for it to unlock it later")
+        if part not in trainable:
+            raise ConfigError(f"{key}: optim.lr_mults.{part} is 0, so the group never trains")
+        if spec.get("after", 0) >= cfg.steps:
+            raise ConfigError(f"{key}.after: {spec['after']} >= steps ({cfg.steps}): the group would never train")
+    if trainable and all(cfg.optim.unlock.get(p, {}).get("after", 0) > 0 for p in trainable):
+        raise ConfigError("optim.unlock: every trainable group starts held, so step 0 would train nothing; "
+                          "give one of them after: 0")
 
 
 def _get(obj, dotted: str):

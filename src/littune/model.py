@@ -6,6 +6,8 @@ to 10 as in LiT) scales the similarities, plus a learnable bias for the sigmoid 
 setting (``Lu``, ``LU``, ``Uu``...) decides how each tower is initialised and whether it trains;
 a locked tower is always in eval mode with ``requires_grad=False`` and a learning-rate
 multiplier of 0 in :meth:`LiTModel.param_groups` -- freezing is configuration, not code in towers.
+A group whose unlocking is delayed (``optim.unlock``) is *held* as if locked until it unlocks
+(:meth:`LiTModel.hold`): no gradient, and a held tower in eval mode.
 The loss lives in :mod:`littune.losses`, used by the trainer.
 
 Model directories (``save_pretrained`` / ``from_pretrained``): ``config.json``,
@@ -63,6 +65,7 @@ class LiTModel(InferenceMixin, nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(float(config.bias_init))) if config.loss == "sigmoid" else None
         # The image tower's fingerprint as initialised (before any training): keys the embedding cache.
         self.image_fingerprint = image_tower.fingerprint()
+        self._init_held()
         self._apply_locking()
 
     # -- construction ------------------------------------------------------------------------------
@@ -74,21 +77,43 @@ class LiTModel(InferenceMixin, nn.Module):
         text = build_text_tower(config.text_tower, pretrained=s.text.pretrained, texts=captions)
         return cls(config, image, text)
 
+    def _init_held(self) -> None:
+        self.held: frozenset[str] = frozenset()
+        self._held_params: list[nn.Parameter] = []
+
     def _apply_locking(self) -> None:
-        for tower, mode in ((self.image_tower, self.setting.image), (self.text_tower, self.setting.text)):
+        for name, tower, mode in (("image", self.image_tower, self.setting.image),
+                                  ("text", self.text_tower, self.setting.text)):
             if mode.locked:
                 tower.requires_grad_(False)
+            if mode.locked or name in self.held:
                 tower.eval()
 
     def train(self, mode: bool = True) -> "LiTModel":
         super().train(mode)
-        self._apply_locking()  # a locked tower never leaves eval mode: no BatchNorm statistic moves
+        self._apply_locking()  # a locked or held tower never leaves eval mode: no BatchNorm statistic moves
         return self
+
+    def hold(self, parts) -> None:
+        """Hold the groups ``parts`` (``image``, ``text``, ``head``) as if locked and release the others:
+        a held group's parameters get no gradient (so the optimiser skips them) and a held tower stays
+        in eval mode. The trainer holds a group while its ``optim.unlock`` factor is 0."""
+        parts = frozenset(parts)
+        if parts == self.held:
+            return
+        for p in self._held_params:
+            p.requires_grad_(True)
+        self._held_params = [p for g in self.param_groups() if g["name"].removesuffix("_no_decay") in parts
+                             for p in g["params"] if p.requires_grad]
+        for p in self._held_params:
+            p.requires_grad_(False)
+        self.held = parts
+        self.train(self.training)
 
     # -- the forward pass ------------------------------------------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Raw tower output (what the embedding cache stores for a locked tower)."""
-        if self.setting.image.locked:
+        if self.setting.image.locked or "image" in self.held:
             with torch.no_grad():
                 return self.image_tower(pixels)
         return self.image_tower(pixels)
@@ -102,7 +127,7 @@ class LiTModel(InferenceMixin, nn.Module):
         return self.embed_image_features(self.image_features(pixels))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.setting.text.locked:
+        if self.setting.text.locked or "text" in self.held:
             with torch.no_grad():
                 feats = self.text_tower(input_ids, attention_mask)
         else:
@@ -216,6 +241,7 @@ class LiTModel(InferenceMixin, nn.Module):
             raise ValueError(f"{directory / WEIGHTS_NAME} does not match its config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         model.image_fingerprint = meta["image_fingerprint"]
+        model._init_held()
         if by_reference or not image.trainable:
             found = image.fingerprint()
             if found != model.image_fingerprint:

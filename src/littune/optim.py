@@ -1,9 +1,18 @@
 """Optimisers and learning-rate schedules.
 
 The model hands out parameter groups with learning-rate multipliers (a locked tower's is 0 and it
-never reaches the optimiser); each group's learning rate is ``lr * lr_mult * schedule(step)``.
-The schedule is a linear warm-up followed by cosine, linear or reciprocal-square-root decay
-(or constant), down to ``min_lr_ratio`` of the peak.
+never reaches the optimiser); each group's learning rate is
+``lr * lr_mult * schedule(step) * unlock(step)``. The schedule is a linear warm-up followed by
+cosine, linear or reciprocal-square-root decay (or constant), down to ``min_lr_ratio`` of the peak.
+
+``unlock`` is the paper's "train the image tower later or slower": ``optim.unlock: {image: {after:
+N, ramp: R}}`` keeps a group at 0 for its first N steps, then ramps it linearly to 1 over R steps
+(1 at once when R is 0); a group not named is 1 throughout. While a group's factor is 0 it is
+*held* (:func:`held_groups`, :meth:`littune.model.LiTModel.hold`): it behaves as locked -- no
+gradient is computed, so the optimiser skips its parameters entirely (no update, no weight decay,
+no Adam moments: its moments start fresh when it unlocks, as a newly unlocked tower's would), and a
+held tower stays in eval mode (no BatchNorm statistic moves, no dropout). Every factor depends only
+on the step, so a resumed run is the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -54,9 +63,37 @@ def schedule_factor(step: int, total: int, warmup: int, decay: str, min_ratio: f
     return min_ratio + (1.0 - min_ratio) * frac
 
 
-def build_scheduler(optimizer, schedule_cfg, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: schedule_factor(step, total_steps, schedule_cfg.warmup_steps, schedule_cfg.decay,
-                                     schedule_cfg.min_lr_ratio),
-    )
+def unlock_factor(step: int, after: int = 0, ramp: int = 0) -> float:
+    """A delayed group's multiplier at ``step`` (0-based): 0 for the first ``after`` steps, then
+    ``1/ramp, 2/ramp, ... 1`` over ``ramp`` steps (1 at once when ``ramp`` is 0)."""
+    if step < after:
+        return 0.0
+    if ramp > 0:
+        return min(1.0, (step - after + 1) / ramp)
+    return 1.0
+
+
+def held_groups(unlock: dict | None, step: int) -> frozenset[str]:
+    """The groups (``image``, ``text``, ``head``) whose unlock factor is 0 at ``step``."""
+    return frozenset(part for part, spec in (unlock or {}).items() if unlock_factor(step, **spec) == 0.0)
+
+
+def group_part(name: str) -> str:
+    """The part (``image``, ``text``, ``head``) an optimiser group named by the model belongs to."""
+    return name.removesuffix("_no_decay")
+
+
+def build_scheduler(optimizer, schedule_cfg, total_steps: int, unlock: dict | None = None):
+    """Each group's learning rate is its base times :func:`schedule_factor`, times
+    :func:`unlock_factor` for a group named in ``unlock`` (``optim.unlock``, validated by the config)."""
+    def base(step: int) -> float:
+        return schedule_factor(step, total_steps, schedule_cfg.warmup_steps, schedule_cfg.decay,
+                               schedule_cfg.min_lr_ratio)
+
+    def for_group(group: dict):
+        spec = (unlock or {}).get(group_part(group.get("name", "")))
+        if not spec:
+            return base
+        return lambda step: base(step) * unlock_factor(step, **spec)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(g) for g in optimizer.param_groups])

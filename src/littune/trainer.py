@@ -36,7 +36,7 @@ from .errors import ConfigError, LittuneError, StaleCacheError
 from .losses import ContrastiveLoss
 from .model import LiTModel
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, held_groups
 from .tower_settings import parse_setting
 from .towers.fingerprint import fingerprint_from_spec
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
@@ -159,7 +159,7 @@ class Trainer:
         """Model, optimiser and schedule, restored from the latest checkpoint; returns the first step."""
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.cfg.steps)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.cfg.steps, self.cfg.optim.unlock)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
@@ -222,7 +222,8 @@ class Trainer:
             loss = self._loss(img, txt)
             loss.backward()
         else:
-            if "pixels" in batch and self.setting.image.locked:  # a locked tower runs once, not once a pass
+            if "pixels" in batch and (self.setting.image.locked or "image" in self.model.held):
+                # a locked (or held) tower runs once, not once a pass
                 with torch.no_grad(), self._autocast():
                     feats = self.model.image_features(batch["pixels"].to(self.device, non_blocking=True))
                 batch = {"image_features": feats, "captions": batch["captions"]}
@@ -266,6 +267,7 @@ class Trainer:
         """One optimiser step, then what is due after it: metrics, validation, a checkpoint."""
         cfg = self.cfg
         self.skipped_images += len(batch.get("skipped", []))
+        self.model.hold(held_groups(cfg.optim.unlock, step))  # optim.unlock: held as locked while its factor is 0
         loss = D.mean_over_ranks(self.train_step(batch))
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
