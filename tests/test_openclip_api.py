@@ -104,6 +104,9 @@ def test_returns_what_open_clip_returns(model_dir):
     assert pil.mode == "RGBA" and not torch.equal(val(pil), model.lit.preprocess.eval(pil.convert("RGB")))
     _, preprocess = littune.create_model_from_pretrained(path)
     assert torch.equal(preprocess(pil), val(pil))
+    # clip-retrieval's call: open_clip keywords littune has no use for (jit, cache_dir) are accepted.
+    model3, _, _ = littune.create_model_and_transforms(path, device="cpu", jit=True, cache_dir=None)
+    assert model3.to(device="cpu") is model3
     alone = littune.create_model_from_pretrained(path, return_transform=False)
     assert isinstance(alone, torch.nn.Module) and not isinstance(alone, tuple)
     # logit_scale is the log temperature, a parameter as in open_clip; the state dict is the LiT model's, once.
