@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .model import LiTConfig, LiTModel  # noqa: E402
+from .openclip import create_model_and_transforms, create_model_from_pretrained, get_tokenizer  # noqa: E402
 from .tower_settings import parse_setting  # noqa: E402
 
 
@@ -11,4 +12,5 @@ def load(directory: str, map_location: str = "cpu") -> LiTModel:
     return LiTModel.from_pretrained(directory, map_location=map_location)
 
 
-__all__ = ["LiTConfig", "LiTModel", "load", "parse_setting", "__version__"]
+__all__ = ["LiTConfig", "LiTModel", "create_model_and_transforms", "create_model_from_pretrained", "get_tokenizer",
+           "load", "parse_setting", "__version__"]
