@@ -57,6 +57,8 @@ def test_hf_hub_id_offline_not_cached_is_one_line_naming_id_and_hf_hub_offline()
 
 def test_hf_hub_id_offline_loads_from_the_hugging_face_cache(tmp_path):
     """A hub id already in the cache (the layout huggingface_hub writes) builds offline and equals the folder."""
+    from conftest import CAPTIONS, TINY_TEXT
+
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hf" / "hub" / "models--someorg--tiny-vit"
     (repo / "refs").mkdir(parents=True)
@@ -73,6 +75,15 @@ with torch.no_grad():
 weights = lambda t: t.fingerprint().split("|", 1)[1]
 assert hub.spec["path"] == "someorg/tiny-vit" and hub.name == "hf:tiny-vit" and weights(hub) == weights(folder)
 assert hub.preprocess == folder.preprocess and hub.preprocess.interpolation == "bilinear"
+# A model trained on it saves the tower's config and pre-processing and reloads offline without the id.
+from littune import LiTConfig, LiTModel
+cfg = LiTConfig(setting="uu", image_tower="hf:someorg/tiny-vit#mean", text_tower={TINY_TEXT!r}, embed_dim=16)
+model = LiTModel.from_config(cfg, captions={CAPTIONS[:11]!r})
+model.save_pretrained("{tmp_path / 'saved'}")
+again = LiTModel.from_pretrained("{tmp_path / 'saved'}")
+assert again.image_tower.preprocess == hub.preprocess
+with torch.no_grad():
+    assert torch.allclose(again.image_tower.eval()(x), model.image_tower.eval()(x), atol=1e-6)
 print("ok")
 """
     out = _run(code, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
@@ -203,3 +214,19 @@ def test_onnx_output_not_in_the_graph_or_bad_pool_is_one_line(token_onnx):
         parse_image_tower(f"onnx:{path}#layer={inner}")
     with pytest.raises(LittuneError, match="no output 3"):
         build_image_tower(f"onnx:{path}#output=3")
+
+
+def test_a_model_on_an_inner_onnx_output_saves_and_reloads_with_the_same_fingerprint(token_onnx, tmp_path):
+    from littune import LiTConfig, LiTModel
+
+    from conftest import CAPTIONS, TINY_TEXT
+
+    _, path, inner = token_onnx
+    spec = {"type": "onnx", "path": str(path), "output": inner, "pooling": "mean", "preprocess": PRE}
+    model = LiTModel.from_config(LiTConfig(setting="Lu", image_tower=spec, text_tower=dict(TINY_TEXT), embed_dim=16),
+                                 captions=CAPTIONS)
+    model.save_pretrained(tmp_path / "saved")
+    again = LiTModel.from_pretrained(tmp_path / "saved")
+    assert again.image_fingerprint == model.image_fingerprint == again.image_tower.fingerprint()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(again.image_tower(x), model.image_tower(x), atol=1e-6)

@@ -86,8 +86,9 @@ class ONNXTower(ImageTower):
     def extra_files(self, directory: Path) -> dict:
         sub = directory / "image_tower"
         sub.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.path, sub / "model.onnx")
-        return {**self.spec, "path": "image_tower/model.onnx", "relative": True}
+        # Under its own file name: the name is part of the fingerprint the reloaded model checks.
+        shutil.copyfile(self.path, sub / self.path.name)
+        return {**self.spec, "path": f"image_tower/{self.path.name}", "relative": True}
 
 
 def _with_output(path: Path, name: str) -> bytes:
