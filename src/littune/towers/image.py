@@ -6,9 +6,11 @@ Every tower exposes the same small interface, :class:`~littune.towers.base.Image
 embedding cache. Adapters:
 
 * ``efficientnet-lite0/1/2`` -- ImageNet weights shipped in pip packages (the offline default),
-* ``hf:<dir>`` -- any Hugging Face ``transformers`` vision model in a local directory (ViT, DINOv2,
-  ConvNeXt...), CLS, mean-of-patches or pooler output,
-* ``onnx:<file>`` -- an ONNX graph through onnxruntime (locked use only),
+* ``hf:<dir or hub id>`` -- any Hugging Face ``transformers`` vision model (ViT, DINOv2, ConvNeXt...)
+  in a local directory, or a hub id ``from_pretrained`` downloads or finds in its cache; CLS,
+  mean-of-patches or pooler output,
+* ``onnx:<file>[#output=NAME&pool=cls|mean|none]`` -- an ONNX graph through onnxruntime (locked use
+  only), read at a graph output or an inner node's output,
 * ``torch:<package.module:factory>`` -- any torch module a factory returns.
 
 A tower knows nothing about locking: :class:`~littune.model.LiTModel` decides that from the
