@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import LittuneError
+from ..errors import ConfigError, LittuneError
 from ..preprocess import Preprocess
 from .base import ImageTower, _pool, _reinit
 from .onnx import ONNXTower
@@ -272,7 +272,7 @@ def _parse_onnx(rest: str) -> dict:
     for item in filter(None, query.split("&")):
         key, eq, value = item.partition("=")
         if key not in ("output", "pool") or not eq or not value:
-            raise LittuneError(f"onnx:{rest}: expected #output=NAME&pool=cls|mean|none, not {item!r}")
+            raise ConfigError(f"onnx:{rest}: expected #output=NAME&pool=cls|mean|none, not {item!r}")
         if key == "output":
             spec["output"] = int(value) if value.isdigit() else value
         else:
