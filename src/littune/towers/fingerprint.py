@@ -7,12 +7,12 @@ the fingerprint is computed here from that file, so training from a cache never 
 allocates the image model:
 
 * ``efficientnet-lite`` -- the state dict in the weights package's file (ImageNet classifier left out),
-* ``onnx`` -- the bytes of the ``.onnx`` file.
+* ``onnx`` -- the bytes of the ``.onnx`` file (and, in the name, the output read and its pooling).
 
 :func:`fingerprint_from_spec` returns None for the others, and the caller builds the tower to ask
 it: a ``torch`` factory tower's weights are whatever the factory returns, and a Hugging Face
-model's state dict is what ``from_pretrained`` makes of the folder (transformers renames stored
-keys as it loads, and initialises weights the folder lacks). It returns None too where building
+model's state dict is what ``from_pretrained`` makes of the folder or hub id (transformers renames
+stored keys as it loads, and initialises weights the folder lacks). It returns None too where building
 would fail (a missing package or file), so that the build reports the error. The result equals the
 built tower's ``fingerprint()`` (tests/test_towers.py checks both kinds).
 """
@@ -27,6 +27,7 @@ import torch
 from ..hashing import hash_file, hash_state_dict, hash_text
 from ..preprocess import Preprocess
 from .image import EFFICIENTNET_LITE, parse_image_tower
+from .onnx import ONNX_POOLING, onnx_tower_name
 
 
 def fingerprint_from_spec(spec: str | dict) -> str | None:
@@ -64,6 +65,9 @@ def _efficientnet(spec: dict) -> str | None:
 
 def _onnx(spec: dict) -> str | None:
     path = Path(spec["path"])
-    if not path.is_file():
+    output, pooling = spec.get("output", 0), spec.get("pooling", "cls")
+    if not path.is_file() or pooling not in ONNX_POOLING:
         return None
-    return _format(f"onnx:{path.name}", hash_file(path), Preprocess.from_dict(spec.get("preprocess") or {}))
+    output = int(output) if str(output).isdigit() else str(output)
+    return _format(onnx_tower_name(path, output, pooling), hash_file(path),
+                   Preprocess.from_dict(spec.get("preprocess") or {}))

@@ -6,9 +6,11 @@ Every tower exposes the same small interface, :class:`~littune.towers.base.Image
 embedding cache. Adapters:
 
 * ``efficientnet-lite0/1/2`` -- ImageNet weights shipped in pip packages (the offline default),
-* ``hf:<dir>`` -- any Hugging Face ``transformers`` vision model in a local directory (ViT, DINOv2,
-  ConvNeXt...), CLS, mean-of-patches or pooler output,
-* ``onnx:<file>`` -- an ONNX graph through onnxruntime (locked use only),
+* ``hf:<dir or hub id>`` -- any Hugging Face ``transformers`` vision model (ViT, DINOv2, ConvNeXt...)
+  in a local directory, or a hub id ``from_pretrained`` downloads or finds in its cache; CLS,
+  mean-of-patches or pooler output,
+* ``onnx:<file>[#output=NAME&pool=cls|mean|none]`` -- an ONNX graph through onnxruntime (locked use
+  only), read at a graph output or an inner node's output,
 * ``torch:<package.module:factory>`` -- any torch module a factory returns.
 
 A tower knows nothing about locking: :class:`~littune.model.LiTModel` decides that from the
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError, LittuneError
 from ..preprocess import Preprocess
 from .base import ImageTower, _pool, _reinit
 from .onnx import ONNXTower
@@ -99,14 +103,17 @@ class EfficientNetLiteTower(ImageTower):
 
 # --------------------------------------------------------------------------------------------
 _HF_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def hf_preprocess(directory: Path) -> Preprocess:
     """Read a Hugging Face ``preprocessor_config.json`` into a :class:`Preprocess` spec."""
     f = Path(directory) / "preprocessor_config.json"
-    if not f.exists():
-        return Preprocess()
-    c = json.loads(f.read_text())
+    return _preprocess_from(json.loads(f.read_text())) if f.exists() else Preprocess()
+
+
+def _preprocess_from(c: dict) -> Preprocess:
+    """A :class:`Preprocess` spec from an image processor's settings (``preprocessor_config.json``)."""
     size, crop = c.get("size", 224), c.get("crop_size")
 
     def edge(v):
@@ -125,8 +132,35 @@ def hf_preprocess(directory: Path) -> Preprocess:
     )
 
 
+def _hub_preprocessor_config(model_id: str) -> dict:
+    """The image processor settings of a hub model ({} where it has none), through transformers."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return json.loads(AutoImageProcessor.from_pretrained(model_id).to_json_string())
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _hub_error(model_id: str, error: Exception) -> LittuneError:
+    """One line for a hub id that could not be loaded (offline, not cached, unknown, unreachable)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return LittuneError(f"hf:{model_id}: not a local folder and not in the Hugging Face cache; HF_HUB_OFFLINE=1 "
+                            "is set (unset it to download, or give a local folder)")
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return LittuneError(f"hf:{model_id}: not a local folder, and the Hugging Face hub did not give it "
+                        f"(HF_HUB_OFFLINE is not set): {first}")
+
+
 class HFVisionTower(ImageTower):
-    """A ``transformers`` vision model from a local directory (offline)."""
+    """A ``transformers`` vision model: a local folder (offline), or a hub id through ``from_pretrained``.
+
+    ``path`` is a folder when one exists there; otherwise a hub id (``org/name`` or ``name``) that
+    transformers downloads or finds in its cache. The spec keeps what was given; the fingerprint, as
+    for every tower, comes from the weights.
+    """
 
     def __init__(self, path: str, pooling: str = "cls", pretrained: bool = True):
         super().__init__()
@@ -138,17 +172,25 @@ class HFVisionTower(ImageTower):
 
         if pooling not in ("cls", "mean", "pooler"):
             raise ValueError(f"pooling must be cls, mean or pooler, not {pooling!r}")
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-        self.name = f"hf:{path.name}"
+        folder = Path(path)
+        local = folder.is_dir() or not _HUB_ID.fullmatch(str(path))
+        if local and not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder} is not a Hugging Face model directory (no config.json)")
+        self.name = f"hf:{folder.name}"
         self.pooling = pooling
         self.spec = {"type": "hf", "path": str(path), "pooling": pooling}
-        self.preprocess = hf_preprocess(path)
-        if pretrained:
-            self.net = AutoModel.from_pretrained(path, local_files_only=True)
-        else:
-            self.net = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+        source, offline = (folder, True) if local else (str(path), False)
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=offline)
+            self._preprocessor_config = (_read_json(folder / "preprocessor_config.json") if local
+                                         else _hub_preprocessor_config(source))
+            self.net = (AutoModel.from_pretrained(source, local_files_only=offline) if pretrained
+                        else AutoModel.from_config(config))
+        except OSError as e:
+            if local:
+                raise
+            raise _hub_error(str(path), e) from None
+        self.preprocess = _preprocess_from(self._preprocessor_config) if self._preprocessor_config else Preprocess()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.net(pixel_values=pixels)
@@ -160,10 +202,13 @@ class HFVisionTower(ImageTower):
         sub = directory / "image_tower"
         sub.mkdir(parents=True, exist_ok=True)
         self.net.config.save_pretrained(sub)
-        src = Path(self.spec["path"]) / "preprocessor_config.json"
-        if src.exists():
-            (sub / "preprocessor_config.json").write_text(src.read_text())
+        if self._preprocessor_config:
+            (sub / "preprocessor_config.json").write_text(json.dumps(self._preprocessor_config, indent=2))
         return {**self.spec, "path": "image_tower", "relative": True}
+
+
+def _read_json(f: Path) -> dict:
+    return json.loads(f.read_text()) if f.exists() else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +239,8 @@ class TorchModuleTower(ImageTower):
 def parse_image_tower(text: str | dict) -> dict:
     """Turn a short string into a tower spec dict.
 
-    ``efficientnet-lite0[@SIZE]`` | ``hf:/dir[#mean]`` | ``onnx:/file.onnx`` | ``torch:pkg.mod:factory``.
+    ``efficientnet-lite0[@SIZE]`` | ``hf:<dir or hub id>[#mean]`` |
+    ``onnx:/file.onnx[#output=NAME&pool=cls|mean|none]`` | ``torch:pkg.mod:factory``.
     """
     if isinstance(text, dict):
         return dict(text)
@@ -208,14 +254,30 @@ def parse_image_tower(text: str | dict) -> dict:
         path, _, pooling = rest.partition("#")
         return {"type": "hf", "path": path, "pooling": pooling or "cls"}
     if kind == "onnx" and rest:
-        return {"type": "onnx", "path": rest}
+        return _parse_onnx(rest)
     if kind == "torch" and rest:
         return {"type": "torch", "factory": rest}
     raise ValueError(
         f"unknown image tower {text!r}; use one of {', '.join(sorted(EFFICIENTNET_LITE))} (@SIZE for another "
         "input size), "
-        "hf:<local dir>[#cls|#mean|#pooler], onnx:<file.onnx>, torch:<package.module:factory>"
+        "hf:<local dir or hub id>[#cls|#mean|#pooler], onnx:<file.onnx>[#output=NAME&pool=cls|mean|none], "
+        "torch:<package.module:factory>"
     )
+
+
+def _parse_onnx(rest: str) -> dict:
+    """``FILE[#output=NAME&pool=P]`` -> an ``onnx`` spec (output: a graph or node output name, or an index)."""
+    path, _, query = rest.partition("#")
+    spec = {"type": "onnx", "path": path}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if key not in ("output", "pool") or not eq or not value:
+            raise ConfigError(f"onnx:{rest}: expected #output=NAME&pool=cls|mean|none, not {item!r}")
+        if key == "output":
+            spec["output"] = int(value) if value.isdigit() else value
+        else:
+            spec["pooling"] = value
+    return spec
 
 
 def build_image_tower(spec: str | dict, pretrained: bool = True, base_dir: Path | None = None) -> ImageTower:
