@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE", help="CSV/TSV, JSONL, tar shards, image folder or COCO captions JSON")
     p.add_argument("--out", "-o", required=True, metavar="CACHE", help="the cache directory to write")
     p.add_argument("--tower", "-t", default="efficientnet-lite0",
-                   help="image tower: efficientnet-lite0|1|2, hf:DIR, onnx:FILE, torch:pkg.mod:factory, "
+                   help="image tower: efficientnet-lite0|1|2[@SIZE], hf:DIR or hf:HUB_ID[#cls|#mean|#pooler], "
+                        "onnx:FILE[#output=NAME&pool=cls|mean|none], torch:pkg.mod:factory, "
                         "a JSON spec or a .json file holding one (default efficientnet-lite0)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="stored precision (default float16)")
