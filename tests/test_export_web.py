@@ -12,6 +12,7 @@ tests skip with the reason.
 
 from __future__ import annotations
 
+import copy
 import functools
 import http.server
 import json
@@ -58,13 +59,11 @@ def _collection(root: Path, n: int = 8) -> Path:
 def built(tmp_path_factory):
     """(model, index, model dir, index dir): a tiny Lu model and an index of :func:`_collection`."""
     import torch
-
-    from littune import LiTModel
-    from littune.search import build_index
-    from littune.towers.tiny import SPEC
     from conftest import TINY_TEXT
 
-    from littune import LiTConfig
+    from littune import LiTConfig, LiTModel
+    from littune.search import build_index
+    from littune.towers.tiny import SPEC
 
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("web")
@@ -187,6 +186,14 @@ def test_existing_out_and_missing_index_are_one_line_errors_nothing_overwritten(
     assert (taken / "notes.txt").read_text() == "mine"
     assert main(["export", str(model_dir), "--format", "web", "--out", str(tmp_path / "new")]) != 0
     assert "--format web needs --index INDEX" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    import torch
+
+    other, changed = tmp_path / "other-model", copy.deepcopy(built[0])
+    with torch.no_grad():
+        changed.image_head.weight.add_(0.1)  # another image head: the index holds other embeddings
+    changed.save_pretrained(other)
+    assert main(["export", str(other), "--format", "web", "--index", str(index_dir), "--out", str(tmp_path / "new")]) != 0
+    assert "rebuild the index" in capsys.readouterr().err and not (tmp_path / "new").exists()
     before = (exported / "littune_web.json").read_bytes()
     assert main(["export", str(model_dir), "--format", "web", "--index", str(index_dir), "--out", str(exported)]) != 0
     assert (exported / "littune_web.json").read_bytes() == before
@@ -239,6 +246,7 @@ def test_typed_query_ranks_first_the_image_littune_search_ranks_first(built, ser
     open_page(browser, served)
     for query in ("a red apple", "猫が好きです"):
         hits = index.search_text(model, query, k=8)[0]
+        assert hits[0].score - hits[1].score > 1e-4, "the fixture's top two are tied: pick another query"
         box = browser.find_element("id", "query")
         box.clear()
         box.send_keys(query, Keys.ENTER)
