@@ -208,20 +208,21 @@ def onnx_record(model, text_err: float, image: dict) -> dict:
 
 
 # -- the folder ------------------------------------------------------------------------------------
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an existing ``out`` (unless ``overwrite`` and it is an earlier export or empty)."""
+def check_out(out: Path, overwrite: bool, marker: str = META_NAME, what: str = "ONNX export") -> None:
+    """Refuse an existing ``out`` (unless ``overwrite`` and it is an earlier export -- it holds
+    ``marker`` -- or empty)."""
     if out.exists() and not out.is_dir():
         raise LittuneError(f"{out} is a file; choose another --out (nothing was written)")
     if not out.exists():
         return
     if not overwrite:
         raise LittuneError(f"{out} exists; choose another --out or pass --overwrite (nothing was written)")
-    if any(out.iterdir()) and not (out / META_NAME).is_file():
-        raise LittuneError(f"{out} is not a littune ONNX export (no {META_NAME}); --overwrite replaces "
+    if any(out.iterdir()) and not (out / marker).is_file():
+        raise LittuneError(f"{out} is not a littune {what} (no {marker}); --overwrite replaces "
                            "only an earlier export or an empty folder (nothing was written)")
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """``tmp`` becomes ``out``; an ``out`` there already is moved aside first and removed after."""
     if not out.exists():
         os.replace(tmp, out)
@@ -257,7 +258,7 @@ def export_onnx_model(model, out: str | Path, overwrite: bool = False) -> dict:
 
     Raises :class:`LittuneError` (one line, nothing written) if ``out`` exists (see ``overwrite`` in
     the module docstring), or if the text side cannot be exported or disagrees with torch."""
-    _check_out(Path(out), overwrite)
+    check_out(Path(out), overwrite)
     out = Path(out).resolve()  # "." or "runs/x/" have a name to put the temporary folder beside
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -267,7 +268,7 @@ def export_onnx_model(model, out: str | Path, overwrite: bool = False) -> dict:
     model.eval()
     try:
         record = _write_folder(model, tmp)
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     finally:
         model.train(was)
         shutil.rmtree(tmp, ignore_errors=True)
