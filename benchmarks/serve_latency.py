@@ -11,7 +11,8 @@ with a 6-layer 384-wide text transformer (untrained: latency does not depend on 
   (d) bare image path: encode_images + label_probabilities with ready label weights.
 
 Prints median / p90 / min ms of each over --requests interleaved rounds (after 2 warm-up rounds) and the ratios
-(a)/(d) and (b)/(c): how much the web app adds to the compute it cannot avoid.
+(a)/(d) and (b)/(c): how much the web app adds to the compute it cannot avoid; ends with ``result:`` lines.
+The locked image tower runs on littune's runtime (onnxruntime on a CPU), in the server and in (c) and (d) alike.
 
     .venv/bin/python benchmarks/serve_latency.py [--requests 20] [--threads 2]
 """
@@ -122,6 +123,9 @@ def main() -> int:
         med[name[:3]] = m
         print(f"| {name} | {m:.1f} | {p:.1f} | {min(ms):.1f} |")
     print(f"\nratio (a)/(d): {med['(a)'] / med['(d)']:.2f}   ratio (b)/(c): {med['(b)'] / med['(c)']:.2f}")
+    print(f"result: classify_ms_median = {med['(a)']:.1f}")
+    print(f"result: classify_vs_bare_image_path = {med['(a)'] / med['(d)']:.2f}")
+    print(f"result: classify_new_labels_vs_bare = {med['(b)'] / med['(c)']:.2f}")
     return 0
 
 
