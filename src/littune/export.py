@@ -259,6 +259,12 @@ def export_onnx_model(model, out: str | Path, overwrite: bool = False) -> dict:
     Raises :class:`LittuneError` (one line, nothing written) if ``out`` exists (see ``overwrite`` in
     the module docstring), or if the text side cannot be exported or disagrees with torch."""
     check_out(Path(out), overwrite)
+    return write_export(model, out, lambda tmp: _write_folder(model, tmp))
+
+
+def write_export(model, out: str | Path, write) -> dict:
+    """Run ``write(folder) -> record`` on a temporary folder beside ``out`` with ``model`` in eval mode,
+    then move the folder into place (:func:`move_into_place`); the model's mode is given back."""
     out = Path(out).resolve()  # "." or "runs/x/" have a name to put the temporary folder beside
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -267,7 +273,7 @@ def export_onnx_model(model, out: str | Path, overwrite: bool = False) -> dict:
     was = model.training
     model.eval()
     try:
-        record = _write_folder(model, tmp)
+        record = write(tmp)
         move_into_place(tmp, out)
     finally:
         model.train(was)

@@ -27,7 +27,6 @@ error unless ``overwrite`` (which replaces only an earlier web export, or an emp
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from importlib import resources
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LittuneError
-from .export import TEXT_NAME, TOKENIZER_NAME, check_out, export_text, export_tokenizer, move_into_place, onnx_record
+from .export import TEXT_NAME, TOKENIZER_NAME, check_out, export_text, export_tokenizer, onnx_record, write_export
 from .fileio import write_json
 
 WEB_FORMAT, WEB_VERSION = "littune-web", 1
@@ -161,17 +160,4 @@ def export_web_demo(model, index, out: str | Path, overwrite: bool = False, pack
     if len(index) == 0:
         raise LittuneError(f"index {index.directory} is empty: nothing to search (nothing was written)")
     found = vendor_packages(packages, cache, log)
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    was = model.training
-    model.eval()
-    try:
-        record = _write_web_folder(model, index, tmp, found, thumb, log)
-        move_into_place(tmp, out)
-    finally:
-        model.train(was)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return record
+    return write_export(model, out, lambda tmp: _write_web_folder(model, index, tmp, found, thumb, log))
