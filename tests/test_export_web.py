@@ -17,13 +17,13 @@ import functools
 import http.server
 import json
 import os
-import shutil
 import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from chromium import headless_chromium
 from conftest import CAPTIONS
 from PIL import Image
 
@@ -33,10 +33,6 @@ pytest.importorskip("onnx")
 from littune.cli import main  # noqa: E402
 from littune.errors import LittuneError  # noqa: E402
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1200,900"]
 TEXTS = ["a red apple", "ein roter Apfel", "猫が好きです", "قطة سوداء", "Кошка на ковре", "🍎 apple emoji",
          "a caption far longer than the context length allows " * 4]
 
@@ -117,26 +113,7 @@ def served(exported):
 
 @pytest.fixture(scope="module")
 def browser():
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not (os.path.isfile(p) and os.access(p, os.X_OK))]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not found: install chromium chromium-driver: "
-                    "apt-get install -y chromium chromium-driver")
-    pytest.importorskip("selenium")
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not try to download anything
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="littune-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS + [f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(20)
-    driver.set_script_timeout(20)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    yield from headless_chromium(script_timeout=20)
 
 
 def wait(driver, condition, timeout: float = 20):

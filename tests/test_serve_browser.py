@@ -10,9 +10,7 @@ saved under pytest's tmp_path, or under $LITTUNE_TEST_OUT when that is set.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,12 +23,9 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("multipart")
 pytest.importorskip("selenium")
 
+from chromium import headless_chromium  # noqa: E402
 from test_serve_api import DATA, LABELS, build_served  # noqa: E402
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1200,900"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,24 +61,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not (os.path.isfile(p) and os.access(p, os.X_OK))]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not found: install chromium chromium-driver: "
-                    "apt-get install -y chromium chromium-driver")
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not try to download anything
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="littune-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS + [f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(20)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    yield from headless_chromium()
 
 
 @pytest.fixture
