@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .errors import LittuneError, StaleCacheError
+from .runtime import module_device as model_device  # where the model's weights are
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -58,13 +59,6 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             yield model
     finally:
         model.train(was_training)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless model)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _batches(n: int, size: int) -> list[range]:

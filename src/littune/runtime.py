@@ -50,12 +50,15 @@ def _say(text: str) -> None:
     print(f"littune: {text}", file=sys.stderr)
 
 
-def _device(tower: torch.nn.Module, device=None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    for t in (*tower.parameters(), *tower.buffers()):
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are: its first parameter's device, else its first buffer's, else the CPU."""
+    for t in (*module.parameters(), *module.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+def _device(tower: torch.nn.Module, device=None) -> torch.device:
+    return torch.device(device) if device is not None else module_device(tower)
 
 
 # ---------------------------------------------------------------------------------------------

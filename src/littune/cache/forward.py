@@ -12,16 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import LittuneError
-from ..runtime import open_runner
-
-
-def tower_device(tower: torch.nn.Module) -> torch.device:
-    """Where the tower's weights are (a tower without any: the CPU)."""
-    for p in tower.parameters():
-        return p.device
-    for b in tower.buffers():
-        return b.device
-    return torch.device("cpu")
+from ..runtime import module_device, open_runner
 
 
 class TowerForward:
@@ -51,7 +42,7 @@ def tower_forward(tower: torch.nn.Module, device: str | torch.device | None = No
     """The forward function of the (eval-mode, locked) ``tower`` on ``device`` (default: where its
     weights are; the tower is moved there) through ``runtime``; ``threads``: onnxruntime's intra-op
     threads per call (torch's are the process's)."""
-    dev = torch.device(device) if device is not None else tower_device(tower)
+    dev = torch.device(device) if device is not None else module_device(tower)
     dim = int(tower.dim)
     runner = open_runner(tower, runtime, device=dev, threads=threads)
     return TowerForward(runner, dim, getattr(tower, "name", type(tower).__name__))

@@ -20,10 +20,10 @@ import torch
 
 from ..data.decode import DEFAULT_MAX_PIXELS
 from ..errors import LittuneError
-from ..runtime import check_runtime
+from ..runtime import check_runtime, module_device
 from .format import (DTYPES, MANIFEST, SHARD_DIR, make_plan, manifest_entry, plan_hash, shard_complete,
                      write_shard, write_tables)
-from .forward import tower_device, tower_forward
+from .forward import tower_forward
 from .lock import clear, lock, prepare, unlock
 from .reader import EmbeddingCache
 from .shards import run_shards
@@ -89,7 +89,7 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
 def _embed_shards(out: Path, records, todo: list[int], tower, plan: dict, phash: str, device, runtime: str,
                   counts: tuple[int, int], progress: bool, speed: tuple) -> None:
     """Embed shards ``todo`` with the tower on ``runtime`` (threads set first: onnxruntime takes them)."""
-    dev = torch.device(device) if device is not None else tower_device(tower)
+    dev = torch.device(device) if device is not None else module_device(tower)
     settings = _speed(dev, *speed)
     forward = tower_forward(tower, dev, runtime, threads=torch.get_num_threads())
     try:
