@@ -163,14 +163,12 @@ def _image_encoder(model, runtime: str):
     device = model_device(model)
     if not model.setting.image.locked or runtime == "model":
         return lambda px: model.encode_image(px.to(device))
-    key = model.image_tower
-    runner = _RUNNERS.get(key)
-    if runner is None or runner.requested != runtime:
+    runners = _RUNNERS.setdefault(model.image_tower, {})
+    runner = runners.get(runtime)
+    if runner is None:
         from .runtime import open_runner
 
-        runner = open_runner(model.image_tower, runtime, device=device, quiet=runtime == "auto")
-        runner.requested = runtime
-        _RUNNERS[key] = runner
+        runner = runners[runtime] = open_runner(model.image_tower, runtime, device=device, quiet=runtime == "auto")
     return lambda px: model.embed_image_features(torch.from_numpy(runner(px)).to(device))
 
 
