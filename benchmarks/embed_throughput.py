@@ -175,7 +175,8 @@ def rounds(args, tower, source, pixels, workers: int, lanes: int, threads: int) 
         for rt in ("auto", "torch"):
             runner = open_runner(tower, rt, threads=threads, quiet=r > 0)
             name = runner.name
-            res.setdefault("chosen", name) if rt == "auto" else None
+            if rt == "auto":
+                res["chosen"] = name
             res.setdefault(f"bare {name}", []).append(bare_forward(runner, pixels, args.batch_size, lanes, threads))
             runner.close()
             t = time.perf_counter()
@@ -187,7 +188,6 @@ def rounds(args, tower, source, pixels, workers: int, lanes: int, threads: int) 
             shutil.rmtree(cache.directory, ignore_errors=True)
             line.append(f"{rt}->{name}: bare {res[f'bare {name}'][-1]:.1f}, pipeline {res[f'pipe {name}'][-1]:.1f}")
             if rt == "auto" and name == "torch":  # nothing faster here: one torch measurement is enough
-                res["chosen"] = "torch"
                 break
         print(f"  round {r + 1}: " + " | ".join(line) + " images/s", file=sys.stderr)
     return res
