@@ -27,12 +27,9 @@ earlier export, or an empty folder).
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import sys
-import warnings
-from contextlib import redirect_stderr
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +39,7 @@ import torch.nn.functional as F
 
 from .errors import LittuneError
 from .fileio import write_json
-from .runtime import EXPORT_TOLERANCE, OPSET
+from .runtime import EXPORT_TOLERANCE, first_line, onnx_bytes
 
 FORMAT = "littune-onnx"
 FORMAT_VERSION = 1
@@ -76,19 +73,9 @@ class _ImageGraph(nn.Module):
 
 
 # -- one graph: export, then check against torch -------------------------------------------------
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else 'no message'}"
-
-
 def _export(module: nn.Module, example: tuple, path: Path, inputs: list[str], output: str, axes: dict) -> None:
-    """``module`` on ``example`` as an ONNX file, the exporter's chatter kept off the console."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, buf, input_names=inputs, output_names=[output],
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    path.write_bytes(buf.getvalue())
+    """``module`` on ``example`` as an ONNX file (:func:`littune.runtime.onnx_bytes`)."""
+    path.write_bytes(onnx_bytes(module, example, inputs, output, axes))
 
 
 def _max_diff(module: nn.Module, path: Path, feeds: list[dict[str, torch.Tensor]]) -> float:
@@ -117,7 +104,7 @@ def _export_checked(module: nn.Module, path: Path, feeds: list[dict], output: st
         _export(module, tuple(feeds[0].values()), path, list(feeds[0]), output, axes)
         err = _max_diff(module, path, feeds)
     except Exception as e:  # the exporter's errors are many and long: keep the first line
-        raise LittuneError(f"cannot export the {what} to ONNX ({_first_line(e)})") from None
+        raise LittuneError(f"cannot export the {what} to ONNX ({first_line(e)})") from None
     if not err <= EXPORT_TOLERANCE:
         raise LittuneError(f"the ONNX export of the {what} disagrees with torch (max abs difference {err:.2g})")
     return err

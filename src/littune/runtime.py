@@ -149,16 +149,27 @@ def _locked(folder: Path):
         yield
 
 
-def _export_bytes(tower: torch.nn.Module, size: int) -> bytes:
-    """The tower as ONNX bytes (batch axis dynamic), the exporter's chatter kept off the console."""
-    x = torch.zeros(2, 3, size, size)
+def onnx_bytes(module: torch.nn.Module, example: tuple, inputs: list[str], output: str, axes: dict) -> bytes:
+    """``module`` traced on ``example`` as ONNX bytes (``torch.onnx.export``, TorchScript exporter, opset
+    :data:`OPSET`), the exporter's chatter kept off the console."""
     buf = io.BytesIO()
     with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(tower, (x,), buf, input_names=["pixels"], output_names=["features"],
-                          dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
-                          opset_version=OPSET, dynamo=False)
+        torch.onnx.export(module, example, buf, input_names=inputs, output_names=[output],
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     return buf.getvalue()
+
+
+def first_line(e: Exception) -> str:
+    """``Type: first line of the message``: the exporter's errors are many and long."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else 'no message'}"
+
+
+def _export_bytes(tower: torch.nn.Module, size: int) -> bytes:
+    """The tower as ONNX bytes, batch axis dynamic."""
+    return onnx_bytes(tower, (torch.zeros(2, 3, size, size),), ["pixels"], "features",
+                      {"pixels": {0: "batch"}, "features": {0: "batch"}})
 
 
 def _agreement(tower: torch.nn.Module, path: Path, size: int) -> float:
@@ -192,8 +203,7 @@ def export_onnx(tower, folder: Path | None = None) -> Path:
             atomic_write(folder / "tower.onnx", data)
             err = _agreement(tower, folder / "tower.onnx", tower.preprocess.size)
         except Exception as e:  # the exporter's errors are many and long: keep the first line
-            raise LittuneError(f"cannot export {tower.name} to ONNX ({type(e).__name__}: "
-                               f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from None
+            raise LittuneError(f"cannot export {tower.name} to ONNX ({first_line(e)})") from None
         finally:
             tower.train(was)
         if not err <= EXPORT_TOLERANCE:
