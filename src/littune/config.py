@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .language_sampling import check_share
 from .tower_settings import VALID_SETTINGS, parse_setting
 
 
@@ -126,6 +127,9 @@ class DataSection:
     #: a `littune dedup` list (TSV): its training images, matched by key, are never sampled (the
     #: cache path only); None: train on every captioned image
     exclude: str | None = None
+    #: each named language's share of an image's caption draws, e.g. {en: 0.5}; the rest is split
+    #: evenly among the image's other languages (see littune.language_sampling); {}: uniform over captions
+    language_share: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -196,6 +200,7 @@ class TrainConfig:
             raise ConfigError("data.exclude: only training from the embedding cache (a locked image tower, "
                               "data.on_the_fly=false) can exclude images")
         _check_unlock(self)
+        self.data.language_share = check_share(self.data.language_share)
         return self
 
     def to_dict(self) -> dict:
