@@ -121,3 +121,17 @@ def test_batches_without_a_share_equal_those_of_a_cache_without_languages(tmp_pa
     caps = [c for s in range(200) for c in shared(s)["captions"]]
     english = sum(int(c.split("cap")[1]) < 4 for c in caps) / len(caps)
     assert abs(english - 0.5) < 0.03
+
+
+SCRIPTS = ["a red apple", "ein roter Apfel", "赤いリンゴ", "红苹果", "紅蘋果", "빨간 사과", "красное яблоко",
+           "червоне яблуко", "แอปเปิลแดง", "लाल सेब", "লাল আপেল", "táo đỏ", "czerwone jabłko", "punainen omena"]
+
+
+def test_the_bpe_tokenizer_covers_every_script_it_was_trained_on():
+    from littune.towers.text import train_tokenizer
+
+    tok = train_tokenizer(SCRIPTS * 3, vocab_size=400)
+    assert tok.unk_token_id is None or all(tok.unk_token_id not in tok(t)["input_ids"] for t in SCRIPTS)
+    for text in SCRIPTS + ["ไม่เคยเห็น", "未見の文字"]:  # also text it never saw: bytes, never <unk>
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids).strip() == text.lower()

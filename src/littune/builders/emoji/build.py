@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -23,7 +23,8 @@ from ..output import check_formats, link_or_copy, prepare_out, prune_files, writ
 from ..render_pool import RenderJob, render_all
 from ..splits import pick_fraction
 from .card import datacard
-from .concepts import EMOJIBASE, EMOJIBASE_VERSION, Concept, caption_variants, load_concepts, tagged_captions
+from .concepts import (EMOJIBASE, EMOJIBASE_VERSION, Concept, caption_variants, emojibase_languages, load_concepts,
+                       tagged_captions)
 from .languages import write_language_eval
 from .designs import DESIGNS, REFERENCE_DESIGNS, resolve_designs, resolve_heldout
 from .iconify import IconSet
@@ -312,7 +313,7 @@ def build_emoji(out: str | Path, *, designs: Iterable[str] | None = None,
     families never trained on (default twemoji, openmoji; ``["none"]`` for none);
     ``heldout_concepts``: fraction of concepts never trained on; ``val_fraction``: share of the
     training images kept for ``val.csv``; ``limit_concepts``: build a quick subset; ``langs``:
-    emojibase locales for extra captions; ``formats``: ``csv`` and/or ``wds``; ``packages``: an
+    emojibase locales for extra captions (``["all"]``: every locale it has); ``formats``: ``csv`` and/or ``wds``; ``packages``: an
     existing ``node_modules`` folder instead of fetching. Idempotent: images already rendered at
     this size are reused.
     """
@@ -324,6 +325,8 @@ def build_emoji(out: str | Path, *, designs: Iterable[str] | None = None,
     held_families = resolve_heldout(heldout_designs, selected)
     out = prepare_out(out, "emoji")
     pkgs = fetch_packages(selected, cache_dir(cache), packages, log)
+    if opts.langs == ["all"]:  # every locale the emojibase package has
+        opts = replace(opts, langs=[lang for lang in emojibase_languages(pkgs[EMOJIBASE]) if lang != "en"])
     concepts = load_concepts(pkgs[EMOJIBASE], opts.langs)
     if not concepts:
         raise LittuneError(f"{pkgs[EMOJIBASE]}: emojibase data holds no emoji concepts")
