@@ -240,5 +240,5 @@ def test_quickstart_reports_every_language_in_json_and_table(quickstart):
         line = next(ln for ln in md.splitlines() if ln.startswith(f"| {r['lang']} |"))
         assert line.split("|")[2].strip() == f"{r['heldout_designs_acc1']:.3f}"
     assert saved["language_summary"]["en"]["lang"] == "en"
-    assert (out / "run" / "plots" / "languages.png").is_file()
+    assert (out / "languages.png").is_file()
     assert "openclipart_test_retrieval" in json.loads((out / "run" / "results.json").read_text())

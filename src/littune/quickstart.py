@@ -1,20 +1,27 @@
-"""The main job behind `make quickstart`: LiT on real emoji drawn by people, with honest held-out numbers.
+"""The main job behind `make quickstart`: LiT on real drawings, every language, honest held-out numbers.
 
-1. **Data** -- ``littune data emoji``: about 1,900 emoji concepts in ten design families, with two
-   families (Twemoji, OpenMoji) and 10% of the concepts never trained on.
+1. **Data** (:mod:`littune.quickstart_data`) -- ``littune data emoji --langs all``: about 1,900 emoji
+   concepts in ten design families, captioned in English and the 27 other emojibase locales, two
+   families (Twemoji, OpenMoji) and 10% of the concepts never trained on; ``littune data
+   openclipart``: public-domain drawings with titles, keywords and descriptions, split by title. Both
+   go into one training source.
 2. **Embed once** -- ``littune embed``: the locked ImageNet EfficientNet-Lite0 runs over every image
    one time; training reads those features from the cache instead of running the tower on the images.
-3. **Train** ``Lu`` -- ``littune train``: a text transformer from scratch, from the cache.
+   ``littune dedup`` lists training images that nearly duplicate an evaluation image; training skips them.
+3. **Train** ``Lu`` -- ``littune train``: one text transformer from scratch for every language, from
+   the cache; each step reads one caption per image, English with probability :data:`LANGUAGE_SHARE`.
 4. **Evaluate** -- zero-shot classification (prompt ensemble) of the held-out designs, the held-out
    concepts and both at once, and text<->image retrieval on their captions, next to two baselines:
    chance, and an image-only prototype classifier (the mean locked image features of each concept's
-   training designs, nearest prototype), the ceiling a locked tower allows for concepts seen in training.
+   training designs, nearest prototype), the ceiling a locked tower allows for concepts seen in
+   training; retrieval on the Openclipart test drawings; and the same held-out images asked about in
+   each language (:mod:`littune.eval.languages`).
 
-Prints the results table and writes it (``results.md``, ``results.json``) with the run directory
-(model, plots, metrics) under ``out/quickstart`` (``out/quickstart-quick`` with ``QUICK=1``: 200
-concepts and fewer steps, a few minutes). Everything is reused on a second run. The data, caches,
-evaluation and baselines are :mod:`littune.benchmark`, which the study shares; this module adds the
-``Lu`` run and its table (:func:`run_quickstart`).
+Prints the tables and writes them (``results.md``, ``results.json``, ``languages.png``) with the run
+directory (model, plots, metrics) under ``out/quickstart`` (``out/quickstart-quick`` with ``QUICK=1``:
+200 emoji concepts, 600 drawings and fewer steps, a few minutes). Everything is reused on a second run.
+Evaluation and baselines are :mod:`littune.benchmark`, which the study shares; this module adds the
+``Lu`` run and its tables (:func:`run_quickstart`).
 
     python -m littune.quickstart [--quick] [--out DIR] [--steps N]
 """
@@ -121,7 +128,7 @@ def _header(paths: dict, steps: int, batch: int, image_tower, text_tower: dict, 
 
 
 def _evaluate_languages(paths: dict, run_dir: Path, out: Path) -> tuple[list[dict], str]:
-    """The per-language table of the trained model (and its plot in the run's plots)."""
+    """The per-language rows and table of the trained model; its plot goes to ``out/languages.png``."""
     from .eval.languages import language_plot, language_scores, language_table
     from .model import LiTModel
 
@@ -130,7 +137,7 @@ def _evaluate_languages(paths: dict, run_dir: Path, out: Path) -> tuple[list[dic
     fallback = {s: {lang: v["english_names"] for lang, v in c.get("languages", {}).items()}
                 for s, c in paths["manifest"]["counts"]["eval"].items()}
     rows = language_scores(model, paths["data"], caches, paths["languages"], fallback)
-    language_plot(rows, run_dir / "plots" / "languages.png")
+    language_plot(rows, out / "languages.png")
     return rows, language_table(rows)
 
 
@@ -166,29 +173,37 @@ def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = Non
         bench.say(f"train: {run_dir} is finished; reusing it (delete it to train again)")
     else:
         Trainer(cfg).run()
+    t_train = time.time() - t0 - t_data
+    return _report(out, paths, steps, batch, image_tower, text_tower, t0, {"data": t_data, "train": t_train})
+
+
+def _report(out: Path, paths: dict, steps: int, batch: int, image_tower, text_tower: dict, t0: float,
+            seconds: dict) -> dict:
+    """The tables of the finished run: ``results.md``, ``results.json`` (returned) and ``languages.png``."""
+    from .eval.languages import language_summary
+
+    run_dir = out / "run"
     metrics = json.loads((run_dir / "results.json").read_text())
     rows = results_rows(paths, metrics)
     lang_rows, lang_table = _evaluate_languages(paths, run_dir, out)
-    t_train = time.time() - t0 - t_data
     commit = bench.code_commit()
-    seconds = {"all": time.time() - t0, "data": t_data, "train": t_train}
-    from .eval.languages import language_summary
-
+    seconds = {**seconds, "all": time.time() - t0}
     header = _header(paths, steps, batch, image_tower, text_tower, commit, seconds, paths["duplicates"])
     clip = metrics.get("openclipart_test_retrieval", {})
     clip_line = (f"Openclipart test drawings (never trained on, {paths['clipart']['test_images']}): text→image R@1 "
                  f"{bench.fmt(clip.get('image_retrieval_recall@1'))}, R@5 {bench.fmt(clip.get('image_retrieval_recall@5'))}, "
                  f"image→text R@1 {bench.fmt(clip.get('text_retrieval_recall@1'))}.")
-    table = markdown_table(rows)
-    text = "\n\n".join([header, table, clip_line, "Per language (class names and captions in that language, bare-name prompt):",
-                         lang_table]) + "\n"
+    text = "\n\n".join([header, markdown_table(rows), clip_line,
+                         "Per language (class names and captions in that language, bare-name prompt):", lang_table]) + "\n"
     (out / "results.md").write_text(text, encoding="utf-8")
     result = {"header": header, "rows": rows, "openclipart_test": clip, "languages": lang_rows,
               "language_summary": language_summary(lang_rows), "duplicates_excluded": paths["duplicates"],
-              "language_share": share, "steps": steps, "batch": batch, "commit": commit, "seconds": time.time() - t0}
+              "language_share": paths["language_share"], "steps": steps, "batch": batch, "commit": commit,
+              "seconds": time.time() - t0}
     (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     print("\n" + text)
-    print(f"model: {run_dir / 'model'}   plots: {run_dir / 'plots'}   table: {out / 'results.md'}")
+    print(f"model: {run_dir / 'model'}   plots: {run_dir / 'plots'}   languages: {out / 'languages.png'}   "
+          f"table: {out / 'results.md'}")
     return result
 
 

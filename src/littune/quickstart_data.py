@@ -68,7 +68,11 @@ def dedup(train: Path, evals: list[Path], out: Path) -> tuple[Path, int]:
     from .dedup import near_duplicates, write_list
 
     found = near_duplicates(EmbeddingCache.open(train), [EmbeddingCache.open(e) for e in evals], DEDUP_THRESHOLD)
-    write_list(out, found)
+    fresh = write_list(out.with_name(out.name + ".new"), found)
+    if out.is_file() and out.read_bytes() == fresh.read_bytes():
+        fresh.unlink()  # the same list: keep the file (and its time stamp) of the earlier run
+    else:
+        fresh.replace(out)
     bench.say(f"dedup: littune dedup {train} --against {len(evals)} evaluation caches --threshold {DEDUP_THRESHOLD}: "
               f"{len(found)} training images are near duplicates of evaluation images; training excludes them")
     return out, len(found)
