@@ -21,7 +21,7 @@ from conftest import CAPTIONS, TINY_TEXT
 from PIL import Image
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 
 from littune import LiTConfig, LiTModel  # noqa: E402
 from littune.cli import main  # noqa: E402
@@ -184,8 +184,6 @@ class _Classifier(torch.nn.Module):
 def _classifier_onnx(path: Path, batch: str | None = "b") -> tuple[Path, str]:
     """The classifier as ``path`` (input ``input``, batch axis dynamic unless ``batch`` is None) and the
     name of its inner layer-norm output."""
-    import onnx
-
     torch.manual_seed(0)
     axes = {"input": {0: batch}} if batch else None
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices
@@ -212,6 +210,8 @@ def test_an_onnx_tower_on_an_inner_output_joins_the_head_in_image_onnx_matching_
     assert main(["export", "--format", "onnx", "--out", str(out), str(_saved(model, tmp_path))]) == 0
     record = json.loads((out / "littune_onnx.json").read_text())
     assert record["image_skipped"] is None and record["image"]["input"] == "pixels"
+    domains = [o.domain for o in onnx.load(str(out / "image.onnx")).opset_import]
+    assert len(domains) == len(set(domains))  # one opset per domain, as onnx.checker expects
     images = _images(tmp_path)
     args = {"dir": str(out), "images": images, "texts": TEXTS[:3], "out": str(tmp_path / "got.npz")}
     assert "ran without torch" in _python(NO_TORCH, json.dumps(args))

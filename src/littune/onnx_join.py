@@ -80,5 +80,8 @@ def joined_image_graph(model) -> bytes:
     if tower.input_name != "pixels":
         _renamed_io(joined.graph, tower.input_name, "pixels", output=False)
     _renamed_io(joined.graph, f"{PREFIX}image_embeddings", "image_embeddings", output=True)
+    opsets = {o.domain: o.version for o in joined.opset_import}  # merge_models lists a shared domain twice
+    del joined.opset_import[:]
+    joined.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in opsets.items())
     onnx.checker.check_model(joined)
     return joined.SerializeToString()
