@@ -30,16 +30,16 @@ from .base import ImageTower, _pool
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
 
 
-def import_timm():
-    """The ``timm`` module, or an ImportError that says how to get one that imports here.
+def import_timm(what: str = "timm:") -> object:
+    """The ``timm`` module, or a one-line ImportError (naming ``what``) that says how to get one that imports.
 
     ``import timm`` imports torchvision, which fails with a RuntimeError (not an ImportError) where
     its compiled operators do not match the installed torch: that is an ImportError here too."""
     try:
         import timm
     except Exception as e:  # noqa: BLE001 - torchvision's operator registration raises RuntimeError
-        raise ImportError("timm: towers need `pip install 'littune[timm]'` (timm, and a torchvision that "
-                          f"imports beside this torch): import timm failed with {first_line(e)}") from None
+        raise ImportError(f"{what} needs `pip install 'littune[timm]'` (timm, and a torchvision that imports "
+                          f"beside this torch): import timm failed with {first_line(e)}") from None
     return timm
 
 
@@ -80,7 +80,7 @@ class TimmTower(ImageTower):
 
     def __init__(self, name: str, pool: str | None = None, pretrained: bool = True):
         super().__init__()
-        timm = import_timm()
+        timm = import_timm(timm_tower_name(name, pool))
         local = name.startswith(("hf-hub:", "hf_hub:", "local-dir:"))  # sources timm resolves itself
         if not local and not timm.is_model(name):
             raise _unknown(timm, name)
