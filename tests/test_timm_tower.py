@@ -8,9 +8,11 @@ exist`` (littune's :func:`~littune.towers.timm_tower.import_timm` turns it into 
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,49 @@ def test_timm_pretrained_offline_not_cached_is_one_line_naming_name_and_hf_hub_o
     assert "\n" not in msg and msg.startswith("timm:test_vit:") and "HF_HUB_OFFLINE=1" in msg
 
 
+class _NoSuchRepo(http.server.BaseHTTPRequestHandler):
+    """A hub endpoint that knows no repository (answers every request 404 at once)."""
+
+    def _404(self):
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _404
+
+    def log_message(self, *args):
+        pass
+
+
+def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    full.update(env, PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+
+
+def test_timm_pretrained_online_but_not_on_the_hub_is_one_line(tmp_path):
+    """HF_HUB_OFFLINE unset: timm asks the hub (here a local one that has nothing) and littune says so in a line."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchRepo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    code = """
+from littune.errors import LittuneError
+from littune.towers.image import build_image_tower
+try:
+    build_image_tower("timm:test_vit")
+except LittuneError as e:
+    print(e)
+"""
+    try:
+        out = _run(code, {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+                          "HF_HUB_ETAG_TIMEOUT": "2"})
+    finally:
+        server.shutdown()
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 1, (out.stdout, out.stderr[-2000:])
+    assert lines[0].startswith("timm:test_vit: the pre-trained weights could not be downloaded (HF_HUB_OFFLINE is not set)")
+
+
 def test_timm_pretrained_weights_come_offline_from_the_hugging_face_cache(tmp_path):
     """Weights where timm's own download puts them (the hub cache's layout) load offline, no network."""
     from safetensors.torch import save_file
@@ -140,7 +185,5 @@ with torch.no_grad():
     assert torch.allclose(tower(x), want, atol=1e-5), (tower(x) - want).abs().max()
 print("ok")
 """
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = _run(code, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
