@@ -156,7 +156,7 @@ except LittuneError as e:
         server.shutdown()
     lines = out.stdout.strip().splitlines()
     assert out.returncode == 0 and len(lines) == 1, (out.stdout, out.stderr[-2000:])
-    assert lines[0].startswith("timm:test_vit: the pre-trained weights could not be downloaded (HF_HUB_OFFLINE is not set)")
+    assert lines[0].startswith("timm:test_vit: cannot download the pre-trained weights (HF_HUB_OFFLINE is not set)")
 
 
 def test_timm_pretrained_weights_come_offline_from_the_hugging_face_cache(tmp_path):

@@ -12,13 +12,15 @@ Pre-trained weights come through timm's own download (the Hugging Face hub and i
 name timm does not know, weights that cannot be had (offline and not cached) and a pooling timm
 refuses are one-line :class:`~littune.errors.LittuneError` s. As for every tower the fingerprint is
 the name (with the pooling) + a hash of the state dict + the preprocessing; a saved model keeps the
-weights, so reloading it downloads nothing.
+weights, so reloading it downloads nothing (an ``hf-hub:`` name, which timm also takes, reads its
+configuration from the hub, or its cache, again).
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+from types import ModuleType
 
 import torch
 
@@ -30,7 +32,7 @@ from .base import ImageTower, _pool
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
 
 
-def import_timm(what: str = "timm:") -> object:
+def import_timm(what: str = "timm:") -> ModuleType:
     """The ``timm`` module, or a one-line ImportError (naming ``what``) that says how to get one that imports.
 
     ``import timm`` imports torchvision, which fails with a RuntimeError (not an ImportError) where
@@ -64,15 +66,15 @@ def _unknown(timm, name: str) -> LittuneError:
     return LittuneError(f"timm:{name} is not a timm model ({hint})")
 
 
-def _weights_error(name: str, error: OSError) -> LittuneError:
-    """One line for pre-trained weights that could not be had (offline and not cached, unreachable)."""
+def _hub_error(name: str, error: OSError, pretrained: bool) -> LittuneError:
+    """One line for what timm could not get from the hub (offline and not cached, unreachable, not there)."""
     from huggingface_hub import constants
 
+    what = "the pre-trained weights" if pretrained else "the model's configuration"
     if constants.HF_HUB_OFFLINE:
-        return LittuneError(f"timm:{name}: the pre-trained weights are not in the Hugging Face cache and "
-                            "HF_HUB_OFFLINE=1 is set (unset it to download them)")
-    return LittuneError(f"timm:{name}: the pre-trained weights could not be downloaded "
-                        f"(HF_HUB_OFFLINE is not set): {first_line(error)}")
+        return LittuneError(f"timm:{name}: cannot get {what}: not in the Hugging Face cache, and "
+                            "HF_HUB_OFFLINE=1 is set (unset it to download)")
+    return LittuneError(f"timm:{name}: cannot download {what} (HF_HUB_OFFLINE is not set): {first_line(error)}")
 
 
 class TimmTower(ImageTower):
@@ -90,9 +92,7 @@ class TimmTower(ImageTower):
         try:
             self.net = timm.create_model(name, pretrained=pretrained, **kwargs)
         except OSError as e:  # the hub download: offline and not cached, unreachable, not found
-            if not pretrained:
-                raise
-            raise _weights_error(name, e) from None
+            raise _hub_error(name, e, pretrained) from None
         except (RuntimeError, AssertionError, TypeError, ValueError, KeyError) as e:
             raise LittuneError(f"{self.name}: timm could not build it ({first_line(e)})") from None
         self.preprocess = timm_preprocess(timm.data.resolve_model_data_config(self.net))
