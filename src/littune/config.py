@@ -28,7 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.image_head": ("linear", "identity"),  # identity needs the tower's dim == embed_dim
     "model.text_head": ("linear", "identity"),
     "model.loss": ("softmax", "sigmoid"),
-    "model.image_tower.type": ("efficientnet-lite", "hf", "onnx", "torch"),
+    "model.image_tower.type": ("efficientnet-lite", "hf", "onnx", "timm", "torch"),
     "model.text_tower.type": ("transformer", "hf"),
     "model.text_tower.tokenizer": ("bpe", "unigram"),
     "optim.name": ("adamw", "adam", "adafactor"),
