@@ -36,7 +36,7 @@ from .errors import ConfigError, LittuneError, StaleCacheError
 from .losses import ContrastiveLoss
 from .model import LiTModel
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
-from .optim import build_optimizer, build_scheduler, held_groups
+from .optim import build_optimizer, build_scheduler, group_lrs, held_groups
 from .tower_settings import parse_setting
 from .towers.fingerprint import fingerprint_from_spec
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
@@ -276,20 +276,21 @@ class Trainer:
                 f"{latest_checkpoint(self.run_dir) or 'none'}. Lower optim.lr, raise schedule.warmup_steps or set "
                 "optim.clip_grad_norm")
         self.optimizer.step()
+        lrs = group_lrs(self.optimizer, step, cfg.optim.lr, cfg.schedule, cfg.steps) if monitor else {}
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._done = done = step + 1
         if monitor:
-            monitor.log(self._record(done, loss))
+            monitor.log(self._record(done, loss, lrs))
         if cfg.val.every and done % cfg.val.every == 0 and done < cfg.steps:
             self._validate(done, monitor)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             self._checkpoint(done)
 
-    def _record(self, done: int, loss: torch.Tensor) -> dict:
-        """The metrics line of a step; throughput every ``log_every`` steps and at the last."""
-        record = {"step": done, "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
-                  "temperature": self.model.logit_scale.exp().item()}
+    def _record(self, done: int, loss: torch.Tensor, lrs: dict) -> dict:
+        """The metrics line of a step: loss, the learning rates the step used (:func:`littune.optim.
+        group_lrs`), temperature; throughput every ``log_every`` steps and at the last."""
+        record = {"step": done, "loss": loss.item(), **lrs, "temperature": self.model.logit_scale.exp().item()}
         if self.model.logit_bias is not None:
             record["bias"] = self.model.logit_bias.item()
         t_last, pairs = self._clock
