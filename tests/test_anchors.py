@@ -132,6 +132,18 @@ def test_a_tower_without_a_head_is_a_one_line_error_naming_it(tmp_path):
     assert "\n" not in msg and "littune.towers.tiny:tiny_cnn" in msg and "classifier head" in msg
 
 
+def test_an_hf_folder_without_a_classifier_is_a_one_line_error_naming_it(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    from littune.towers.heads import read_head
+
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=48)).save_pretrained(tmp_path / "plain")
+    with pytest.raises(LittuneError) as e:
+        read_head(f"hf:{tmp_path / 'plain'}")
+    assert "plain" in str(e.value) and "no classifier" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("bad, words", [("{repeat: 0}", "data.anchors.repeat"), ("{placement: far}", "placement"),
                                         ("{repeats: 2}", "data.anchors.repeats"), ("2", "data.anchors")])
 def test_bad_anchor_settings_are_one_line_errors_naming_the_key(tmp_path, bad, words):
