@@ -126,6 +126,10 @@ class DataSection:
     #: a `littune dedup` list (TSV): its training images, matched by key, are never sampled (the
     #: cache path only); None: train on every captioned image
     exclude: str | None = None
+    #: the locked tower's own classifier rows as extra training rows captioned with their class names
+    #: (the cache path, a tower with a head: efficientnet-lite, a Hugging Face image-classification
+    #: folder): {repeat: 2, placement: row|confident|class-mean} (see littune.anchors); None: off
+    anchors: dict | None = None
 
 
 @dataclass
@@ -195,6 +199,12 @@ class TrainConfig:
         if self.data.exclude is not None and (self.data.on_the_fly or not locked):
             raise ConfigError("data.exclude: only training from the embedding cache (a locked image tower, "
                               "data.on_the_fly=false) can exclude images")
+        from .anchors import check_anchors
+
+        self.data.anchors = check_anchors(self.data.anchors)
+        if self.data.anchors is not None and (self.data.on_the_fly or not locked):
+            raise ConfigError("data.anchors: only training from the embedding cache (a locked image tower, "
+                              "data.on_the_fly=false) can mix in the tower's classes")
         _check_unlock(self)
         return self
 

@@ -77,6 +77,10 @@ class Trainer:
         """The cache (locked tower) or the source's records (the tower runs every step)."""
         if self.use_cache:
             self.cache = self._open_cache()
+            if self.cfg.data.anchors is not None:  # the tower's own classes, read from its weights file
+                from .anchors import cache_head
+
+                self.anchor_head = cache_head(self.cache)
             return
         if not self.cfg.data.source:
             raise ConfigError(f"data.source: setting {self.cfg.model.setting} runs the image tower every step and "
@@ -117,6 +121,8 @@ class Trainer:
     def _captions_for_tokenizer(self):
         if self.use_cache:
             yield from self.cache.iter_captions()  # read in chunks: nothing is held per image
+            for names in self.anchor_head.names if self.cfg.data.anchors is not None else ():
+                yield from names  # data.anchors: the class names are captions too
         else:
             for r in self.records:
                 yield from r.captions
@@ -172,13 +178,26 @@ class Trainer:
     def _batches(self, start: int):
         cfg = self.cfg
         if self.use_cache:
-            data = CacheBatches(self.cache, cfg.data.batch_size, self.rank, self.world, cfg.seed, cfg.data.exclude)
+            data = CacheBatches(self.cache, cfg.data.batch_size, self.rank, self.world, cfg.seed, cfg.data.exclude,
+                                extra=self._anchors())
             if cfg.data.exclude:
                 log_line(f"excluded {data.excluded:,} training images listed in {cfg.data.exclude}")
             return (data(s) for s in range(start, cfg.steps))
         ds = OnTheFlyBatches(self.records, self.model.preprocess, cfg.data.batch_size, self.rank, self.world,
                              cfg.seed, augment=cfg.data.augment)
         return iter(step_loader(ds, start, cfg.steps, cfg.data.workers))
+
+    def _anchors(self):
+        """``data.anchors``: the tower's classes as extra rows (littune.anchors), or None."""
+        if self.cfg.data.anchors is None:
+            return None
+        from .anchors import build_anchors, recovered
+
+        rows = build_anchors(self.cache, self.cfg.data.anchors, self.anchor_head, self.cfg.data.exclude)
+        log_line(f"anchors: {len(rows):,} classes of {rows.tower} placed by {rows.placement!r}, each "
+                 f"{rows.repeat}x an epoch; the head gives {recovered(self.anchor_head, rows.features(rows.trainable())):.1%} "
+                 "of them their own class")
+        return rows
 
     # -- one step --------------------------------------------------------------------------------
     def _autocast(self):
