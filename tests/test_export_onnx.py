@@ -11,6 +11,7 @@ import ast
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from conftest import CAPTIONS, TINY_TEXT
 from PIL import Image
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 
 from littune import LiTConfig, LiTModel  # noqa: E402
 from littune.cli import main  # noqa: E402
@@ -165,18 +166,75 @@ def test_overwrite_replaces_an_earlier_export(saved, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "onnx"]
 
 
-def test_an_onnx_image_tower_gives_the_text_side_only_and_says_why_and_a_sigmoid_model_its_bias(tiny_model, tmp_path, capsys):
-    from littune.export import export_onnx_model
-    from littune.runtime import export_onnx
+class _Classifier(torch.nn.Module):
+    """A tiny ViT-like classifier exported as users have one: its layer-normed tokens are the feature layer."""
 
-    tower_file = export_onnx(tiny_model("Lu").image_tower, tmp_path / "tower")
-    spec = {"type": "onnx", "path": str(tower_file), "preprocess": {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}}
-    config = LiTConfig(setting="Lu", image_tower=spec, text_tower=dict(TINY_TEXT), embed_dim=16, loss="sigmoid")
-    model = LiTModel.from_config(config, captions=CAPTIONS)
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 16, 8, stride=8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1))[:, 0])
+
+
+def _classifier_onnx(path: Path, batch: str | None = "b") -> tuple[Path, str]:
+    """The classifier as ``path`` (input ``input``, batch axis dynamic unless ``batch`` is None) and the
+    name of its inner layer-norm output."""
+    torch.manual_seed(0)
+    axes = {"input": {0: batch}} if batch else None
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Classifier().eval(), (torch.randn(2 if batch else 1, 3, 32, 32),), str(path),
+                          input_names=["input"], output_names=["logits"], dynamic_axes=axes, dynamo=False)
+    graph = onnx.load(str(path)).graph
+    return path, [o for node in graph.node if node.name.startswith("/norm/") for o in node.output][-1]
+
+
+def _onnx_tower_model(spec: dict, loss: str = "softmax"):
+    spec = {**spec, "preprocess": {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}}
+    config = LiTConfig(setting="Lu", image_tower=spec, text_tower=dict(TINY_TEXT), embed_dim=16, loss=loss)
+    torch.manual_seed(0)
+    return LiTModel.from_config(config, captions=CAPTIONS)
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_an_onnx_tower_on_an_inner_output_joins_the_head_in_image_onnx_matching_littune_without_torch(
+        pool, tmp_path, one_thread):
+    path, inner = _classifier_onnx(tmp_path / "classifier.onnx")
+    model = _onnx_tower_model({"type": "onnx", "path": str(path), "output": inner, "pooling": pool})
+    out = tmp_path / "onnx"
+    assert main(["export", "--format", "onnx", "--out", str(out), str(_saved(model, tmp_path))]) == 0
+    record = json.loads((out / "littune_onnx.json").read_text())
+    assert record["image_skipped"] is None and record["image"]["input"] == "pixels"
+    domains = [o.domain for o in onnx.load(str(out / "image.onnx")).opset_import]
+    assert len(domains) == len(set(domains))  # one opset per domain, as onnx.checker expects
+    images = _images(tmp_path)
+    args = {"dir": str(out), "images": images, "texts": TEXTS[:3], "out": str(tmp_path / "got.npz")}
+    assert "ran without torch" in _python(NO_TORCH, json.dumps(args))
+    got = np.load(tmp_path / "got.npz")
+    assert got["image"].shape == (len(images), 16)
+    assert np.abs(got["image"] - model.encode_images(images).numpy()).max() <= 1e-4
+    assert np.abs(got["text"] - model.encode_texts(TEXTS[:3]).numpy()).max() <= 1e-4
+
+
+def _saved(model, tmp_path: Path) -> Path:
+    model.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_an_onnx_tower_graph_fixed_at_batch_one_gives_the_text_side_only_and_says_why_and_a_sigmoid_model_its_bias(
+        tmp_path, capsys):
+    from littune.export import export_onnx_model
+
+    path, _ = _classifier_onnx(tmp_path / "fixed.onnx", batch=None)
+    model = _onnx_tower_model({"type": "onnx", "path": str(path)}, loss="sigmoid")
     record = export_onnx_model(model, tmp_path / "onnx")
     assert record["logit_bias"] == pytest.approx(float(model.logit_bias.detach()))
-    assert record["image"] is None and "ONNX graph" in record["image_skipped"]
+    assert record["image"] is None and "cannot export the image tower onnx:fixed.onnx" in record["image_skipped"]
     assert not (tmp_path / "onnx" / "image.onnx").exists() and (tmp_path / "onnx" / "text.onnx").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "text side only" in err[0]
-

@@ -242,3 +242,24 @@ def test_quickstart_reports_every_language_in_json_and_table(quickstart):
     assert saved["language_summary"]["en"]["lang"] == "en"
     assert (out / "languages.png").is_file()
     assert "openclipart_test_retrieval" in json.loads((out / "run" / "results.json").read_text())
+
+
+def test_delayed_unlocking_setting_holds_the_image_tower_for_half_the_steps_then_trains_it(prepared):
+    from littune.errors import LittuneError
+
+    root, paths, _ = prepared
+    towers = {"scratch": TINY_TEXT, "pretrained": TINY_TEXT}
+    cfg = load_config(overrides=study.setting_overrides("Lu-Uu", paths, root / "d", 20, 8, SPEC, text_towers=towers))
+    assert cfg.model.setting == "Uu" and cfg.data.cache is None
+    assert cfg.optim.unlock == {"image": {"after": 10, "ramp": 2}} and cfg.optim.lr_mults["image"] == 0.1
+    row = study.run_setting("Lu-Uu", paths, root / "study", 4, 8, SPEC, progress=False, text_towers=towers,
+                            embed_dim=16)
+    assert row["setting"] == "Lu-Uu" and set(row["metrics"]) >= {"heldout_designs", "heldout_designs_retrieval"}
+    run = root / "study" / "runs" / "Lu-Uu"
+    log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr_image"] > 0 for r in log] == [False, False, True, True]  # held for 2 of 4 steps
+    assert all(r["lr_text"] > 0 for r in log)
+    assert "**Lu-Uu** |" in study.markdown([row], {"chance": {}})
+    with pytest.raises(LittuneError, match="invalid tower setting 'Lu>U'.*also runs Lu-Uu") as e:
+        study.study_setting("Lu>U")
+    assert "\n" not in str(e.value)

@@ -230,3 +230,39 @@ def test_a_model_on_an_inner_onnx_output_saves_and_reloads_with_the_same_fingerp
     assert again.image_fingerprint == model.image_fingerprint == again.image_tower.fingerprint()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(again.image_tower(x), model.image_tower(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def _timm_expected() -> str:
+    """What ``timm:`` + an unknown name says: the close names where timm imports, how to get it where not."""
+    try:
+        from littune.towers.timm_tower import import_timm
+
+        import_timm()
+    except ImportError:
+        return "needs `pip install 'littune[timm]'`"
+    return "is not a timm model (close names: test_vit"
+
+
+@pytest.mark.parametrize("case", ["hub id offline", "timm name", "onnx output"])
+def test_a_bad_tower_is_one_line_from_littune_embed_and_the_cache_there_is_untouched(case, token_onnx, tmp_path,
+                                                                                      capsys):
+    from data_fixtures import write_csv
+
+    from littune.cli import main
+
+    _, path, _ = token_onnx
+    tower, expected = {
+        "hub id offline": ("hf:google/vit-base-patch16-224", "HF_HUB_OFFLINE=1"),
+        "timm name": ("timm:test_vti", _timm_expected()),
+        "onnx output": (f"onnx:{path}#output=/norm/NoSuchNode_output_0", "has no output '/norm/NoSuchNode_output_0'"),
+    }[case]
+    source = write_csv(tmp_path / "data", n=2)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "mine.txt").write_text("keep me")
+    assert main(["embed", str(source), "--out", str(cache), "--tower", tower, "--workers", "0", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("littune embed: error: ") and expected in err[0], err
+    assert Path(tower.split("#")[0]).name in err[0]  # the message names what was asked for
+    assert [p.name for p in cache.iterdir()] == ["mine.txt"] and (cache / "mine.txt").read_text() == "keep me"

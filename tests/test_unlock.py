@@ -116,3 +116,32 @@ def test_bad_unlock_configuration_is_a_one_line_error_naming_the_key(overrides, 
     with pytest.raises(ConfigError, match=message) as e:
         load_config(overrides=[*overrides, "data.cache=x"])
     assert "\n" not in str(e.value)
+
+
+def test_metrics_log_each_parts_lr_and_a_held_image_tower_reads_zero_there(tmp_path):
+    import json
+
+    from littune.optim import schedule_factor
+    from littune.plots import lr_series
+    from littune.trainer import Trainer
+
+    src = make_source(tmp_path / "data", per_class=2)
+    cfg = _cfg(tmp_path, *UU, f"data.source={src}", "steps=6", "optim.lr_mults={image: 0.1}",
+               "optim.unlock={image: {after: 3, ramp: 2}}", "schedule.warmup_steps=2", "schedule.decay=linear")
+    Trainer(cfg).run()
+    log = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sched = [3e-3 * schedule_factor(s, 6, 2, "linear") for s in range(6)]  # the rate each step trained at
+    assert [r["lr"] for r in log] == pytest.approx(sched)  # the schedule's, not the (held) first group's
+    assert [r["lr_text"] for r in log] == pytest.approx(sched)
+    assert [r["lr_head"] for r in log] == pytest.approx(sched)
+    assert [r["lr_image"] for r in log] == pytest.approx([0.1 * f * u for f, u in zip(sched, [0, 0, 0, 0.5, 1, 1])])
+    assert set(lr_series(log)) == {"lr", "lr_image", "lr_text", "lr_head"}
+    assert lr_series([{"step": 1, "loss": 1.0, "lr": 0.5}]) == {"lr": [(1, 0.5)]}  # an older log plots as before
+
+
+def test_a_locked_part_has_no_lr_entry(tiny_model):
+    from littune.optim import group_lrs
+
+    opt = build_optimizer(tiny_model("Lu"), OptimSection(lr=1e-3, lr_mults={"text": 0.5}))
+    got = group_lrs(opt, 0, 1e-3, ScheduleSection(warmup_steps=0, decay="constant"), 10)
+    assert got == pytest.approx({"lr": 1e-3, "lr_text": 5e-4, "lr_head": 1e-3})

@@ -61,11 +61,14 @@ class CacheBatches:
     Nothing here grows with the cache: rows and captions are read from it step by step (the only
     per-image array is the epoch's permutation). ``exclude`` names a ``littune dedup`` list (or None):
     the images it lists, matched by key, are never sampled; ``excluded`` counts the captioned rows it
-    removed. With nothing excluded the batches are exactly those without the option.
-    ``language_share``: the caption sampling rule of :mod:`littune.language_sampling` (``{}``: uniform).
+    removed. With nothing excluded the batches are exactly those without the option. ``extra`` (or
+    None): rows to mix in beside the cache's (:class:`~littune.cache.mix.MixedRows`, each listed
+    ``extra.repeat`` times per epoch), e.g. the tower's own classes (``data.anchors``); None: the
+    batches are exactly those without it. ``language_share``: the caption sampling rule of
+    :mod:`littune.language_sampling` (``{}``: uniform).
     """
 
-    def __init__(self, cache, global_batch: int, rank: int, world: int, seed: int, exclude=None,
+    def __init__(self, cache, global_batch: int, rank: int, world: int, seed: int, exclude=None, extra=None,
                  language_share: dict | None = None):
         self.cache, self.language_share = cache, language_share or {}
         rows = cache.trainable()  # images with a caption; None below: all of them (no index array kept)
@@ -80,6 +83,11 @@ class CacheBatches:
                                f"{' and is not excluded' if self.excluded else ''}: nothing to train on "
                                "(see its skipped.tsv)")
         self.rows = None if len(rows) == len(cache) else rows
+        if extra is not None:  # data.anchors: more rows beside the cache's, listed extra.repeat times
+            from .cache.mix import MixedRows
+
+            self.cache = MixedRows([(cache, self.rows, 1), (extra, None, extra.repeat)])
+            self.rows, rows = None, self.cache.trainable()
         self.plan = StepPlan(len(rows), global_batch, rank, world, seed)
 
     def __call__(self, step: int) -> dict:

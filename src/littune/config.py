@@ -29,7 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.image_head": ("linear", "identity"),  # identity needs the tower's dim == embed_dim
     "model.text_head": ("linear", "identity"),
     "model.loss": ("softmax", "sigmoid"),
-    "model.image_tower.type": ("efficientnet-lite", "hf", "onnx", "torch"),
+    "model.image_tower.type": ("efficientnet-lite", "hf", "onnx", "timm", "torch"),
     "model.text_tower.type": ("transformer", "hf"),
     "model.text_tower.tokenizer": ("bpe", "unigram"),
     "optim.name": ("adamw", "adam", "adafactor"),
@@ -130,6 +130,10 @@ class DataSection:
     #: each named language's share of an image's caption draws, e.g. {en: 0.5}; the rest is split
     #: evenly among the image's other languages (see littune.language_sampling); {}: uniform over captions
     language_share: dict = field(default_factory=dict)
+    #: the locked tower's own classifier rows as extra training rows captioned with their class names
+    #: (the cache path, a tower with a head: efficientnet-lite, a Hugging Face image-classification
+    #: folder): {repeat: 2, placement: row|confident|class-mean} (see littune.anchors); None: off
+    anchors: dict | None = None
 
 
 @dataclass
@@ -199,6 +203,12 @@ class TrainConfig:
         if self.data.exclude is not None and (self.data.on_the_fly or not locked):
             raise ConfigError("data.exclude: only training from the embedding cache (a locked image tower, "
                               "data.on_the_fly=false) can exclude images")
+        from .anchors import check_anchors
+
+        self.data.anchors = check_anchors(self.data.anchors)
+        if self.data.anchors is not None and (self.data.on_the_fly or not locked):
+            raise ConfigError("data.anchors: only training from the embedding cache (a locked image tower, "
+                              "data.on_the_fly=false) can mix in the tower's classes")
         _check_unlock(self)
         self.data.language_share = check_share(self.data.language_share)
         return self

@@ -5,8 +5,9 @@
 * ``text.onnx`` -- ``input_ids`` and ``attention_mask`` (int64, ``(batch, sequence)``, both axes
   dynamic) to ``text_embeddings`` ``(batch, D)``: the text tower, the text head, L2 normalisation;
 * ``image.onnx`` -- ``pixels`` (float32 ``(batch, 3, S, S)``, the batch axis dynamic) to
-  ``image_embeddings`` ``(batch, D)``: the image tower, the image head, L2 normalisation. A tower
-  that does not export (an ``onnx:`` tower, an operator the exporter lacks) leaves the text side
+  ``image_embeddings`` ``(batch, D)``: the image tower, the image head, L2 normalisation (an
+  ``onnx:`` tower's own graph joined to the head, :mod:`littune.onnx_join`). A tower that does not
+  export (an operator the exporter lacks, a graph that disagrees with littune) leaves the text side
   only; one line and ``image_skipped`` in the JSON say why;
 * ``tokenizer.json`` -- the text tower's Hugging Face ``tokenizers`` tokenizer, with littune's
   truncation (at the context length) and padding (to the batch's longest text) built in, so
@@ -18,8 +19,8 @@
   fingerprints.
 
 Each graph is exported as :mod:`littune.runtime` exports locked towers (``torch.onnx.export``, the
-TorchScript exporter, its warnings silenced) and compared with torch right after, on inputs of two
-batch sizes (and, for text, two sequence lengths); an export that disagrees is refused. The folder
+TorchScript exporter, its warnings silenced) and compared with littune's own embeddings right after
+(torch; an ``onnx:`` tower through its onnxruntime session), on inputs of two batch sizes (and, for text, two sequence lengths); an export that disagrees is refused. The folder
 is written beside ``out`` under a temporary name and renamed into place, so a failed export leaves
 nothing; a folder that exists already is an error unless ``overwrite`` (which replaces only an
 earlier export, or an empty folder).
@@ -100,8 +101,14 @@ def _export_checked(module: nn.Module, path: Path, feeds: list[dict], output: st
     """Export ``module`` to ``path`` and check it on ``feeds``; returns the largest difference.
 
     ``module`` must be in eval mode: the exporter gives it back in the mode it found it, children too."""
+    return _checked(module, path, feeds, what,
+                    lambda: _export(module, tuple(feeds[0].values()), path, list(feeds[0]), output, axes))
+
+
+def _checked(module: nn.Module, path: Path, feeds: list[dict], what: str, write) -> float:
+    """``write()`` the graph of ``module`` to ``path``, then check it on ``feeds`` (one line if either fails)."""
     try:
-        _export(module, tuple(feeds[0].values()), path, list(feeds[0]), output, axes)
+        write()
         err = _max_diff(module, path, feeds)
     except Exception as e:  # the exporter's errors are many and long: keep the first line
         raise LittuneError(f"cannot export the {what} to ONNX ({first_line(e)})") from None
@@ -123,18 +130,20 @@ def export_text(model, path: Path) -> float:
 
 
 def export_image(model, path: Path) -> float:
-    """``image.onnx``: the image tower, head and normalisation; checked at batch sizes 2 and 3."""
+    """``image.onnx``: the image tower, head and normalisation; checked at batch sizes 2 and 3.
+
+    An ``onnx:`` tower's own graph is joined to the rest (:mod:`littune.onnx_join`)."""
+    from .onnx_join import joined_image_graph
     from .towers.onnx import ONNXTower
 
-    if isinstance(model.image_tower, ONNXTower):
-        raise LittuneError(f"the image tower {model.image_tower.name} is an ONNX graph already; "
-                           "littune does not join it to the head yet")
     size = model.preprocess.size
     gen = torch.Generator().manual_seed(0)
     feeds = [{"pixels": torch.randn(n, 3, size, size, generator=gen)} for n in (2, 3)]
+    module, what = _ImageGraph(model).eval(), f"image tower {model.image_tower.name}"
+    if isinstance(model.image_tower, ONNXTower):
+        return _checked(module, path, feeds, what, lambda: path.write_bytes(joined_image_graph(model)))
     axes = {"pixels": {0: "batch"}, "image_embeddings": {0: "batch"}}
-    return _export_checked(_ImageGraph(model).eval(), path, feeds, "image_embeddings", axes,
-                           f"image tower {model.image_tower.name}")
+    return _export_checked(module, path, feeds, "image_embeddings", axes, what)
 
 
 # -- the tokenizer and the record ----------------------------------------------------------------

@@ -12,7 +12,8 @@ N, ramp: R}}`` keeps a group at 0 for its first N steps, then ramps it linearly 
 gradient is computed, so the optimiser skips its parameters entirely (no update, no weight decay,
 no Adam moments: its moments start fresh when it unlocks, as a newly unlocked tower's would), and a
 held tower stays in eval mode (no BatchNorm statistic moves, no dropout). Every factor depends only
-on the step, so a resumed run is the uninterrupted one.
+on the step, so a resumed run is the uninterrupted one. The metrics log shows every part's rate
+(:func:`group_lrs`), so a held tower reads 0 there rather than hiding behind one number.
 """
 
 from __future__ import annotations
@@ -83,12 +84,19 @@ def group_part(name: str) -> str:
     return name.removesuffix("_no_decay")
 
 
+def _schedule(schedule_cfg, total_steps: int):
+    """``step -> schedule_factor(step)`` for the ``schedule`` section."""
+    def factor(step: int) -> float:
+        return schedule_factor(step, total_steps, schedule_cfg.warmup_steps, schedule_cfg.decay,
+                               schedule_cfg.min_lr_ratio)
+
+    return factor
+
+
 def build_scheduler(optimizer, schedule_cfg, total_steps: int, unlock: dict | None = None):
     """Each group's learning rate is its base times :func:`schedule_factor`, times
     :func:`unlock_factor` for a group named in ``unlock`` (``optim.unlock``, validated by the config)."""
-    def base(step: int) -> float:
-        return schedule_factor(step, total_steps, schedule_cfg.warmup_steps, schedule_cfg.decay,
-                               schedule_cfg.min_lr_ratio)
+    base = _schedule(schedule_cfg, total_steps)
 
     def for_group(group: dict):
         spec = (unlock or {}).get(group_part(group.get("name", "")))
@@ -97,3 +105,15 @@ def build_scheduler(optimizer, schedule_cfg, total_steps: int, unlock: dict | No
         return lambda step: base(step) * unlock_factor(step, **spec)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(g) for g in optimizer.param_groups])
+
+
+def group_lrs(optimizer, step: int, peak_lr: float, schedule_cfg, total_steps: int) -> dict[str, float]:
+    """The learning rates of ``step`` (0-based; read before the scheduler moves past it), for the
+    metrics log: ``lr`` is the schedule's, ``optim.lr * schedule_factor(step)`` before any group's
+    multiplier or unlock factor, and ``lr_<part>`` each trained part's own (``lr_image``, ``lr_text``,
+    ``lr_head``; a part's decay and no-decay groups share one rate). A locked part, which never
+    reaches the optimiser, has no entry; a held one reads 0."""
+    out = {"lr": peak_lr * _schedule(schedule_cfg, total_steps)(step)}
+    for g in optimizer.param_groups:
+        out.setdefault(f"lr_{group_part(g.get('name', ''))}", g["lr"])
+    return out

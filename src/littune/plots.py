@@ -10,6 +10,17 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
+def lr_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """``{name: [(step, lr), ...]}`` for the learning-rate panel: ``lr`` (the schedule's) and each
+    part's ``lr_image``, ``lr_text``, ``lr_head`` where the log has them (older logs hold ``lr`` only)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for k, v in r.items():
+            if k == "lr" or k.startswith("lr_"):
+                series.setdefault(k, []).append((r["step"], v))
+    return series
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write ``plots/training.png`` (and ``plots/validation.png`` when validated); returns the files."""
     try:
@@ -31,8 +42,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         axes[0].set(title="contrastive loss", xlabel="step")
         axes[1].plot(steps, [r["temperature"] for r in train])
         axes[1].set(title="temperature (1/τ)", xlabel="step")
-        axes[2].plot(steps, [r["lr"] for r in train])
-        axes[2].set(title="learning rate", xlabel="step")
+        lrs = lr_series(train)
+        for name, pts in lrs.items():
+            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], label=name,
+                         lw=2.0 if name == "lr" else 1.0, ls=":" if name == "lr" and len(lrs) > 1 else "-")
+        axes[2].set(title="learning rate (lr: the schedule's; lr_<part>: each part's)", xlabel="step")
+        if len(lrs) > 1:
+            axes[2].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "training.png", dpi=110)
         plt.close(fig)

@@ -149,14 +149,15 @@ def _locked(folder: Path):
         yield
 
 
-def onnx_bytes(module: torch.nn.Module, example: tuple, inputs: list[str], output: str, axes: dict) -> bytes:
+def onnx_bytes(module: torch.nn.Module, example: tuple, inputs: list[str], output: str, axes: dict,
+               opset: int = OPSET) -> bytes:
     """``module`` traced on ``example`` as ONNX bytes (``torch.onnx.export``, TorchScript exporter, opset
-    :data:`OPSET`), the exporter's chatter kept off the console."""
+    :data:`OPSET` unless told), the exporter's chatter kept off the console."""
     buf = io.BytesIO()
     with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, buf, input_names=inputs, output_names=[output],
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
     return buf.getvalue()
 
 

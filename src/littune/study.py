@@ -15,6 +15,11 @@ and ``LL`` (only the heads trained) weak. This module reruns that question on th
 * pre-trained unlocked towers train at 0.1x the learning rate (the paper's advice for fine-tuning);
   the heads and the from-scratch towers at 1x. Unlocked image towers see the same un-augmented pixels
   as the cache holds, so the data is the same for every setting.
+* ``Lu-Uu`` (:data:`DELAYED`) is the paper's other answer, unlocking the image tower later and slower:
+  ``Uu`` whose image tower is held locked for the first half of the steps (``Lu``: no gradient, eval
+  mode; it still runs on the pixels every step) and then ramps up over a warm-up's length of steps to
+  the same 0.1x multiplier (``optim.unlock``, :func:`unlock_schedule`). The name has no ``>`` so that
+  it can be typed unquoted in a shell.
 
 Writes ``study.md``, ``study.json`` and ``study.png`` (one plot) in the output folder; every setting's run
 (model, metrics, plots) lives in ``runs/<setting>`` and a finished setting is reused on a second run.
@@ -32,7 +37,30 @@ import numpy as np
 from . import benchmark as bench
 
 SETTINGS = ("Lu", "LU", "Uu", "UU", "uu", "LL")
+#: The study's delayed-unlocking settings: name -> the tower setting it ends in.
+DELAYED = {"Lu-Uu": "Uu"}
 MINILM = {"type": "hf", "path": "minilm", "pooling": "mean", "context_length": 32}
+
+
+def study_setting(name: str) -> str:
+    """The tower setting a study setting trains (``Lu-Uu`` -> ``Uu``; ``Lu`` -> ``Lu``); a clear error
+    for a name that is neither."""
+    from .errors import LittuneError
+    from .tower_settings import parse_setting
+
+    if name in DELAYED:
+        return DELAYED[name]
+    try:
+        parse_setting(name)
+    except ValueError as e:
+        raise LittuneError(f"{e}; the study also runs {', '.join(DELAYED)} (delayed unlocking)") from None
+    return name
+
+
+def unlock_schedule(steps: int) -> dict:
+    """``optim.unlock`` of a delayed setting: the image tower held for the first half of the steps, then
+    ramped to its multiplier over as many steps as the warm-up (``steps // 10``, at least 1)."""
+    return {"image": {"after": steps // 2, "ramp": max(1, steps // 10)}}
 
 
 def setting_overrides(setting: str, paths: dict, run_dir: Path, steps: int, batch: int, image_tower: dict,
@@ -42,12 +70,13 @@ def setting_overrides(setting: str, paths: dict, run_dir: Path, steps: int, batc
     ``text_towers``: ``{"scratch": spec, "pretrained": spec}`` (default: the quickstart's transformer
     and all-MiniLM-L6-v2).
     """
-    image_letter, text_letter = setting[0], setting[1]
+    trained = study_setting(setting)
+    image_letter, text_letter = trained[0], trained[1]
     towers = {"scratch": bench.TEXT_TOWER, "pretrained": MINILM, **(text_towers or {})}
     text = towers["pretrained"] if text_letter in "UL" else towers["scratch"]
     mults = {"image": 0.1 if image_letter == "U" else 1.0, "text": 0.1 if text_letter == "U" else 1.0}
     out = [
-        f"model.setting={setting}", f"model.image_tower={json.dumps(image_tower)}",
+        f"model.setting={trained}", f"model.image_tower={json.dumps(image_tower)}",
         f"model.text_tower={json.dumps(text)}", f"model.embed_dim={embed_dim}",
         f"data.source={paths['data'] / 'train.csv'}", f"run_dir={run_dir}", f"steps={steps}",
         f"data.batch_size={batch}", "optim.lr=1e-3", "optim.weight_decay=1e-4", f"optim.lr_mults={json.dumps(mults)}",
@@ -56,6 +85,8 @@ def setting_overrides(setting: str, paths: dict, run_dir: Path, steps: int, batc
     ]
     if image_letter == "L":
         out.append(f"data.cache={paths['train']}")
+    if setting in DELAYED:
+        out.append(f"optim.unlock={json.dumps(unlock_schedule(steps))}")
     return out
 
 
@@ -140,10 +171,8 @@ def plot(rows: list[dict], baselines: dict, path: Path) -> Path | None:
 def run_study(out: str | Path = "out/study", settings=SETTINGS, steps: int = 200, batch: int = 64,
               image_size: int = 128, quick: bool = False, progress: bool = True) -> dict:
     """Run every setting and write ``study.md``, ``study.json`` and ``study.png`` in ``out``."""
-    from .tower_settings import parse_setting
-
     for s in settings:
-        parse_setting(s)
+        study_setting(s)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     image_tower = {"type": "efficientnet-lite", "name": "efficientnet-lite0", "image_size": int(image_size)}
@@ -163,6 +192,10 @@ def run_study(out: str | Path = "out/study", settings=SETTINGS, steps: int = 200
               f"Zero-shot with the 'emoji' prompt ensemble; retrieval: any design of the caption's concept counts. "
               f"Each row names the littune commit that trained it; this table written at {bench.code_commit()}, "
               f"{time.time() - t0:.0f} s of training and evaluation in this call.")
+    for name in (s for s in settings if s in DELAYED):
+        u = unlock_schedule(steps)["image"]
+        header += (f" {name}: {DELAYED[name]} with its image tower held locked for the first {u['after']} steps, "
+                   f"then ramped over {u['ramp']} steps to the 0.1x multiplier.")
     table = markdown(rows, baselines)
     (out / "study.md").write_text(header + "\n\n" + table + "\n", encoding="utf-8")
     (out / "study.json").write_text(json.dumps({"header": header, "steps": steps, "batch": batch,

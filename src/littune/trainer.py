@@ -36,7 +36,7 @@ from .errors import ConfigError, LittuneError, StaleCacheError
 from .losses import ContrastiveLoss
 from .model import LiTModel
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
-from .optim import build_optimizer, build_scheduler, held_groups
+from .optim import build_optimizer, build_scheduler, group_lrs, held_groups
 from .tower_settings import parse_setting
 from .towers.fingerprint import fingerprint_from_spec
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
@@ -77,6 +77,10 @@ class Trainer:
         """The cache (locked tower) or the source's records (the tower runs every step)."""
         if self.use_cache:
             self.cache = self._open_cache()
+            if self.cfg.data.anchors is not None:  # the tower's own classes, read from its weights file
+                from .anchors import cache_head
+
+                self.anchor_head = cache_head(self.cache)
             return
         if not self.cfg.data.source:
             raise ConfigError(f"data.source: setting {self.cfg.model.setting} runs the image tower every step and "
@@ -117,6 +121,8 @@ class Trainer:
     def _captions_for_tokenizer(self):
         if self.use_cache:
             yield from self.cache.iter_captions()  # read in chunks: nothing is held per image
+            for names in self.anchor_head.names if self.cfg.data.anchors is not None else ():
+                yield from names  # data.anchors: the class names are captions too
         else:
             for r in self.records:
                 yield from r.captions
@@ -173,13 +179,25 @@ class Trainer:
         cfg = self.cfg
         if self.use_cache:
             data = CacheBatches(self.cache, cfg.data.batch_size, self.rank, self.world, cfg.seed, cfg.data.exclude,
-                                language_share=cfg.data.language_share)
+                                language_share=cfg.data.language_share, extra=self._anchors())
             if cfg.data.exclude:
                 log_line(f"excluded {data.excluded:,} training images listed in {cfg.data.exclude}")
             return (data(s) for s in range(start, cfg.steps))
         ds = OnTheFlyBatches(self.records, self.model.preprocess, cfg.data.batch_size, self.rank, self.world,
                              cfg.seed, augment=cfg.data.augment, language_share=cfg.data.language_share)
         return iter(step_loader(ds, start, cfg.steps, cfg.data.workers))
+
+    def _anchors(self):
+        """``data.anchors``: the tower's classes as extra rows (littune.anchors), or None."""
+        if self.cfg.data.anchors is None:
+            return None
+        from .anchors import build_anchors, recovered
+
+        rows = build_anchors(self.cache, self.cfg.data.anchors, self.anchor_head, self.cfg.data.exclude)
+        log_line(f"anchors: {len(rows):,} classes of {rows.tower} placed by {rows.placement!r}, each "
+                 f"{rows.repeat}x an epoch; the head gives {recovered(self.anchor_head, rows.features(rows.trainable())):.1%} "
+                 "of them their own class")
+        return rows
 
     # -- one step --------------------------------------------------------------------------------
     def _autocast(self):
@@ -277,20 +295,21 @@ class Trainer:
                 f"{latest_checkpoint(self.run_dir) or 'none'}. Lower optim.lr, raise schedule.warmup_steps or set "
                 "optim.clip_grad_norm")
         self.optimizer.step()
+        lrs = group_lrs(self.optimizer, step, cfg.optim.lr, cfg.schedule, cfg.steps) if monitor else {}
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._done = done = step + 1
         if monitor:
-            monitor.log(self._record(done, loss))
+            monitor.log(self._record(done, loss, lrs))
         if cfg.val.every and done % cfg.val.every == 0 and done < cfg.steps:
             self._validate(done, monitor)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             self._checkpoint(done)
 
-    def _record(self, done: int, loss: torch.Tensor) -> dict:
-        """The metrics line of a step; throughput every ``log_every`` steps and at the last."""
-        record = {"step": done, "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
-                  "temperature": self.model.logit_scale.exp().item()}
+    def _record(self, done: int, loss: torch.Tensor, lrs: dict) -> dict:
+        """The metrics line of a step: loss, the learning rates the step used (:func:`littune.optim.
+        group_lrs`), temperature; throughput every ``log_every`` steps and at the last."""
+        record = {"step": done, "loss": loss.item(), **lrs, "temperature": self.model.logit_scale.exp().item()}
         if self.model.logit_bias is not None:
             record["bias"] = self.model.logit_bias.item()
         t_last, pairs = self._clock

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", required=True, metavar="CACHE", help="the cache directory to write")
     p.add_argument("--tower", "-t", default="efficientnet-lite0",
                    help="image tower: efficientnet-lite0|1|2[@SIZE], hf:DIR or hf:HUB_ID[#cls|#mean|#pooler], "
-                        "onnx:FILE[#output=NAME&pool=cls|mean|none], torch:pkg.mod:factory, "
+                        "onnx:FILE[#output=NAME&pool=cls|mean|none], timm:NAME[#POOL] (littune[timm]), torch:pkg.mod:factory, "
                         "a JSON spec or a .json file holding one (default efficientnet-lite0)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="stored precision (default float16)")

@@ -4,8 +4,8 @@
 text embeddings), image.onnx (pixels to normalised image embeddings; left out, with the reason, if
 the image tower does not export), tokenizer.json (for the `tokenizers` package, truncation and
 padding built in) and littune_onnx.json (image preprocessing, temperature, logit bias, embedding
-size, context length, pad id, fingerprints). Both graphs are checked against torch as they are
-written.
+size, context length, pad id, fingerprints). An onnx: image tower's own graph is joined to the image
+head. Both graphs are checked against littune's own embeddings as they are written.
 
 --format web --index INDEX writes a search page that needs no server: the text side as above, the
 index's image embeddings (embeddings.f16), a thumbnail of each image, index.html + app.js and the

@@ -6,7 +6,9 @@ and evaluates each the same way: zero-shot top-1/top-5 on held-out designs, held
 both, and text<->image retrieval, next to chance and an image-only prototype ceiling. Writes one
 markdown table, its JSON and one plot. A finished setting is reused on a second run (delete its
 runs/<setting> folder to train it again). The unlocked image settings (Uu, UU, uu) run the image
-tower forward and backward on every step: on 2 CPU cores they take most of the time.
+tower forward and backward on every step: on 2 CPU cores they take most of the time. Lu-Uu, not run
+by default, is delayed, slow unlocking: the image tower held locked for the first half of the steps,
+then unlocked at the 0.1x multiplier of Uu.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ EXAMPLE = "littune study --out out/study --steps 200 --settings Lu,LU,Uu,UU,uu,L
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/study", help="output folder (default out/study)")
     p.add_argument("--settings", default="Lu,LU,Uu,UU,uu,LL",
-                   help="comma-separated tower settings (default Lu,LU,Uu,UU,uu,LL)")
+                   help="comma-separated tower settings (default Lu,LU,Uu,UU,uu,LL; also Lu-Uu: delayed unlocking)")
     p.add_argument("--steps", type=int, default=200, help="training steps for every setting (default 200)")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per step (default 64)")
     p.add_argument("--image-size", type=int, default=128,

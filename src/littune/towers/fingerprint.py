@@ -10,7 +10,8 @@ allocates the image model:
 * ``onnx`` -- the bytes of the ``.onnx`` file (and, in the name, the output read and its pooling).
 
 :func:`fingerprint_from_spec` returns None for the others, and the caller builds the tower to ask
-it: a ``torch`` factory tower's weights are whatever the factory returns, and a Hugging Face
+it: a ``torch`` factory tower's weights are whatever the factory returns, a ``timm`` tower's are
+what ``timm.create_model`` downloads (or initialises), and a Hugging Face
 model's state dict is what ``from_pretrained`` makes of the folder or hub id (transformers renames
 stored keys as it loads, and initialises weights the folder lacks). It returns None too where building
 would fail (a missing package or file), so that the build reports the error. The result equals the

