@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass (default 16 on a CPU, 64 on a GPU)")
     p.add_argument("--workers", type=int, default=None,
-                   help="decoding worker processes (default: one per two cores, at least 2; "
+                   help="decoding worker processes (default: one per two cores, at least 1, at most 6; "
                         "0 = decode in the main process)")
     p.add_argument("--lanes", type=int, default=None,
                    help="concurrent forward passes (default 2 on a CPU, 1 on a GPU)")
