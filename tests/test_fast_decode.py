@@ -72,6 +72,19 @@ def test_fast_decoding_never_drafts_below_the_resize_target():
         assert img.info[JPEG_INFO] == scale and min(img.size) >= fast.resize_to, (size, img.size)
 
 
+@pytest.mark.parametrize("mode, exif", [("L", None), ("CMYK", None), ("RGB", 6)])
+def test_fast_decoding_drafts_grey_cmyk_and_rotated_jpegs_to_upright_rgb(mode, exif):
+    """The mark survives the conversion to RGB (so reducing_gap applies), and EXIF rotation follows the draft."""
+    img, kw = Image.new(mode, (1200, 800)), {}
+    if exif:
+        ex = img.getexif()
+        ex[0x0112] = exif  # rotate 90 degrees: upright it is 800 x 1200
+        kw["exif"] = ex
+    out = load_image(encode(img, "JPEG", **kw), reduce_to=Preprocess(decode="fast").draft_to)
+    assert out.mode == "RGB" and out.info[JPEG_INFO] == 2
+    assert out.size == ((400, 600) if exif else (600, 400))
+
+
 def test_fast_decoding_leaves_png_pixels_bit_identical():
     img = Image.open(DATA / "coffee.jpg").convert("RGB").resize((1400, 1100))
     data = encode(img, "PNG")

@@ -15,7 +15,9 @@ and resizes in one filter pass. ``fast`` decodes a JPEG at the smallest DCT scal
 ``Image.draft``) that still covers the resize target (:attr:`Preprocess.draft_to`; the caller's decoder
 applies it, see :func:`littune.data.decode.load_image`), and resizes a JPEG with Pillow's
 ``reducing_gap`` (a cheap integer box reduction first, where the image is far larger than the target).
-Other formats are decoded and resized as with ``exact``. ``fast`` changes pixels slightly, so it
+The draft serves the eval view: where augmented views are cut from the same decoded image (a cache
+with ``views``, training on the fly), the JPEG is decoded whole, so the random crops keep their
+resolution and their draws. Other formats are decoded and resized as with ``exact``. ``fast`` changes pixels slightly, so it
 enters :meth:`Preprocess.key` (and the tower's fingerprint); ``exact`` keeps the old key.
 """
 
