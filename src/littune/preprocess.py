@@ -17,11 +17,11 @@ applies it, see :func:`littune.data.decode.load_image`), and resizes a JPEG with
 ``reducing_gap`` (a cheap integer box reduction first, where the image is far larger than the target),
 resampling only the part of it that the centre crop keeps (the same geometry; about half the work
 on a 4:3 photo; the filter's weights are computed from other offsets, so a pixel may differ by a
-level or two).
-The draft serves the eval view: where augmented views are cut from the same decoded image (a cache
-with ``views``, training on the fly), the JPEG is decoded whole, so the random crops keep their
-resolution and their draws. Other formats are decoded and resized as with ``exact``. ``fast`` changes pixels slightly, so it
-enters :meth:`Preprocess.key` (and the tower's fingerprint); ``exact`` keeps the old key.
+level or two). The draft serves the eval view: where augmented views are cut from the same decoded
+image (a cache with ``views``, training on the fly), the JPEG is decoded whole, so the random crops
+keep their resolution and their draws. Other formats are decoded and resized as with ``exact``.
+``fast`` changes pixels slightly, so it enters :meth:`Preprocess.key` (and the tower's fingerprint);
+``exact`` keeps the old key.
 """
 
 from __future__ import annotations
