@@ -210,10 +210,11 @@ def rounds(args, tower, fast, source, pixels, workers: int, lanes: int, threads:
                 res["chosen"] = name
             res.setdefault(f"bare {name}", []).append(bare_forward(runner, pixels, args.batch_size, lanes, threads))
             runner.close()
+            speed = (workers, lanes, threads)
             line.append(f"{rt}->{name}: bare {res[f'bare {name}'][-1]:.1f}, "
-                        f"pipeline {pipeline(args, tower, source, rt, name, res, (workers, lanes, threads)):.1f}")
-            if rt == "auto":
-                line.append(f"fast-decode pipeline {pipeline(args, fast, source, rt, name, res, (workers, lanes, threads)):.1f}")
+                        f"pipeline {pipeline(args, tower, source, rt, name, res, speed):.1f}")
+            if rt == "auto":  # the same runtime, with fast decoding
+                line.append(f"fast-decode pipeline {pipeline(args, fast, source, rt, name, res, speed):.1f}")
             if rt == "auto" and name == "torch":  # nothing faster here: one torch measurement is enough
                 break
         print(f"  round {r + 1}: " + " | ".join(line) + " images/s", file=sys.stderr)
