@@ -112,6 +112,17 @@ def test_a_fast_spec_changes_the_tower_fingerprint_and_rebuilds_from_its_own_spe
         build_image_tower({**spec, "decode": "quick"})
 
 
+def test_a_training_config_names_the_decoding_of_its_tower_and_a_bad_one_is_one_line():
+    from littune.config import CHOICES, LiTConfig
+    from littune.errors import ConfigError
+    from littune.preprocess import DECODES
+
+    assert CHOICES["model.image_tower.decode"] == DECODES
+    LiTConfig(image_tower={"type": "efficientnet-lite", "name": "efficientnet-lite0", "decode": "fast"}).validate()
+    with pytest.raises(ConfigError, match=r"^model.image_tower.decode: 'quick' is not one of exact, fast$"):
+        LiTConfig(image_tower={"type": "efficientnet-lite", "name": "efficientnet-lite0", "decode": "quick"}).validate()
+
+
 def test_embed_fast_decode_writes_a_cache_keyed_as_fast_with_close_features(tmp_path, one_thread):
     """The CLI flag: the manifest's fingerprint and preprocess say fast; features stay close to exact."""
     src = tmp_path / "data"
@@ -152,3 +163,25 @@ def test_fast_efficientnet_fingerprint_from_spec_equals_the_built_towers_and_fea
         f = fast(torch.stack([fast.preprocess.eval(load_image(d, reduce_to=fast.preprocess.draft_to)) for d in data]))
     cos = torch.nn.functional.cosine_similarity(a, f, dim=-1)
     assert bool((cos > 0.998).all()), cos  # measured 0.9997 and 0.9993
+
+
+def test_training_takes_a_fast_cache_only_from_a_config_whose_tower_says_fast(tmp_path, one_thread):
+    """The fingerprint keeps caches apart: the default tower refuses a fast cache (stale, one message);
+    the same tower with decode fast trains from it, and the saved model decodes fast too."""
+    from test_trainer import TINY, make_source
+
+    from littune import load
+    from littune.config import load_config
+    from littune.errors import StaleCacheError
+    from littune.trainer import Trainer
+
+    src, cache = make_source(tmp_path / "data", per_class=1), tmp_path / "cache"
+    assert main(["embed", str(src), "--out", str(cache), "--tower", tiny_tower_arg(), "--workers", "0", "-q",
+                 "--fast-decode"]) == 0
+    fast_tower = TINY[0][:-1] + ", decode: fast}"
+    common = [f"data.cache={cache}", "steps=2", "data.batch_size=8"]
+    with pytest.raises(StaleCacheError, match="image tower fingerprint"):
+        Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'exact'}", *common])).run()
+    out = Trainer(load_config(overrides=TINY + [fast_tower, f"run_dir={tmp_path / 'fast'}", *common])).run()
+    model = load(out)
+    assert model.preprocess.decode == "fast" and model.image_fingerprint == EmbeddingCache.open(cache).tower_fingerprint
