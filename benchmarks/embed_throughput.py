@@ -2,9 +2,10 @@
 
 Makes ``--images`` real image files (random crops and resizes of ``tests/data/chelsea.jpg`` and
 ``coffee.jpg``, shorter side 200-640 px by default, 3/4 JPEG and 1/4 PNG) in a temporary folder with a CSV of
-captions. It prints what one image costs to decode and to resize/crop (one core, milliseconds), then
-times, in interleaved rounds (``--repeat``; the best round of each counts, so a busy neighbour on a
-shared machine hurts all alike):
+captions. It prints what one image costs to decode and to resize/crop, with exact and with fast decoding
+(CPU time of one thread, milliseconds: a busy neighbour slows the clock, not this), then times, in
+interleaved rounds (``--repeat``; the best round of each counts, so a busy neighbour on a shared
+machine hurts all alike):
 
 * the **bare forward** of each runtime: the tower on ready, preprocessed tensors in batches of
   ``--batch-size`` on the pipeline's forward lanes and threads -- no file reading, decoding or
@@ -12,11 +13,14 @@ shared machine hurts all alike):
 * the **pipeline** on each runtime: :func:`littune.cache.embed_source` over the CSV, from opening the
   files to the finished cache on disk (decoding in worker processes overlapped with the forward,
   shard writes, checksums, manifest), with ``runtime="auto"`` (onnxruntime on a CPU, torch with
-  autocast and channels_last on CUDA) and with ``runtime="torch"``.
+  autocast and channels_last on CUDA) and with ``runtime="torch"``, and a third time on the chosen
+  runtime with fast decoding (``littune embed --fast-decode``: JPEG draft + reducing_gap), the same files.
+  Each pipeline's CPU time per image (this process and its decoding workers) is printed too.
 
 It ends with ``result:`` lines: ``embed_speedup_vs_torch_eager`` (pipeline on the chosen runtime /
 pipeline with ``--runtime torch``; target >= 2.5 on a CPU) and ``embed_pipeline_vs_bare`` (pipeline /
-the chosen runtime's bare forward; target >= 0.85). Run from the repository root:
+the chosen runtime's bare forward; target >= 0.85), then the same two with the fast-decoding pipeline
+in the numerator (``..._fast_decode``; the denominators are the same). Run from the repository root:
 
     python benchmarks/embed_throughput.py                        # efficientnet-lite0, 512 images
     python benchmarks/embed_throughput.py --tower tiny --images 2000   # the decode-bound extreme
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -41,7 +46,7 @@ from littune.cache import _cores, default_batch_size, default_lanes, default_thr
 from littune.data.decode import load_image
 from littune.data.sources import open_source
 from littune.runtime import open_runner
-from littune.towers.image import build_image_tower
+from littune.towers.image import build_image_tower, parse_image_tower
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
@@ -96,16 +101,28 @@ def bare_forward(fwd, pixels: torch.Tensor, batch_size: int, lanes: int = 1, thr
 
 
 def decode_costs(records, preprocess, n: int = 100) -> tuple[float, float]:
-    """Milliseconds one core spends per image decoding it, and resizing + cropping it (uint8 out)."""
+    """CPU milliseconds one thread spends per image decoding it, and resizing + cropping it to uint8
+    (what a decoding worker does), with ``preprocess``'s decoding (exact or fast)."""
     records = records[:n]
-    t = time.perf_counter()
-    images = [load_image(r.path) for r in records]
-    t_decode = time.perf_counter() - t
-    t = time.perf_counter()
+    t = time.thread_time()
+    images = [load_image(r.path, reduce_to=preprocess.draft_to) for r in records]
+    t_decode = time.thread_time() - t
+    t = time.thread_time()
     for img in images:
-        preprocess.eval(img)
-    t_resize = time.perf_counter() - t
+        preprocess.eval_uint8(img)
+    t_resize = time.thread_time() - t
     return 1000 * t_decode / len(records), 1000 * t_resize / len(records)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its finished children (the decoding workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def fast_decoding(tower):
+    """The same tower with ``decode="fast"`` (what ``littune embed --fast-decode`` builds)."""
+    return build_image_tower({**parse_image_tower(tower.spec), "decode": "fast"}).eval()
 
 
 def main(argv=None) -> int:
@@ -142,31 +159,45 @@ def main(argv=None) -> int:
             print(f"made {args.images} images in {time.perf_counter() - t:.1f}s under {work}", file=sys.stderr)
         source = open_source(csv_path)
         records = source.records()
-        ms_decode, ms_resize = decode_costs(records, tower.preprocess)
+        fast = fast_decoding(tower)
+        open_runner(fast, "auto", threads=threads, quiet=True).close()  # its own fingerprint: export it untimed
+        costs = {"exact": decode_costs(records, tower.preprocess), "fast": decode_costs(records, fast.preprocess)}
         pixels = torch.stack([tower.preprocess.eval(load_image(r.path)) for r in records])
-        res = rounds(args, tower, source, pixels, workers, lanes, threads)
+        res = rounds(args, tower, fast, source, pixels, workers, lanes, threads)
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
-    best = {k: max(v) for k, v in res.items()}
-    chosen = res["chosen"]
-    per = 1 + args.views  # with K views the pipeline runs 1 + K forwards per image: compare per forward
-    print(f"tower {tower.name}, {args.images} images (JPEG+PNG, {args.short_side} px), batch {args.batch_size}, "
-          f"{_cores()} cores, {workers} decoding worker(s), {lanes} lane(s) x {threads} thread(s), "
-          f"best of {args.repeat} rounds")
-    print(f"one core per image: decode {ms_decode:.2f} ms, resize + crop + normalise {ms_resize:.2f} ms")
-    print(f"bare forward, torch eager plain loop ({default_torch_threads} threads): {best['eager']:7.1f} images/s")
-    for rt in ("torch", chosen):
-        print(f"bare forward, runtime {rt:<12}                 : {best['bare ' + rt]:7.1f} images/s")
-        print(f"embed pipeline, runtime {rt:<12}               : {best['pipe ' + rt]:7.1f} images/s")
-    speedup = best[f"pipe {chosen}"] / best["pipe torch"]
-    ratio = best[f"pipe {chosen}"] * per / best[f"bare {chosen}"]
-    print(f"result: embed_speedup_vs_torch_eager = {speedup:.2f}")
-    print(f"result: embed_pipeline_vs_bare = {ratio:.3f}")
+    report(args, tower, res, costs, (workers, lanes, threads), default_torch_threads)
     return 0
 
 
-def rounds(args, tower, source, pixels, workers: int, lanes: int, threads: int) -> dict:
+def report(args, tower, res: dict, costs: dict, speed: tuple, default_torch_threads: int) -> None:
+    """The table, then the ``result:`` lines (best round of each measurement)."""
+    best = {k: max(v) for k, v in res.items() if k != "chosen"}
+    cpu = {k[4:]: min(v) for k, v in res.items() if k.startswith("cpu ")}
+    chosen = res["chosen"]
+    per = 1 + args.views  # with K views the pipeline runs 1 + K forwards per image: compare per forward
+    print(f"tower {tower.name}, {args.images} images (JPEG+PNG, {args.short_side} px), batch {args.batch_size}, "
+          f"{_cores()} cores, {speed[0]} decoding worker(s), {speed[1]} lane(s) x {speed[2]} thread(s), "
+          f"best of {args.repeat} rounds")
+    for how, (ms_decode, ms_resize) in costs.items():
+        print(f"one core per image, {how} decoding: decode {ms_decode:.2f} ms + resize + crop {ms_resize:.2f} ms "
+              f"= {ms_decode + ms_resize:.2f} ms (CPU time)")
+    print(f"bare forward, torch eager plain loop ({default_torch_threads} threads): {best['eager']:7.1f} images/s")
+    for rt in ("torch", chosen, f"{chosen} fast-decode"):
+        if rt in cpu:  # the fast-decoding pipeline has no bare forward of its own: it is the chosen runtime's
+            if not rt.endswith("fast-decode"):
+                print(f"bare forward, runtime {rt:<24}     : {best['bare ' + rt]:7.1f} images/s")
+            print(f"embed pipeline, runtime {rt:<24}   : {best['pipe ' + rt]:7.1f} images/s, "
+                  f"{cpu[rt]:.2f} CPU ms per image")
+    pipe, pipe_fast, bare = best[f"pipe {chosen}"], best[f"pipe {chosen} fast-decode"], best[f"bare {chosen}"]
+    print(f"result: embed_speedup_vs_torch_eager = {pipe / best['pipe torch']:.2f}")
+    print(f"result: embed_pipeline_vs_bare = {pipe * per / bare:.3f}")
+    print(f"result: embed_speedup_vs_torch_eager_fast_decode = {pipe_fast / best['pipe torch']:.2f}")
+    print(f"result: embed_pipeline_vs_bare_fast_decode = {pipe_fast * per / bare:.3f}")
+
+
+def rounds(args, tower, fast, source, pixels, workers: int, lanes: int, threads: int) -> dict:
     """Interleaved rounds of every measurement; ``chosen`` is the runtime ``auto`` picks here."""
     res: dict = {"eager": []}
     for r in range(args.repeat):
@@ -179,18 +210,32 @@ def rounds(args, tower, source, pixels, workers: int, lanes: int, threads: int) 
                 res["chosen"] = name
             res.setdefault(f"bare {name}", []).append(bare_forward(runner, pixels, args.batch_size, lanes, threads))
             runner.close()
-            t = time.perf_counter()
-            cache = embed_source(source, tower, Path(tempfile.mkdtemp(prefix="littune-bench-cache-")),
-                                 dtype=args.dtype, views=args.views, batch_size=args.batch_size, workers=workers,
-                                 lanes=lanes, threads=threads, resume=False, progress=False, runtime=rt)
-            res.setdefault(f"pipe {name}", []).append(len(pixels) / (time.perf_counter() - t))
-            assert len(cache) == len(pixels) and cache.manifest["runtime"] == name, cache.manifest.get("runtime")
-            shutil.rmtree(cache.directory, ignore_errors=True)
-            line.append(f"{rt}->{name}: bare {res[f'bare {name}'][-1]:.1f}, pipeline {res[f'pipe {name}'][-1]:.1f}")
+            speed = (workers, lanes, threads)
+            line.append(f"{rt}->{name}: bare {res[f'bare {name}'][-1]:.1f}, "
+                        f"pipeline {pipeline(args, tower, source, rt, name, res, speed):.1f}")
+            if rt == "auto":  # the same runtime, with fast decoding
+                line.append(f"fast-decode pipeline {pipeline(args, fast, source, rt, name, res, speed):.1f}")
             if rt == "auto" and name == "torch":  # nothing faster here: one torch measurement is enough
                 break
         print(f"  round {r + 1}: " + " | ".join(line) + " images/s", file=sys.stderr)
     return res
+
+
+def pipeline(args, tower, source, rt: str, name: str, res: dict, speed: tuple) -> float:
+    """One whole ``embed_source`` run into a fresh folder; records images/s and CPU ms per image in ``res``."""
+    n = len(source.records())
+    key = name + (" fast-decode" if tower.preprocess.decode == "fast" else "")
+    workers, lanes, threads = speed
+    t, c = time.perf_counter(), cpu_seconds()
+    cache = embed_source(source, tower, Path(tempfile.mkdtemp(prefix="littune-bench-cache-")),
+                         dtype=args.dtype, views=args.views, batch_size=args.batch_size, workers=workers,
+                         lanes=lanes, threads=threads, resume=False, progress=False, runtime=rt)
+    res.setdefault(f"pipe {key}", []).append(n / (time.perf_counter() - t))
+    res.setdefault(f"cpu {key}", []).append(1000 * (cpu_seconds() - c) / n)
+    assert len(cache) == n and cache.manifest["runtime"] == name, cache.manifest.get("runtime")
+    assert cache.manifest["preprocess"]["decode"] == tower.preprocess.decode
+    shutil.rmtree(cache.directory, ignore_errors=True)
+    return res[f"pipe {key}"][-1]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from littune.preprocess import Preprocess
 
 # one other value for every field: each changes the pixels a tower sees
 OTHER = {"size": 96, "resize": 300, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-         "interpolation": "bilinear", "crop_scale": (0.5, 1.0), "crop_ratio": (0.9, 1.1)}
+         "interpolation": "bilinear", "crop_scale": (0.5, 1.0), "crop_ratio": (0.9, 1.1), "decode": "fast"}
 
 
 def test_key_is_stable_for_equal_specs():

@@ -127,7 +127,7 @@ class OnTheFlyBatches(torch.utils.data.Dataset):
         for k in range(len(self.records)):
             rec = self.records[(i + k) % len(self.records)]
             try:
-                img = rec.open()
+                img = rec.open(reduce_to=None if self.augment else self.preprocess.draft_to)
             except BadImage as e:
                 self.skipped.append(f"{rec.key}\t{e}")
                 continue

@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.text_head": ("linear", "identity"),
     "model.loss": ("softmax", "sigmoid"),
     "model.image_tower.type": ("efficientnet-lite", "hf", "onnx", "timm", "torch"),
+    "model.image_tower.decode": ("exact", "fast"),  # littune.preprocess.DECODES
     "model.text_tower.type": ("transformer", "hf"),
     "model.text_tower.tokenizer": ("bpe", "unigram"),
     "optim.name": ("adamw", "adam", "adafactor"),
@@ -92,6 +93,8 @@ class LiTConfig:
         except ValueError as e:
             raise ConfigError(f"model.image_tower: {e}") from None
         check_choice("model.image_tower.type", image.get("type"))
+        if "decode" in image:
+            check_choice("model.image_tower.decode", image["decode"])
         if not isinstance(self.text_tower, dict):
             raise ConfigError(f"model.text_tower: expected a mapping, got {self.text_tower!r}")
         kind = self.text_tower.get("type", "transformer")

@@ -88,8 +88,9 @@ def describe(item: Any) -> str:
     return f"<{type(item).__name__}>"
 
 
-def load_rgb(item: ImageLike):
-    """An RGB Pillow image from a path, a Pillow image or a :class:`Record`.
+def load_rgb(item: ImageLike, reduce_to: int | None = None):
+    """An RGB Pillow image from a path, a Pillow image or a :class:`Record`; ``reduce_to``: a JPEG
+    file may be draft-decoded down to this shorter side (:attr:`Preprocess.draft_to`).
 
     Raises :class:`littune.data.decode.BadImage` when the image cannot be decoded.
     """
@@ -100,9 +101,9 @@ def load_rgb(item: ImageLike):
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if isinstance(item, (str, Path)):
-        return load_image(item)
+        return load_image(item, reduce_to=reduce_to)
     if hasattr(item, "open") and hasattr(item, "key"):
-        return item.open()
+        return item.open(reduce_to=reduce_to)
     raise TypeError(f"cannot read an image from {type(item).__name__}; give a path, a PIL image or a Record")
 
 
@@ -137,7 +138,7 @@ def _decoded_batches(items: list, preprocess, batch_size: int, workers: int | No
         from .data.decode import BadImage
 
         try:
-            return preprocess.eval(load_rgb(items[i])), None
+            return preprocess.eval(load_rgb(items[i], preprocess.draft_to)), None
         except BadImage as e:
             return None, e.reason + (f": {e.detail}" if e.detail else "")
 

@@ -9,6 +9,19 @@ Each transform also comes in two halves, so that data-loader workers can ship 4x
 :meth:`Preprocess.eval_uint8` / :meth:`Preprocess.train_uint8` give the resized, cropped pixels as
 uint8 ``(3, S, S)``, and :meth:`Preprocess.normalize` turns a stacked batch of them into exactly what
 ``eval`` / ``train`` return (bit-identical on CPU; the tests check every byte value per channel).
+
+``decode`` says how exactly a JPEG is decoded and shrunk. ``exact`` (the default) decodes every pixel
+and resizes in one filter pass. ``fast`` decodes a JPEG at the smallest DCT scale (1/2, 1/4 or 1/8,
+``Image.draft``) that still covers the resize target (:attr:`Preprocess.draft_to`; the caller's decoder
+applies it, see :func:`littune.data.decode.load_image`), and resizes a JPEG with Pillow's
+``reducing_gap`` (a cheap integer box reduction first, where the image is far larger than the target),
+resampling only the part of it that the centre crop keeps (the same geometry; about half the work
+on a 4:3 photo; the filter's weights are computed from other offsets, so a pixel may differ by a
+level or two). The draft serves the eval view: where augmented views are cut from the same decoded
+image (a cache with ``views``, training on the fly), the JPEG is decoded whole, so the random crops
+keep their resolution and their draws. Other formats are decoded and resized as with ``exact``.
+``fast`` changes pixels slightly, so it enters :meth:`Preprocess.key` (and the tower's fingerprint);
+``exact`` keeps the old key.
 """
 
 from __future__ import annotations
@@ -21,6 +34,11 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 from PIL import Image
+
+#: how images are decoded and shrunk (see the module doc); the first is the default
+DECODES = ("exact", "fast")
+#: Pillow's ``reducing_gap`` in ``fast`` decoding of a JPEG (3.0: "indistinguishable from fair resampling")
+REDUCING_GAP = 3.0
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -42,10 +60,13 @@ class Preprocess:
     # Training augmentation (Inception crop): area and aspect-ratio ranges.
     crop_scale: tuple[float, float] = field(default=(0.08, 1.0))
     crop_ratio: tuple[float, float] = field(default=(3 / 4, 4 / 3))
+    decode: str = "exact"  # "fast": JPEG draft decoding and reducing_gap (module doc)
 
     def __post_init__(self):
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"unknown interpolation {self.interpolation!r}; use one of {sorted(_RESAMPLE)}")
+        if self.decode not in DECODES:
+            raise ValueError(f"unknown decode {self.decode!r}; use one of {', '.join(DECODES)}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         object.__setattr__(self, "crop_scale", tuple(float(s) for s in self.crop_scale))
@@ -54,6 +75,12 @@ class Preprocess:
     @property
     def resize_to(self) -> int:
         return self.resize if self.resize else int(math.floor(self.size / 0.875))
+
+    @property
+    def draft_to(self) -> int | None:
+        """With ``decode="fast"``: the shorter side a JPEG may be draft-decoded down to (``resize_to``),
+        for the eval view; None with ``exact``."""
+        return self.resize_to if self.decode == "fast" else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,17 +145,25 @@ class Preprocess:
         w, h = img.size
         scale = self.resize_to / min(w, h)
         nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        img = img.resize((nw, nh), _RESAMPLE[self.interpolation])
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        gap = self._gap(img)
+        if gap:  # fast, a JPEG: resample only the part of the image the centre crop keeps
+            box = (left * w / nw, top * h / nh, (left + self.size) * w / nw, (top + self.size) * h / nh)
+            return img.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box, reducing_gap=gap)
+        img = img.resize((nw, nh), _RESAMPLE[self.interpolation])
         return img.crop((left, top, left + self.size, top + self.size))
 
     def _train_image(self, img: Image.Image, rng) -> Image.Image:
         img = img.convert("RGB") if img.mode != "RGB" else img
         box = self._crop_box(*img.size, rng)
-        img = img.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box)
+        img = img.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box, reducing_gap=self._gap(img))
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return img
+
+    def _gap(self, img: Image.Image) -> float | None:
+        """Pillow's ``reducing_gap`` for ``img``: :data:`REDUCING_GAP` for a JPEG in ``fast`` decoding."""
+        return REDUCING_GAP if self.decode == "fast" and _from_jpeg(img) else None
 
     def _crop_box(self, w: int, h: int, rng) -> tuple[int, int, int, int]:
         """The Inception crop: area in ``crop_scale``, log-uniform aspect in ``crop_ratio``, 10 tries."""
@@ -157,6 +192,14 @@ class Preprocess:
 #: the fields :meth:`Preprocess.key` spelled from the start, and every field's default
 _FIRST_KEY_FIELDS = ("size", "resize", "mean", "std", "interpolation")
 _DEFAULTS = Preprocess().to_dict()
+
+
+def _from_jpeg(img: Image.Image) -> bool:
+    """Was ``img`` decoded from a JPEG? (:func:`littune.data.decode.load_image` marks the images it
+    decodes from one; a Pillow image opened directly says so in its ``format``.)"""
+    from .data.decode import JPEG_INFO
+
+    return JPEG_INFO in img.info or img.format == "JPEG"
 
 
 def _chw_uint8(img: Image.Image) -> torch.Tensor:

@@ -27,20 +27,31 @@ CHUNK = 4
 
 
 def _cores() -> int:
+    """The cores this process may use: the CPUs it may run on, shared out among the local ranks of a
+    torchrun (``LOCAL_WORLD_SIZE``), at least 1."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // _env_int("LOCAL_WORLD_SIZE", 1))
+
+
+def _env_int(name: str, default: int) -> int:
+    """A positive integer environment variable, or ``default`` when it is unset or not one."""
+    text = os.environ.get(name, "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else default
 
 
 def default_workers() -> int:
-    """Decoding worker processes: one per two cores, at least 2 (1 on a single core), at most 6.
+    """Decoding worker processes: one per two cores, at least 1, at most 6 (so 1 on 2 cores).
 
-    Two workers on 2 cores fill the prefetch queue twice as fast at the start and whenever the
-    forward lanes leave a core idle; they sleep once a batch of decoded images is waiting.
+    The locked tower's forward costs about as much core time per image as decoding and resizing it
+    or more (EfficientNet-Lite0 on onnxruntime ~12 ms; a 200-640 px photo ~11 ms exact, less with
+    fast decoding; a 256 px one ~3 ms), so decoding needs at most half the cores. On 2 cores the one
+    worker takes a core while the two single-threaded forward lanes take the other, and both cores
+    whenever the worker is ahead and sleeps (a batch of decoded images waiting).
     """
-    cores = _cores()
-    return 1 if cores < 2 else max(2, min(6, cores // 2))
+    return max(1, min(6, _cores() // 2))
 
 
 def default_batch_size(device: str | torch.device | None = None) -> int:
@@ -63,11 +74,12 @@ def default_lanes(device: str | torch.device | None = None) -> int:
 
 
 def default_threads(workers: int, lanes: int) -> int:
-    """torch intra-op threads per lane: the cores left after the decoding workers, shared by the lanes
-    (``OMP_NUM_THREADS``, e.g. set by torchrun, is respected)."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    return max(1, (_cores() - workers) // max(1, lanes))
+    """torch (and onnxruntime) intra-op threads per lane, so that lanes x threads + workers stays within
+    the cores (never less than one thread a lane): the cores left after the decoding workers, shared
+    by the lanes. ``OMP_NUM_THREADS`` (torchrun sets it) is the compute threads this process may use
+    in all, shared by the lanes likewise."""
+    budget = _env_int("OMP_NUM_THREADS", 0) or _cores() - workers
+    return max(1, budget // max(1, lanes))
 
 
 def augment_rng(seed: int, key: str, view: int) -> random.Random:
@@ -89,7 +101,8 @@ class _Decode(torch.utils.data.Dataset):
         i = self.order[j]
         rec = self.records[i]
         try:
-            img = rec.open(max_pixels=self.max_pixels)
+            # fast decoding drafts a JPEG for the eval view alone: augmented crops keep full resolution
+            img = rec.open(max_pixels=self.max_pixels, reduce_to=None if self.views else self.preprocess.draft_to)
             px = [self.preprocess.eval_uint8(img)]
             for v in range(self.views):
                 px.append(self.preprocess.train_uint8(img, augment_rng(self.seed, rec.key, v)))
@@ -119,6 +132,7 @@ def _unchunk(chunk: tuple[list, torch.Tensor | None]) -> list:
 
 
 def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # a worker is one core's worth of decoding (the DataLoader sets it too)
     close_inherited_locks()
     if WORKER_NICE:
         try:

@@ -43,7 +43,7 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
     ``workers`` decoding processes (0: decode in this process), ``batch_size`` images per forward
     pass, ``lanes`` concurrent forward passes of ``threads`` torch threads each (defaults:
     :func:`default_workers`, :func:`default_batch_size`, :func:`default_lanes`, :func:`default_threads`;
-    on 2 cores: 2 workers, batches of 16, 2 single-threaded lanes). Workers and lanes never change
+    on 2 cores: 1 worker, batches of 16, 2 single-threaded lanes). Workers and lanes never change
     the cache's bytes; the thread count can change the last bits of a float32 feature. ``runtime``
     (:mod:`littune.runtime`: ``auto``, ``torch`` or ``onnxruntime``) says what computes the features;
     it does not change the tower's fingerprint (the runtimes agree far inside float16 rounding) and

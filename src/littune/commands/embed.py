@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass (default 16 on a CPU, 64 on a GPU)")
     p.add_argument("--workers", type=int, default=None,
-                   help="decoding worker processes (default: one per two cores, at least 2; "
+                   help="decoding worker processes (default: one per two cores, at least 1, at most 6; "
                         "0 = decode in the main process)")
     p.add_argument("--lanes", type=int, default=None,
                    help="concurrent forward passes (default 2 on a CPU, 1 on a GPU)")
@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "to ONNX (once, kept in littune's cache folder), torch otherwise (channels_last; "
                         "float16 autocast on CUDA); recorded in the cache manifest, features agree within "
                         "float16 rounding")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="decode JPEGs at a reduced DCT scale (draft) and shrink them with reducing_gap: faster, "
+                        "pixels differ slightly, so the tower's fingerprint gets decode=fast (train with "
+                        "model.image_tower {..., \"decode\": \"fast\"}); other formats as without it")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="skip images with more pixels than this (default 89,478,485, Pillow's limit)")
     g = p.add_argument_group("source options")
@@ -96,7 +100,7 @@ def run(args) -> int:
     from ..data.decode import DEFAULT_MAX_PIXELS
     from ..data.sources import open_source
     from ..distributed import init_from_env
-    from ..towers.image import build_image_tower
+    from ..towers.image import build_image_tower, parse_image_tower
 
     options = {k: getattr(args, k) for k in ("image_column", "caption_column", "caption_sep", "delimiter",
                                              "image_root", "lang_column") if getattr(args, k)}
@@ -104,7 +108,10 @@ def run(args) -> int:
     source = open_source(spec, **options)
     rank, world, device = init_from_env(args.device)
     try:
-        tower = build_image_tower(_tower_spec(args.tower))
+        spec = _tower_spec(args.tower)
+        if args.fast_decode:
+            spec = {**parse_image_tower(spec), "decode": "fast"}
+        tower = build_image_tower(spec)
         cache = embed_source(
             source, tower, args.out, dtype=args.dtype, views=args.views, batch_size=args.batch_size,
             workers=args.workers, shard_size=args.shard_size, resume=args.resume, progress=not args.quiet,

@@ -12,11 +12,17 @@ count -- ``missing``, ``empty file``, ``not an image``, ``truncated``, ``too man
 ``corrupt`` or ``remote url`` -- and a ``detail`` for the human. The pixel limit (default
 Pillow's own 89,478,485, about 9459 x 9459) is checked from the header before any pixel is
 decoded, so a decompression bomb costs nothing.
+
+``reduce_to`` (the fast decoding of :class:`~littune.preprocess.Preprocess`, ``decode="fast"``) lets
+a JPEG be decoded at the smallest DCT scale, 1/2, 1/4 or 1/8 (``Image.draft``), whose shorter side
+is still at least ``reduce_to`` pixels: far fewer pixels decoded, slightly different ones. Other
+formats ignore it. Every image decoded from a JPEG carries ``info[JPEG_INFO]``, the DCT scale used.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import warnings
@@ -26,6 +32,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 89_478_485
+
+#: ``Image.info`` key of an image decoded from a JPEG: the DCT scale it was decoded at (1, 2, 4 or 8)
+JPEG_INFO = "littune_jpeg_scale"
 
 #: File extensions littune treats as images when it lists a folder or a tar shard.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -123,11 +132,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise BadImage("corrupt", f"cannot convert mode {mode} to RGB ({e})") from None
 
 
-def load_image(src: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def _draft(img: Image.Image, reduce_to: int | None) -> None:
+    """Decode the JPEG ``img`` at the smallest DCT scale whose shorter side stays >= ``reduce_to``
+    (None: full size), and say which in its ``info``."""
+    w, h = img.size
+    s = reduce_to / min(w, h) if reduce_to else 1.0
+    scale = 1
+    if s < 1:  # Pillow picks the largest of 1/8, 1/4, 1/2 keeping both sides >= the size asked for
+        img.draft("RGB", (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
+        scale = round(w / img.size[0])
+    img.info[JPEG_INFO] = scale
+
+
+def load_image(src: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               reduce_to: int | None = None) -> Image.Image:
     """Decode ``src`` (a path or encoded bytes) into an upright RGB image.
 
     Raises :class:`BadImage` for a missing or empty file, a file that is not an image, a truncated
     or corrupt one, or one with more than ``max_pixels`` pixels (``None``: Pillow's own limit only).
+    ``reduce_to``: a JPEG may be decoded at a DCT scale down to this shorter side (module doc).
     """
     data, name = _read(src)
     try:
@@ -137,6 +160,8 @@ def load_image(src: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIX
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise BadImage("too many pixels", f"{w}x{h} = {w * h:,} pixels > limit {max_pixels:,}", name)
+            if img.format == "JPEG":
+                _draft(img, reduce_to)
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to do
             return to_rgb(img)

@@ -27,7 +27,7 @@ import torch
 
 from ..hashing import hash_file, hash_state_dict, hash_text
 from ..preprocess import Preprocess
-from .image import EFFICIENTNET_LITE, parse_image_tower
+from .image import EFFICIENTNET_LITE, parse_image_tower, with_decode
 from .onnx import ONNX_POOLING, onnx_tower_name
 
 
@@ -61,7 +61,8 @@ def _efficientnet(spec: dict) -> str | None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     # The tower holds the network as ``net`` with its classifier replaced by an identity.
     state = {f"net.{k}": v for k, v in state.items() if not k.startswith("_fc.")}
-    return _format(name, hash_state_dict(state), Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    return _format(name, hash_state_dict(state),
+                   with_decode(Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)), spec))
 
 
 def _onnx(spec: dict) -> str | None:
@@ -71,4 +72,4 @@ def _onnx(spec: dict) -> str | None:
         return None
     output = int(output) if str(output).isdigit() else str(output)
     return _format(onnx_tower_name(path, output, pooling), hash_file(path),
-                   Preprocess.from_dict(spec.get("preprocess") or {}))
+                   with_decode(Preprocess.from_dict(spec.get("preprocess") or {}), spec))

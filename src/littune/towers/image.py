@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -288,8 +289,24 @@ def _parse_onnx(rest: str) -> dict:
 
 
 def build_image_tower(spec: str | dict, pretrained: bool = True, base_dir: Path | None = None) -> ImageTower:
-    """Build an image tower from a spec (dict or short string). ``pretrained=False``: random init."""
+    """Build an image tower from a spec (dict or short string). ``pretrained=False``: random init.
+
+    Any spec may say ``"decode": "fast"`` (:class:`~littune.preprocess.Preprocess`'s fast JPEG decoding;
+    it changes the tower's fingerprint); the tower's spec keeps it."""
     spec = parse_image_tower(spec)
+    tower = _build(spec, pretrained, base_dir)
+    if "decode" in spec:
+        tower.preprocess = with_decode(tower.preprocess, spec)
+        tower.spec = {**tower.spec, "decode": spec["decode"]}
+    return tower
+
+
+def with_decode(preprocess: Preprocess, spec: dict) -> Preprocess:
+    """``preprocess`` with the spec's ``decode``, if it names one (a bad name: ``ValueError``)."""
+    return replace(preprocess, decode=spec["decode"]) if "decode" in spec else preprocess
+
+
+def _build(spec: dict, pretrained: bool, base_dir: Path | None) -> ImageTower:
     kind = spec.get("type")
     if spec.get("relative") and base_dir is not None:
         spec = {**spec, "path": str(Path(base_dir) / spec["path"])}
