@@ -184,7 +184,8 @@ def run_tower_study(out: str | Path = "out/towers", towers=tuple(TOWERS), steps:
         metrics = train_tower(key, spec, paths, out, steps, batch, progress, commit)
         rows.append(tower_row(key, paths, speed, metrics, out))
     c = manifest["counts"]
-    header = (f"Image towers at equal steps{' (QUICK SUBSET: ' + str(bench.QUICK_CONCEPTS) + ' concepts)' if quick else ''}: "
+    subset = f" (QUICK SUBSET: {bench.QUICK_CONCEPTS} concepts)" if quick else ""
+    header = (f"Image towers at equal steps{subset}: "
               f"LiT `Lu`, {steps} steps of {batch} pairs, text transformer {bench.TEXT_TOWER['depth']}x"
               f"{bench.TEXT_TOWER['width']} from scratch, each image tower locked at its own input size; emoji "
               f"{c['train_images']} training images / {c['train_rows']} captions of {c['train_concepts']} concepts. "

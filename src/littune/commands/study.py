@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", default="Lu,LU,Uu,UU,uu,LL",
                    help="comma-separated tower settings (default Lu,LU,Uu,UU,uu,LL)")
     p.add_argument("--towers", default=None, metavar="LIST",
-                   help="compare locked image towers instead of settings: comma-separated from lite0,lite1,lite2,dinov2")
+                   help="compare locked image towers instead of settings: comma-separated, "
+                        "from lite0,lite1,lite2,dinov2")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps for every setting or tower (default 200; with --towers 400)")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 64; with --towers 256)")
