@@ -40,8 +40,10 @@ from . import benchmark as bench
 IMAGE_TOWER = "efficientnet-lite0"
 #: the text tower from scratch: the study's, with a vocabulary for 28 languages' scripts
 TEXT_TOWER = {**bench.TEXT_TOWER, "vocab_size": 16000, "context_length": 32}
-#: English's share of each image's caption draws; the rest is split among its other languages
-LANGUAGE_SHARE = {"en": 0.5}
+#: English's share of each image's caption draws; the rest is split among its other languages. At the
+#: main job's 400 steps, 0.9 keeps English within 0.02 top-1 of English alone (0.5 costs it 0.09; see
+#: the README's table of shares)
+LANGUAGE_SHARE = {"en": 0.9}
 
 
 # -- training and the table -----------------------------------------------------------------------

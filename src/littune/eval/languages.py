@@ -103,8 +103,9 @@ def language_table(rows: list[dict]) -> str:
 
 
 def language_summary(rows: list[dict]) -> dict:
-    """English's scores, the mean over the other languages, and the weakest language per column."""
-    others = [r for r in rows if r["lang"] != "en"]
+    """English's scores, the mean over the other languages, and the weakest language per column.
+    English variants (``en-gb``: mostly the English names) do not count as other languages."""
+    others = [r for r in rows if r["lang"] != "en" and not r["lang"].startswith("en-")]
     out = {"languages": len(rows), "en": next((r for r in rows if r["lang"] == "en"), None)}
     for col in COLUMNS:
         vals = [r[col] for r in others if r[col] is not None]
