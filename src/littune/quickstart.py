@@ -192,7 +192,8 @@ def _report(out: Path, paths: dict, steps: int, batch: int, image_tower, text_to
     seconds = {**seconds, "all": time.time() - t0}
     header = _header(paths, steps, batch, image_tower, text_tower, commit, seconds, paths["duplicates"])
     clip = metrics.get("openclipart_test_retrieval", {})
-    clip_line = (f"Openclipart test drawings (never trained on, {paths['clipart']['test_images']}): text→image R@1 "
+    clip_line = (f"Openclipart test drawings (never trained on; {paths['clipart']['retrieval_images']} with a caption no "
+                 f"other test drawing has): text→image R@1 "
                  f"{bench.fmt(clip.get('image_retrieval_recall@1'))}, R@5 {bench.fmt(clip.get('image_retrieval_recall@5'))}, "
                  f"image→text R@1 {bench.fmt(clip.get('text_retrieval_recall@1'))}.")
     text = "\n\n".join([header, markdown_table(rows), clip_line,

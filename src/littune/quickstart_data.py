@@ -113,4 +113,4 @@ def prepare_mix(out: Path, quick: bool, tower: str | dict = "efficientnet-lite0"
     return {"data": emoji_dir, "manifest": manifest, "train": caches / "train", "eval": evals, "source": mix,
             "exclude": exclude, "duplicates": n_dup, "languages": ["en", *manifest["langs"]],
             "clipart": {"data": clip_dir, "cache": caches / "openclipart_test", "train_images": clip_counts["train_images"],
-                        "test_images": clip_counts["test_images"]}}
+                        "test_images": clip_counts["test_images"], "retrieval_images": clip_counts["retrieval_test_rows"]}}
