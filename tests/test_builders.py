@@ -287,7 +287,7 @@ def test_emoji_build_layout_and_splits(emoji_build):
     assert len(held) == 6  # at least one per emoji group: 6 groups with concepts
     train = _rows(out / "train.csv")
     val = _rows(out / "val.csv")
-    assert train and val and set(train[0]) == {"image", "caption"}
+    assert train and val and set(train[0]) == {"image", "caption", "lang"}  # langs=["de"]: a language column
     for rows in (train, val):
         for r in rows:
             _, design, file = r["image"].split("/")
@@ -299,6 +299,8 @@ def test_emoji_build_layout_and_splits(emoji_build):
     apple_rows = [r["caption"] for r in train + val if r["image"].endswith("/red-apple.png")]
     if "red-apple" in train_concepts:
         assert "roter Apfel" in apple_rows and "a red apple" in apple_rows
+        langs = {r["caption"]: r["lang"] for r in train + val if r["image"].endswith("/red-apple.png")}
+        assert langs["roter Apfel"] == "de" and langs["a red apple"] == "en"
 
     # evaluation folders: class folders in sorted order = classnames.txt
     for split in ("heldout_designs", "heldout_concepts", "heldout_both"):
@@ -333,6 +335,25 @@ def test_emoji_build_layout_and_splits(emoji_build):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == m["counts"] and manifest["seed"] == 0
     assert manifest["designs"]["openmoji"]["license"] == "CC-BY-SA-4.0"
+
+
+def test_emoji_language_eval_files_name_the_same_classes_in_each_language(emoji_build, npm_dir):
+    out, m = emoji_build
+    concepts = {c.id: c for c in emoji.load_concepts(npm_dir / "emojibase-data", ["de"])}
+    for split in ("heldout_designs", "heldout_concepts"):
+        folder = out / "eval" / split
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        german = (folder / "classnames.de.txt").read_text(encoding="utf-8").splitlines()
+        assert len(german) == len(classes)
+        named = [cid for cid in classes if "de" in concepts[cid].translations]
+        for cid, name in zip(classes, german):
+            assert name == (concepts[cid].translations["de"][0] if cid in named else concepts[cid].name)
+        assert m["counts"]["eval"][split]["languages"]["de"]["english_names"] == len(classes) - len(named)
+        rows = _rows(out / "eval" / f"retrieval_{split}.de.csv")
+        assert bool(rows) == bool(named) and all((out / "eval" / r["image"]).is_file() for r in rows)
+        assert {r["image"].split("/")[1] for r in rows} == set(named)  # only concepts with German captions
+        english = {c.casefold() for cid in classes for c in emoji.caption_variants([concepts[cid]])[cid]}
+        assert not {r["caption"].casefold() for r in rows} & english
 
 
 def test_emoji_no_heldout_caption_is_trained_on(emoji_build, npm_dir):

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("resvg_py")
 
 from conftest import TINY_TEXT  # noqa: E402
-from test_builders import DESIGNS, SIZE, _fake_npm  # noqa: E402
+from test_builders import DESIGNS, SIZE, _fake_npm, _fake_openclipart  # noqa: E402
 
 from littune import benchmark as bench  # noqa: E402
 from littune import quickstart as qs  # noqa: E402
@@ -45,12 +45,17 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def quickstart(prepared):
     """One tiny quickstart run through :func:`run_quickstart` (the function behind `make quickstart`)."""
-    root, paths, opts = prepared
+    root, _, opts = prepared
+    opts = {**opts, "clipart": {"source": _fake_openclipart(root / "clipart"), "size": SIZE, "workers": 1,
+                                "fractions": (0.6, 0.2, 0.2)}}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         result = qs.run_quickstart(root / "out", steps=STEPS, batch=8, image_tower=SPEC, text_tower=TINY_TEXT,
                                    embed_dim=16, progress=False, **opts)
+        from littune.quickstart_data import prepare_mix
+
+        paths = prepare_mix(root / "out", False, tower=SPEC, progress=False, **opts)  # reused: what it trained on
     finally:
         torch.set_num_threads(threads)
     return root / "out", paths, result, opts
@@ -155,7 +160,7 @@ def test_quickstart_and_study_evaluation_give_the_trainers_numbers(quickstart):
     validated = json.loads((out / "run" / "results.json").read_text())
     model = LiTModel.from_pretrained(out / "run" / "model")
     again = bench.evaluate(model, paths, locked=True)  # what the study reports for every setting
-    assert set(again) == set(validated)
+    assert set(again) == set(validated) - {"openclipart_test_retrieval"}  # the study evaluates the emoji splits
     for split in paths["eval"]:
         assert again[split]["acc1"] == pytest.approx(validated[split]["acc1"])
         for k, v in validated[f"{split}_retrieval"].items():
@@ -203,6 +208,40 @@ def test_study_settings_train_the_right_towers(prepared, quickstart):
         [row], {"chance": {s: 0.0005 for s in paths["eval"]}, "image-only prototype (seen concepts)": {}})
     assert f"**Uu** | {row['commit']} |" in table and "| chance |" in table
     assert "| 0.0005 |" in table  # chance with 1,914 classes must not print as 0.001
+
+
+def test_quickstart_trains_on_both_sources_in_every_language_without_duplicates(quickstart):
+    import csv
+
+    from littune.dedup import read_keys
+
+    out, paths, result, _ = quickstart
+    with open(paths["source"], newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["image"].split("/")[0] for r in rows} == {paths["data"].name, paths["clipart"]["data"].name}
+    assert {r["lang"] for r in rows} == {"en", "de", ""}  # emoji in both languages, Openclipart untagged
+    train = EmbeddingCache.open(paths["train"])
+    assert train.languages == ["", "de", "en"] and len(train) == len({r["image"] for r in rows})
+    cfg = load_config(out / "run" / "config.yaml")
+    assert cfg.data.language_share == qs.LANGUAGE_SHARE and cfg.data.exclude == str(paths["exclude"])
+    assert result["duplicates_excluded"] == paths["duplicates"] == len(read_keys(paths["exclude"]))
+    assert f"{paths['duplicates']} near-duplicates of evaluation images excluded" in result["header"]
+
+
+def test_quickstart_reports_every_language_in_json_and_table(quickstart):
+    out, paths, result, _ = quickstart
+    saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert [r["lang"] for r in saved["languages"]] == paths["languages"] == ["en", "de"]
+    for r in saved["languages"]:
+        for k in ("heldout_designs_acc1", "heldout_concepts_acc1"):
+            assert 0 <= r[k] <= 1 and r[k.replace("acc1", "chance")] > 0
+    md = (out / "results.md").read_text(encoding="utf-8")
+    for r in saved["languages"]:
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {r['lang']} |"))
+        assert line.split("|")[2].strip() == f"{r['heldout_designs_acc1']:.3f}"
+    assert saved["language_summary"]["en"]["lang"] == "en"
+    assert (out / "languages.png").is_file()
+    assert "openclipart_test_retrieval" in json.loads((out / "run" / "results.json").read_text())
 
 
 def test_delayed_unlocking_setting_holds_the_image_tower_for_half_the_steps_then_trains_it(prepared):

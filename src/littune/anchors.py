@@ -148,8 +148,9 @@ class AnchorRows:
     def captions(self, i: int) -> list[str]:
         return list(self.names[int(i)])
 
-    def sample_captions(self, indices, choice) -> list[str]:
-        """Name ``choice[k] % count`` of class ``indices[k]`` (a class's names and synonyms: uniformly)."""
+    def sample_captions(self, indices, choice, language_share=None) -> list[str]:
+        """Name ``choice[k] % count`` of class ``indices[k]`` (a class's names and synonyms, all English:
+        uniformly, whatever ``language_share`` says)."""
         return [self.names[i][r % len(self.names[i])] for i, r in
                 zip(np.asarray(indices, dtype=np.int64).tolist(), np.asarray(choice, dtype=np.int64).tolist())]
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import LittuneError
+from .language_sampling import pick_caption
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -63,11 +64,13 @@ class CacheBatches:
     removed. With nothing excluded the batches are exactly those without the option. ``extra`` (or
     None): rows to mix in beside the cache's (:class:`~littune.cache.mix.MixedRows`, each listed
     ``extra.repeat`` times per epoch), e.g. the tower's own classes (``data.anchors``); None: the
-    batches are exactly those without it.
+    batches are exactly those without it. ``language_share``: the caption sampling rule of
+    :mod:`littune.language_sampling` (``{}``: uniform).
     """
 
-    def __init__(self, cache, global_batch: int, rank: int, world: int, seed: int, exclude=None, extra=None):
-        self.cache = cache
+    def __init__(self, cache, global_batch: int, rank: int, world: int, seed: int, exclude=None, extra=None,
+                 language_share: dict | None = None):
+        self.cache, self.language_share = cache, language_share or {}
         rows = cache.trainable()  # images with a caption; None below: all of them (no index array kept)
         self.excluded = 0
         if exclude is not None:
@@ -90,7 +93,7 @@ class CacheBatches:
     def __call__(self, step: int) -> dict:
         rows, rand = self.plan.local(step)
         rows = rows if self.rows is None else self.rows[rows]
-        captions = self.cache.sample_captions(rows, rand)
+        captions = self.cache.sample_captions(rows, rand, self.language_share)
         view = None
         if getattr(self.cache, "views", 0):
             view = (rand >> 20) % self.cache.views
@@ -107,11 +110,12 @@ class OnTheFlyBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, records, preprocess, global_batch: int, rank: int, world: int, seed: int,
-                 augment: bool = True):
+                 augment: bool = True, language_share: dict | None = None):
         self.records = [r for r in records if r.captions]  # an image without a caption is never trained on
         if not self.records:
             raise LittuneError(f"none of the {len(records)} images has a caption: nothing to train on")
         self.preprocess, self.augment, self.seed = preprocess, augment, seed
+        self.language_share = language_share or {}
         self.plan = StepPlan(len(self.records), global_batch, rank, world, seed)
 
     def __len__(self) -> int:  # effectively unbounded; the trainer decides when to stop
@@ -137,7 +141,8 @@ class OnTheFlyBatches(torch.utils.data.Dataset):
         for row, r in zip(rows, rand):
             rec, px = self._image(int(row), random.Random(int(r)))
             pixels.append(px)
-            captions.append(rec.captions[int(r % len(rec.captions))])
+            k = pick_caption(rec.langs, int(r), self.language_share) if rec.langs else int(r % len(rec.captions))
+            captions.append(rec.captions[k])
         return {"pixels": torch.stack(pixels), "captions": captions, "skipped": list(self.skipped)}
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .language_sampling import check_share
 from .tower_settings import VALID_SETTINGS, parse_setting
 
 
@@ -129,6 +130,9 @@ class DataSection:
     #: a `littune dedup` list (TSV): its training images, matched by key, are never sampled (the
     #: cache path only); None: train on every captioned image
     exclude: str | None = None
+    #: each named language's share of an image's caption draws, e.g. {en: 0.5}; the rest is split
+    #: evenly among the image's other languages (see littune.language_sampling); {}: uniform over captions
+    language_share: dict = field(default_factory=dict)
     #: the locked tower's own classifier rows as extra training rows captioned with their class names
     #: (the cache path, a tower with a head: efficientnet-lite, a Hugging Face image-classification
     #: folder): {repeat: 2, placement: row|confident|class-mean} (see littune.anchors); None: off
@@ -209,6 +213,7 @@ class TrainConfig:
             raise ConfigError("data.anchors: only training from the embedding cache (a locked image tower, "
                               "data.on_the_fly=false) can mix in the tower's classes")
         _check_unlock(self)
+        self.data.language_share = check_share(self.data.language_share)
         return self
 
     def to_dict(self) -> dict:

@@ -179,12 +179,12 @@ class Trainer:
         cfg = self.cfg
         if self.use_cache:
             data = CacheBatches(self.cache, cfg.data.batch_size, self.rank, self.world, cfg.seed, cfg.data.exclude,
-                                extra=self._anchors())
+                                language_share=cfg.data.language_share, extra=self._anchors())
             if cfg.data.exclude:
                 log_line(f"excluded {data.excluded:,} training images listed in {cfg.data.exclude}")
             return (data(s) for s in range(start, cfg.steps))
         ds = OnTheFlyBatches(self.records, self.model.preprocess, cfg.data.batch_size, self.rank, self.world,
-                             cfg.seed, augment=cfg.data.augment)
+                             cfg.seed, augment=cfg.data.augment, language_share=cfg.data.language_share)
         return iter(step_loader(ds, start, cfg.steps, cfg.data.workers))
 
     def _anchors(self):

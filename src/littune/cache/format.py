@@ -32,8 +32,10 @@ SHARD_DIR = "shards"
 DTYPES = ("float16", "float32")
 #: the reason in skipped.tsv of an image that is cached (for search) but has no caption to train on
 NO_CAPTION = "no-caption"
+#: each caption's language (int16 positions into the manifest's ``languages``), when the source names them
+LANGS_FILE = "caption_langs.npy"
 OUR_FILES = (MANIFEST, PLAN, SKIPPED, "keys.utf8", "key_offsets.npy", "paths.utf8", "path_offsets.npy",
-             "captions.utf8", "caption_offsets.npy", "image_captions.npy", "source_index.npy")
+             "captions.utf8", "caption_offsets.npy", "image_captions.npy", "source_index.npy", LANGS_FILE)
 #: plan fields that describe rather than decide the computation (a change does not stop a resume)
 _DESCRIPTIVE = ("source", "tower_spec", "preprocess", "tower_name")
 
@@ -139,9 +141,11 @@ def _write_strings(directory: Path, stem: str, offsets_name: str, strings: Seque
 
 def write_tables(out: Path, plan: dict, shards: list[dict], keys: Sequence[str], paths: Sequence[str],
                  captions: Sequence[str], captions_per_image: Sequence[int], source_index: Sequence[int],
-                 skipped: Sequence = (), problems: Sequence = ()) -> None:
+                 skipped: Sequence = (), problems: Sequence = (), caption_langs: Sequence[str] | None = None) -> None:
     """The global key, path and caption tables, skipped.tsv and, last, the manifest of a cache whose
-    shards are written (``captions``: all captions in image order, ``captions_per_image`` their counts).
+    shards are written (``captions``: all captions in image order, ``captions_per_image`` their counts;
+    ``caption_langs``: each caption's language, stored as ``caption_langs.npy``, int16 positions into the
+    manifest's ``languages``, when the source names languages).
 
     skipped.tsv lists the index's problems, the images left out (they did not decode) and, with
     reason ``no-caption``, the cached images that have no caption: they are never trained on."""
@@ -155,11 +159,19 @@ def write_tables(out: Path, plan: dict, shards: list[dict], keys: Sequence[str],
     write_npy(out / "source_index.npy", np.asarray(source_index, dtype=np.int64))
     files["image_captions.npy"] = sha256(out / "image_captions.npy")
     files["source_index.npy"] = sha256(out / "source_index.npy")
+    languages = None
+    if caption_langs is not None:
+        languages = sorted(set(caption_langs))
+        code = {lang: k for k, lang in enumerate(languages)}
+        write_npy(out / LANGS_FILE, np.asarray([code[x] for x in caption_langs], dtype=np.int16))
+        files[LANGS_FILE] = sha256(out / LANGS_FILE)
     uncaptioned = [[paths[i], NO_CAPTION, "cached, not trained on"]
                    for i in np.flatnonzero(np.diff(per_image) == 0).tolist()]
     write_skipped(out / SKIPPED, [*problems, *skipped, *uncaptioned])
-    write_json(out / MANIFEST, _manifest(plan, shards, files, len(keys), len(captions), len(uncaptioned), skipped,
-                                         problems))
+    manifest = _manifest(plan, shards, files, len(keys), len(captions), len(uncaptioned), skipped, problems)
+    if languages is not None:
+        manifest["languages"] = languages
+    write_json(out / MANIFEST, manifest)
 
 
 def _manifest(plan: dict, shards: list[dict], files: dict, count: int, captions: int, no_caption: int,

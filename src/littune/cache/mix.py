@@ -4,7 +4,7 @@
 ``repeat`` times, and reads like an :class:`~littune.cache.EmbeddingCache` (``len``, ``features``,
 ``sample_captions``, ``trainable``, ``key``), so :class:`~littune.batches.CacheBatches` samples
 from it as from one cache: position ``p`` of the mix is one row of one source. A source is anything
-with ``features(idx, view=)`` and ``sample_captions(idx, choice)``; augmented views (``views``) are
+with ``features(idx, view=)`` and ``sample_captions(idx, choice, language_share)``; augmented views (``views``) are
 those of the first source, and a source without views gets its single feature for every view.
 """
 
@@ -56,13 +56,14 @@ class MixedRows:
             out[here] = self.sources[j].features(row[here], view=v)
         return out
 
-    def sample_captions(self, positions, choice) -> list[str]:
+    def sample_captions(self, positions, choice, language_share: dict | None = None) -> list[str]:
+        """One caption per position, each drawn by its source (``language_share`` is passed on)."""
         part, row = self.locate(positions)
         choice = np.asarray(choice, dtype=np.int64).reshape(-1)
         out: list[str] = [""] * len(row)
         for j in np.unique(part).tolist():
             here = np.flatnonzero(part == j)
-            for k, text in zip(here.tolist(), self.sources[j].sample_captions(row[here], choice[here])):
+            for k, text in zip(here.tolist(), self.sources[j].sample_captions(row[here], choice[here], language_share)):
                 out[k] = text
         return out
 

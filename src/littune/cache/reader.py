@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import LittuneError, StaleCacheError
 from ..fileio import read_skipped
-from .format import FORMAT, MANIFEST, NO_CAPTION, PLAN, SKIPPED, VERSION, sha256
+from ..language_sampling import pick_caption
+from .format import FORMAT, LANGS_FILE, MANIFEST, NO_CAPTION, PLAN, SKIPPED, VERSION, sha256
 
 def default_max_open() -> int:
     """Shard files a reader keeps open: a quarter of the open-file limit, between 16 and 1024.
@@ -206,6 +207,9 @@ class EmbeddingCache:
         self._paths = _Strings(d / "paths.utf8", d / "path_offsets.npy")
         self._captions = _Strings(d / "captions.utf8", d / "caption_offsets.npy")
         self._image_captions = _Npy(d / "image_captions.npy")
+        #: the caption languages the source named (``None``: it named none); see :meth:`caption_languages`
+        self.languages: list[str] | None = manifest.get("languages")
+        self._caption_langs = _Npy(d / LANGS_FILE) if self.languages is not None else None
 
     @classmethod
     def open(cls, directory: str | Path, verify: bool = True, max_open: int | None = None) -> "EmbeddingCache":
@@ -321,13 +325,21 @@ class EmbeddingCache:
         a, b = self._image_captions.pair(self._check(i))
         return self._captions.range(a, b)
 
-    def sample_captions(self, indices: Sequence[int] | np.ndarray, choice: Sequence[int] | np.ndarray) -> list[str]:
+    def caption_languages(self, i: int) -> list[str]:
+        """The language of each of image ``i``'s captions (``""`` unknown; all ``""`` if the source named none)."""
+        a, b = self._image_captions.pair(self._check(i))
+        return [self.languages[k] for k in self._caption_langs.rows(a, b).tolist()] if self.languages else [""] * (b - a)
+
+    def sample_captions(self, indices: Sequence[int] | np.ndarray, choice: Sequence[int] | np.ndarray,
+                        language_share: dict[str, float] | None = None) -> list[str]:
         """One caption per image: caption ``choice[k] % count`` of image ``indices[k]`` ("" if it has none:
-        training draws only from :meth:`trainable` images)."""
-        out = []
+        training draws only from :meth:`trainable` images); with ``language_share``, the caption that
+        :func:`littune.language_sampling.pick_caption` picks among its languages."""
+        out, share = [], language_share if self.languages else None
         for i, r in zip(np.asarray(indices, dtype=np.int64).tolist(), np.asarray(choice, dtype=np.int64).tolist()):
             a, b = self._image_captions.pair(self._check(i))
-            out.append(self._captions[a + r % (b - a)] if b > a else "")
+            k = (pick_caption(self.caption_languages(i), r, share) if share else r % (b - a)) if b > a else None
+            out.append("" if k is None else self._captions[a + k])
         return out
 
     def iter_captions(self, chunk: int = 65536):

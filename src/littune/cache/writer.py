@@ -211,14 +211,16 @@ def _finalize(out: Path, source, records, plan: dict, phash: str) -> None:
     problems = [[w, "index", r] for w, r in getattr(source, "problems", [])]
     good = [records[i] for i in source_index]
     caps = [c for r in good for c in r.captions]
+    langs = [lang for r in good for lang in (r.langs or [""] * len(r.captions))] if any(r.langs for r in good) else None
     write_tables(out, plan, shards, [r.key for r in good], [r.where for r in good], caps,
-                 [len(r.captions) for r in good], source_index, skipped, problems)
+                 [len(r.captions) for r in good], source_index, skipped, problems, caption_langs=langs)
 
 
 # -- features computed elsewhere ---------------------------------------------------------------
 def write_cache(out_dir: str | Path, features, captions, tower, *, keys: Sequence[str] | None = None,
                 paths: Sequence[str] | None = None, dtype: str = "float16", shard_size: int = 2048,
-                source_fingerprint: str | None = None, source: str = "precomputed features") -> EmbeddingCache:
+                source_fingerprint: str | None = None, source: str = "precomputed features",
+                langs: Sequence[Sequence[str]] | None = None) -> EmbeddingCache:
     """Write a cache from features computed elsewhere (in the format :func:`embed_source` writes).
 
     ``features``: ``(n, dim)`` or ``(n, 1 + views, dim)`` -- anything with ``len()`` and ``[a:b]``
@@ -230,6 +232,7 @@ def write_cache(out_dir: str | Path, features, captions, tower, *, keys: Sequenc
     ``dim``. ``keys`` default to ``"00000000"``, ``"00000001"``...; ``paths`` to the keys. The
     cache has no skipped images; rows with no (non-blank) caption are stored but not trainable (see
     :meth:`EmbeddingCache.trainable`). ``source_fingerprint`` defaults to a hash of the keys.
+    ``langs[i]``: the languages of image ``i``'s captions, parallel to them (optional).
     """
     from ..towers.image import build_image_tower
 
@@ -251,8 +254,8 @@ def write_cache(out_dir: str | Path, features, captions, tower, *, keys: Sequenc
         clear(out)
         (out / SHARD_DIR).mkdir(exist_ok=True)
         shards = _write_feature_shards(out, features, plan)
-        flat, counts = _flat_captions(captions, n)
-        write_tables(out, plan, shards, keys, paths, flat, counts, np.arange(n, dtype=np.int64))
+        flat, counts, flat_langs = _flat_captions(captions, n, langs)
+        write_tables(out, plan, shards, keys, paths, flat, counts, np.arange(n, dtype=np.int64), caption_langs=flat_langs)
     finally:
         unlock(held)
     return EmbeddingCache.open(out, verify=False)
@@ -303,13 +306,20 @@ def _write_feature_shards(out: Path, features, plan: dict) -> list[dict]:
     return shards
 
 
-def _flat_captions(captions, n: int) -> tuple[list[str], np.ndarray]:
-    """All captions in image order and the count of each image's (blank captions are dropped)."""
+def _flat_captions(captions, n: int, langs=None) -> tuple[list[str], np.ndarray, list[str] | None]:
+    """All captions in image order, the count of each image's (blank captions are dropped) and, with
+    ``langs``, the language of each kept caption."""
     flat: list[str] = []
+    flat_langs: list[str] | None = None if langs is None else []
     counts = np.zeros(n, dtype=np.int64)
     for i in range(n):
         c = captions[i]
-        c = [x for x in ([c] if isinstance(c, str) else c) if str(x).strip()]
-        flat.extend(c)
-        counts[i] = len(c)
-    return flat, counts
+        c = [c] if isinstance(c, str) else list(c)
+        keep = [k for k, x in enumerate(c) if str(x).strip()]
+        flat.extend(c[k] for k in keep)
+        if flat_langs is not None:
+            if len(langs[i]) != len(c):
+                raise LittuneError(f"image {i}: {len(c)} captions but {len(langs[i])} languages")
+            flat_langs.extend(str(langs[i][k]) for k in keep)
+        counts[i] = len(keep)
+    return flat, counts, flat_langs

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--val-fraction", type=float, default=0.05,
                    help="share of training images kept for val.csv (default 0.05)")
     e.add_argument("--limit-concepts", type=int, default=None, help="keep only N concepts (a quick build)")
-    e.add_argument("--langs", type=_csv_list, default=[], help="extra caption languages from emojibase, e.g. de,fr,ja")
+    e.add_argument("--langs", type=_csv_list, default=[], help="extra caption languages from emojibase, e.g. de,fr,ja, or all (every locale it has)")
     _common(e)
     e.add_argument("--packages", default=None,
                    help="use an existing node_modules folder (from `npm install`) instead of fetching")

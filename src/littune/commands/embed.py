@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--caption-column", help="CSV/JSONL/webdataset json: column or key holding the caption(s)")
     g.add_argument("--caption-sep", help="split a caption cell into several captions at this string, e.g. '|'")
     g.add_argument("--delimiter", help="CSV delimiter (default: ',' for .csv, tab for .tsv)")
+    g.add_argument("--lang-column", help="column (CSV) or key (JSONL) of each caption's language "
+                   "(default: lang, language or locale when present); training can sample by it")
     g.add_argument("--image-root", metavar="DIR",
                    help="base folder of relative image paths (default: the file's folder)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -101,7 +103,7 @@ def run(args) -> int:
     from ..towers.image import build_image_tower, parse_image_tower
 
     options = {k: getattr(args, k) for k in ("image_column", "caption_column", "caption_sep", "delimiter",
-                                             "image_root") if getattr(args, k)}
+                                             "image_root", "lang_column") if getattr(args, k)}
     spec = {"type": args.source_type, "path": args.source} if args.source_type else args.source
     source = open_source(spec, **options)
     rank, world, device = init_from_env(args.device)

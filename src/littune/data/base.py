@@ -5,8 +5,9 @@ Fingerprints. :meth:`Source.fingerprint` (``<type>-<16 hex digits>``) ties an em
 was read. It is a sha256 over the reader type; the options that change how the index is parsed
 (``image_column``, ``caption_column``, ``caption_sep``, ``delimiter``, as far as the reader uses them);
 the index file's whole content (CSV/TSV, JSONL, COCO JSON); each tar shard's file name, byte size and
-``mtime_ns``, in order; then every record in order: its key, its captions, its tar member size, and for
-an image in its own file that file's byte size and ``mtime_ns`` -- one ``stat`` per image, no image
+``mtime_ns``, in order; then every record in order: its key, its captions, its tar member size, for
+an image in its own file that file's byte size and ``mtime_ns``, and its captions' languages where the
+source names them -- one ``stat`` per image, no image
 bytes read (``-1`` for a file that cannot be stat'ed). Every other option (``image_root``,
 ``encoding``) acts through what it makes the records and stamps. So where the images are counts
 through the files found there: the same index pointed at other files, or an image rewritten or
@@ -92,7 +93,8 @@ class Source:
                 h.update(part)
             for r in self.records():
                 stamp = file_stamp(r.path) if r.path is not None else None
-                h.update(json.dumps([r.key, r.captions, r.size, stamp], ensure_ascii=False).encode())
+                entry = [r.key, r.captions, r.size, stamp] + ([r.langs] if r.langs else [])
+                h.update(json.dumps(entry, ensure_ascii=False).encode())
             self._fingerprint = f"{self.type}-{h.hexdigest()[:16]}"
         return self._fingerprint
 
@@ -131,16 +133,29 @@ class RecordGrouper:
     def __init__(self):
         self.by_key: dict[str, Record] = {}
 
-    def add(self, key: str, captions: list[str], **where: Any) -> None:
+    def add(self, key: str, captions: list[str], langs: list[str] | None = None, **where: Any) -> None:
+        """Add an image's captions (``langs``: their languages, parallel; a caption already there keeps
+        its first language). Languages are kept for every record once any row names one."""
         rec = self.by_key.get(key)
         if rec is None:
-            self.by_key[key] = Record(key=key, captions=list(captions), **where)
-        else:
-            seen = set(rec.captions)
-            rec.captions.extend(c for c in captions if not (c in seen or seen.add(c)))
+            rec = self.by_key[key] = Record(key=key, **where)
+        if langs is not None and len(rec.langs) < len(rec.captions):  # earlier rows named no language
+            rec.langs.extend([""] * (len(rec.captions) - len(rec.langs)))
+        seen = set(rec.captions)
+        for k, c in enumerate(captions):
+            if c not in seen:
+                seen.add(c)
+                rec.captions.append(c)
+                if langs is not None or rec.langs:
+                    rec.langs.append(langs[k] if langs is not None else "")
 
     def records(self) -> list[Record]:
-        return list(self.by_key.values())
+        recs = list(self.by_key.values())
+        if any(r.langs for r in recs):  # one language list per record, parallel to its captions
+            for r in recs:
+                r.langs.extend([""] * (len(r.captions) - len(r.langs)))
+        return recs
+
 
 
 def normalise_key(image: str) -> str:

@@ -2,7 +2,9 @@
 
 A :class:`Record` names an image by a ``key`` unique within its source (a relative path, a tar
 member stem, a COCO file name) and holds every caption of that image -- sources merge rows that
-repeat an image, so training can sample among the captions. The pixels live either in a local
+repeat an image, so training can sample among the captions. ``langs``, when the source names them,
+is each caption's language code (``"en"``, ``"ja"``; ``""`` unknown), parallel to ``captions``; empty
+when the source has no language column. The pixels live either in a local
 file (``path``), in memory (``data``: encoded bytes), or in an uncompressed tar shard at a known
 byte range (``shard``, ``offset``, ``size``), read on demand so that a record of a million-image
 webdataset costs a few dozen bytes. :meth:`Record.open` decodes through
@@ -24,6 +26,7 @@ class Record:
 
     key: str
     captions: list[str] = field(default_factory=list)
+    langs: list[str] = field(default_factory=list)  # per caption, or [] when the source names none
     path: str | None = None
     data: bytes | None = None
     shard: str | None = None  # uncompressed tar holding the encoded image (webdataset), read lazily

@@ -46,7 +46,8 @@ __all__ = ["CAPTION_COLUMNS", "IMAGE_COLUMNS", "SOURCE_OPTIONS", "SOURCE_TYPES",
            "expand_braces", "open_source"]
 
 #: every option :func:`open_source` accepts (each reader uses the ones its docstring names)
-SOURCE_OPTIONS = ("image_column", "caption_column", "caption_sep", "delimiter", "image_root", "encoding")
+SOURCE_OPTIONS = ("image_column", "caption_column", "caption_sep", "delimiter", "image_root", "encoding",
+                  "lang_column")
 
 SOURCE_TYPES: dict[str, type[Source]] = {
     "csv": CSVSource,
@@ -89,7 +90,8 @@ def open_source(spec: str | Path | dict | Source, **options: Any) -> Source:
     """Open a source of image-text pairs; the format comes from the path (see the module docstring).
 
     ``spec`` may be a path, ``"type:path"``, or ``{"type": ..., "path": ..., **options}``. Options:
-    ``image_column``, ``caption_column``, ``caption_sep``, ``delimiter``, ``image_root``, ``encoding``.
+    ``image_column``, ``caption_column``, ``caption_sep``, ``delimiter``, ``image_root``, ``encoding``,
+    ``lang_column`` (CSV and JSONL).
     """
     if isinstance(spec, Source):
         return spec

@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -23,7 +23,9 @@ from ..output import check_formats, link_or_copy, prepare_out, prune_files, writ
 from ..render_pool import RenderJob, render_all
 from ..splits import pick_fraction
 from .card import datacard
-from .concepts import EMOJIBASE, EMOJIBASE_VERSION, Concept, caption_variants, load_concepts
+from .concepts import (EMOJIBASE, EMOJIBASE_VERSION, Concept, caption_variants, emojibase_languages, load_concepts,
+                       tagged_captions)
+from .languages import write_language_eval
 from .designs import DESIGNS, REFERENCE_DESIGNS, resolve_designs, resolve_heldout
 from .iconify import IconSet
 from .matching import NameIndex, match_icons
@@ -192,23 +194,26 @@ def split_pairs(pool: Sequence[Concept], images: dict[str, dict[str, str]], sele
     return EmojiSplits(train_designs, test_designs, ids, train_concepts, held, train_pairs, val_pairs)
 
 
-def write_tables(out: Path, splits: EmojiSplits, captions: dict[str, list[str]], images: dict[str, dict[str, str]],
-                 opts: EmojiOptions, skipped: Skipped) -> tuple[int | None, int, list[str]]:
+def write_tables(out: Path, splits: EmojiSplits, tagged: dict[str, list[tuple[str, str]]],
+                 images: dict[str, dict[str, str]], opts: EmojiOptions, skipped: Skipped) -> tuple[int | None, int, list[str]]:
     """``train.csv`` (with ``csv``), ``val.csv`` and the WebDataset shards (with ``wds``), without any
-    caption of a held-out concept; returns the train and val row counts and the train shard names."""
+    caption of a held-out concept; returns the train and val row counts and the train shard names.
+    With caption languages (``opts.langs``) the CSVs have a third column, ``lang``."""
+    captions = {cid: [text for text, _ in caps] for cid, caps in tagged.items()}
     held_caps = {cap.casefold() for cid in splits.heldout_concepts for cap in captions[cid]}
     dropped = Counter()
+    header = ("image", "caption", "lang") if opts.langs else ("image", "caption")
 
     def rows(pairs):
         for d, cid in pairs:
-            for cap in captions[cid]:
+            for cap, lang in tagged[cid]:
                 if cap.casefold() in held_caps:
                     dropped[cap] += 1
                     continue
-                yield images[d][cid], cap
+                yield (images[d][cid], cap, lang)[:len(header)]
 
-    n_train = write_csv(out / "train.csv", rows(splits.train_pairs)) if "csv" in opts.formats else None
-    n_val = write_csv(out / "val.csv", rows(splits.val_pairs))
+    n_train = write_csv(out / "train.csv", rows(splits.train_pairs), header) if "csv" in opts.formats else None
+    n_val = write_csv(out / "val.csv", rows(splits.val_pairs), header)
     if "csv" not in opts.formats and (out / "train.csv").exists():
         (out / "train.csv").unlink()
     for cap, n in sorted(dropped.items()):
@@ -308,7 +313,7 @@ def build_emoji(out: str | Path, *, designs: Iterable[str] | None = None,
     families never trained on (default twemoji, openmoji; ``["none"]`` for none);
     ``heldout_concepts``: fraction of concepts never trained on; ``val_fraction``: share of the
     training images kept for ``val.csv``; ``limit_concepts``: build a quick subset; ``langs``:
-    emojibase locales for extra captions; ``formats``: ``csv`` and/or ``wds``; ``packages``: an
+    emojibase locales for extra captions (``["all"]``: every locale it has); ``formats``: ``csv`` and/or ``wds``; ``packages``: an
     existing ``node_modules`` folder instead of fetching. Idempotent: images already rendered at
     this size are reused.
     """
@@ -320,6 +325,8 @@ def build_emoji(out: str | Path, *, designs: Iterable[str] | None = None,
     held_families = resolve_heldout(heldout_designs, selected)
     out = prepare_out(out, "emoji")
     pkgs = fetch_packages(selected, cache_dir(cache), packages, log)
+    if opts.langs == ["all"]:  # every locale the emojibase package has
+        opts = replace(opts, langs=[lang for lang in emojibase_languages(pkgs[EMOJIBASE]) if lang != "en"])
     concepts = load_concepts(pkgs[EMOJIBASE], opts.langs)
     if not concepts:
         raise LittuneError(f"{pkgs[EMOJIBASE]}: emojibase data holds no emoji concepts")
@@ -329,8 +336,11 @@ def build_emoji(out: str | Path, *, designs: Iterable[str] | None = None,
     held = hold_out_concepts(pool, opts.heldout_concepts, seed)
     drawing = draw(out, sets, pool, icon_of, opts, log, skipped)
     splits = split_pairs(pool, drawing.images, selected, held_families, held, opts)
-    tables = write_tables(out, splits, caption_variants(pool, opts.langs), drawing.images, opts, skipped)
+    tables = write_tables(out, splits, tagged_captions(pool, opts.langs), drawing.images, opts, skipped)
     eval_counts = write_eval(out, pool, drawing.images, splits)
+    if opts.langs:
+        eval_counts = {s: {**c, "languages": write_language_eval(out, s, pool, ["en", *opts.langs])}
+                       for s, c in eval_counts.items()}
     designs_entry = design_entries(sets, pkgs, drawing.images, splits.test_designs)
     manifest = emoji_manifest(opts, held_families, pkgs, designs_entry, drawing, splits, tables, eval_counts,
                               len(skipped), t0)

@@ -124,7 +124,13 @@ def load_concepts(emojibase_dir: str | Path, langs: Sequence[str] = ()) -> list[
 
 
 def caption_variants(concepts: Sequence[Concept], langs: Sequence[str] = ()) -> dict[str, list[str]]:
-    """Captions per concept id, English first, then each of ``langs``; duplicates removed.
+    """Captions per concept id, English first, then each of ``langs``; duplicates removed."""
+    return {cid: [text for text, _ in caps] for cid, caps in tagged_captions(concepts, langs).items()}
+
+
+def tagged_captions(concepts: Sequence[Concept], langs: Sequence[str] = ()) -> dict[str, list[tuple[str, str]]]:
+    """``(caption, language)`` per concept id, English first, then each of ``langs``; a caption that
+    repeats (the same words in two languages) is kept once, with its first language.
 
     Tags joined are used only when that string belongs to one concept (several concepts share
     "animal", which would make false negatives in a contrastive batch).
@@ -138,18 +144,26 @@ def caption_variants(concepts: Sequence[Concept], langs: Sequence[str] = ()) -> 
                  for lang in langs}
     out = {}
     for c in concepts:
-        caps = [c.name, with_article(c.name), f"{c.name} emoji"]
+        caps = [(c.name, "en"), (with_article(c.name), "en"), (f"{c.name} emoji", "en")]
         if c.id in en_tags and en_tags[c.id].lower() != c.name.lower():
-            caps.append(en_tags[c.id])
+            caps.append((en_tags[c.id], "en"))
         for lang in langs:
             if lang in c.translations:
-                caps.append(display_name(c.translations[lang][0]))
+                caps.append((display_name(c.translations[lang][0]), lang))
                 if c.id in lang_tags[lang]:
-                    caps.append(lang_tags[lang][c.id])
+                    caps.append((lang_tags[lang][c.id], lang))
         seen, uniq = set(), []
-        for cap in caps:
+        for cap, lang in caps:
             if cap and cap not in seen:
                 seen.add(cap)
-                uniq.append(cap)
+                uniq.append((cap, lang))
         out[c.id] = uniq
     return out
+
+
+def class_name(concept: Concept, lang: str) -> str | None:
+    """The concept's name in ``lang`` (emojibase's label; ``None`` where that locale has none)."""
+    if lang == "en":
+        return concept.name
+    t = concept.translations.get(lang)
+    return display_name(t[0]) if t else None
