@@ -23,6 +23,8 @@ from littune.towers.fingerprint import fingerprint_from_spec
 from littune.towers.image import build_image_tower, parse_image_tower
 from littune.towers.timm_tower import import_timm
 
+from local_hub import NoSuchRepo
+
 try:
     timm = import_timm()
 except ImportError as e:
@@ -116,21 +118,6 @@ def test_timm_pretrained_offline_not_cached_is_one_line_naming_name_and_hf_hub_o
     assert "\n" not in msg and msg.startswith("timm:test_vit:") and "HF_HUB_OFFLINE=1" in msg
 
 
-class _NoSuchRepo(http.server.BaseHTTPRequestHandler):
-    """A hub endpoint that knows no repository (answers every request 404 at once)."""
-
-    def _404(self):
-        self.send_response(404)
-        self.send_header("X-Error-Code", "RepoNotFound")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_GET = do_HEAD = _404
-
-    def log_message(self, *args):
-        pass
-
-
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     full.update(env, PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
@@ -139,7 +126,7 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
 
 def test_timm_pretrained_online_but_not_on_the_hub_is_one_line(tmp_path):
     """HF_HUB_OFFLINE unset: timm asks the hub (here a local one that has nothing) and littune says so in a line."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchRepo)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepo)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     code = """
 from littune.errors import LittuneError

@@ -5,39 +5,21 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from littune.cli import main
 from littune.errors import LittuneError
 from littune.towers.image import build_image_tower
 
+from token_net import TokenNet
+
 PRE = {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
-
-
-class _Saliency(nn.Module):
-    """A backbone (patch tokens + CLS, layer norm) under a head that is not a feature layer."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.patch = nn.Conv2d(3, 16, 8, stride=8)
-        self.cls = nn.Parameter(torch.randn(1, 1, 16))
-        self.norm = nn.LayerNorm(16)
-        self.head = nn.Linear(16, 1)
-
-    def features(self, x):
-        t = self.patch(x).flatten(2).transpose(1, 2)
-        return self.norm(torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1))
-
-    def forward(self, x):
-        return torch.sigmoid(self.head(self.features(x)[:, 1:]))
 
 
 @pytest.fixture
 def graph(tmp_path):
     pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    net = _Saliency().eval()
+    net = TokenNet(saliency=True).eval()
     path = tmp_path / "saliency.onnx"
     try:
         torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(path), input_names=["input_image"],

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 from littune.errors import LittuneError
 from littune.towers.fingerprint import fingerprint_from_spec
 from littune.towers.image import build_image_tower, parse_image_tower
+
+from local_hub import NoSuchRepo
+from token_net import TokenNet
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -90,24 +92,9 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-class _NoSuchRepo(http.server.BaseHTTPRequestHandler):
-    """A hub endpoint that knows no repository (answers every request 404 at once)."""
-
-    def _404(self):
-        self.send_response(404)
-        self.send_header("X-Error-Code", "RepoNotFound")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_GET = do_HEAD = _404
-
-    def log_message(self, *args):
-        pass
-
-
 def test_hf_hub_id_online_but_not_found_is_one_line_and_fast(tmp_path):
     """HF_HUB_OFFLINE unset: from_pretrained asks the hub; a hub that has no such id gives one line."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchRepo)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepo)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     code = """
 from littune.errors import LittuneError
@@ -131,30 +118,11 @@ except LittuneError as e:
 
 
 # ---------------------------------------------------------------------------------------- onnx:#output
-class _TokenNet(nn.Module):
-    """A tiny ViT-like classifier: its layer-normed tokens (B, 1 + 16, 16) are the feature layer."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.patch = nn.Conv2d(3, 16, 8, stride=8)
-        self.cls = nn.Parameter(torch.randn(1, 1, 16))
-        self.norm = nn.LayerNorm(16)
-        self.head = nn.Linear(16, 5)
-
-    def features(self, x):
-        t = self.patch(x).flatten(2).transpose(1, 2)
-        return self.norm(torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1))
-
-    def forward(self, x):
-        return self.head(self.features(x)[:, 0])
-
-
 @pytest.fixture
 def token_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    net = _TokenNet().eval()
+    net = TokenNet().eval()
     path = tmp_path / "classifier.onnx"
     try:
         torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(path), input_names=["pixels"],
