@@ -146,3 +146,23 @@ def test_a_language_without_captions_is_reported_not_scored(tmp_path):
     row = {"lang": "xx", "heldout_designs_acc1": 0.5, "heldout_concepts_acc1": 0.25, "heldout_concepts_t2i_r1": None,
            "heldout_designs_chance": 0.1, "heldout_concepts_chance": 0.2, "heldout_concepts_t2i_chance": 0.2}
     assert "| xx | 0.500 | 0.250 | n/a | 0 |" in language_table([row])
+
+
+def test_a_source_without_languages_keeps_the_fingerprint_it_had_before_lang_column_existed(tmp_path):
+    """The fingerprint of a plain image,caption CSV is computed exactly as before languages existed, so
+    caches built then stay valid (the rule of littune.data.base, written out here by hand)."""
+    import hashlib
+
+    from littune.data.base import file_digest, file_stamp
+
+    names = write_images(tmp_path, 2)
+    (tmp_path / "p.csv").write_text(f"image,caption\n{names[0]},a cat\n{names[1]},a dog\n", encoding="utf-8")
+    src = open_source(tmp_path / "p.csv")
+    h = hashlib.sha256()
+    h.update(b"littune-source-v2|csv|")
+    h.update(json.dumps({"image_column": None, "caption_column": None, "caption_sep": None, "delimiter": None},
+                        sort_keys=True).encode())
+    h.update(file_digest(str(tmp_path / "p.csv")))
+    for r in src.records():
+        h.update(json.dumps([r.key, r.captions, r.size, file_stamp(r.path)], ensure_ascii=False).encode())
+    assert src.fingerprint() == f"csv-{h.hexdigest()[:16]}"

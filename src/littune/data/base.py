@@ -51,6 +51,9 @@ class Source:
     type: str = "source"
     #: options that change which records come out (they enter the fingerprint)
     _record_options: tuple[str, ...] = ()
+    #: options added later (``lang_column``): they enter the fingerprint only when set, so a cache
+    #: built before they existed keeps its fingerprint
+    _later_record_options: tuple[str, ...] = ()
 
     def __init__(self, path: str | Path, **options: Any):
         self.path = str(path)
@@ -88,6 +91,7 @@ class Source:
             h = hashlib.sha256()
             h.update(f"littune-source-v{_FINGERPRINT_VERSION}|{self.type}|".encode())
             opts = {k: self.options.get(k) for k in self._record_options}
+            opts.update({k: self.options[k] for k in self._later_record_options if self.options.get(k)})
             h.update(json.dumps(opts, sort_keys=True, default=str).encode())
             for part in self._content():
                 h.update(part)

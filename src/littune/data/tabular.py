@@ -86,7 +86,8 @@ class CSVSource(_TabularSource):
     file's folder), ``encoding``."""
 
     type = "csv"
-    _record_options = ("image_column", "caption_column", "caption_sep", "delimiter", "lang_column")
+    _record_options = ("image_column", "caption_column", "caption_sep", "delimiter")
+    _later_record_options = ("lang_column",)
 
     def _load(self) -> list[Record]:
         path, o = self.path, self.options
@@ -140,7 +141,8 @@ class JSONLSource(_TabularSource):
     one string for the row, or a list parallel to a caption list), ``image_root``, ``encoding``."""
 
     type = "jsonl"
-    _record_options = ("image_column", "caption_column", "caption_sep", "lang_column")
+    _record_options = ("image_column", "caption_column", "caption_sep")
+    _later_record_options = ("lang_column",)
 
     def _load(self) -> list[Record]:
         path, o = self.path, self.options
