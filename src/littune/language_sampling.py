@@ -2,7 +2,7 @@
 
 The paper's multilingual recipe is no translation: one text tower reads every language against the
 same locked image tower. With captions in 28 languages per image, sampling uniformly over captions
-leaves English about one caption in twelve, and a small text tower trained that way forgets it. The
+leaves English about one caption in thirteen, and a small text tower trained that way forgets it. The
 rule here, ``data.language_share``, fixes each named language's share of an image's draws:
 
 1. The languages of the image's captions are found (``""`` is the unknown language).
