@@ -46,28 +46,38 @@ def prepare(out: Path, quick: bool, tower: str | dict = "efficientnet-lite0", pr
     The caches live in ``out/caches/<data>-<tag>``; ``tag`` defaults to the tower's name (a string
     tower, or a spec's ``name`` or ``type``).
     """
-    from .cache import embed_source
     from .builders.emoji import build_emoji
-    from .towers.image import build_image_tower
 
     data = out / ("data/emoji-quick" if quick else "data/emoji")
     say(f"data: littune data emoji --out {data}" + (f" --limit-concepts {QUICK_CONCEPTS}" if quick else ""))
     manifest = build_emoji(data, limit_concepts=QUICK_CONCEPTS if quick else None, **build_options)
-    tag = tag or (tower if isinstance(tower, str) else tower.get("name", tower.get("type", "tower")))
+    tag = tag or tower_tag(tower)
     caches = out / "caches" / f"{data.name}-{tag}"
     paths = {"data": data, "manifest": manifest, "train": caches / "train", "eval": {}}
+    splits = [s for s in SPLITS if (data / "eval" / f"retrieval_{s}.csv").is_file()]
+    embed_missing([(data / "train.csv", caches / "train")]
+                  + [(data / "eval" / f"retrieval_{s}.csv", caches / s) for s in splits], tower, tag, progress)
+    paths["eval"] = {s: {"cache": caches / s, "classnames": data / "eval" / s / "classnames.txt"} for s in splits}
+    return paths
+
+
+def tower_tag(tower: str | dict) -> str:
+    """A tower's name in cache folder names: the string spec, or a spec's ``name`` or ``type``."""
+    return tower if isinstance(tower, str) else tower.get("name", tower.get("type", "tower"))
+
+
+def embed_missing(jobs, tower: str | dict, tag: str, progress: bool) -> None:
+    """``littune embed SOURCE --out CACHE`` for each ``(source, cache)`` whose manifest is missing; the
+    tower is built once, and only if some cache needs it."""
+    from .cache import embed_source
+    from .towers.image import build_image_tower
+
     net = None
-    jobs = [("train", data / "train.csv", caches / "train")]
-    jobs += [(s, data / "eval" / f"retrieval_{s}.csv", caches / s) for s in SPLITS
-             if (data / "eval" / f"retrieval_{s}.csv").is_file()]
-    for name, source, cache in jobs:
+    for source, cache in jobs:
         if not (cache / "manifest.json").is_file():
             net = net or build_image_tower(tower).eval()
             say(f"embed: littune embed {source} --tower {tag} --out {cache}")
             embed_source(source, net, cache, progress=progress)
-        if name != "train":
-            paths["eval"][name] = {"cache": cache, "classnames": data / "eval" / name / "classnames.txt"}
-    return paths
 
 
 # -- the evaluation --------------------------------------------------------------------------------

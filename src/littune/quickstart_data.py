@@ -50,18 +50,6 @@ def write_mix(path: Path, parts: list[Path]) -> int:
     return n
 
 
-def _embed(jobs, tower, tag: str, progress: bool) -> None:
-    from .cache import embed_source
-    from .towers.image import build_image_tower
-
-    net = None
-    for source, cache in jobs:
-        if not (cache / "manifest.json").is_file():
-            net = net or build_image_tower(tower).eval()
-            bench.say(f"embed: littune embed {source} --tower {tag} --out {cache}")
-            embed_source(source, net, cache, progress=progress)
-
-
 def dedup(train: Path, evals: list[Path], out: Path) -> tuple[Path, int]:
     """``littune dedup TRAIN --against EVAL... --threshold DEDUP_THRESHOLD --out out``: the list and its count."""
     from .cache import EmbeddingCache
@@ -100,14 +88,14 @@ def prepare_mix(out: Path, quick: bool, tower: str | dict = "efficientnet-lite0"
     clip_counts = build_openclipart(clip_dir, **clip_opts)["counts"]
     mix = root / f"train-mix{'-quick' if quick else ''}.csv"
     write_mix(mix, [emoji_dir / "train.csv", clip_dir / "train.csv"])
-    tag = tower if isinstance(tower, str) else tower.get("name", tower.get("type", "tower"))
+    tag = bench.tower_tag(tower)
     caches = out / "caches" / f"{mix.stem}-{tag}"
     jobs = [(mix, caches / "train"), (clip_dir / "retrieval_test.csv", caches / "openclipart_test")]
     jobs += [(emoji_dir / "eval" / f"retrieval_{s}.csv", caches / s) for s in bench.SPLITS
              if (emoji_dir / "eval" / f"retrieval_{s}.csv").is_file()]
-    _embed(jobs, tower, tag, progress)
+    bench.embed_missing(jobs, tower, tag, progress)
     evals = {s: {"cache": caches / s, "classnames": emoji_dir / "eval" / s / "classnames.txt"}
-             for s in bench.SPLITS if (caches / s).is_dir()}
+             for s in bench.SPLITS if (emoji_dir / "eval" / f"retrieval_{s}.csv").is_file()}
     exclude, n_dup = dedup(caches / "train", [caches / "openclipart_test", *(v["cache"] for v in evals.values())],
                            caches / "dedup.tsv")
     return {"data": emoji_dir, "manifest": manifest, "train": caches / "train", "eval": evals, "source": mix,
