@@ -141,8 +141,8 @@ def test_a_language_without_captions_is_reported_not_scored(tmp_path):
     from littune.eval.languages import _retrieval, language_table
 
     (tmp_path / "retrieval.xx.csv").write_text("image,caption\n", encoding="utf-8")
-    assert _retrieval(None, None, {}, tmp_path / "retrieval.xx.csv") is None  # no caption: nothing to score
-    assert _retrieval(None, None, {}, tmp_path / "missing.csv") is None
+    assert _retrieval(None, None, [], tmp_path / "retrieval.xx.csv") is None  # no caption: nothing to score
+    assert _retrieval(None, None, [], tmp_path / "missing.csv") is None
     row = {"lang": "xx", "heldout_designs_acc1": 0.5, "heldout_concepts_acc1": 0.25, "heldout_concepts_t2i_r1": None,
            "heldout_designs_chance": 0.1, "heldout_concepts_chance": 0.2, "heldout_concepts_t2i_chance": 0.2}
     assert "| xx | 0.500 | 0.250 | n/a | 0 |" in language_table([row])

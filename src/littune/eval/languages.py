@@ -26,13 +26,13 @@ COLUMNS = ("heldout_designs_acc1", "heldout_concepts_acc1", "heldout_concepts_t2
 
 
 def _split_images(model, data_dir: Path, split: str, cache: Path):
-    """``(embeddings, row of each key)`` of every image of a split, read through its cache."""
+    """``(embeddings, keys)`` of every image of a split, in the split table's order, read through its cache."""
     from ..embeddings import image_embeddings
     from .sets import open_retrieval
 
     data = open_retrieval(data_dir / "eval" / f"retrieval_{split}.csv")
     emb, _, _ = image_embeddings(model, data.records, cache=cache)
-    return emb, {r.key: k for k, r in enumerate(data.records)}
+    return emb, [r.key for r in data.records]
 
 
 def _zeroshot(model, emb, keys: list[str], names_file: Path) -> tuple[float, float]:
@@ -44,17 +44,26 @@ def _zeroshot(model, emb, keys: list[str], names_file: Path) -> tuple[float, flo
     return zeroshot_metrics(emb @ weights.T, labels)["acc1"], 1 / len(names)
 
 
-def _retrieval(model, emb, rows: dict[str, int], table: Path) -> float | None:
+def _has_rows(table: Path) -> bool:
+    """Whether a CSV has a data row under its header (reads two lines at most)."""
+    if not table.is_file():
+        return False
+    with open(table, encoding="utf-8") as f:
+        return bool(f.readline()) and bool(f.readline().strip())
+
+
+def _retrieval(model, emb, split_keys: Sequence[str], table: Path) -> float | None:
     from ..embeddings import text_embeddings
     from .retrieval import retrieval_metrics
     from .sets import folder_labels, open_retrieval
 
-    if not table.is_file() or table.stat().st_size == 0 or len(table.read_text(encoding="utf-8").splitlines()) < 2:
+    if not _has_rows(table):
         return None
     data = open_retrieval(table)
     keys = [r.key for r in data.records]
     _, groups = folder_labels(keys)
-    sub = emb[[rows[k] for k in keys]]
+    row = {k: i for i, k in enumerate(split_keys)}
+    sub = emb[[row[k] for k in keys]]
     txt = text_embeddings(model, data.texts)
     return retrieval_metrics(sub, txt, data.text_to_image, image_groups=groups)["image_retrieval_recall@1"]
 
@@ -66,18 +75,16 @@ def language_scores(model, data_dir: Path, caches: dict[str, Path], langs: Seque
     from ..builders.emoji.languages import language_files
 
     images = {s: _split_images(model, data_dir, s, caches[s]) for s in ZS_SPLITS}
-    keys = {s: sorted(images[s][1], key=images[s][1].get) for s in ZS_SPLITS}
     rows = []
     for lang in langs:
         row: dict = {"lang": lang}
         for s in ZS_SPLITS:
             names_file, _ = language_files(data_dir / "eval", s, lang)
-            row[f"{s}_acc1"], row[f"{s}_chance"] = _zeroshot(model, images[s][0], keys[s], names_file)
+            row[f"{s}_acc1"], row[f"{s}_chance"] = _zeroshot(model, *images[s], names_file)
             row[f"{s}_english_names"] = (english_names or {}).get(s, {}).get(lang, 0)
-        emb, at = images[RT_SPLIT]
         _, table = language_files(data_dir / "eval", RT_SPLIT, lang)
-        row[f"{RT_SPLIT}_t2i_r1"] = _retrieval(model, emb, at, table)
-        row[f"{RT_SPLIT}_t2i_chance"] = 1 / len(set(Path(k).parent.name for k in keys[RT_SPLIT]))
+        row[f"{RT_SPLIT}_t2i_r1"] = _retrieval(model, *images[RT_SPLIT], table)
+        row[f"{RT_SPLIT}_t2i_chance"] = 1 / len(set(Path(k).parent.name for k in images[RT_SPLIT][1]))
         if row[f"{RT_SPLIT}_t2i_r1"] is None:
             row["skipped"] = f"no {RT_SPLIT} caption in {lang}"
         rows.append(row)
