@@ -115,9 +115,26 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         b, n, w = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        return self._attend_and_mlp(x, q, k, v, key_mask)
+
+    def forward_at(self, x: torch.Tensor, key_mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """``forward(x, key_mask)[arange(B), at]``, the block's output at one token per row, at a
+        fraction of the cost: every token still gives its key and value, but only the token ``at``
+        asks the query and goes through the projection and the MLP (the rows do not mix there)."""
+        b, n, w = x.shape
+        h = self.ln1(x)
+        kv = F.linear(h, self.qkv.weight[w:], self.qkv.bias[w:]).view(b, n, 2, self.heads, w // self.heads)
+        k, v = kv.permute(2, 0, 3, 1, 4)
+        rows = torch.arange(b, device=x.device)
+        q = F.linear(h[rows, at], self.qkv.weight[:w], self.qkv.bias[:w]).view(b, 1, self.heads, w // self.heads)
+        return self._attend_and_mlp(x[rows, at].unsqueeze(1), q.transpose(1, 2), k, v, key_mask).squeeze(1)
+
+    def _attend_and_mlp(self, x, q, k, v, key_mask):
+        """``x`` (B, m, W) plus attention of its queries ``q`` over the keys, then plus the MLP."""
+        b, m, w = x.shape
         p = self.dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=p)
-        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(b, n, w)), p, self.training)
+        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(b, m, w)), p, self.training)
         return x + F.dropout(self.mlp(self.ln2(x)), p, self.training)
 
 
@@ -153,22 +170,32 @@ class TextTransformer(TextTower):
                 nn.init.zeros_(lin.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, width)``: the pooled token after the final LayerNorm. With ``last`` or ``first`` pooling
+        only that token's output is read, so the final block computes it alone (:meth:`Block.forward_at`:
+        the same output, about a fifth less compute for a 4-block tower)."""
         n = input_ids.shape[1]
         key_mask = attention_mask.bool()
         x = self.token_embedding(input_ids) + self.pos_embedding[:n]
-        for blk in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(blk, x, key_mask, use_reentrant=False)
-            else:
-                x = blk(x, key_mask)
-        x = self.ln_final(x)
-        if self.config.pooling == "first":
-            return x[:, 0]
+        pooled = self.config.pooling != "mean"
+        blocks = list(self.blocks)
+        for blk in blocks[:-1] if pooled else blocks:
+            x = self._run(blk, x, key_mask)
         if self.config.pooling == "mean":
+            x = self.ln_final(x)
             m = attention_mask.to(x.dtype).unsqueeze(-1)
             return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
-        last = attention_mask.long().sum(1).clamp_min(1) - 1  # the EOS token (or the last kept token)
-        return x[torch.arange(x.shape[0], device=x.device), last]
+        if self.config.pooling == "first":
+            at = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        else:  # the EOS token (or the last kept token)
+            at = attention_mask.long().sum(1).clamp_min(1) - 1
+        if not blocks:
+            return self.ln_final(x[torch.arange(x.shape[0], device=x.device), at])
+        return self.ln_final(self._run(blocks[-1].forward_at, x, key_mask, at))
+
+    def _run(self, fn, *args):
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def save(self, directory: Path) -> dict:
         directory.mkdir(parents=True, exist_ok=True)
