@@ -35,3 +35,25 @@ def test_optimizers_respect_multipliers_and_locking(tiny_model, name):
     assert {g["name"]: g["lr"] for g in opt.param_groups}["image"] == pytest.approx(1e-4)
     locked = build_optimizer(tiny_model("Lu"), OptimSection(name=name))
     assert not any(g["name"].startswith("image") for g in locked.param_groups)
+
+
+def test_adam_runs_fused_on_the_cpu_with_the_unfused_update(tiny_model, monkeypatch):
+    """Adam and AdamW take torch's fused kernel for CPU parameters; a step moves the weights as the
+    unfused optimiser does, to rounding."""
+    a, b = tiny_model("Uu").double(), tiny_model("Uu").double()  # float64: no rounding noise for Adam to amplify
+    b.load_state_dict(a.state_dict())
+    for name in ("adamw", "adam"):
+        cfg = OptimSection(name=name, lr=1e-2, weight_decay=0.1)
+        fused = build_optimizer(a, cfg)
+        assert all(g["fused"] for g in fused.param_groups)
+        with monkeypatch.context() as m:
+            m.setattr("littune.optim._fused", lambda groups: {})
+            plain = build_optimizer(b, cfg)  # the same groups, rates and weight decays
+        assert not any(g["fused"] for g in plain.param_groups)
+        for _ in range(3):
+            for model, opt in ((a, fused), (b, plain)):
+                opt.zero_grad()
+                sum(p.square().sum() for p in model.parameters()).backward()
+                opt.step()
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(p, q, rtol=1e-10, atol=1e-12)
