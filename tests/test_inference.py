@@ -90,6 +90,29 @@ def test_encode_texts_dedups_sorts_and_pads_to_longest_without_changing_embeddin
     assert torch.equal(got[1], got[3]) and torch.equal(got[0], got[6])
 
 
+def test_encode_texts_batches_texts_by_their_token_counts_across_chunks(tiny_model, monkeypatch):
+    """Texts are tokenized a chunk at a time and batched by token count, not characters (a script
+    may take several tokens a character): each batch is cut to its own longest text, and the rows
+    still equal each text's full-context forward, in the caller's order, across chunk borders."""
+    model = tiny_model().eval()
+    monkeypatch.setattr("littune.embeddings.TOKENIZE_CHUNK", 5)
+    texts = ["猫猫猫猫", "a red apple on a table", "cat", "ünïcödé ünïcödé", "dog", "🦄🦄", "a cat", "mat", "x"]
+    shapes, encode = [], model.encode_text
+
+    def spy(input_ids, attention_mask):
+        shapes.append((input_ids.shape[1], int(attention_mask.sum(1).max()), int(attention_mask.sum(1).min())))
+        return encode(input_ids, attention_mask)
+
+    monkeypatch.setattr(model, "encode_text", spy)
+    got = model.encode_texts(texts, batch_size=2)
+    assert len(shapes) == 5  # 9 distinct texts: chunks of 5 and 4, batches of 2: 3 + 2
+    assert all(width == longest for width, longest, _ in shapes)
+    monkeypatch.setattr(model, "encode_text", encode)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model.encode_text(**model.tokenize(texts)).float(), dim=-1)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_classify_probabilities(tiny_model, tmp_path):
     model = tiny_model()
     imgs = [solid(rgb) for rgb in COLOURS.values()]

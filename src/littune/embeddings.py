@@ -279,21 +279,46 @@ def text_embeddings(model, texts: Sequence[str], batch_size: int = 256, progress
     if bad:
         raise LittuneError(f"texts must be strings, got {type(bad[0]).__name__} ({bad[0]!r})")
     _check_batch_size(batch_size)
-    # Each distinct text is encoded once (shared captions, repeated labels), in order of length so that
-    # a batch pads little; the rows come back in the caller's order.
+    # Each distinct text is encoded once (shared captions, repeated labels), in batches of texts with
+    # about as many tokens (:func:`_token_batches`), so that a batch pads little; the rows come back
+    # in the caller's order.
     unique = sorted(set(texts), key=lambda t: (len(t), t))
     device = model_device(model)
-    out = []
+    out, rows = [], []
     bar = _progress(len(unique), "text") if progress else None
     with evaluating(model):
-        for idx in _batches(len(unique), batch_size):
-            toks = {k: v.to(device) for k, v in model.tokenize(unique[idx.start:idx.stop], padding="longest").items()}
-            out.append(model.encode_text(**toks).float().cpu())
+        for idx, toks in _token_batches(model, unique, batch_size):
+            out.append(model.encode_text(**{k: v.to(device) for k, v in toks.items()}).float().cpu())
+            rows.append(idx)
             if bar is not None:
                 bar.update(len(idx))
     if bar is not None:
         bar.close()
     if not out:
         return torch.empty(0, model.config.embed_dim)
+    emb = torch.empty(len(unique), out[0].shape[1])
+    emb[torch.cat(rows)] = torch.cat(out)
     where = {t: i for i, t in enumerate(unique)}
-    return torch.cat(out)[torch.tensor([where[t] for t in texts], dtype=torch.long)]
+    return emb[torch.tensor([where[t] for t in texts], dtype=torch.long)]
+
+
+#: texts tokenized at once by :func:`_token_batches` (then sorted by their token counts)
+TOKENIZE_CHUNK = 8192
+
+
+def _token_batches(model, texts: list[str], batch_size: int) -> Iterator[tuple[torch.Tensor, dict]]:
+    """``(rows, tokens)`` batches of ``texts``: ``TOKENIZE_CHUNK`` texts are tokenized at once, sorted
+    by their token counts (characters say little across scripts: a Thai or Bengali name takes two or
+    three tokens a character, a Latin one a token a word), and cut into batches of ``batch_size``,
+    each cut to its own longest text (what tokenizing the batch alone with ``padding="longest"``
+    gives: a text's tokens do not depend on the others)."""
+    side = getattr(getattr(getattr(model, "text_tower", None), "tokenizer", None), "padding_side", "right")
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        toks = model.tokenize(texts[start:start + TOKENIZE_CHUNK], padding="longest")
+        lengths = toks["attention_mask"].sum(1)
+        order = torch.argsort(lengths, stable=True)
+        for b in range(0, len(order), batch_size):
+            rows = order[b:b + batch_size]
+            width = max(int(lengths[rows].max()), 1)
+            cols = slice(None, width) if side == "right" else slice(-width, None)
+            yield rows + start, {k: v[rows][:, cols] for k, v in toks.items()}
