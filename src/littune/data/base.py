@@ -132,10 +132,22 @@ def file_stamp(path: str) -> list[int]:
 
 
 class RecordGrouper:
-    """Merge records that name the same image, keeping first-appearance order."""
+    """Merge records that name the same image, keeping first-appearance order. ``base``: the folder
+    that relative image paths of :meth:`add_row` are resolved against."""
 
-    def __init__(self):
+    def __init__(self, base: Path | None = None):
         self.by_key: dict[str, Record] = {}
+        self.base = base
+        self._seen: dict[str, set[str]] = {}  # each record's captions, for the duplicate check
+        self._spelling: dict[str, str] = {}  # an image as a row writes it -> its key
+
+    def add_row(self, image: str, captions: list[str], langs: list[str] | None = None) -> None:
+        """:meth:`add` for a table row naming ``image`` as written: the key is normalised once per
+        spelling and the path resolved once per image (a caption table has a row per caption)."""
+        key = self._spelling.get(image)
+        if key is None:
+            key = self._spelling[image] = normalise_key(image)
+        self.add(key, captions, langs, **({} if key in self.by_key else {"path": resolve_path(self.base, key)}))
 
     def add(self, key: str, captions: list[str], langs: list[str] | None = None, **where: Any) -> None:
         """Add an image's captions (``langs``: their languages, parallel; a caption already there keeps
@@ -143,9 +155,10 @@ class RecordGrouper:
         rec = self.by_key.get(key)
         if rec is None:
             rec = self.by_key[key] = Record(key=key, **where)
+            self._seen[key] = set(rec.captions)
         if langs is not None and len(rec.langs) < len(rec.captions):  # earlier rows named no language
             rec.langs.extend([""] * (len(rec.captions) - len(rec.langs)))
-        seen = set(rec.captions)
+        seen = self._seen[key]
         for k, c in enumerate(captions):
             if c not in seen:
                 seen.add(c)

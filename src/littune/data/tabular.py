@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ConfigError, LittuneError
-from .base import RecordGrouper, Source, clean_captions, file_digest, normalise_key, resolve_path
+from .base import RecordGrouper, Source, clean_captions, file_digest
 from .records import Record
 
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_path", "path", "file", "filename", "file_name", "img")
@@ -93,7 +93,7 @@ class CSVSource(_TabularSource):
         path, o = self.path, self.options
         delimiter = o.get("delimiter") or ("\t" if path.lower().endswith((".tsv", ".tab")) else ",")
         base, sep = self._image_base(), o.get("caption_sep")
-        group, rows, bad = RecordGrouper(), 0, 0
+        group, rows, bad = RecordGrouper(base), 0, 0
         with self._open(newline="") as f:
             reader = csv.reader(f, delimiter=delimiter)
             ii, ci, li = self._columns(reader)
@@ -111,8 +111,7 @@ class CSVSource(_TabularSource):
                         continue
                     caps = clean_captions([row[ci]] if ci is not None and ci < len(row) else [], sep)
                     langs = None if li is None else [row[li].strip() if li < len(row) else ""] * len(caps)
-                    image = normalise_key(image)
-                    group.add(image, caps, langs, path=resolve_path(base, image))
+                    group.add_row(image, caps, langs)
             except csv.Error as e:
                 raise LittuneError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
         self._check_decoded(rows, bad)
@@ -147,7 +146,7 @@ class JSONLSource(_TabularSource):
     def _load(self) -> list[Record]:
         path, o = self.path, self.options
         base, unlabeled = self._image_base(), self._unlabeled()
-        group, rows, bad = RecordGrouper(), 0, 0
+        group, rows, bad = RecordGrouper(base), 0, 0
         img_key, cap_key, lang_key = o.get("image_column"), o.get("caption_column"), o.get("lang_column")
         with self._open() as f:
             for n, line in enumerate(f, 1):
@@ -170,8 +169,7 @@ class JSONLSource(_TabularSource):
                     continue
                 caps = [] if unlabeled else clean_captions([obj.get(cap_key)], o.get("caption_sep"))
                 langs = _row_langs(obj, lang_key, obj.get(cap_key), caps, f"{path}:{n}") if lang_key else None
-                image = normalise_key(image.strip())
-                group.add(image, caps, langs, path=resolve_path(base, image))
+                group.add_row(image.strip(), caps, langs)
         self._check_decoded(rows, bad)
         return group.records()
 
