@@ -41,9 +41,11 @@ def write_mix(path: Path, parts: list[Path]) -> int:
     w.writerow(["image", "caption", "lang"])
     for part in parts:
         rel = Path(part).parent.resolve().relative_to(path.parent.resolve())
+        moved: dict[str, str] = {}  # each image once: its captions are a row each
         with open(part, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
-                w.writerow([(rel / row["image"]).as_posix(), row["caption"], row.get("lang", "")])
+                image = moved.get(row["image"]) or moved.setdefault(row["image"], (rel / row["image"]).as_posix())
+                w.writerow([image, row["caption"], row.get("lang", "")])
                 n += 1
     if not path.is_file() or path.read_text(encoding="utf-8") != buf.getvalue():
         atomic_write(path, buf.getvalue())
