@@ -175,5 +175,7 @@ def render_svg(svg: str | bytes, size: int = 224, fonts: bool = False,
 
 def save_png(img: Image.Image, path: str | Path) -> None:
     """Write a PNG atomically (:func:`littune.fileio.atomic_write`) with fixed, deterministic encoder settings.
-    Not fsync'ed (as before the move to fileio): thousands of renders that can be redone would pay ~5 ms each."""
-    atomic_write(path, lambda f: img.save(f, format="PNG", optimize=False, compress_level=6), durable=False)
+    Not fsync'ed (as before the move to fileio): thousands of renders that can be redone would pay ~5 ms each.
+    zlib level 1: a 224 px emoji encodes in 1.7 ms instead of 3.0 (level 6) and decodes a little faster,
+    for files 15% larger; the pixels are the same (PNG is lossless), so PNGs drawn at level 6 stay valid."""
+    atomic_write(path, lambda f: img.save(f, format="PNG", optimize=False, compress_level=1), durable=False)
