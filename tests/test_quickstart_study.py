@@ -263,3 +263,17 @@ def test_delayed_unlocking_setting_holds_the_image_tower_for_half_the_steps_then
     with pytest.raises(LittuneError, match="invalid tower setting 'Lu>U'.*also runs Lu-Uu") as e:
         study.study_setting("Lu>U")
     assert "\n" not in str(e.value)
+
+
+def test_an_openclipart_build_that_fails_beside_the_emoji_raises_its_own_error(prepared, tmp_path):
+    """The Openclipart build runs in a second process beside the emoji build; its error reaches the
+    main job as the one-line error it raised there, after the emoji build is done."""
+    from littune.errors import LittuneError
+    from littune.quickstart_data import prepare_mix
+
+    root, _, opts = prepared
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(LittuneError, match="no-such-folder"):
+        prepare_mix(root / "out", False, tower=SPEC, progress=False,
+                    **{**opts, "clipart": {"source": missing, "size": SIZE, "workers": 1}})
+    assert (root / "out" / "data" / "emoji-all-langs" / "train.csv").is_file()

@@ -66,12 +66,13 @@ def job_digest(job: RenderJob, size: int) -> str:
 
 
 def render_all(jobs: Sequence[RenderJob], size: int, stamp: Path, workers: int | None = None,
-               desc: str = "rendering") -> tuple[dict[str, str], dict[str, str]]:
+               desc: str = "rendering", progress: bool = True) -> tuple[dict[str, str], dict[str, str]]:
     """Render every job whose PNG is missing or was drawn from something else, in parallel.
 
     ``stamp`` (a JSON file) records, for each key, a digest of the SVG and settings its PNG was
     drawn from, so a second run re-renders only what changed. Returns ``(done, failed)``: key ->
-    renderer (``"cached"`` for PNGs reused), and key -> error message. Progress goes to stderr.
+    renderer (``"cached"`` for PNGs reused), and key -> error message. Progress goes to stderr
+    (``progress=False``: no bar, for a build running beside another).
     """
     digests, done, failed, todo = _plan(jobs, size, read_json(stamp).get("digests", {}))
     if todo:
@@ -80,7 +81,7 @@ def render_all(jobs: Sequence[RenderJob], size: int, stamp: Path, workers: int |
         require_renderer()
     try:
         if todo:
-            _draw(todo, size, workers, desc, done, failed)
+            _draw(todo, size, workers, desc if progress else None, done, failed)
     finally:  # record what is on disk now, also after an interruption
         write_json(stamp, {"size": size, "digests": {k: digests[k] for k in sorted(done)}})
     return done, failed
@@ -106,16 +107,17 @@ def _plan(jobs: Sequence[RenderJob], size: int, old: dict[str, str]):
     return digests, done, failed, todo
 
 
-def _draw(todo: Sequence[RenderJob], size: int, workers: int | None, desc: str,
+def _draw(todo: Sequence[RenderJob], size: int, workers: int | None, desc: str | None,
           done: dict[str, str], failed: dict[str, str]) -> None:
-    """Render ``todo`` in up to ``workers`` processes (at least 8 jobs each), filling ``done`` and ``failed``."""
+    """Render ``todo`` in up to ``workers`` processes (at least 8 jobs each), filling ``done`` and ``failed``
+    (a progress bar named ``desc``; None: no bar)."""
     from tqdm import tqdm
 
     workers = default_workers() if workers is None else max(1, int(workers))
     workers = min(workers, max(1, len(todo) // 8))
     args = [(j, size) for j in todo]
     bar = tqdm(total=len(todo), desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
-               disable=None, mininterval=0.5)
+               disable=None if desc is not None else True, mininterval=0.5)
     pool = None
     try:
         if workers <= 1:

@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +38,7 @@ class ClipartOptions:
     workers: int | None
     formats: list[str]
     shard_size: int
+    progress: bool = True  # the rendering's progress bar
 
 
 def check_options(size: int, seed: int, fractions: Sequence[float], limit: int | None, workers: int | None,
@@ -62,7 +63,7 @@ def draw(out: Path, clips: list[Clip], root: Path, opts: ClipartOptions, n_skipp
     log(f"openclipart: {len(clips)} usable drawings of {len(clips) + n_skipped} files "
         f"({sum(1 for j in jobs if Path(j.out).is_file())} on disk)")
     done, failed = render_all(jobs, opts.size, out / "images" / ".render.json", workers=opts.workers,
-                              desc="openclipart")
+                              desc="openclipart", progress=opts.progress)
     by_id = {c.id: c for c in clips}
     for cid, err in sorted(failed.items()):
         skipped.append((by_id[cid].path.relative_to(root).as_posix(), f"render failed: {err}"))
@@ -152,16 +153,18 @@ def clipart_manifest(opts: ClipartOptions, root: Path, n_files: int, clips: Sequ
 def build_openclipart(out: str | Path, *, source: str | Path | None = None, size: int = 224, seed: int = 0,
                       fractions: Sequence[float] = (0.8, 0.1, 0.1), limit: int | None = None,
                       workers: int | None = None, formats: Sequence[str] = ("csv",),
-                      cache: str | Path | None = None, shard_size: int = 1000, log=None) -> dict:
+                      cache: str | Path | None = None, shard_size: int = 1000, log=None,
+                      progress: bool = True) -> dict:
     """Build the Openclipart dataset in ``out`` and return its manifest (also in manifest.json).
 
     ``source``: an SVG folder, an unpacked package, or an ``openclipart-svg_*.deb`` (default:
     fetched with apt-get into the cache); ``fractions``: train/val/test shares; ``limit``: keep only
-    this many usable drawings (a seeded choice) for a quick build. Idempotent.
+    this many usable drawings (a seeded choice) for a quick build; ``progress=False``: no progress
+    bar. Idempotent.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.time()
-    opts = check_options(size, seed, fractions, limit, workers, formats, shard_size)
+    opts = replace(check_options(size, seed, fractions, limit, workers, formats, shard_size), progress=progress)
     out = prepare_out(out, "openclipart")
     root = find_svg_root(fetch_source(source, cache_dir(cache), log))
     clips, skipped, n_files = scan(root)
