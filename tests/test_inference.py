@@ -113,6 +113,28 @@ def test_encode_texts_batches_texts_by_their_token_counts_across_chunks(tiny_mod
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_text_embeddings_with_a_memo_encode_a_text_shared_by_two_calls_once(tiny_model, monkeypatch):
+    """Validation and the per-language evaluation pass one memo to every call: a text already
+    encoded is not encoded again, and the rows equal those of calls without it."""
+    from littune.embeddings import text_embeddings
+
+    model = tiny_model().eval()
+    first, second = ["a red apple", "cat", "a cat on a mat"], ["cat", "dog", "a red apple", "dog"]
+    want = [text_embeddings(model, first), text_embeddings(model, second)]
+    encoded, encode = [], model.encode_text
+
+    def spy(input_ids, attention_mask):
+        encoded.append(input_ids.shape[0])
+        return encode(input_ids, attention_mask)
+
+    monkeypatch.setattr(model, "encode_text", spy)
+    memo: dict = {}
+    got = [text_embeddings(model, first, memo=memo), text_embeddings(model, second, memo=memo)]
+    assert sum(encoded) == 4 and set(memo) == set(first) | set(second)  # "dog" is the only new text
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+    assert text_embeddings(model, [], memo=memo).shape == (0, want[0].shape[1])
+
+
 def test_classify_probabilities(tiny_model, tmp_path):
     model = tiny_model()
     imgs = [solid(rgb) for rgb in COLOURS.values()]

@@ -272,8 +272,11 @@ def cached_image_embeddings(model, cache, rows: Sequence[int] | None = None, bat
 
 
 # -- texts -----------------------------------------------------------------------------------------
-def text_embeddings(model, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-    """``(len(texts), D)`` L2-normalised text embeddings (a text that repeats is encoded once)."""
+def text_embeddings(model, texts: Sequence[str], batch_size: int = 256, progress: bool = False,
+                    memo: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``(len(texts), D)`` L2-normalised text embeddings (a text that repeats is encoded once).
+    ``memo``: text -> embedding of texts already encoded by this model (read, and filled with the new
+    ones), so that several calls in one evaluation encode a text shared between them once."""
     texts = list(texts)
     bad = [t for t in texts if not isinstance(t, str)]
     if bad:
@@ -282,7 +285,7 @@ def text_embeddings(model, texts: Sequence[str], batch_size: int = 256, progress
     # Each distinct text is encoded once (shared captions, repeated labels), in batches of texts with
     # about as many tokens (:func:`_token_batches`), so that a batch pads little; the rows come back
     # in the caller's order.
-    unique = sorted(set(texts), key=lambda t: (len(t), t))
+    unique = sorted(set(texts).difference(memo or ()), key=lambda t: (len(t), t))
     device = model_device(model)
     out, rows = [], []
     bar = _progress(len(unique), "text") if progress else None
@@ -294,12 +297,14 @@ def text_embeddings(model, texts: Sequence[str], batch_size: int = 256, progress
                 bar.update(len(idx))
     if bar is not None:
         bar.close()
-    if not out:
-        return torch.empty(0, model.config.embed_dim)
-    emb = torch.empty(len(unique), out[0].shape[1])
-    emb[torch.cat(rows)] = torch.cat(out)
-    where = {t: i for i, t in enumerate(unique)}
-    return emb[torch.tensor([where[t] for t in texts], dtype=torch.long)]
+    emb = torch.empty(len(unique), out[0].shape[1] if out else model.config.embed_dim)
+    if out:
+        emb[torch.cat(rows)] = torch.cat(out)
+    if memo is None:
+        where = {t: i for i, t in enumerate(unique)}
+        return emb[torch.tensor([where[t] for t in texts], dtype=torch.long)]
+    memo.update(zip(unique, emb))
+    return torch.stack([memo[t] for t in texts]) if texts else emb[:0]
 
 
 #: texts tokenized at once by :func:`_token_batches` (then sorted by their token counts)

@@ -25,15 +25,16 @@ def class_labels(cache, classnames_file: str | None = None) -> tuple[list[str], 
     return folder_labels([cache.key(i) for i in range(len(cache))], classnames_file)
 
 
-def zeroshot_on_cache(model, cache, classnames_file=None, templates="short") -> dict:
-    """``acc1``, ``acc5`` and ``mean_per_class_recall`` on the images of an opened embedding cache."""
+def zeroshot_on_cache(model, cache, classnames_file=None, templates="short", memo: dict | None = None) -> dict:
+    """``acc1``, ``acc5`` and ``mean_per_class_recall`` on the images of an opened embedding cache
+    (``memo``: see :func:`littune.embeddings.text_embeddings`)."""
     names, labels = class_labels(cache, classnames_file)
-    classifier = zeroshot_classifier(model, names, load_templates(templates)).float().cpu()
+    classifier = zeroshot_classifier(model, names, load_templates(templates), memo=memo).float().cpu()
     logits = cached_image_embeddings(model, cache) @ classifier.t()
     return zeroshot_metrics(logits, labels)
 
 
-def retrieval_on_cache(model, cache, group_by_folder: bool = False) -> dict:
+def retrieval_on_cache(model, cache, group_by_folder: bool = False, memo: dict | None = None) -> dict:
     """Recall@K both ways; ``group_by_folder``: images in one folder share their captions (one
     concept in several designs), so any of them answers a caption (see ``retrieval_ranks``)."""
     texts, owner = [], []
@@ -41,7 +42,7 @@ def retrieval_on_cache(model, cache, group_by_folder: bool = False) -> dict:
         for c in cache.captions(i):
             texts.append(c)
             owner.append(i)
-    txt = text_embeddings(model, texts, batch_size=512)  # captions shared by a concept's designs: encoded once
+    txt = text_embeddings(model, texts, batch_size=512, memo=memo)  # captions shared by a concept's designs: encoded once
     groups = None
     if group_by_folder:
         folders = [str(Path(cache.key(i)).parent) for i in range(len(cache))]
@@ -54,19 +55,20 @@ def run_validation(model, val_cfg, device=None) -> dict:
     """``{name: metrics}`` for every zero-shot and retrieval set in the ``val`` section.
 
     The embeddings are computed on the model's own device; ``device`` is accepted for the trainer's
-    call and not needed.
+    call and not needed. A text that several sets share (the class names of two splits, a caption of
+    two retrieval sets) is encoded once.
     """
     from .cache import EmbeddingCache
 
-    results = {}
+    results, memo = {}, {}
     for item in val_cfg.zeroshot:
         cache = EmbeddingCache.open(item["cache"])
         cache.check(tower_fingerprint=model.image_fingerprint)
         results[item.get("name", Path(item["cache"]).name)] = zeroshot_on_cache(
-            model, cache, item.get("classnames"), item.get("templates", "short"))
+            model, cache, item.get("classnames"), item.get("templates", "short"), memo)
     for item in val_cfg.retrieval:
         cache = EmbeddingCache.open(item["cache"])
         cache.check(tower_fingerprint=model.image_fingerprint)
         results[item.get("name", Path(item["cache"]).name)] = retrieval_on_cache(
-            model, cache, bool(item.get("group_by_folder", False)))
+            model, cache, bool(item.get("group_by_folder", False)), memo)
     return results

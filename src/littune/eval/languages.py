@@ -35,12 +35,12 @@ def _split_images(model, data_dir: Path, split: str, cache: Path):
     return emb, [r.key for r in data.records]
 
 
-def _zeroshot(model, emb, keys: list[str], names_file: Path) -> tuple[float, float]:
+def _zeroshot(model, emb, keys: list[str], names_file: Path, memo: dict | None = None) -> tuple[float, float]:
     from .sets import folder_labels
     from .zeroshot import zeroshot_classifier, zeroshot_metrics
 
     names, labels = folder_labels(keys, names_file)
-    weights = zeroshot_classifier(model, names, ["{}"]).float().cpu()
+    weights = zeroshot_classifier(model, names, ["{}"], memo=memo).float().cpu()
     return zeroshot_metrics(emb @ weights.T, labels)["acc1"], 1 / len(names)
 
 
@@ -52,7 +52,7 @@ def _has_rows(table: Path) -> bool:
         return bool(f.readline()) and bool(f.readline().strip())
 
 
-def _retrieval(model, emb, split_keys: Sequence[str], table: Path) -> float | None:
+def _retrieval(model, emb, split_keys: Sequence[str], table: Path, memo: dict | None = None) -> float | None:
     from ..embeddings import text_embeddings
     from .retrieval import retrieval_metrics
     from .sets import folder_labels, open_retrieval
@@ -64,7 +64,7 @@ def _retrieval(model, emb, split_keys: Sequence[str], table: Path) -> float | No
     _, groups = folder_labels(keys)
     row = {k: i for i, k in enumerate(split_keys)}
     sub = emb[[row[k] for k in keys]]
-    txt = text_embeddings(model, data.texts)
+    txt = text_embeddings(model, data.texts, memo=memo)
     return retrieval_metrics(sub, txt, data.text_to_image, image_groups=groups)["image_retrieval_recall@1"]
 
 
@@ -78,12 +78,13 @@ def language_scores(model, data_dir: Path, caches: dict[str, Path], langs: Seque
     rows = []
     for lang in langs:
         row: dict = {"lang": lang}
+        memo: dict = {}  # the held-out concepts' names are also names of the held-out designs
         for s in ZS_SPLITS:
             names_file, _ = language_files(data_dir / "eval", s, lang)
-            row[f"{s}_acc1"], row[f"{s}_chance"] = _zeroshot(model, *images[s], names_file)
+            row[f"{s}_acc1"], row[f"{s}_chance"] = _zeroshot(model, *images[s], names_file, memo)
             row[f"{s}_english_names"] = (english_names or {}).get(s, {}).get(lang, 0)
         _, table = language_files(data_dir / "eval", RT_SPLIT, lang)
-        row[f"{RT_SPLIT}_t2i_r1"] = _retrieval(model, *images[RT_SPLIT], table)
+        row[f"{RT_SPLIT}_t2i_r1"] = _retrieval(model, *images[RT_SPLIT], table, memo)
         row[f"{RT_SPLIT}_t2i_chance"] = 1 / len(set(Path(k).parent.name for k in images[RT_SPLIT][1]))
         if row[f"{RT_SPLIT}_t2i_r1"] is None:
             row["skipped"] = f"no {RT_SPLIT} caption in {lang}"

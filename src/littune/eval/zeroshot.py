@@ -37,10 +37,11 @@ from ..errors import LittuneError
 from .templates import PLACEHOLDER, fill
 
 
-def zeroshot_classifier(model, classnames: list[str], templates: list[str], batch_size: int = 256) -> torch.Tensor:
+def zeroshot_classifier(model, classnames: list[str], templates: list[str], batch_size: int = 256,
+                        memo: dict | None = None) -> torch.Tensor:
     """``(C, D)`` class weights on the model's device: per class, the mean of the L2-normalised
     embeddings of its filled templates, renormalised. Runs without gradients in eval mode and
-    restores the model's mode afterwards."""
+    restores the model's mode afterwards. ``memo``: see :func:`littune.embeddings.text_embeddings`."""
     classnames = [str(c) for c in classnames]
     templates = list(templates)
     if not classnames:
@@ -51,7 +52,7 @@ def zeroshot_classifier(model, classnames: list[str], templates: list[str], batc
     if missing:
         raise LittuneError(f"template {missing[0]!r} has no '{{}}' for the class name")
     texts = [fill(t, c) for c in classnames for t in templates]
-    emb = text_embeddings(model, texts, batch_size=batch_size)  # already normalised per text
+    emb = text_embeddings(model, texts, batch_size=batch_size, memo=memo)  # already normalised per text
     emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(emb, dim=-1).to(model_device(model))
 
