@@ -264,8 +264,13 @@ def memory_check(tmp: Path, rows: list[int], batch: int, steps: int, limit_mb: f
 def text_flops(length: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
     """Forward FLOPs of the text transformer on one sequence of ``length`` tokens: the matmuls of the
     q/k/v, output and MLP projections (2 (3 + 1 + 2 mlp_ratio) width^2 a token) and of attention
-    (scores and mix, 4 width length^2) in each layer."""
-    return depth * ((8 + 4 * mlp_ratio) * width ** 2 * length + 4 * width * length ** 2)
+    (scores and mix, 4 width length^2) in each layer but the last; the last computes the pooled token
+    alone (``Block.forward_at``): keys and values of every token (4 width^2 length), then the query,
+    the output projection and the MLP of one token (2 (2 + 2 mlp_ratio) width^2) and its attention
+    (4 width length)."""
+    full = (8 + 4 * mlp_ratio) * width ** 2 * length + 4 * width * length ** 2
+    last = 4 * width ** 2 * length + (4 + 4 * mlp_ratio) * width ** 2 + 4 * width * length
+    return (depth - 1) * full + last if depth else 0.0
 
 
 def _bare_batches(cache: str, text, batch: int, n: int, buckets: int, device):
@@ -308,7 +313,7 @@ def child_bare(cache: str, tokenizer: str, batch: int, steps: int, buckets: int)
     head_t = torch.nn.Linear(spec["width"], 512).to(device)
     scale = torch.nn.Parameter(torch.tensor(2.3, device=device))
     params = [*text.parameters(), *head_i.parameters(), *head_t.parameters(), scale]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=device.type in ("cpu", "cuda"))  # as the trainer's (littune.optim)
     loss_fn = ContrastiveLoss()
 
     def step(feats, groups, inverse):
