@@ -21,6 +21,13 @@ def test_tokenizer_handles_any_script():
         train_tokenizer(CAPTIONS, kind="wordpiece")
 
 
+def test_training_a_tokenizer_writes_nothing_to_a_stdout_that_is_not_a_terminal(capfd):
+    """The tokenizer trainer's progress bar wrote blank lines into piped output (a log, `| tee`)."""
+    for kind in ("bpe", "unigram"):
+        train_tokenizer(CAPTIONS, vocab_size=100, kind=kind)
+    assert capfd.readouterr().out == ""
+
+
 def test_text_transformer_shapes_padding_and_pooling():
     for pooling in ("last", "mean", "first"):
         tower = build_text_tower({"type": "transformer", "width": 32, "depth": 2, "heads": 4, "context_length": 12,

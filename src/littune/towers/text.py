@@ -16,6 +16,7 @@ attention_mask) -> (B, D)``, ``dim`` and ``save(dir)`` (config + tokenizer; weig
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -33,6 +34,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, kind: str = "b
 
     NFKC + lower-casing, then byte-level BPE (never an unknown token, any script) or Unigram
     (Metaspace pre-tokenizer, SentencePiece-style). Every sequence becomes ``<s> ... </s>``.
+    The trainer's progress bar shows on a terminal only (elsewhere it wrote blank lines to stdout).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -44,14 +46,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, kind: str = "b
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=_terminal(),
         )
     elif kind == "unigram":
         tok = Tokenizer(models.Unigram())
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
         trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                          unk_token=SPECIAL_TOKENS["unk_token"])
+                                          unk_token=SPECIAL_TOKENS["unk_token"], show_progress=_terminal())
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}; use 'bpe' or 'unigram'")
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -61,6 +63,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, kind: str = "b
         single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))]
     )
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def _terminal() -> bool:
+    """Whether stdout is a terminal (where the tokenizer trainer draws its progress bar)."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
 
 
 class TextTower(nn.Module):
