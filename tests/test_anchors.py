@@ -20,11 +20,8 @@ LABELS = {0: "red, crimson", 1: "green", 2: "blue", 3: "yellow", 4: "black", 5: 
 
 
 def vit_classifier(folder: Path) -> Path:
-    """A tiny Hugging Face image-classification folder (ViT + an 8-class head with id2label).
-
-    The pooler a classification checkpoint lacks is stored too: transformers would initialise it at
-    random on every load, and the tower's fingerprint would change between processes."""
-    from safetensors.torch import load_file, save_file
+    """A tiny Hugging Face image-classification folder (ViT + an 8-class head with id2label), saved as
+    transformers saves it: without a base-model pooler (the tower zeroes the one AutoModel adds)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
@@ -32,9 +29,6 @@ def vit_classifier(folder: Path) -> Path:
                     label2id={v: k for k, v in LABELS.items()})
     torch.manual_seed(0)
     ViTForImageClassification(cfg).save_pretrained(folder)
-    state = load_file(str(folder / "model.safetensors"))
-    state["vit.pooler.dense.weight"], state["vit.pooler.dense.bias"] = torch.eye(24), torch.zeros(24)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"size": 32, "do_center_crop": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
     return folder

@@ -66,6 +66,30 @@ def _tiny_vit(tmp_path):
     return ViTModel.from_pretrained(tmp_path).eval()
 
 
+def test_hf_classifier_checkpoint_tower_has_the_same_fingerprint_at_every_build(tmp_path):
+    """An image classifier's checkpoint has no base-model pooler, which AutoModel fills at random: its
+    weights are zeroed when the pooling never reads them, so two builds agree (the cache is not stale)
+    and the features are the classifier's own backbone output; `#pooler` of it is a one-line error."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from littune.errors import LittuneError
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=48, num_labels=3)
+    torch.manual_seed(0)
+    clf = ViTForImageClassification(cfg).eval()
+    clf.save_pretrained(tmp_path)
+    a, b = build_image_tower(f"hf:{tmp_path}"), build_image_tower(f"hf:{tmp_path}#mean")
+    assert a.fingerprint() == build_image_tower(f"hf:{tmp_path}").fingerprint()
+    assert b.fingerprint() == build_image_tower(f"hf:{tmp_path}#mean").fingerprint()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = clf.vit(pixel_values=x).last_hidden_state
+        assert torch.equal(a.eval()(x), h[:, 0])
+    with pytest.raises(LittuneError, match="no trained pooler"):
+        build_image_tower(f"hf:{tmp_path}#pooler")
+
+
 def test_hf_vision_tower_matches_model_output(tmp_path):
     ref = _tiny_vit(tmp_path)
     x = torch.randn(2, 3, 32, 32)

@@ -188,13 +188,33 @@ class HFVisionTower(ImageTower):
             config = AutoConfig.from_pretrained(source, local_files_only=offline)
             self._preprocessor_config = (_read_json(folder / "preprocessor_config.json") if local
                                          else _hub_preprocessor_config(source))
-            self.net = (AutoModel.from_pretrained(source, local_files_only=offline) if pretrained
-                        else AutoModel.from_config(config))
+            if pretrained:
+                self.net, info = AutoModel.from_pretrained(source, local_files_only=offline, output_loading_info=True)
+                self._settle_untrained_pooler(info.get("missing_keys", []), str(path))
+            else:
+                self.net = AutoModel.from_config(config)
         except OSError as e:
             if local:
                 raise
             raise _hub_error(str(path), e) from None
         self.preprocess = _preprocess_from(self._preprocessor_config) if self._preprocessor_config else Preprocess()
+
+    def _settle_untrained_pooler(self, missing: list[str], path: str) -> None:
+        """A checkpoint saved without the base model's pooler (an image classifier's, or one saved with
+        ``add_pooling_layer=False``) gets a randomly initialised one from ``AutoModel``: a new tower
+        fingerprint at every build, so every cache read as stale. With ``cls`` or ``mean`` pooling the
+        pooler is never read, and its weights are set to zero, the same at every build; ``pooler``
+        pooling of an untrained pooler is refused."""
+        untrained = {k for k in missing if k.split(".")[0] == "pooler"}
+        if not untrained:
+            return
+        if self.pooling == "pooler":
+            raise LittuneError(f"hf:{path}#pooler: the checkpoint has no trained pooler ({sorted(untrained)[0]} "
+                               "is missing); use #cls or #mean")
+        with torch.no_grad():
+            for name, p in self.net.named_parameters():
+                if name in untrained:
+                    p.zero_()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.net(pixel_values=pixels)
