@@ -286,7 +286,7 @@ def _bare_batches(cache: str, text, batch: int, n: int, buckets: int, device):
         b = data(s)
         if buckets > 1:
             groups = length_groups(text.tokenize(b["captions"], padding="longest"), buckets,
-                                   padding_side=getattr(text.tokenizer, "padding_side", "right"))
+                                   padding_side=text.padding_side)
         else:
             groups = [(torch.arange(batch), text.tokenize(b["captions"]))]
         order = torch.cat([rows for rows, _ in groups])

@@ -317,7 +317,7 @@ def _token_batches(model, texts: list[str], batch_size: int) -> Iterator[tuple[t
     three tokens a character, a Latin one a token a word), and cut into batches of ``batch_size``,
     each cut to its own longest text (what tokenizing the batch alone with ``padding="longest"``
     gives: a text's tokens do not depend on the others)."""
-    side = getattr(getattr(getattr(model, "text_tower", None), "tokenizer", None), "padding_side", "right")
+    side = model.text_tower.padding_side
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         toks = model.tokenize(texts[start:start + TOKENIZE_CHUNK], padding="longest")
         lengths = toks["attention_mask"].sum(1)

@@ -224,8 +224,7 @@ class Trainer:
             toks = self.model.tokenize(captions)
             return self.model.encode_text(**{n: v.to(self.device) for n, v in toks.items()})
         toks = self.model.tokenize(captions, padding="longest")
-        side = getattr(getattr(self.model.text_tower, "tokenizer", None), "padding_side", "right")
-        groups = length_groups(toks, k, padding_side=side)
+        groups = length_groups(toks, k, padding_side=self.model.text_tower.padding_side)
         parts = [self.model.encode_text(**{n: v.to(self.device) for n, v in g.items()}) for _, g in groups]
         order = torch.cat([rows for rows, _ in groups])
         return torch.cat(parts)[torch.argsort(order).to(self.device)]

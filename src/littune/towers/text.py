@@ -92,6 +92,11 @@ class TextTower(nn.Module):
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    @property
+    def padding_side(self) -> str:
+        """The end :meth:`tokenize` pads (``right`` or ``left``): where a batch is cut to its longest text."""
+        return getattr(self.tokenizer, "padding_side", "right")
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
