@@ -10,24 +10,14 @@ from littune.cli import main
 from littune.errors import LittuneError
 from littune.towers.image import build_image_tower
 
-from token_net import TokenNet
+from token_net import exported
 
 PRE = {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
 
 
 @pytest.fixture
 def graph(tmp_path):
-    pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
-    net = TokenNet(saliency=True).eval()
-    path = tmp_path / "saliency.onnx"
-    try:
-        torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(path), input_names=["input_image"],
-                          output_names=["importance"], dynamic_axes={"input_image": {0: "b"}}, dynamo=False)
-    except Exception as e:  # pragma: no cover - exporter availability differs between torch builds
-        pytest.skip(f"torch.onnx.export unavailable here: {e}")
-    inner = [o for node in onnx.load(str(path)).graph.node if node.name.startswith("/norm/") for o in node.output][-1]
-    return net, path, inner
+    return exported(tmp_path / "saliency.onnx", saliency=True, input_name="input_image", output_name="importance")
 
 
 def test_cut_graph_is_the_feature_layer_alone_and_matches_the_full_graph(graph, tmp_path, capsys):

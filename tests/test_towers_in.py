@@ -17,7 +17,7 @@ from littune.towers.fingerprint import fingerprint_from_spec
 from littune.towers.image import build_image_tower, parse_image_tower
 
 from local_hub import NoSuchRepo
-from token_net import TokenNet
+from token_net import exported
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -120,18 +120,7 @@ except LittuneError as e:
 # ---------------------------------------------------------------------------------------- onnx:#output
 @pytest.fixture
 def token_onnx(tmp_path):
-    pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
-    net = TokenNet().eval()
-    path = tmp_path / "classifier.onnx"
-    try:
-        torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(path), input_names=["pixels"],
-                          output_names=["logits"], dynamic_axes={"pixels": {0: "b"}}, dynamo=False)
-    except Exception as e:  # pragma: no cover - exporter availability differs between torch builds
-        pytest.skip(f"torch.onnx.export unavailable here: {e}")
-    graph = onnx.load(str(path)).graph
-    inner = [o for node in graph.node if node.name.startswith("/norm/") for o in node.output][-1]
-    return net, path, inner
+    return exported(tmp_path / "classifier.onnx")
 
 
 PRE = {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}

