@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("resvg_py")
+pytest.importorskip("resvg")
 
 from littune.cli import main  # noqa: E402
 from littune.builders import emoji, fetch, openclipart  # noqa: E402
 from littune.builders.output import reason_and_detail  # noqa: E402
-from littune.builders.render import RenderError, available_renderers, render_svg  # noqa: E402
+from littune.builders.render import RenderError, _fit_size, available_renderers, render_svg  # noqa: E402
 from littune.errors import LittuneError  # noqa: E402
 from littune.fileio import read_skipped  # noqa: E402
 
@@ -186,6 +186,21 @@ def test_render_square_on_white_keeps_aspect_and_is_deterministic():
     assert (a[SIZE // 2, :, 0] > 200).all() and (a[SIZE // 2, :, 1] < 60).all()  # red band, full width
     again, _ = render_svg(wide, size=SIZE)
     assert again.tobytes() == img.tobytes()
+    tall = ('<svg xmlns="http://www.w3.org/2000/svg" width="20" height="40" viewBox="0 0 20 40">'
+            '<rect width="20" height="40" fill="#ff0000"/></svg>')
+    t = np.asarray(render_svg(tall, size=SIZE)[0])
+    assert (t[:, 0] == 255).all() and (t[:, -1] == 255).all() and (t[:, SIZE // 2, 0] > 200).all()  # fitted by height
+
+
+def test_fit_size_is_resvgs_width_and_height_arithmetic():
+    # tiny-skia's IntSize::scale_to_width/height: float32, rounded up; the scale per axis from the sizes
+    k = float(np.float32(224) / np.float32(36))
+    assert _fit_size(36, 36, 224, None) == (224, 224, k, k)
+    W, H, sx, sy = _fit_size(3, 1, 224, None)
+    assert (W, H) == (224, 75) and sx == float(np.float32(224) / np.float32(3)) and sy == 75.0
+    assert _fit_size(1, 3, None, 224)[:2] == (75, 224)
+    with pytest.raises(ValueError, match="empty"):
+        _fit_size(0, 10, 224, None)
 
 
 def test_render_units_crop_and_fallback():
@@ -199,8 +214,10 @@ def test_render_units_crop_and_fallback():
     if "cairosvg" in available_renderers():
         img, name = render_svg(page, size=SIZE, renderers=["cairosvg"], crop=True)
         assert name == "cairosvg" and blue(img).sum() > 0.5 * SIZE * SIZE
-    with pytest.raises(RenderError, match="resvg"):
+    with pytest.raises(RenderError, match="resvg: not well-formed XML"):
         render_svg("<svg this is not xml", size=SIZE)
+    with pytest.raises(RenderError, match="resvg: .*NoRootNode"):  # well-formed, not SVG: resvg's own error
+        render_svg("<html/>", size=SIZE)
     with pytest.raises(RenderError, match="nothing drawn"):
         render_svg('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><g/></svg>', size=SIZE)
 

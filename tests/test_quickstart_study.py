@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("resvg_py")
+pytest.importorskip("resvg")
 
 from conftest import TINY_TEXT  # noqa: E402
 from test_builders import DESIGNS, SIZE, _fake_npm, _fake_openclipart  # noqa: E402
