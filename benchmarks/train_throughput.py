@@ -6,8 +6,9 @@ EfficientNet-Lite0 (locked) + a 6-layer 384-wide text transformer, batch 64 and 
   (b) the same model with the locked image tower run on every step on decoded images
       (what open_clip's --lock-image does),
   (c) the bare compute limit: text forward + backward + loss + optimiser step on ready tensors, on the
-      same shapes as (a): the same cached features and sampled captions, tokenized and cut into the
-      same dynamic-padding groups as the trainer does (``data.text_buckets``), before the clock starts.
+      same shapes as (a): the same cached features and sampled captions, tokenized as the trainer does
+      before the clock starts (the text transformer packs: one call, no compute on padding; a tower that
+      does not is cut into the trainer's dynamic-padding groups, ``data.text_buckets``).
 
 Prints pairs/s and peak memory of each (each measured in its own process) and the ratios (a)/(c) and (a)/(b),
 then the text tower's FLOPs per pair on the real tokens (padding left out; forward + backward = 3x the
@@ -284,14 +285,18 @@ def _bare_batches(cache: str, text, batch: int, n: int, buckets: int, device):
     data, out, real, padded = CacheBatches(EmbeddingCache.open(cache), batch, 0, 1, seed=0), [], [], []
     for s in range(n):
         b = data(s)
-        if buckets > 1:
+        if text.packs:  # as the trainer: one call, padded to the longest; the tower computes no padding
+            groups = [(torch.arange(batch), text.tokenize(b["captions"], padding="longest"))]
+        elif buckets > 1:
             groups = length_groups(text.tokenize(b["captions"], padding="longest"), buckets,
                                    padding_side=text.padding_side)
         else:
             groups = [(torch.arange(batch), text.tokenize(b["captions"]))]
         order = torch.cat([rows for rows, _ in groups])
-        real += [int(x) for _, g in groups for x in g["attention_mask"].sum(1)]
-        padded += [g["input_ids"].shape[1] for _, g in groups for _ in range(g["input_ids"].shape[0])]
+        lengths = [int(x) for _, g in groups for x in g["attention_mask"].sum(1)]
+        real += lengths
+        padded += lengths if text.packs else [g["input_ids"].shape[1] for _, g in groups
+                                              for _ in range(g["input_ids"].shape[0])]
         out.append((b["image_features"].to(device), [{k: v.to(device) for k, v in g.items()} for _, g in groups],
                     torch.argsort(order).to(device)))
     return out, real, padded

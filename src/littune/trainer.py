@@ -215,11 +215,16 @@ class Trainer:
         return img.float(), txt.float()
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Text embeddings in the captions' order. With ``data.text_buckets`` k > 1 (dynamic padding) one
-        tokenization is encoded in <= k groups of similar length, each cut to its own longest (batches.
-        length_groups): the tower sees each caption alone (masked attention, no batch statistics), so the
-        embeddings are the same, the contrastive batch is still the whole batch, padding costs less."""
+        """Text embeddings in the captions' order. A tower that packs (the text transformer: no compute
+        on padding) encodes the batch in one call. Otherwise, with ``data.text_buckets`` k > 1 (dynamic
+        padding), one tokenization is encoded in <= k groups of similar length, each cut to its own
+        longest (batches.length_groups): the tower sees each caption alone (masked attention, no batch
+        statistics), so the embeddings are the same, the contrastive batch is still the whole batch,
+        padding costs less."""
         k = min(self.cfg.data.text_buckets, len(captions))
+        if self.model.text_tower.packs:  # computes no padding itself: one call, padded to the longest
+            toks = self.model.tokenize(captions, padding="longest")
+            return self.model.encode_text(**{n: v.to(self.device) for n, v in toks.items()})
         if k <= 1:
             toks = self.model.tokenize(captions)
             return self.model.encode_text(**{n: v.to(self.device) for n, v in toks.items()})
