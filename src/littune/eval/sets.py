@@ -27,6 +27,7 @@ cache of a class folder, the emoji evaluation splits).
 from __future__ import annotations
 
 import csv
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,11 +244,17 @@ def open_retrieval(spec: str | Path | dict, **options: Any) -> RetrievalSet:
     return RetrievalSet(list(records), texts, owner, source.describe(), list(source.problems))
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _folder(key: str) -> str:
+    """A key's parent folder name, kept: every language's evaluation labels the same keys again."""
+    return Path(key).parent.name
+
+
 def folder_labels(keys: Sequence[str], classnames_file: str | Path | None = None) -> tuple[list[str], list[int]]:
     """``(class names, label of each key)``: a key's class is its parent folder, classes in sorted
     folder order; display names are the folder names with ``_`` read as a space (as :func:`class_folder`
     reads them), or the lines of ``classnames_file`` (one per line, that order) when given."""
-    folders = [Path(k).parent.name for k in keys]
+    folders = [_folder(k) for k in keys]
     classes = sorted(set(folders))
     index = {c: k for k, c in enumerate(classes)}
     names = [c.replace("_", " ") for c in classes]
