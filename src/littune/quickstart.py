@@ -169,7 +169,7 @@ def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = Non
               f"--set run_dir={run_dir} ... (resolved configuration: {run_dir / 'config.yaml'})")
     cfg = load_config(overrides=train_overrides(paths, run_dir, steps, batch=batch, text_tower=text_tower,
                                                 embed_dim=embed_dim, image_tower=image_tower,
-                                                validations=2 if quick else 3, language_share=share))
+                                                validations=2, language_share=share))
     cfg.progress = progress
     if (run_dir / "results.json").is_file() and (run_dir / "model").is_dir():
         bench.say(f"train: {run_dir} is finished; reusing it (delete it to train again)")
