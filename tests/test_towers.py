@@ -246,6 +246,9 @@ def test_packed_tokens_give_the_padded_batchs_embeddings_and_gradients(pooling):
     tower.gradient_checkpointing = True
     tower.train()
     assert torch.allclose(tower(**toks), padded, rtol=1e-12, atol=1e-12)
+    # a float or bool mask (as some callers build it) reads the same
+    for mask in (toks["attention_mask"].double(), toks["attention_mask"].bool()):
+        assert torch.allclose(tower(toks["input_ids"], mask), padded, rtol=1e-12, atol=1e-12)
 
 
 def test_a_mask_that_is_not_right_padding_runs_padded():

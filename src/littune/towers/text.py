@@ -166,7 +166,7 @@ class TextTransformer(TextTower):
         """``(B, width)``: the pooled token after the final LayerNorm. Right-padded batches run packed
         (:meth:`_packed`: no compute on padding); a traced export, or a mask with holes, runs padded
         (:meth:`_padded`). Both give the same embeddings (tested in float64)."""
-        lengths = attention_mask.sum(1)
+        lengths = attention_mask.long().sum(1)
         n = input_ids.shape[1]
         if (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or not len(lengths)
                 or int(lengths.min()) < 1 or not bool((attention_mask.bool() == (torch.arange(
