@@ -222,11 +222,9 @@ class Trainer:
         statistics), so the embeddings are the same, the contrastive batch is still the whole batch,
         padding costs less."""
         k = min(self.cfg.data.text_buckets, len(captions))
-        if self.model.text_tower.packs:  # computes no padding itself: one call, padded to the longest
-            toks = self.model.tokenize(captions, padding="longest")
-            return self.model.encode_text(**{n: v.to(self.device) for n, v in toks.items()})
-        if k <= 1:
-            toks = self.model.tokenize(captions)
+        packs = self.model.text_tower.packs
+        if packs or k <= 1:  # one call: padded to the longest (computed on real tokens only), or to the context
+            toks = self.model.tokenize(captions, padding="longest" if packs else "max_length")
             return self.model.encode_text(**{n: v.to(self.device) for n, v in toks.items()})
         toks = self.model.tokenize(captions, padding="longest")
         groups = length_groups(toks, k, padding_side=self.model.text_tower.padding_side)

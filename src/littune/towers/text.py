@@ -180,6 +180,7 @@ class TextTransformer(TextTower):
         (:meth:`Block.forward_packed`). Embeddings come back in the rows' order."""
         b, n = input_ids.shape
         order = torch.argsort(lengths, stable=True)
+        back = torch.argsort(order)  # sorted rows -> the caller's order
         sorted_lengths = lengths[order]
         values, counts = torch.unique_consecutive(sorted_lengths, return_counts=True)
         runs = list(zip(counts.tolist(), values.tolist()))
@@ -193,12 +194,12 @@ class TextTransformer(TextTower):
         if self.config.pooling == "mean":
             x = self.ln_final(x)
             means = [t.view(c, m, -1).mean(1) for (c, m), t in zip(runs, torch.split(x, [c * m for c, m in runs]))]
-            return torch.cat(means)[torch.argsort(order)]
+            return torch.cat(means)[back]
         ends = torch.cumsum(sorted_lengths, 0)
         at = ends - 1 if self.config.pooling == "last" else ends - sorted_lengths
         if not blocks:
-            return self.ln_final(x[at])[torch.argsort(order)]
-        return self.ln_final(self._run(blocks[-1].forward_packed_at, x, runs, at))[torch.argsort(order)]
+            return self.ln_final(x[at])[back]
+        return self.ln_final(self._run(blocks[-1].forward_packed_at, x, runs, at))[back]
 
     def _padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Every position of the padded batch, padding masked out of attention and pooling. With
