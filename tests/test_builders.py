@@ -28,7 +28,8 @@ pytest.importorskip("resvg")
 from littune.cli import main  # noqa: E402
 from littune.builders import emoji, fetch, openclipart  # noqa: E402
 from littune.builders.output import reason_and_detail  # noqa: E402
-from littune.builders.render import RenderError, _fit_size, available_renderers, render_svg  # noqa: E402
+from littune.builders.render import (  # noqa: E402
+    RenderError, _fit_size, _picture, _resvg, available_renderers, render_png, render_svg)
 from littune.errors import LittuneError  # noqa: E402
 from littune.fileio import read_skipped  # noqa: E402
 
@@ -192,6 +193,22 @@ def test_render_square_on_white_keeps_aspect_and_is_deterministic():
     assert (t[:, 0] == 255).all() and (t[:, -1] == 255).all() and (t[:, SIZE // 2, 0] > 200).all()  # fitted by height
 
 
+def test_render_png_on_white_matches_compositing_a_transparent_page():
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 36 36"><circle cx="18" cy="18" r="15" '
+           'fill="#3366cc" fill-opacity="0.6" stroke="#aa2200" stroke-width="2"/></svg>')
+    png, name = render_png(svg, size=SIZE)
+    assert name == "resvg" and png == render_png(svg, size=SIZE)[0]  # the same bytes every time
+    img = Image.open(io.BytesIO(png))
+    assert img.mode == "RGBA" and img.size == (SIZE, SIZE) and img.getchannel("A").getextrema() == (255, 255)
+    on_page = np.asarray(_picture(_resvg, svg, SIZE, False, False, 0.04), dtype=int)  # RENDER_VERSION 2's way
+    diff = np.abs(np.asarray(img.convert("RGB"), dtype=int) - on_page)
+    assert diff.max() <= 4 and diff.mean() < 0.2  # premultiplied 8-bit rounding: a level here and there
+    assert np.abs(np.asarray(img.convert("RGB"), dtype=int) - 255).max() > 100  # something was drawn
+    with pytest.raises(RenderError, match="resvg: nothing drawn on the page \\(blank\\)"):
+        render_png('<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"><rect width="9" height="9" '
+                   'fill="white"/></svg>', size=SIZE)
+
+
 def test_fit_size_is_resvgs_width_and_height_arithmetic():
     # tiny-skia's IntSize::scale_to_width/height: float32, rounded up; the scale per axis from the sizes
     k = float(np.float32(224) / np.float32(36))
@@ -296,7 +313,8 @@ def test_emoji_build_layout_and_splits(emoji_build):
     assert m["train_designs"] == ["noto", "fxemoji", "streamline", "emojione"]
     assert m["heldout_designs"] == ["twemoji", "openmoji"]
     img = Image.open(out / "images" / "twemoji" / "red-apple.png")
-    assert img.size == (SIZE, SIZE) and img.mode == "RGB"
+    assert img.size == (SIZE, SIZE) and img.mode == "RGBA"  # drawn on white by resvg: opaque everywhere
+    assert img.getchannel("A").getextrema() == (255, 255)
     assert not (out / "images" / "noto" / "banana.png").exists()  # it drew nothing
     held = set(m["concepts"]["heldout"])
     train_concepts = set(m["concepts"]["train"])

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data_fixtures import DATA, colour_image, encode, png_bytes
-from littune.data.decode import BadImage, image_size, load_image
+from littune.data.decode import BadImage, _white, image_size, load_image
 
 
 def test_plain_jpeg_path_and_bytes_agree():
@@ -48,6 +48,18 @@ def test_16bit_rgb_and_rgba_png():
     rgba[..., 2] = 65535  # blue, fully transparent -> white
     out = np.asarray(load_image(png_bytes(rgba, 6, 16)))
     assert tuple(out[0, 0]) == (255, 255, 255)
+
+
+def test_opaque_rgba_gives_the_pixels_compositing_on_white_gives():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    arr[..., 3] = 255
+    out = np.asarray(load_image(encode(Image.fromarray(arr, "RGBA"), "PNG")))
+    assert (out == arr[..., :3]).all()
+    assert (out == np.asarray(_white(Image.fromarray(arr, "RGBA")))).all()
+    arr[0, 0, 3] = 0  # one transparent pixel: composited on white, the rest unchanged
+    out = np.asarray(load_image(encode(Image.fromarray(arr, "RGBA"), "PNG")))
+    assert tuple(out[0, 0]) == (255, 255, 255) and (out[1:] == arr[1:, :, :3]).all()
 
 
 def test_palette_with_transparency_composites_on_white():

@@ -1,27 +1,30 @@
-"""SVG to PNG: a square RGB picture on white, the same bytes every time.
+"""SVG to PNG: a square picture on white, the same bytes every time.
 
-Both dataset builders draw vector art. :func:`render_svg` rasterises one SVG document with
+Both dataset builders draw vector art. :func:`render_png` rasterises one SVG document with
 resvg (fast, Rust; the ``resvg`` binding) and falls back to ``cairosvg`` (libcairo) for the files resvg rejects
 (Openclipart has many with odd sizes); which one drew a picture is returned with it. The drawing is
 scaled so its longer side fills ``size`` pixels, centred on a white square (aspect ratio kept,
-transparent parts become white) and returned as a Pillow RGB image. :func:`save_png` writes it
-atomically with fixed encoder settings, so a build renders byte-identical files on every run (one
-exception seen: text whose fonts are missing gets resvg's fallback faces, which can differ between
-processes; one Openclipart font-sample sheet draws two ways).
-System fonts are not loaded for emoji (they contain no text); Openclipart drawings with ``<text>`` get
-the system fonts, read once per process.
+transparent parts become white), and returned as the bytes of a PNG file that the builders write
+atomically; :func:`render_svg` gives the same picture as a Pillow RGB image. The encoders' settings are
+fixed, so a build renders byte-identical files on every run (one exception seen: text whose fonts are
+missing gets resvg's fallback faces, which can differ between processes; one Openclipart font-sample
+sheet draws two ways). System fonts are not loaded for emoji (they contain no text); Openclipart
+drawings with ``<text>`` get the system fonts, read once per process.
 
-resvg is called through its tree API: parse, then draw at the fitted size with the scale resvg's own
-``--width``/``--height`` use (:func:`_fit_size`), in a third of the time ``resvg-py``'s ``svg_to_bytes``
-took (it spent ~8 ms of a 224 px emoji encoding its PNG). On the main job's pictures the bytes are the
-same as resvg-py's for every emoji and every drawing without text; the 123 drawings with text are laid
-out slightly differently (resvg 0.47 in the binding, 0.48.1 in resvg-py).
+resvg is called through its tree API: parse once, then draw. A picture without ``crop`` (emoji) is drawn
+straight onto the white square, centred by the drawing's own transform, and resvg encodes the PNG
+(RGBA, every pixel opaque): 2.8 ms for a 224 px emoji, where drawing on a transparent page and
+compositing and encoding in Pillow took 5.9 (``RENDER_VERSION`` 2, whose pixels differ from these at
+anti-aliased edges: resvg composites on white in premultiplied 8-bit). With ``crop`` (Openclipart) the
+drawing is made on a transparent page at the size resvg's own ``--width``/``--height`` give
+(:func:`_fit_size`), cut to its drawn pixels, and composited on white by Pillow.
 
 Install the renderers with ``pip install resvg cairosvg`` (either one is enough).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 from pathlib import Path
@@ -35,7 +38,7 @@ from ..fileio import atomic_write
 
 
 # Bump when the drawing code changes what it produces: builders then re-render their cached PNGs.
-RENDER_VERSION = 2
+RENDER_VERSION = 3
 
 
 class RenderError(LittuneError):
@@ -113,20 +116,65 @@ def _fit_size(w: int, h: int, width: int | None, height: int | None) -> tuple[in
     return W, H, float(f(W) / f(w)), float(f(H) / f(h))
 
 
-def _resvg(svg: str, width: int | None, height: int | None, fonts: bool) -> Image.Image:
-    from resvg import render, usvg
-
-    svg = svg.strip()
-    _check_xml(svg)
+@contextlib.contextmanager
+def _rust_panics():
+    """The binding turns usvg's errors into a Rust panic, a BaseException: make it a ValueError."""
     try:
-        tree = usvg.Tree.from_str(svg, _resvg_options(fonts))
-        W, H, sx, sy = _fit_size(*tree.int_size(), width, height)
-        png = render(tree, (sx, 0.0, 0.0, 0.0, sy, 0.0), bg_size=(W, H))
-    except BaseException as e:  # the binding turns usvg's errors into a Rust panic, a BaseException
+        yield
+    except BaseException as e:
         if type(e).__name__ != "PanicException":
             raise
         raise ValueError(str(e).split(": ", 1)[-1][:200]) from None
+
+
+def _tree(svg: str, fonts: bool):
+    from resvg import usvg
+
+    svg = svg.strip()
+    _check_xml(svg)
+    with _rust_panics():
+        return usvg.Tree.from_str(svg, _resvg_options(fonts))
+
+
+def _resvg(svg: str, width: int | None, height: int | None, fonts: bool) -> Image.Image:
+    from resvg import render
+
+    tree = _tree(svg, fonts)
+    with _rust_panics():
+        W, H, sx, sy = _fit_size(*tree.int_size(), width, height)
+        png = render(tree, (sx, 0.0, 0.0, 0.0, sy, 0.0), bg_size=(W, H))
     return _png_to_image(bytes(png))
+
+
+def _centred(w: int, h: int, size: int) -> tuple[float, float, float]:
+    """Scale and x/y offset that fit a ``w`` x ``h`` drawing into a ``size`` square, centred."""
+    if w <= 0 or h <= 0:
+        raise ValueError(f"empty drawing ({w} x {h})")
+    s = size / max(w, h)
+    return s, (size - w * s) / 2, (size - h * s) / 2
+
+
+def _resvg_on_white(svg: str, size: int, fonts: bool) -> bytes:
+    """resvg draws the picture straight onto a white ``size`` square and encodes the PNG itself."""
+    from resvg import render
+
+    tree = _tree(svg, fonts)
+    with _rust_panics():
+        s, tx, ty = _centred(*tree.int_size(), size)
+        png = bytes(render(tree, (s, 0.0, tx, 0.0, s, ty), bg_size=(size, size), bg_color=(255, 255, 255, 255)))
+    if _blank(png, size):
+        raise ValueError("nothing drawn on the page (blank)")
+    return png
+
+
+def _blank(png: bytes, size: int) -> bool:
+    """Whether a picture drawn on white is white all over. A blank square deflates to a few hundred
+    bytes (far under a byte per 16 pixels), so only a file that small is decoded to look."""
+    return len(png) <= size * size // 16 + 1024 and _white_all_over(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _white_all_over(img: Image.Image) -> bool:
+    return all(lo == 255 for lo, _ in img.getextrema())
 
 
 def _check_xml(svg: str) -> None:
@@ -172,16 +220,51 @@ def _crop(draw, svg: str, img: Image.Image, size: int, fonts: bool, margin: floa
     return img.crop(box)
 
 
-def render_svg(svg: str | bytes, size: int = 224, fonts: bool = False,
-               renderers: list[str] | None = None, crop: bool = False,
-               margin: float = 0.04) -> tuple[Image.Image, str]:
-    """Render an SVG document to a ``size`` x ``size`` RGB image on white.
+def _picture(draw, svg: str, size: int, fonts: bool, crop: bool, margin: float) -> Image.Image:
+    """Draw on a transparent page, check something is drawn, crop (optionally), fit and centre on white."""
+    img = _fit(draw, svg, size, fonts)
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise ValueError("empty drawing")
+    if img.getchannel("A").getbbox() is None:
+        raise ValueError("nothing drawn on the page (fully transparent)")
+    target = size
+    if crop:
+        img = _crop(draw, svg, img, size, fonts, margin)
+        w, h = img.size
+        target = max(1, round(size * (1 - 2 * margin)))
+    if (w, h) != (target, target):
+        scale = target / max(w, h)
+        nw, nh = max(1, min(target, round(w * scale))), max(1, min(target, round(h * scale)))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
+    canvas.alpha_composite(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
+    rgb = canvas.convert("RGB")
+    if _white_all_over(rgb):
+        raise ValueError("nothing drawn on the page (blank)")
+    return rgb
 
-    Returns ``(image, renderer_name)``. Tries the renderers in order (default: resvg, then cairosvg)
+
+def _encode(img: Image.Image) -> bytes:
+    """PNG bytes with fixed, deterministic encoder settings. zlib level 1: a 224 px emoji encodes in 1.7 ms
+    instead of 3.0 (level 6) and decodes a little faster, for files 15% larger; the pixels are the same."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=1)
+    return buf.getvalue()
+
+
+def render_png(svg: str | bytes, size: int = 224, fonts: bool = False, renderers: list[str] | None = None,
+               crop: bool = False, margin: float = 0.04) -> tuple[bytes, str]:
+    """Render an SVG document to the PNG file of a ``size`` x ``size`` picture on white.
+
+    Returns ``(png_bytes, renderer_name)``. Tries the renderers in order (default: resvg, then cairosvg)
     and raises :class:`RenderError` naming every failure when none can draw it, or when the drawing
-    is empty (fully transparent or zero-sized). With ``crop`` the picture is cut to its drawn
-    pixels (re-rendered at higher resolution when it covers little of its page) and fitted inside a
-    ``margin`` (share of ``size``) of white: for clip art drawn small on a large page.
+    is empty (zero-sized, fully transparent, or white all over). Without ``crop``, resvg draws the
+    picture onto white in its place and encodes the PNG (RGBA, every pixel opaque). With ``crop`` the
+    picture is drawn on a transparent page, cut to its drawn pixels (re-rendered at higher resolution
+    when it covers little of its page) and fitted inside a ``margin`` (share of ``size``) of white:
+    for clip art drawn small on a large page; Pillow composites and encodes it (RGB).
     """
     if isinstance(svg, bytes):
         svg = svg.decode("utf-8", errors="replace")
@@ -191,40 +274,20 @@ def render_svg(svg: str | bytes, size: int = 224, fonts: bool = False,
     errors = []
     for name in order:
         try:
-            img = _fit(_BACKENDS[name], svg, size, fonts)
+            if name == "resvg" and not crop:
+                return _resvg_on_white(svg, size, fonts), name
+            return _encode(_picture(_BACKENDS[name], svg, size, fonts, crop, margin)), name
         except Exception as e:  # each renderer raises its own exception types
-            errors.append(f"{name}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-            continue
-        w, h = img.size
-        if w == 0 or h == 0:
-            errors.append(f"{name}: empty drawing")
-            continue
-        if img.getchannel("A").getbbox() is None:
-            errors.append(f"{name}: nothing drawn on the page (fully transparent)")
-            continue
-        target = size
-        if crop:
-            try:
-                img = _crop(_BACKENDS[name], svg, img, size, fonts, margin)
-            except Exception as e:
-                errors.append(f"{name}: {str(e).strip()[:200] or type(e).__name__}")
-                continue
-            w, h = img.size
-            target = max(1, round(size * (1 - 2 * margin)))
-        if (w, h) != (target, target):
-            scale = target / max(w, h)
-            nw, nh = max(1, min(target, round(w * scale))), max(1, min(target, round(h * scale)))
-            if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), Image.Resampling.LANCZOS)
-        canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
-        canvas.alpha_composite(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
-        return canvas.convert("RGB"), name
+            text = str(e).strip()
+            errors.append(f"{name}: {text.splitlines()[0][:200] if text else type(e).__name__}")
     raise RenderError("; ".join(errors) or "no renderer")
 
 
-def save_png(img: Image.Image, path: str | Path) -> None:
-    """Write a PNG atomically (:func:`littune.fileio.atomic_write`) with fixed, deterministic encoder settings.
-    Not fsync'ed (as before the move to fileio): thousands of renders that can be redone would pay ~5 ms each.
-    zlib level 1: a 224 px emoji encodes in 1.7 ms instead of 3.0 (level 6) and decodes a little faster,
-    for files 15% larger; the pixels are the same (PNG is lossless), so PNGs drawn at level 6 stay valid."""
-    atomic_write(path, lambda f: img.save(f, format="PNG", optimize=False, compress_level=1), durable=False)
+def render_svg(svg: str | bytes, size: int = 224, fonts: bool = False,
+               renderers: list[str] | None = None, crop: bool = False,
+               margin: float = 0.04) -> tuple[Image.Image, str]:
+    """:func:`render_png`'s picture as a Pillow RGB image: ``(image, renderer_name)``."""
+    png, name = render_png(svg, size=size, fonts=fonts, renderers=renderers, crop=crop, margin=margin)
+    img = Image.open(io.BytesIO(png))
+    img.load()
+    return img.convert("RGB"), name

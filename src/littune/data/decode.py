@@ -118,6 +118,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if "transparency" in img.info or (img.palette is not None and img.palette.mode == "RGBA"):
             return _white(img)
         return img.convert("RGB")
+    if mode == "RGBA" and img.getchannel("A").getextrema() == (255, 255):
+        return img.convert("RGB")  # opaque everywhere (resvg's drawings on white): the same pixels, 3x cheaper
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return _white(img)
     if mode == "L" and "transparency" in img.info:  # a greyscale PNG with a transparent grey level
