@@ -147,7 +147,10 @@ class RecordGrouper:
         key = self._spelling.get(image)
         if key is None:
             key = self._spelling[image] = normalise_key(image)
-        self.add(key, captions, langs, **({} if key in self.by_key else {"path": resolve_path(self.base, key)}))
+        if key in self.by_key:
+            self.add(key, captions, langs)
+        else:
+            self.add(key, captions, langs, path=resolve_path(self.base, key))
 
     def add(self, key: str, captions: list[str], langs: list[str] | None = None, **where: Any) -> None:
         """Add an image's captions (``langs``: their languages, parallel; a caption already there keeps

@@ -99,17 +99,18 @@ class CSVSource(_TabularSource):
             ii, ci, li = self._columns(reader)
             try:
                 for row in reader:
-                    if not row or all(not c.strip() for c in row):
+                    text = "".join(row)
+                    if not text.strip():
                         continue
                     rows += 1
-                    if self._undecoded(f"{path}:{reader.line_num}", "".join(row)):
+                    if self._undecoded(f"{path}:{reader.line_num}", text):
                         bad += 1
                         continue
                     image = row[ii].strip() if ii < len(row) else ""
                     if not image:
                         self._problem(f"{path}:{reader.line_num}", "row without an image")
                         continue
-                    caps = clean_captions([row[ci]] if ci is not None and ci < len(row) else [], sep)
+                    caps = _cell_captions(row, ci, sep)
                     langs = None if li is None else [row[li].strip() if li < len(row) else ""] * len(caps)
                     group.add_row(image, caps, langs)
             except csv.Error as e:
@@ -172,6 +173,16 @@ class JSONLSource(_TabularSource):
                 group.add_row(image.strip(), caps, langs)
         self._check_decoded(rows, bad)
         return group.records()
+
+
+def _cell_captions(row: list[str], ci: int | None, sep: str | None) -> list[str]:
+    """The captions of a row's caption cell: :func:`clean_captions` of it, one strip for a plain cell."""
+    if ci is None or ci >= len(row):
+        return []
+    if sep:
+        return clean_captions([row[ci]], sep)
+    caption = row[ci].strip()
+    return [caption] if caption else []
 
 
 def _lang_column(header: list[str], wanted: str | None, where: str) -> int | None:
