@@ -66,18 +66,19 @@ def tower_tag(tower: str | dict) -> str:
     return tower if isinstance(tower, str) else tower.get("name", tower.get("type", "tower"))
 
 
-def embed_missing(jobs, tower: str | dict, tag: str, progress: bool) -> None:
+def embed_missing(jobs, tower: str | dict, tag: str, progress: bool, net=None):
     """``littune embed SOURCE --out CACHE`` for each ``(source, cache)`` whose manifest is missing; the
-    tower is built once, and only if some cache needs it."""
+    tower is built once, and only if some cache needs it. Returns it (or ``net``, a tower built by an
+    earlier call, which this one uses), or None if no cache needed it."""
     from .cache import embed_source
     from .towers.image import build_image_tower
 
-    net = None
     for source, cache in jobs:
         if not (cache / "manifest.json").is_file():
             net = net or build_image_tower(tower).eval()
             say(f"embed: littune embed {source} --tower {tag} --out {cache}")
             embed_source(source, net, cache, progress=progress)
+    return net
 
 
 # -- the evaluation --------------------------------------------------------------------------------

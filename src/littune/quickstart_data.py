@@ -145,18 +145,20 @@ def prepare_mix(out: Path, quick: bool, tower: str | dict = "efficientnet-lite0"
     bench.say(f"data: littune data emoji --langs all --out {emoji_dir}"
               + (f" --limit-concepts {bench.QUICK_CONCEPTS}" if quick else ""))
     clip_opts = {"limit": QUICK_CLIPS if quick else None, "progress": False, **(clipart or {})}
+    mix = root / f"train-mix{'-quick' if quick else ''}.csv"
+    tag = bench.tower_tag(tower)
+    caches = out / "caches" / f"{mix.stem}-{tag}"
     with _beside(build_openclipart, clip_dir, **clip_opts) as clip_build:
         manifest = build_emoji(emoji_dir, limit_concepts=bench.QUICK_CONCEPTS if quick else None, langs=["all"],
                                **emoji_options)
+        # The emoji evaluation sets embed while the drawings finish in the other process (its last
+        # stretch runs on one core).
+        net = bench.embed_missing([(emoji_dir / "eval" / f"retrieval_{s}.csv", caches / s) for s in bench.SPLITS
+                                   if (emoji_dir / "eval" / f"retrieval_{s}.csv").is_file()], tower, tag, progress)
     clip_counts = clip_build.result()["counts"]
-    mix = root / f"train-mix{'-quick' if quick else ''}.csv"
     write_mix(mix, [emoji_dir / "train.csv", clip_dir / "train.csv"])
-    tag = bench.tower_tag(tower)
-    caches = out / "caches" / f"{mix.stem}-{tag}"
-    jobs = [(mix, caches / "train"), (clip_dir / "retrieval_test.csv", caches / "openclipart_test")]
-    jobs += [(emoji_dir / "eval" / f"retrieval_{s}.csv", caches / s) for s in bench.SPLITS
-             if (emoji_dir / "eval" / f"retrieval_{s}.csv").is_file()]
-    bench.embed_missing(jobs, tower, tag, progress)
+    bench.embed_missing([(mix, caches / "train"), (clip_dir / "retrieval_test.csv", caches / "openclipart_test")],
+                        tower, tag, progress, net=net)
     evals = {s: {"cache": caches / s, "classnames": emoji_dir / "eval" / s / "classnames.txt"}
              for s in bench.SPLITS if (emoji_dir / "eval" / f"retrieval_{s}.csv").is_file()}
     exclude, n_dup = dedup(caches / "train", [caches / "openclipart_test", *(v["cache"] for v in evals.values())],
