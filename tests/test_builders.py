@@ -209,6 +209,20 @@ def test_render_png_on_white_matches_compositing_a_transparent_page():
                    'fill="white"/></svg>', size=SIZE)
 
 
+def test_render_crop_keeps_what_lies_beyond_the_page_unseen():
+    # a wide page filled red, and a blue square below it, outside the page (viewBox): the cropped picture
+    # fills the square with the page's width, and the white above and below it stays white.
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="100" height="50" viewBox="0 0 100 50">'
+           '<rect width="100" height="50" fill="#ff0000"/><rect y="55" width="100" height="60" fill="#0000ff"/></svg>')
+    for renderers in (["resvg"], ["cairosvg"]):
+        if renderers[0] not in available_renderers():
+            continue
+        a = np.asarray(render_svg(svg, size=SIZE, crop=True, renderers=renderers)[0], dtype=int)
+        red = (a[..., 0] > 200) & (a[..., 2] < 60)
+        assert not ((a[..., 2] > 200) & (a[..., 0] < 60)).any(), renderers  # no blue
+        assert red[SIZE // 2].sum() >= SIZE * 0.8 and (a[0] == 255).all() and (a[-1] == 255).all(), renderers
+
+
 def test_fit_size_is_resvgs_width_and_height_arithmetic():
     # tiny-skia's IntSize::scale_to_width/height: float32, rounded up; the scale per axis from the sizes
     k = float(np.float32(224) / np.float32(36))
@@ -622,7 +636,7 @@ def test_openclipart_build(clipart_tree, tmp_path):
     assert "callout a (Callouts)" in caps and "Various Cliparts" not in caps  # boilerplate description dropped
     retrieval = _rows(out / "retrieval_test.csv")
     assert len({r["caption"] for r in retrieval}) == len(retrieval) == c["retrieval_test_rows"]
-    dog = np.asarray(Image.open(out / "images" / "animals__small_dog_01.png"))
+    dog = np.asarray(Image.open(out / "images" / "animals__small_dog_01.png").convert("RGB"))
     assert dog.shape == (SIZE, SIZE, 3) and ((dog[..., 0] > 100) & (dog[..., 2] < 60)).mean() > 0.4  # cropped
     skipped = {where: (reason, detail) for where, reason, detail in read_skipped(out / "skipped.tsv")}
     assert skipped["animals/cat_link.svg"] == ("duplicate", "symlink to animals/cat_drawing_01.svg")
