@@ -120,6 +120,17 @@ def test_exported_model_matches_littune_embeddings_without_torch(saved, tmp_path
     assert cfg["temperature"] == pytest.approx(float(model.logit_scale.detach().exp()))
     assert cfg["fingerprints"]["image_tower"] == model.image_fingerprint
     assert cfg["image_skipped"] is None and cfg["pad_id"] == model.text_tower.tokenizer.pad_token_id
+    assert cfg["preprocess"]["jpeg"] == {"mode": "exact"}
+
+
+def test_the_onnx_record_says_a_model_was_embedded_with_fast_jpeg_decoding():
+    from littune.export import onnx_record
+    from littune.towers.tiny import SPEC
+
+    cfg = LiTConfig(setting="Lu", image_tower={**SPEC, "decode": "fast"}, text_tower=dict(TINY_TEXT), embed_dim=16)
+    model = LiTModel.from_config(cfg, captions=CAPTIONS)
+    jpeg = onnx_record(model, 0.0, {"image": None})["preprocess"]["jpeg"]
+    assert jpeg["mode"] == "fast" and jpeg["draft_to"] == model.preprocess.resize_to and jpeg["reducing_gap"] == 3.0
 
 
 def test_readme_zero_shot_example_gives_littunes_probabilities(saved, tmp_path, one_thread):

@@ -136,6 +136,26 @@ def test_classify_matches_the_model(client, served):
     assert r.json()["templates"] == "short"
 
 
+def test_a_fast_decoding_model_serves_the_pixels_it_was_embedded_with(tmp_path):
+    # decode="fast": a JPEG is drafted at a DCT scale towards the resize size, as littune embed does
+    from littune import LiTConfig, LiTModel
+    from littune.towers.tiny import SPEC
+
+    torch.manual_seed(0)
+    cfg = LiTConfig(setting="Lu", image_tower={**SPEC, "decode": "fast"}, text_tower=dict(TINY_TEXT), embed_dim=16)
+    model = LiTModel.from_config(cfg, captions=CAPTIONS)
+    assert model.preprocess.draft_to is not None
+    with TestClient(create_app(model)) as c:
+        r = post_image(c, (DATA / "chelsea.jpg").read_bytes(), templates="imagenet7")
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["image"] == {"width": 451, "height": 300}  # the file's size, not the drafted one
+    got = torch.tensor([x["probability"] for x in sorted(out["labels"], key=lambda x: LABELS.index(x["label"]))])
+    drafted = model.classify(DATA / "chelsea.jpg", LABELS, templates="imagenet7")[0]  # the file: drafted
+    whole = model.classify(Image.open(DATA / "chelsea.jpg"), LABELS, templates="imagenet7")[0]  # decoded whole
+    assert torch.allclose(got, drafted, atol=1e-6) and not torch.allclose(got, whole, atol=1e-6)
+
+
 def test_text_and_image_search(client, served):
     model, index = served
     r = client.get("/api/search", params={"q": "a red square", "k": 5})

@@ -14,7 +14,8 @@
   ``Tokenizer.from_file(...).encode_batch(texts)`` gives exactly the ids littune feeds the tower;
 * ``littune_onnx.json`` -- the image preprocessing (:meth:`~littune.preprocess.Preprocess.eval`:
   shorter side resized to ``resize_to`` with ``interpolation``, centre crop ``size``, ``/255``,
-  minus ``mean``, over ``std``), the temperature (``exp(logit_scale)``), the sigmoid loss's logit
+  minus ``mean``, over ``std``; ``jpeg``: ``exact``, or the fast JPEG decoding the model was embedded
+  with), the temperature (``exp(logit_scale)``), the sigmoid loss's logit
   bias, the embedding size, the context length, the pad id, littune's version and the model's
   fingerprints.
 
@@ -195,12 +196,23 @@ def onnx_record(model, text_err: float, image: dict) -> dict:
         "pad_id": int(tok.pad_token_id), "padding_side": tok.padding_side,
         "preprocess": {"size": p.size, "resize_to": p.resize_to, "interpolation": p.interpolation,
                        "mean": list(p.mean), "std": list(p.std), "crop": "center",
-                       "decode": "EXIF orientation applied, RGB, alpha composited on white"},
+                       "decode": "EXIF orientation applied, RGB, alpha composited on white", "jpeg": _jpeg(p)},
         "logit_scale": float(model.logit_scale.detach()),
         "temperature": float(model.logit_scale.detach().exp()),
         "logit_bias": None if bias is None else float(bias.detach()),
         "fingerprints": _fingerprints(model),
     }
+
+
+def _jpeg(p) -> dict:
+    """How the model's images were decoded from JPEG: ``exact``, or ``fast`` with its draft size and gap."""
+    from .preprocess import REDUCING_GAP
+
+    if p.decode != "fast":
+        return {"mode": "exact"}
+    return {"mode": "fast", "draft_to": p.draft_to, "reducing_gap": REDUCING_GAP,
+            "how": "decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is >= draft_to, "
+                   "then resized with Pillow's reducing_gap"}
 
 
 # -- the folder ------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from .bodylimit import MB, BodyLimit, human_size
+from .data.decode import SIZE_INFO
 from .errors import LittuneError
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * MB
@@ -263,8 +264,8 @@ def _upload_image(image, svc: Service):
     data = image.file.read(max_bytes + 1)
     if len(data) > max_bytes:
         fail(413, svc.too_large)
-    try:
-        return load_image(data, max_pixels=svc.limits["max_pixels"])
+    try:  # a model embedded with fast decoding (a JPEG drafted to its resize size) sees the same pixels here
+        return load_image(data, max_pixels=svc.limits["max_pixels"], reduce_to=svc.model.preprocess.draft_to)
     except BadImage as e:
         status = {"not an image": 415, "too many pixels": 413}.get(e.reason, 400)
         fail(status, f"{e.reason}: {e.detail}" if e.detail else e.reason)
@@ -293,7 +294,7 @@ def _add_classify(app, svc: Service) -> None:
             probs = svc.model.label_probabilities(svc.model.encode_images([img]), weights)[0]
         order = sorted(range(len(names)), key=lambda c: (-float(probs[c]), c))
         return {"labels": [{"label": names[c], "probability": float(probs[c])} for c in order],
-                "templates": templates, "image": {"width": img.width, "height": img.height},
+                "templates": templates, "image": dict(zip(("width", "height"), img.info.get(SIZE_INFO, img.size))),
                 "elapsed_ms": round(1000 * (time.perf_counter() - t0), 1)}
 
 

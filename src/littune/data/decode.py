@@ -16,7 +16,8 @@ decoded, so a decompression bomb costs nothing.
 ``reduce_to`` (the fast decoding of :class:`~littune.preprocess.Preprocess`, ``decode="fast"``) lets
 a JPEG be decoded at the smallest DCT scale, 1/2, 1/4 or 1/8 (``Image.draft``), whose shorter side
 is still at least ``reduce_to`` pixels: far fewer pixels decoded, slightly different ones. Other
-formats ignore it. Every image decoded from a JPEG carries ``info[JPEG_INFO]``, the DCT scale used.
+formats ignore it. Every image decoded from a JPEG carries ``info[JPEG_INFO]``, the DCT scale used, and
+every image ``info[SIZE_INFO]``, the file's full size, upright.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 #: ``Image.info`` key of an image decoded from a JPEG: the DCT scale it was decoded at (1, 2, 4 or 8)
 JPEG_INFO = "littune_jpeg_scale"
+#: ``Image.info`` key of every image :func:`load_image` decodes: the file's full size, upright (a JPEG
+#: decoded at a DCT scale is smaller)
+SIZE_INFO = "littune_size"
 
 #: File extensions littune treats as images when it lists a folder or a tar shard.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -165,8 +169,11 @@ def load_image(src: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIX
             if img.format == "JPEG":
                 _draft(img, reduce_to)
             img.load()
+            turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the axes
             ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to do
-            return to_rgb(img)
+            rgb = to_rgb(img)
+            rgb.info[SIZE_INFO] = (h, w) if turned else (w, h)
+            return rgb
     except BadImage as e:
         if e.source is None and name is not None:
             raise BadImage(e.reason, e.detail, name) from None
