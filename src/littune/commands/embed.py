@@ -85,11 +85,12 @@ def _tower_spec(text: str):
         except json.JSONDecodeError as e:
             raise LittuneError(f"--tower: not valid JSON ({e.msg})") from None
     if text.endswith(".json") and os.path.isfile(text):
+        from ..towers.cut import read_spec
+
         try:
-            with open(text) as f:
-                return json.load(f)
-        except json.JSONDecodeError as e:
-            raise LittuneError(f"--tower {text}: not valid JSON ({e.msg})") from None
+            return read_spec(text)
+        except LittuneError as e:
+            raise LittuneError(f"--tower {e}") from None
     return text
 
 

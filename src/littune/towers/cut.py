@@ -41,8 +41,8 @@ def cut_onnx(model: str | Path, output: str, out: str | Path, pooling: str = "cl
              preprocess: Preprocess | None = None) -> dict:
     """Write the part of ``model`` that computes the node output ``output`` to ``out`` (and its spec).
 
-    The graph's inputs are kept; ``output`` becomes the only output. Returns the tower spec written to
-    :func:`spec_path` (``path`` absolute). Refuses, with one line and nothing written, an ``out`` or a
+    The graph's inputs are kept; ``output`` becomes the only output. Writes the tower spec to
+    :func:`spec_path` with ``path`` relative to it, and returns it as :func:`read_spec` reads it. Refuses, with one line and nothing written, an ``out`` or a
     spec file that exists, an unknown pooling and an output the graph does not compute.
     """
     import onnx
@@ -73,9 +73,24 @@ def cut_onnx(model: str | Path, output: str, out: str | Path, pooling: str = "cl
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    spec = {"type": "onnx", "path": str(out.resolve()), "pooling": pooling,
+    spec = {"type": "onnx", "path": out.name, "relative": True, "pooling": pooling,
             "preprocess": _plain(preprocess or Preprocess())}
     atomic_write(spec_path(out), json.dumps(spec, indent=1) + "\n")
+    return read_spec(spec_path(out))
+
+
+def read_spec(path: str | Path) -> dict:
+    """A tower spec file (``FILE.tower.json``): its dict, with a ``relative`` path (as :func:`cut_onnx`
+    writes it) resolved against the file's folder, so the folder can move with its graph."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LittuneError(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(spec, dict):
+        raise LittuneError(f"{path}: a tower spec is a JSON object, not {type(spec).__name__}")
+    if spec.pop("relative", False) and "path" in spec:
+        spec["path"] = str((path.parent / spec["path"]).resolve())
     return spec
 
 
