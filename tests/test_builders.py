@@ -429,7 +429,15 @@ def test_emoji_webdataset_shards(emoji_build):
     key = keys[0]
     meta = json.loads(data[f"{key}.json"])
     assert meta["design"] + "__" + meta["concept"] == key and meta["captions"]
+    assert len(meta["langs"]) == len(meta["captions"]) and set(meta["langs"]) <= {"en", "de"}
     assert Image.open(io.BytesIO(data[f"{key}.png"])).size == (SIZE, SIZE)
+    # read back, the shards give every image the captions and languages train.csv gives it
+    from littune.data.sources import open_source
+
+    shards = {r.key: list(zip(r.captions, r.langs)) for r in open_source(str(out / "wds" / "train")).records()}
+    table = {f"{Path(r.key).parent.name}__{Path(r.key).stem}": list(zip(r.captions, r.langs))
+             for r in open_source(str(out / "train.csv")).records()}
+    assert shards == table and any(lang == "de" for pairs in shards.values() for _, lang in pairs)
 
 
 def test_emoji_rebuild_is_idempotent_and_prunes(emoji_build, npm_dir):

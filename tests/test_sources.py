@@ -126,6 +126,26 @@ def test_webdataset_brace_pattern(tmp_path):
         open_source(str(tmp_path / "shard-{000..002}.tar"))
 
 
+def test_webdataset_caption_languages(tmp_path):
+    png = encode(colour_image(0), "PNG")
+    write_tar(tmp_path / "s.tar", [
+        ("a.png", png), ("a.json", json.dumps({"captions": ["a cat", "eine Katze", "a cat"], "langs": ["en", "de", "fr"]}).encode()),
+        ("b.png", png), ("b.json", json.dumps({"caption": "un chat", "lang": "fr"}).encode()),
+        ("c.png", png), ("c.txt", b"plain"), ("c.json", json.dumps({"captions": ["x"], "language": "ja"}).encode()),
+        ("d.png", png), ("d.txt", b"no language here"),
+        ("e.png", png), ("e.json", json.dumps({"captions": ["y", "z"], "langs": ["en"]}).encode()),  # not parallel
+    ])
+    src = open_source(str(tmp_path / "s.tar"))
+    got = {r.key: (r.captions, r.langs) for r in src.records()}
+    assert got["a"] == (["a cat", "eine Katze"], ["en", "de"])  # a repeat keeps its first language
+    assert got["b"] == (["un chat"], ["fr"])
+    assert got["c"] == (["plain", "x"], ["", "ja"])  # a txt member names no language
+    assert got["d"] == (["no language here"], [])
+    assert got["e"] == (["y", "z"], []) and "as long as the caption list" in src.problems[0][1]
+    plain = open_source(str(tmp_path / "s.tar"), lang_column="nope")  # a key no member has: no languages
+    assert all(r.langs == [] for r in plain.records()) and plain.fingerprint() != src.fingerprint()
+
+
 def test_webdataset_gzip_and_duplicate_keys(tmp_path):
     write_tar(tmp_path / "a.tar.gz", _wds_members(0, 2), mode="w:gz")
     write_tar(tmp_path / "b.tar", _wds_members(0, 1))  # sample0000 again: another image

@@ -18,8 +18,12 @@ from ..errors import LittuneError
 from .base import Source, clean_captions, file_stamp
 from .decode import IMAGE_EXTENSIONS
 from .records import Record
+from .tabular import LANG_COLUMNS, row_langs
 
 TAR_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+#: keys of a caption JSON member that give its captions' languages (one string, or a list parallel to
+#: a caption list), as a JSONL row's: ``lang_column`` or one of these
+LANGS_KEYS = ("langs", *LANG_COLUMNS)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -43,6 +47,19 @@ def expand_braces(pattern: str) -> list[str]:
     return [head + it + t for it in items for t in expand_braces(tail)]
 
 
+def _with_langs(pairs: list[tuple[str, str | None]]) -> tuple[list[str], list[str]]:
+    """Captions (stripped, blanks and repeats dropped, the first language of a repeat kept) and their
+    languages, parallel (``""`` unknown), or ``[]`` when no member names a language."""
+    caps, langs, seen = [], [], set()
+    for cap, lang in pairs:
+        cap = str(cap).strip()
+        if cap and cap not in seen:
+            seen.add(cap)
+            caps.append(cap)
+            langs.append(lang)
+    return caps, ([lang or "" for lang in langs] if any(lang is not None for lang in langs) else [])
+
+
 def _is_compressed(path: str) -> bool:
     with open(path, "rb") as f:
         magic = f.read(6)
@@ -58,6 +75,7 @@ class WebDatasetSource(Source):
 
     type = "webdataset"
     _record_options = ("caption_column",)
+    _later_record_options = ("lang_column",)
 
     def __init__(self, path: str | Path | list, **options: Any):
         shards = [str(p) for p in path] if isinstance(path, (list, tuple)) else None
@@ -97,7 +115,7 @@ class WebDatasetSource(Source):
                 if key in group:
                     key = f"{Path(shard).name}/{key}"  # the same stem in another shard is another image
                 image.key = key
-                image.captions = caps
+                image.captions, image.langs = caps
                 group[key] = image
         return list(group.values())
 
@@ -130,28 +148,37 @@ class WebDatasetSource(Source):
             raise LittuneError(f"{shard}: not a readable tar file ({e})") from None
         for key, entry in items.items():
             if "image" in entry or entry.get("captions"):
-                yield key, entry.get("image"), clean_captions(entry.get("captions", []))
+                yield key, entry.get("image"), _with_langs(entry.get("captions", []))
 
-    def _captions(self, raw: bytes, ext: str, where: str) -> list[str]:
+    def _captions(self, raw: bytes, ext: str, where: str) -> list[tuple[str, str | None]]:
+        """``(caption, language or None)`` pairs of a caption member."""
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
             self._problem(where, "caption member is not UTF-8 text")
             return []
         if ext != "json":
-            return text.splitlines()
+            return [(line, None) for line in text.splitlines()]
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             self._problem(where, f"caption JSON is invalid ({e.msg})")
             return []
-        if isinstance(obj, dict):
-            col = self.options.get("caption_column")
-            for k in ([col] if col else []) + ["captions", "caption", "text", "txt"]:
-                if k in obj:
-                    return clean_captions([obj[k]])
+        if not isinstance(obj, dict):
+            return [(c, None) for c in clean_captions([obj])]
+        col = self.options.get("caption_column")
+        key = next((k for k in ([col] if col else []) + ["captions", "caption", "text", "txt"] if k in obj), None)
+        if key is None:
             return []
-        return clean_captions([obj])
+        caps = clean_captions([obj[key]])
+        lang_key = self.options.get("lang_column") or next((k for k in obj if k.lower() in LANGS_KEYS), None)
+        if not lang_key or obj.get(lang_key) is None:
+            return [(c, None) for c in caps]
+        try:
+            return list(zip(caps, row_langs(obj, lang_key, obj[key], caps, where)))
+        except LittuneError as e:
+            self._problem(where, str(e).split(": ", 1)[-1])
+            return [(c, None) for c in caps]
 
     def _content(self) -> Iterator[bytes]:
         for s in self.shards:

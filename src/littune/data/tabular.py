@@ -169,7 +169,7 @@ class JSONLSource(_TabularSource):
                     self._problem(f"{path}:{n}", f"no image ({img_key!r} missing or empty)")
                     continue
                 caps = [] if unlabeled else clean_captions([obj.get(cap_key)], o.get("caption_sep"))
-                langs = _row_langs(obj, lang_key, obj.get(cap_key), caps, f"{path}:{n}") if lang_key else None
+                langs = row_langs(obj, lang_key, obj.get(cap_key), caps, f"{path}:{n}") if lang_key else None
                 group.add_row(image.strip(), caps, langs)
         self._check_decoded(rows, bad)
         return group.records()
@@ -195,7 +195,7 @@ def _lang_column(header: list[str], wanted: str | None, where: str) -> int | Non
     return next((lower.index(c) for c in LANG_COLUMNS if c in lower), None)
 
 
-def _row_langs(obj: dict, key: str, raw, caps: list[str], where: str) -> list[str]:
+def row_langs(obj: dict, key: str, raw, caps: list[str], where: str) -> list[str]:
     """Each caption's language in a JSONL row: one string for all, or a list parallel to the caption list."""
     value = obj.get(key)
     if value is None or isinstance(value, str):

@@ -224,9 +224,14 @@ def write_tables(out: Path, splits: EmojiSplits, tagged: dict[str, list[tuple[st
         return n_train, n_val, []
 
     def samples(pairs):
-        return [(f"{d}__{cid}", out / images[d][cid],
-                 {"captions": [c for c in captions[cid] if c.casefold() not in held_caps],
-                  "concept": cid, "design": d}) for d, cid in pairs]
+        out_samples = []
+        for d, cid in pairs:
+            kept = [(c, lang) for c, lang in tagged[cid] if c.casefold() not in held_caps]
+            meta = {"captions": [c for c, _ in kept], "concept": cid, "design": d}
+            if opts.langs:  # each caption's language, parallel to the captions (as the CSVs' lang column)
+                meta["langs"] = [lang for _, lang in kept]
+            out_samples.append((f"{d}__{cid}", out / images[d][cid], meta))
+        return out_samples
 
     shards = write_wds(out / "wds" / "train", "train", samples(splits.train_pairs), opts.shard_size)
     write_wds(out / "wds" / "val", "val", samples(splits.val_pairs), opts.shard_size)
