@@ -32,14 +32,12 @@ import contextlib
 import functools
 import io
 import math
-from pathlib import Path
 from xml.parsers import expat
 
 import numpy as np
 from PIL import Image
 
 from ..errors import LittuneError
-from ..fileio import atomic_write
 
 
 # Bump when the drawing code changes what it produces: builders then re-render their cached PNGs.
@@ -320,11 +318,10 @@ def render_png(svg: str | bytes, size: int = 224, fonts: bool = False, renderers
 
     Returns ``(png_bytes, renderer_name)``. Tries the renderers in order (default: resvg, then cairosvg)
     and raises :class:`RenderError` naming every failure when none can draw it, or when the drawing
-    is empty (zero-sized, fully transparent, or white all over). Without ``crop``, resvg draws the
-    picture onto white in its place and encodes the PNG (RGBA, every pixel opaque). With ``crop`` the
-    picture is drawn on a transparent page, cut to its drawn pixels (re-rendered at higher resolution
-    when it covers little of its page) and fitted inside a ``margin`` (share of ``size``) of white:
-    for clip art drawn small on a large page; Pillow composites and encodes it (RGB).
+    is empty (zero-sized, fully transparent, or white all over). resvg draws the picture onto white
+    in its place and encodes the PNG (RGBA, every pixel opaque). With ``crop`` the picture is cut to
+    the box of its drawn pixels and fitted inside a ``margin`` (share of ``size``) of white: for clip
+    art drawn small on a large page. cairosvg's pictures are composited and encoded by Pillow (RGB).
     """
     if isinstance(svg, bytes):
         svg = svg.decode("utf-8", errors="replace")
