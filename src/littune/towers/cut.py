@@ -42,8 +42,9 @@ def cut_onnx(model: str | Path, output: str, out: str | Path, pooling: str = "cl
     """Write the part of ``model`` that computes the node output ``output`` to ``out`` (and its spec).
 
     The graph's inputs are kept; ``output`` becomes the only output. Writes the tower spec to
-    :func:`spec_path` with ``path`` relative to it, and returns it as :func:`read_spec` reads it. Refuses, with one line and nothing written, an ``out`` or a
-    spec file that exists, an unknown pooling and an output the graph does not compute.
+    :func:`spec_path` with ``path`` relative to it, and returns it as :func:`read_spec` reads it.
+    Refuses, with one line and nothing written, an ``out`` or a spec file that exists, an unknown
+    pooling and an output the graph does not compute.
     """
     import onnx
     import onnx.utils
