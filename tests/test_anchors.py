@@ -209,8 +209,7 @@ def test_kill_9_and_resume_with_anchors_is_bit_identical(vit_cache, tmp_path):
     from safetensors.torch import load_file
 
     common = ("steps=30", "checkpoint_every=5", "data.anchors={repeat: 2}")
-    p = _run(_overrides(vit_cache, tmp_path / "ref", *common))
-    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    ref = _run(_overrides(vit_cache, tmp_path / "ref", *common))  # beside the run that is killed
     run = tmp_path / "killed"
     p = _run(_overrides(vit_cache, run, *common))
     deadline = time.time() + 240
@@ -224,6 +223,7 @@ def test_kill_9_and_resume_with_anchors_is_bit_identical(vit_cache, tmp_path):
     assert not (run / "model").exists(), "the run should have been killed before finishing"
     p = _run(_overrides(vit_cache, run, *common))
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()
     a, b = load_file(str(tmp_path / "ref" / "model" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "ref") == _losses(run)
@@ -232,13 +232,12 @@ def test_kill_9_and_resume_with_anchors_is_bit_identical(vit_cache, tmp_path):
 @pytest.mark.distributed
 def test_two_ranks_with_anchors_match_one_rank(vit_cache, tmp_path):
     common = ("steps=8", "data.anchors={repeat: 2}")
-    p = _run(_overrides(vit_cache, tmp_path / "one", *common))
-    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    ref = _run(_overrides(vit_cache, tmp_path / "one", *common))  # beside the two ranks
     port = _free_port()
     procs = [_run(_overrides(vit_cache, tmp_path / "two", *common, "grad_accum=2"),
                   {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
                    "MASTER_PORT": str(port)}) for r in range(2)]
-    for p in procs:
+    for p in [ref, *procs]:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 8

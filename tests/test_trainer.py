@@ -158,10 +158,11 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
     from safetensors.torch import load_file
 
     src = make_source(tmp_path / "data")
-    common = (f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=40", "checkpoint_every=5")
+    common = (f"data.source={src}", "steps=40", "checkpoint_every=5")
     ref = tmp_path / "ref"
-    p = _run_cli(ref, *common)
-    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    # The reference runs beside the run that is killed (each builds its own cache, byte for byte the same).
+    ref_proc = _run_cli(ref, *common, f"data.cache={tmp_path / 'ref-cache'}")
+    common += (f"data.cache={tmp_path / 'cache'}",)
     # Same run, killed with SIGKILL once it has written a checkpoint or two.
     run = tmp_path / "killed"
     p = _run_cli(run, *common)
@@ -176,6 +177,7 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
     assert not (run / "run" / "model").exists(), "the run should have been killed before finishing"
     p = _run_cli(run, *common)
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    assert ref_proc.wait(timeout=300) == 0, ref_proc.stderr.read().decode()
     a = load_file(str(ref / "run" / "model" / "model.safetensors"))
     b = load_file(str(run / "run" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -195,8 +197,7 @@ def test_two_ranks_match_one_rank(tmp_path):
     from littune.cache import EmbeddingCache
 
     src = make_source(tmp_path / "data")
-    p = _run_cli(tmp_path / "one", f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=8")
-    assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    ref = _run_cli(tmp_path / "one", f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=8")  # beside the two
     port = _free_port()
     procs = []
     for rank in range(2):
@@ -209,7 +210,7 @@ def test_two_ranks_match_one_rank(tmp_path):
                          f"data.cache={tmp_path / 'cache2'}", "steps=8", "grad_accum=2", "model.loss_chunk=3"]:
             args += ["--set", o]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    for p in procs:
+    for p in [ref, *procs]:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     one_cache, two_cache = EmbeddingCache.open(tmp_path / "cache"), EmbeddingCache.open(tmp_path / "cache2")
     assert len(one_cache) == len(two_cache) and one_cache.source_fingerprint == two_cache.source_fingerprint
