@@ -276,6 +276,28 @@ def test_images_without_a_caption_are_cached_reported_and_never_trained_on(tmp_p
             np.testing.assert_array_equal(f, feats[int(caption.rsplit(" ", 1)[1])])
 
 
+def test_prefetched_batches_are_the_plain_loops_and_an_error_reaches_the_step_that_wants_it(tmp_path, tower):
+    from littune.batches import CacheBatches, Prefetched
+
+    cache = embed_source(open_source(_half_captioned(tmp_path / "data")), tower, tmp_path / "c", workers=0,
+                         progress=False)
+    batches = CacheBatches(cache, 4, 0, 1, seed=0, language_share={})
+    got = list(Prefetched(batches, range(3, 9)))
+    want = [batches(s) for s in range(3, 9)]
+    assert len(got) == 6 and [g["captions"] for g in got] == [w["captions"] for w in want]
+    assert all(torch.equal(g["image_features"], w["image_features"]) for g, w in zip(got, want))
+
+    def make(step):
+        if step == 2:
+            raise LittuneError("step 2 cannot be made")
+        return step
+
+    it = Prefetched(make, range(5))
+    assert [next(it), next(it)] == [0, 1]  # step 2 fails in the thread while step 1 is used
+    with pytest.raises(LittuneError, match="step 2"):
+        next(it)
+
+
 def test_a_cache_without_any_caption_is_refused_for_training(tmp_path, tower):
     from littune.batches import CacheBatches
 

@@ -102,6 +102,38 @@ class CacheBatches:
                 "captions": captions}
 
 
+class Prefetched:
+    """``make(s)`` for each step ``s`` of ``steps``, in order, with step s + 1 made in a thread while the
+    caller trains on step s. A batch is a pure function of its step (module doc), so the batches are
+    exactly those of the plain loop; the thread's Python work (caption sampling, feature reads) runs
+    while torch computes without the GIL. An error making a batch is raised by the ``next`` that wants it."""
+
+    def __init__(self, make, steps):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._make, self._steps = make, iter(steps)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="littune-batches")
+        self._next = self._submit()
+
+    def _submit(self):
+        step = next(self._steps, None)
+        return None if step is None else self._pool.submit(self._make, step)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._next is None:
+            self.close()
+            raise StopIteration
+        batch = self._next.result()
+        self._next = self._submit()
+        return batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class OnTheFlyBatches(torch.utils.data.Dataset):
     """Decoded, augmented image batches for unlocked towers (or a forced on-the-fly locked tower).
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
-from .batches import CacheBatches, OnTheFlyBatches, length_groups, step_loader
+from .batches import CacheBatches, OnTheFlyBatches, Prefetched, length_groups, step_loader
 from .accumulate import accumulated_backward
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LiTConfig, TrainConfig
@@ -182,7 +182,7 @@ class Trainer:
                                 language_share=cfg.data.language_share, extra=self._anchors())
             if cfg.data.exclude:
                 log_line(f"excluded {data.excluded:,} training images listed in {cfg.data.exclude}")
-            return (data(s) for s in range(start, cfg.steps))
+            return Prefetched(data, range(start, cfg.steps))
         ds = OnTheFlyBatches(self.records, self.model.preprocess, cfg.data.batch_size, self.rank, self.world,
                              cfg.seed, augment=cfg.data.augment, language_share=cfg.data.language_share)
         return iter(step_loader(ds, start, cfg.steps, cfg.data.workers))
