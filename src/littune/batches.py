@@ -69,7 +69,11 @@ class CacheBatches:
     """
 
     def __init__(self, cache, global_batch: int, rank: int, world: int, seed: int, exclude=None, extra=None,
-                 language_share: dict | None = None):
+                 language_share: dict | None = None, budget: dict | None = None):
+        if budget:  # data.caption_budget: each image keeps only its budgeted captions (littune.cache.budget)
+            from .cache.budget import CaptionBudget
+
+            cache = CaptionBudget(cache, budget, seed)
         self.cache, self.language_share = cache, language_share or {}
         rows = cache.trainable()  # images with a caption; None below: all of them (no index array kept)
         self.excluded = 0
@@ -83,12 +87,23 @@ class CacheBatches:
                                f"{' and is not excluded' if self.excluded else ''}: nothing to train on "
                                "(see its skipped.tsv)")
         self.rows = None if len(rows) == len(cache) else rows
+        self._parts = [(cache, rows), (extra, None)] if extra is not None else [(cache, rows)]
         if extra is not None:  # data.anchors: more rows beside the cache's, listed extra.repeat times
             from .cache.mix import MixedRows
 
             self.cache = MixedRows([(cache, self.rows, 1), (extra, None, extra.repeat)])
             self.rows, rows = None, self.cache.trainable()
         self.plan = StepPlan(len(rows), global_batch, rank, world, seed)
+
+    def texts(self):
+        """Every caption a batch can draw (what a locked text tower's cache must hold), repeats included."""
+        for source, rows in self._parts:
+            rows = np.arange(len(source)) if rows is None else rows
+            if hasattr(source, "texts"):  # a caption budget
+                yield from source.texts(rows)
+            else:
+                for i in rows.tolist():
+                    yield from source.captions(i)
 
     def __call__(self, step: int) -> dict:
         rows, rand = self.plan.local(step)
@@ -100,6 +115,19 @@ class CacheBatches:
         feats = self.cache.features(rows, view=view)
         return {"image_features": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
                 "captions": captions}
+
+
+class WithTextFeatures:
+    """Batches of ``make`` with their captions' features from a text cache (``text_features``): a
+    locked text tower's output, read instead of computed (:mod:`littune.cache.text`)."""
+
+    def __init__(self, make, store):
+        self.make, self.store = make, store
+
+    def __call__(self, step: int) -> dict:
+        batch = self.make(step)
+        batch["text_features"] = torch.from_numpy(self.store.features(batch["captions"]))
+        return batch
 
 
 class Prefetched:

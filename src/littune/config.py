@@ -137,6 +137,12 @@ class DataSection:
     #: (the cache path, a tower with a head: efficientnet-lite, a Hugging Face image-classification
     #: folder): {repeat: 2, placement: row|confident|class-mean} (see littune.anchors); None: off
     anchors: dict | None = None
+    #: at most so many captions of each image take part, by language ({en: 2, "*": 2}: 2 English and 2
+    #: of the image's other languages together; see littune.cache.budget); {}: every caption (the cache path)
+    caption_budget: dict = field(default_factory=dict)
+    #: a locked text tower's caption features (littune.cache.text): computed once into this folder and
+    #: read by training, validation and evaluation; None: <run_dir>/text-cache
+    text_cache: str | None = None
 
 
 @dataclass
@@ -214,6 +220,12 @@ class TrainConfig:
                               "data.on_the_fly=false) can mix in the tower's classes")
         _check_unlock(self)
         self.data.language_share = check_share(self.data.language_share)
+        from .cache.budget import check_budget
+
+        self.data.caption_budget = check_budget(self.data.caption_budget)
+        if self.data.caption_budget and (self.data.on_the_fly or not locked):
+            raise ConfigError("data.caption_budget: only training from the embedding cache (a locked image tower, "
+                              "data.on_the_fly=false) keeps a budget of captions")
         return self
 
     def to_dict(self) -> dict:

@@ -286,6 +286,9 @@ def text_embeddings(model, texts: Sequence[str], batch_size: int = 256, progress
     # about as many tokens (:func:`_token_batches`), so that a batch pads little; the rows come back
     # in the caller's order.
     unique = sorted(set(texts).difference(memo or ()), key=lambda t: (len(t), t))
+    if getattr(model, "text_store", None) is not None:  # a locked text tower's cache
+        emb = _stored_text_embeddings(model, unique, batch_size, progress)
+        return _in_order(texts, unique, emb, memo)
     device = model_device(model)
     out, rows = [], []
     bar = _progress(len(unique), "text") if progress else None
@@ -300,11 +303,39 @@ def text_embeddings(model, texts: Sequence[str], batch_size: int = 256, progress
     emb = torch.empty(len(unique), out[0].shape[1] if out else model.config.embed_dim)
     if out:
         emb[torch.cat(rows)] = torch.cat(out)
+    return _in_order(texts, unique, emb, memo)
+
+
+def _in_order(texts: list[str], unique: list[str], emb: torch.Tensor, memo: dict | None) -> torch.Tensor:
+    """The rows of ``emb`` (one per text of ``unique``) in the order of ``texts`` (see :func:`text_embeddings`)."""
     if memo is None:
         where = {t: i for i, t in enumerate(unique)}
         return emb[torch.tensor([where[t] for t in texts], dtype=torch.long)]
     memo.update(zip(unique, emb))
     return torch.stack([memo[t] for t in texts]) if texts else emb[:0]
+
+
+def text_tower_features(model, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """``(len(texts), dim)`` float32: the text tower's raw output (before the head) for each text."""
+    device = model_device(model)
+    out = np.empty((len(texts), model.text_tower.dim), dtype=np.float32)
+    with evaluating(model), torch.inference_mode():
+        for idx, toks in _token_batches(model, list(texts), batch_size):
+            feats = model.text_features(**{k: v.to(device) for k, v in toks.items()})
+            out[idx.numpy()] = feats.float().cpu().numpy()
+    return out
+
+
+def _stored_text_embeddings(model, unique: list[str], batch_size: int, progress: bool) -> torch.Tensor:
+    """Embeddings of ``unique`` from the model's text cache, computing (and storing) the texts it lacks."""
+    store = model.text_store
+    store.fill(unique, lambda chunk: text_tower_features(model, chunk, batch_size), progress=progress)
+    device, parts = model_device(model), []
+    with torch.no_grad():
+        for lo in range(0, len(unique), 65536):
+            feats = torch.from_numpy(store.features(unique[lo:lo + 65536])).to(device)
+            parts.append(model.embed_text_features(feats).float().cpu())
+    return torch.cat(parts) if parts else torch.empty(0, model.config.embed_dim)
 
 
 #: texts tokenized at once by :func:`_token_batches` (then sorted by their token counts)

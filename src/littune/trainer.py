@@ -28,17 +28,17 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
-from .batches import CacheBatches, OnTheFlyBatches, Prefetched, length_groups, step_loader
+from .batches import CacheBatches, OnTheFlyBatches, Prefetched, WithTextFeatures, length_groups, step_loader
 from .accumulate import accumulated_backward
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LiTConfig, TrainConfig
-from .errors import ConfigError, LittuneError, StaleCacheError
+from .errors import ConfigError, LittuneError
 from .losses import ContrastiveLoss
-from .model import LiTModel
+from .model import LiTModel, save_trained
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
 from .optim import build_optimizer, build_scheduler, group_lrs, held_groups
 from .tower_settings import parse_setting
-from .towers.fingerprint import fingerprint_from_spec
+from .towers.fingerprint import tower_fingerprint
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
 from .towers.text import build_text_tower
 
@@ -53,15 +53,6 @@ def model_config(cfg: TrainConfig) -> LiTConfig:
     return replace(m, image_tower=parse_image_tower(m.image_tower))
 
 
-def tower_fingerprint(spec: dict, tower=None) -> str:
-    """The configured tower's fingerprint: from its weights file where possible, else from ``tower``
-    (or a tower built for the purpose, on the CPU, and freed)."""
-    found = fingerprint_from_spec(spec)
-    if found is not None:
-        return found
-    return (tower if tower is not None else build_image_tower(spec)).fingerprint()
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
@@ -69,6 +60,8 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.setting = parse_setting(cfg.model.setting)
         self.use_cache = self.setting.image.locked and not cfg.data.on_the_fly
+        # a locked text tower reads its caption features from a text cache, computed once
+        self.text_cached = self.use_cache and self.setting.text.locked
         self.skipped_images = 0
         self.loss_fn = ContrastiveLoss(cfg.model.loss, chunk=cfg.model.loss_chunk)
 
@@ -167,6 +160,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.cfg.steps, self.cfg.optim.unlock)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.text_cached:
+            self._fill_text_cache()
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return 0
@@ -175,13 +170,38 @@ class Trainer:
         log_line(f"resumed from {ckpt} at step {start}")
         return start
 
+    def _cache_batches(self) -> CacheBatches:
+        if getattr(self, "_cache_data", None) is None:
+            cfg = self.cfg
+            self._cache_data = CacheBatches(self.cache, cfg.data.batch_size, self.rank, self.world, cfg.seed,
+                                            cfg.data.exclude, language_share=cfg.data.language_share,
+                                            extra=self._anchors(), budget=cfg.data.caption_budget)
+            if cfg.data.exclude:
+                log_line(f"excluded {self._cache_data.excluded:,} training images listed in {cfg.data.exclude}")
+        return self._cache_data
+
+    def _fill_text_cache(self) -> None:
+        """A locked text tower: every caption a batch can draw, computed once into ``data.text_cache``
+        (rank 0; the others read what it wrote), which validation and evaluation read too."""
+        from .embeddings import text_tower_features
+
+        folder = self.cfg.data.text_cache or self.run_dir / "text-cache"
+        if D.is_main():
+            store, texts = self.model.use_text_cache(folder), list(dict.fromkeys(self._cache_batches().texts()))
+            t0, todo = time.perf_counter(), len(store.missing(texts))
+            store.fill(texts, lambda chunk: text_tower_features(self.model, chunk), progress=self.cfg.progress)
+            log_line(f"text cache {folder}: {len(texts):,} captions can be drawn, {todo:,} computed now "
+                     f"({time.perf_counter() - t0:.0f} s)")
+        D.barrier()
+        if not D.is_main():
+            self.model.use_text_cache(folder)
+
     def _batches(self, start: int):
         cfg = self.cfg
         if self.use_cache:
-            data = CacheBatches(self.cache, cfg.data.batch_size, self.rank, self.world, cfg.seed, cfg.data.exclude,
-                                language_share=cfg.data.language_share, extra=self._anchors())
-            if cfg.data.exclude:
-                log_line(f"excluded {data.excluded:,} training images listed in {cfg.data.exclude}")
+            data = self._cache_batches()
+            if self.text_cached:  # the captions' features read from the text cache, in the prefetch thread
+                data = WithTextFeatures(data, self.model.text_store)
             return Prefetched(data, range(start, cfg.steps))
         ds = OnTheFlyBatches(self.records, self.model.preprocess, cfg.data.batch_size, self.rank, self.world,
                              cfg.seed, augment=cfg.data.augment, language_share=cfg.data.language_share)
@@ -211,7 +231,10 @@ class Trainer:
                 img = self.model.embed_image_features(batch["image_features"][sl].to(self.device))
             else:
                 img = self.model.encode_image(batch["pixels"][sl].to(self.device, non_blocking=True))
-            txt = self._encode_captions(batch["captions"][sl])
+            if "text_features" in batch:
+                txt = self.model.embed_text_features(batch["text_features"][sl].to(self.device))
+            else:
+                txt = self._encode_captions(batch["captions"][sl])
         return img.float(), txt.float()
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
@@ -361,18 +384,7 @@ class Trainer:
     def _export(self) -> Path:
         out = self.run_dir / "model"
         if D.is_main():
-            model = self.model.to("cpu")
-            tower = model.image_tower
-            if isinstance(tower, CachedFeaturesTower) and tower.spec.get("type") != "efficientnet-lite":
-                # Only package towers are stored by reference; others are copied once, from the real tower.
-                real = build_image_tower(tower.spec).eval()
-                if real.fingerprint() != tower.fingerprint():
-                    raise StaleCacheError(f"image tower changed during training: {real.fingerprint()} != "
-                                          f"{tower.fingerprint()}")
-                model.image_tower = real
-                model._apply_locking()
-            model.save_pretrained(out)
-            model.image_tower = tower
+            save_trained(self.model.to("cpu"), out)
             self.model.to(self.device)
         return out
 

@@ -42,6 +42,17 @@ def fingerprint_from_spec(spec: str | dict) -> str | None:
     return None
 
 
+def tower_fingerprint(spec: dict, tower=None) -> str:
+    """The configured tower's fingerprint: from its weights file where possible, else from ``tower``
+    (or a tower built for the purpose, on the CPU, and freed)."""
+    found = fingerprint_from_spec(spec)
+    if found is not None:
+        return found
+    from .image import build_image_tower
+
+    return (tower if tower is not None else build_image_tower(spec)).fingerprint()
+
+
 def _format(name: str, weights_hash: str, preprocess: Preprocess) -> str:
     return f"{name}|w={weights_hash[:16]}|p={hash_text(preprocess.key())[:8]}"
 
