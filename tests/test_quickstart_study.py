@@ -54,7 +54,7 @@ def quickstart(prepared):
     torch.set_num_threads(1)
     try:
         result = qs.run_quickstart(root / "out", steps=STEPS, batch=BATCH, image_tower=SPEC, text_tower=TINY_TEXT,
-                                   embed_dim=16, progress=False, **opts)
+                                   embed_dim=16, progress=False, recipe="Lu-scratch", **opts)
         from littune.quickstart_data import prepare_mix
 
         paths = prepare_mix(root / "out", False, tower=SPEC, progress=False, **opts)  # reused: what it trained on
@@ -173,7 +173,7 @@ def test_quickstart_second_run_reuses_data_caches_and_model(quickstart):
     out, paths, result, opts = quickstart
     kept = _mtimes(out / "run", out / "caches") | _mtimes(paths["data"] / "images", pattern="*.png")
     again = qs.run_quickstart(out, steps=STEPS, batch=BATCH, image_tower=SPEC, text_tower=TINY_TEXT, embed_dim=16,
-                              progress=False, **opts)
+                              progress=False, recipe="Lu-scratch", **opts)
     now = _mtimes(out / "run", out / "caches") | _mtimes(paths["data"] / "images", pattern="*.png")
     assert now == kept  # nothing drawn, embedded or trained again
     assert again["rows"] == result["rows"]
@@ -225,7 +225,7 @@ def test_quickstart_trains_on_both_sources_in_every_language_without_duplicates(
     train = EmbeddingCache.open(paths["train"])
     assert train.languages == ["", "de", "en"] and len(train) == len({r["image"] for r in rows})
     cfg = load_config(out / "run" / "config.yaml")
-    assert cfg.data.language_share == qs.LANGUAGE_SHARE and cfg.data.exclude == str(paths["exclude"])
+    assert cfg.data.language_share == qs.RECIPES["Lu-scratch"].language_share and cfg.data.exclude == str(paths["exclude"])
     assert result["duplicates_excluded"] == paths["duplicates"] == len(read_keys(paths["exclude"]))
     assert f"{paths['duplicates']} near-duplicates of evaluation images excluded" in result["header"]
 
@@ -279,3 +279,30 @@ def test_an_openclipart_build_that_fails_beside_the_emoji_raises_its_own_error(p
         prepare_mix(root / "out", False, tower=SPEC, progress=False,
                     **{**opts, "clipart": {"source": missing, "size": SIZE, "workers": 1}})
     assert (root / "out" / "data" / "emoji-all-langs" / "train.csv").is_file()
+
+
+def test_the_default_ll_recipe_trains_heads_from_two_caches_and_evaluates_every_language_from_the_text_cache(
+        quickstart, tmp_path):
+    """The main job's default recipe (``LL-e5``) with a small pre-trained BERT in place of e5: the
+    caption features are computed once into the text cache, which the validation and the per-language
+    evaluation then read and extend; the run's report says what trained."""
+    from test_text_cache import make_bert
+
+    from littune.cache.text import TextFeatureCache
+
+    out, paths, _, opts = quickstart
+    import csv
+
+    with open(paths["source"], newline="", encoding="utf-8") as f:
+        captions = [r["caption"] for r in csv.DictReader(f)]
+    bert = make_bert(tmp_path / "bert", captions)
+    tower = {"type": "hf", "path": str(bert), "context_length": 24}
+    result = qs.run_quickstart(out, steps=STEPS, batch=BATCH, image_tower=SPEC, text_tower=tower, embed_dim=16,
+                               progress=False, run_name="ll", **opts)
+    assert result["setting"] == "LL" and result["caption_budget"] == qs.RECIPES["LL-e5"].caption_budget
+    assert "LiT `LL`" in result["header"] and "locked, each caption's features computed once" in result["header"]
+    folder = qs.text_cache_dir(out, tower)
+    store = TextFeatureCache.open(folder, json.loads((folder / "manifest.json").read_text())["tower"], 24)
+    names = read_classnames(paths["eval"]["heldout_designs"]["classnames"])
+    assert all(n in store for n in names)  # the bare-name prompts of the per-language evaluation
+    assert (out / "ll" / "results.md").is_file() and [r["lang"] for r in result["languages"]] == ["en", "de"]

