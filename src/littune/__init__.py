@@ -1,14 +1,41 @@
-"""littune: Locked-image Tuning (LiT) -- a locked image model, a text tower that learns to read it."""
+"""littune: Locked-image Tuning (LiT) -- a locked image model, a text tower that learns to read it.
+
+The public names are imported on first use (PEP 562), so that ``import littune`` -- and with it
+``littune --help`` and every command's own start-up -- does not pay for torch until it needs it."""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .model import LiTConfig, LiTModel  # noqa: E402
-from .openclip import create_model_and_transforms, create_model_from_pretrained, get_tokenizer  # noqa: E402
-from .tower_settings import parse_setting  # noqa: E402
+#: public name -> the module that defines it
+_LAZY = {
+    "LiTConfig": "config",
+    "LiTModel": "model",
+    "create_model_and_transforms": "openclip",
+    "create_model_from_pretrained": "openclip",
+    "get_tokenizer": "openclip",
+    "parse_setting": "tower_settings",
+}
 
 
-def load(directory: str, map_location: str = "cpu") -> LiTModel:
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'littune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def load(directory: str, map_location: str = "cpu") -> "LiTModel":  # noqa: F821
     """Shortcut for :meth:`LiTModel.from_pretrained`."""
+    from .model import LiTModel
+
     return LiTModel.from_pretrained(directory, map_location=map_location)
 
 
