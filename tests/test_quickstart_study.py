@@ -306,3 +306,18 @@ def test_the_default_ll_recipe_trains_heads_from_two_caches_and_evaluates_every_
     names = read_classnames(paths["eval"]["heldout_designs"]["classnames"])
     assert all(n in store for n in names)  # the bare-name prompts of the per-language evaluation
     assert (out / "ll" / "results.md").is_file() and [r["lang"] for r in result["languages"]] == ["en", "de"]
+
+
+def test_text_study_rows_report_english_and_the_other_languages_with_their_ratio(quickstart):
+    from littune import text_study
+
+    out, _, result, _ = quickstart
+    row = text_study.study_row("Lu-scratch", result)
+    assert row["setting"] == "Lu" and row["steps"] == STEPS and row["train_seconds"] > 0
+    en, others = row["en_heldout_concepts_t2i_r1"], row["others_heldout_concepts_t2i_r1"]
+    assert row["others_over_en_t2i"] == (pytest.approx(others / en) if others is not None else None)
+    assert row["others_heldout_designs_acc1"] == result["language_summary"]["mean_other_heldout_designs_acc1"]
+    table = text_study.markdown([row])
+    assert table.count("\n") == 2 and f"| **Lu-scratch** | Lu | scratch 1x" in table
+    with pytest.raises(Exception, match="unknown row 'nope'"):
+        text_study.run_text_study(out, ["nope"])

@@ -183,8 +183,8 @@ def _header(paths: dict, recipe: "Recipe", steps: int, batch: int, image_tower, 
             f"{steps} steps of {batch} pairs{budget}; trained on {c['train_images']} emoji images of "
             f"{c['train_concepts']} concepts in {len(paths['manifest']['train_designs'])} designs{clip}. Zero-shot: "
             f"prompt ensemble 'emoji'; retrieval: any design of the caption's concept counts. littune commit {commit}, "
-            f"{seconds['all']:.0f} s in all (data + embedding {seconds['data']:.0f} s, training + evaluation "
-            f"{seconds['train']:.0f} s) on {os.cpu_count()} cores.")
+            f"{seconds['all']:.0f} s in all (data + embedding {seconds['data']:.0f} s, training + validation "
+            f"{seconds['train'] or 0:.0f} s) on {os.cpu_count()} cores.")
 
 
 def _evaluate_languages(paths: dict, run_dir: Path, out: Path, text_cache: Path | None) -> tuple[list[dict], str]:
@@ -244,13 +244,33 @@ def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = Non
         lr_mults=r.lr_mults))
     cfg.progress = progress
     if (run_dir / "results.json").is_file() and (run_dir / "model").is_dir():
+        _check_finished(run_dir, cfg)
         bench.say(f"train: {run_dir} is finished; reusing it (delete it to train again)")
     else:
         Trainer(cfg).run()
-    t_train = time.time() - t0 - t_data
+        (run_dir / RUN_RECORD).write_text(json.dumps({"train_seconds": round(time.time() - t0 - t_data, 1),
+                                                      "commit": bench.code_commit()}))
+    record = json.loads((run_dir / RUN_RECORD).read_text()) if (run_dir / RUN_RECORD).is_file() else {}
+    t_train = record.get("train_seconds")
     report = out if run_name == "run" else run_dir
     return _report(report, paths, r, steps, batch, image_tower, run_dir, text_cache, t0,
-                   {"data": t_data, "train": t_train})
+                   {"data": t_data, "train": t_train, "trained_at": record.get("commit")})
+
+
+#: the training time and code of a finished run, for a later run that reuses it
+RUN_RECORD = "quickstart.json"
+
+
+def _check_finished(run_dir: Path, cfg) -> None:
+    """A finished run is reused only for the same recipe: another setting or text tower is an error."""
+    from .config import load_config
+    from .errors import LittuneError
+
+    done = load_config(run_dir / "config.yaml")
+    if (done.model.setting, done.model.text_tower) != (cfg.model.setting, cfg.model.text_tower):
+        raise LittuneError(f"{run_dir} holds a finished {done.model.setting} run with text tower "
+                           f"{done.model.text_tower.get('path') or done.model.text_tower.get('type')}, not this "
+                           f"recipe's {cfg.model.setting}: move or delete it, or give another --out")
 
 
 def _report(out: Path, paths: dict, recipe: Recipe, steps: int, batch: int, image_tower, run_dir: Path,
