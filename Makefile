@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SUM := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN_STAMP := $(VENV)/.run-$(SUM)
 ALL_STAMP := $(VENV)/.installed-$(SUM)
-RUN_EXTRAS := efficientnet,data,plot,onnx
+RUN_EXTRAS := efficientnet,data,plot,onnx,e5
 UV_VERSION := 0.13.9
 # uv does not byte-compile (as pip's --no-compile, below)
 UV := $(BIN)/uv pip install -q --python $(BIN)/python
