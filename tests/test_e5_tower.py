@@ -3,7 +3,7 @@
 On the real package (marked ``real``; converted once per session into the test cache through
 ``e5_small_path``, the API the main job uses): token ids equal the engine's own tokenizer on strings in
 many scripts, embeddings equal the engine's, the folder loads as the ``hf`` text tower. On a tiny
-synthetic file in the same layout (2 layers, 32 wide, 60 pieces): the conversion end to end against the
+synthetic file in the same layout (2 layers, 32 wide, 59 pieces): the conversion end to end against the
 engine, the Q4_0 layout, the CLI, the lock, and each bad input as one line with nothing written.
 """
 

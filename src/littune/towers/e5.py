@@ -14,7 +14,7 @@ it to float32 (exact: a Q4_0 weight is a small integer times a float16 scale) an
 
 Before the folder is renamed into place its embeddings (mean of all tokens, ``<s>`` and ``</s>``
 included, L2-normalised, on "query: " + text) are compared with the package's own engine on
-:data:`CHECK_SENTENCES`, in 13 scripts: every cosine must reach :data:`MIN_COSINE` (the engine rounds
+:data:`CHECK_SENTENCES` (11 scripts and emoji): every cosine must reach :data:`MIN_COSINE` (the engine rounds
 activations to int8, so they are not 1). Any failure -- a missing package, a corrupt file, an existing
 output, a failed check -- is one :class:`LittuneError` line and leaves nothing behind.
 
