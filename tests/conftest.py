@@ -8,11 +8,15 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# littune's cache folder (ONNX exports of towers, downloads) is the test session's own, never ~/.cache.
+# littune's cache folder (ONNX exports of towers, downloads, the converted e5-small) is the test session's
+# own, never ~/.cache, and is removed when the session's process exits.
 if "LITTUNE_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["LITTUNE_CACHE"] = tempfile.mkdtemp(prefix="littune-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LITTUNE_CACHE"], True)
 
 CAPTIONS = [
     "a red apple", "a green apple", "a cat on a mat", "a black dog", "a yellow school bus",

