@@ -18,7 +18,9 @@ is one ``<unk>`` each); ``<s>`` and ``</s>`` go around it. The same as a ``token
 
 Known differences from the engine: an empty text (or one the map deletes entirely) is ``<s> </s>``,
 where the engine puts a lone ``▁`` between them; and the special tokens' own text (``<s>``, ``<unk>``...)
-inside a caption is read as that special token. The original XLM-R tokenizer does the same in both.
+inside a caption is read as that special token (the original XLM-R tokenizer does the same in both).
+Two segmentations of equal score can be chosen the other way round (``′ ′′`` for ``′′ ′`` in ``}z‴``:
+1 of 20,054 fuzzed strings; the engine sums the scores in float32).
 """
 
 from __future__ import annotations
