@@ -103,6 +103,10 @@ class LiTConfig:
             check_choice("model.text_tower.tokenizer", self.text_tower.get("tokenizer", "bpe"))
         if "pooling" in self.text_tower:
             check_choice("model.text_tower.pooling", self.text_tower["pooling"], TEXT_POOLING[kind])
+        prefix = self.text_tower.get("prefix")
+        if prefix is not None and (kind != "hf" or not isinstance(prefix, str)):
+            raise ConfigError("model.text_tower.prefix: only an hf text tower takes a prefix" if kind != "hf" else
+                              f"model.text_tower.prefix: expected a string such as 'query: ', got {prefix!r}")
 
 
 #: The ``model`` section of :class:`TrainConfig` is the model's own configuration.

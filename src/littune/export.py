@@ -11,13 +11,15 @@
   only; one line and ``image_skipped`` in the JSON say why;
 * ``tokenizer.json`` -- the text tower's Hugging Face ``tokenizers`` tokenizer, with littune's
   truncation (at the context length) and padding (to the batch's longest text) built in, so
-  ``Tokenizer.from_file(...).encode_batch(texts)`` gives exactly the ids littune feeds the tower;
+  ``Tokenizer.from_file(...).encode_batch(texts)`` gives exactly the ids littune feeds the tower
+  (a text tower's ``prefix`` too: its normaliser puts it before every text);
 * ``littune_onnx.json`` -- the image preprocessing (:meth:`~littune.preprocess.Preprocess.eval`:
   shorter side resized to ``resize_to`` with ``interpolation``, centre crop ``size``, ``/255``,
   minus ``mean``, over ``std``; ``jpeg``: ``exact``, or the fast JPEG decoding the model was embedded
   with), the temperature (``exp(logit_scale)``), the sigmoid loss's logit
-  bias, the embedding size, the context length, the pad id, littune's version and the model's
-  fingerprints.
+  bias, the embedding size, the context length, the pad id, ``text_prefix`` (the prefix the
+  tokenizer puts before every text, for the record: do not add it again; null: none), littune's
+  version and the model's fingerprints (the text side's covers the tokenizer, prefix included).
 
 Each graph is exported as :mod:`littune.runtime` exports locked towers (``torch.onnx.export``, the
 TorchScript exporter, its warnings silenced) and compared with littune's own embeddings right after
@@ -194,6 +196,7 @@ def onnx_record(model, text_err: float, image: dict) -> dict:
         **image,
         "tokenizer": TOKENIZER_NAME, "context_length": int(model.text_tower.context_length),
         "pad_id": int(tok.pad_token_id), "padding_side": tok.padding_side,
+        "text_prefix": model.text_tower.prefix,
         "preprocess": {"size": p.size, "resize_to": p.resize_to, "interpolation": p.interpolation,
                        "mean": list(p.mean), "std": list(p.std), "crop": "center",
                        "decode": "EXIF orientation applied, RGB, alpha composited on white", "jpeg": _jpeg(p)},

@@ -239,10 +239,10 @@ def get_tokenizer(model_name: str | Path, context_length: int | None = None, **_
         from transformers import PreTrainedTokenizerFast
 
         hf = PreTrainedTokenizerFast.from_pretrained(path / "text")
-    else:
-        from transformers import AutoTokenizer
+    else:  # with the tower's prefix, as the tower tokenizes (littune.towers.text.with_prefix)
+        from .towers.text import load_hf_tokenizer
 
-        hf = AutoTokenizer.from_pretrained(path / "text", local_files_only=True)
+        hf = load_hf_tokenizer(path / "text", spec.get("prefix"))
     if hf.pad_token_id is None:
         raise LittuneError(f"the tokenizer in {path / 'text'} has no pad token")
     tok = Tokenizer(hf, spec["context_length"])

