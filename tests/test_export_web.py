@@ -188,10 +188,15 @@ def test_page_tokenizes_as_littune_in_several_scripts(built, served, browser):
 
 
 def _other_tokenizers():
-    """(name, tokenizer.json text): littune's Unigram tokenizer and the default pre-trained tower's WordPiece."""
-    from littune.towers.text import default_text_model_path, train_tokenizer
+    """(name, tokenizer.json text): littune's Unigram tokenizer, a WordPiece one with e5's prefix in its
+    normaliser (littune.towers.text.with_prefix) and the default pre-trained tower's WordPiece."""
+    from tiny_bert import tiny_bert
+
+    from littune.towers.text import default_text_model_path, load_hf_tokenizer, train_tokenizer
 
     out = [("unigram", train_tokenizer(CAPTIONS, vocab_size=300, kind="unigram").backend_tokenizer.to_str())]
+    folder = tiny_bert(Path(tempfile.mkdtemp(prefix="littune-test-bert-")), "wordpiece")
+    out.append(("prefixed", load_hf_tokenizer(folder, "query: ").backend_tokenizer.to_str()))
     try:
         from transformers import AutoTokenizer
 
@@ -201,7 +206,55 @@ def _other_tokenizers():
     return out
 
 
-def test_page_tokenizes_unigram_and_wordpiece_tokenizers_as_the_python_tokenizers_do(built, served, browser):
+def _prefixed_model(built, folder):
+    """A model over a tiny BERT text tower with e5's prefix and the image side of ``built`` (the index's)."""
+    from tiny_bert import hf_model, tiny_bert
+
+    model = hf_model(tiny_bert(folder, "wordpiece"), prefix="query: ").eval()
+    model.image_head.load_state_dict(built[0].image_head.state_dict())
+    return model
+
+
+NODE_ENCODE = """
+import { readFileSync } from "node:fs";
+import { pathToFileURL } from "node:url";
+const [lib, tokenizerJson, texts] = process.argv.slice(2);
+const { Tokenizer } = await import(pathToFileURL(lib).href);
+const tok = new Tokenizer(JSON.parse(readFileSync(tokenizerJson, "utf8")), {});
+console.log(JSON.stringify(JSON.parse(texts).map((t) => tok.encode(t).ids)));
+"""
+
+
+def test_a_prefixed_text_tower_exports_its_prefix_and_tokenizers_js_puts_it_before_every_query(built, packages, tmp_path):
+    """The prefix lives in tokenizer.json's normaliser: the records name it, and tokenizers.js (the page's
+    own copy, run in node where it is installed) gives the ids of littune's tokenizer in several scripts."""
+    import shutil
+    import subprocess
+
+    from tokenizers import Tokenizer
+
+    from littune.export_web import export_web_demo
+
+    model, index = _prefixed_model(built, tmp_path / "bert"), built[1]
+    out = tmp_path / "web"
+    record = export_web_demo(model, index, out, packages=packages, log=lambda m: None)
+    assert record["text"]["prefix"] == "query: " == json.loads((out / "littune_onnx.json").read_text())["text_prefix"]
+    enc = Tokenizer.from_file(str(out / "tokenizer.json")).encode_batch(TEXTS)
+    assert [e.ids for e in enc] == model.tokenize(TEXTS, padding="longest")["input_ids"].tolist()
+    want = [model.text_tower.tokenize([t], padding="do_not_pad")["input_ids"][0].tolist() for t in TEXTS]
+    assert model.text_tower.tokenizer.convert_ids_to_tokens(want[0][1:3]) == ["query", ":"]
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: tokenizers.js is checked in the browser tests only")
+    script = tmp_path / "encode.mjs"
+    script.write_text(NODE_ENCODE)
+    short = [t for t, w in zip(TEXTS, want) if len(w) < model.text_tower.context_length]  # the page cuts longer ones
+    got = subprocess.run([node, str(script), str(out / "vendor" / "tokenizers.min.mjs"), str(out / "tokenizer.json"),
+                          json.dumps(short)], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert json.loads(got) == [w for t, w in zip(TEXTS, want) if t in short] and len(short) >= 5
+
+
+def test_page_tokenizes_unigram_wordpiece_and_prefixed_tokenizers_as_the_python_tokenizers_do(built, served, browser):
     from tokenizers import Tokenizer
 
     open_page(browser, served)

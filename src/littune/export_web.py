@@ -9,7 +9,9 @@ a static folder that any plain file server (``python -m http.server -d DIR``) ca
   stores them: float16, little-endian, row after row;
 * ``littune_web.json`` -- count, dimension, dtype, each row's key (not where the file lives), its
   thumbnail (``null`` if the image no longer opens), the text graph's file and output, the context
-  length and truncation side, the embedding fingerprint and the vendored packages' versions;
+  length and truncation side, the text prefix (put before every query by ``tokenizer.json``'s own
+  normaliser, which tokenizers.js runs: the page adds nothing), the embedding fingerprint and the
+  vendored packages' versions;
 * ``thumbs/NNNNNN.jpg`` -- each indexed image decoded again from its source
   (:meth:`~littune.search.SearchIndex.open_image`) and re-encoded, its longer side at most ``thumb`` px;
 * ``index.html``, ``app.js``, ``style.css`` -- the page (``littune/web_demo``): it tokenizes the
@@ -125,7 +127,8 @@ def web_record(model, index, thumbnails: list[str | None], versions: dict[str, s
         "embeddings": EMBEDDINGS_FILE, "keys": list(index.keys), "thumbnails": thumbnails,
         "text": {"file": TEXT_NAME, "tokenizer": TOKENIZER_NAME, "output": "text_embeddings",
                  "context_length": int(model.text_tower.context_length),
-                 "truncation_side": model.text_tower.tokenizer.truncation_side},
+                 "truncation_side": model.text_tower.tokenizer.truncation_side,
+                 "prefix": model.text_tower.prefix},
         "fingerprint": index.meta.get("model", {}).get("fingerprint"),
         "vendor": versions,
     }
