@@ -267,6 +267,29 @@ def test_delayed_unlocking_setting_holds_the_image_tower_for_half_the_steps_then
     assert "\n" not in str(e.value)
 
 
+def test_study_lu_trains_a_pretrained_text_tower_at_0_1_with_its_word_embeddings_frozen(prepared, tmp_path):
+    """What the study says of U: the pre-trained text tower at 0.1x, its word embeddings frozen (littune's
+    default), and the trainable parameters it reports are the ones that trained."""
+    from tiny_bert import hf_model, tiny_bert
+
+    from littune.model import LiTModel
+
+    root, paths, _ = prepared
+    folder = tiny_bert(tmp_path / "bert")
+    towers = {"scratch": TINY_TEXT, "pretrained": {"type": "hf", "path": str(folder), "context_length": 16}}
+    row = study.run_setting("LU", paths, tmp_path / "study", 4, 8, SPEC, progress=False, text_towers=towers,
+                            embed_dim=16)
+    run = tmp_path / "study" / "runs" / "LU"
+    log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr_text"] / r["lr"] for r in log] == pytest.approx([0.1] * 4) and "lr_text_embeddings" not in log[0]
+    trained, start = LiTModel.from_pretrained(run / "model"), hf_model(folder)
+    name = "net.embeddings.word_embeddings.weight"
+    assert torch.equal(dict(trained.text_tower.named_parameters())[name], dict(start.text_tower.named_parameters())[name])
+    heads = sum(p.numel() for m in (trained.image_head, trained.text_head) for p in m.parameters()) + 1
+    words = dict(trained.text_tower.named_parameters())[name].numel()
+    assert row["trainable_params"] == sum(p.numel() for p in trained.text_tower.parameters()) - words + heads
+
+
 def test_an_openclipart_build_that_fails_beside_the_emoji_raises_its_own_error(prepared, tmp_path):
     """The Openclipart build runs in a second process beside the emoji build; its error reaches the
     main job as the one-line error it raised there, after the emoji build is done."""

@@ -20,7 +20,7 @@ import yaml
 
 from .errors import ConfigError
 from .language_sampling import check_share
-from .tower_settings import VALID_SETTINGS, parse_setting
+from .tower_settings import VALID_SETTINGS, check_lr_mults, parse_setting
 
 
 #: Every enumerated option and its allowed values, checked in one place (:func:`check_choice`).
@@ -156,7 +156,9 @@ class OptimSection:
     weight_decay: float = 1e-4
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    #: learning-rate multipliers: image, text, head (a locked tower is always 0)
+    #: learning-rate multipliers: image, text, text_embeddings (an hf text tower's word embeddings),
+    #: head (default 1; a locked tower is always 0; a pre-trained hf text tower in LU/UU:
+    #: text_embeddings 0, frozen)
     lr_mults: dict = field(default_factory=dict)
     clip_grad_norm: float | None = 1.0
     #: delayed unlocking: {image: {after: 1000, ramp: 200}} keeps a group (image, text, head) at
@@ -222,6 +224,7 @@ class TrainConfig:
         if self.data.anchors is not None and (self.data.on_the_fly or not locked):
             raise ConfigError("data.anchors: only training from the embedding cache (a locked image tower, "
                               "data.on_the_fly=false) can mix in the tower's classes")
+        check_lr_mults(self.optim.lr_mults, self.model.text_tower.get("type", "transformer"))
         _check_unlock(self)
         self.data.language_share = check_share(self.data.language_share)
         from .cache.budget import check_budget

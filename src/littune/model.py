@@ -7,7 +7,10 @@ setting (``Lu``, ``LU``, ``Uu``...) decides how each tower is initialised and wh
 a locked tower is always in eval mode with ``requires_grad=False`` and a learning-rate
 multiplier of 0 in :meth:`LiTModel.param_groups` -- freezing is configuration, not code in towers.
 A group whose unlocking is delayed (``optim.unlock``) is *held* as if locked until it unlocks
-(:meth:`LiTModel.hold`): no gradient, and a held tower in eval mode.
+(:meth:`LiTModel.hold`): no gradient, and a held tower in eval mode. A group whose multiplier is 0
+(``optim.lr_mults``; by default a pre-trained text tower's word embeddings,
+:data:`littune.tower_settings.PRETRAINED_TEXT_LR_MULTS`) is *frozen* by :meth:`LiTModel.set_lr_mults`:
+no gradient, no optimiser state.
 The loss lives in :mod:`littune.losses`, used by the trainer.
 
 Model directories (``save_pretrained`` / ``from_pretrained``): ``config.json``,
@@ -31,7 +34,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import LiTConfig
 from .inference import InferenceMixin
-from .tower_settings import parse_setting
+from .optim import unlock_part
+from .tower_settings import check_lr_mults, default_lr_mults, parse_setting
 from .towers.image import ImageTower, build_image_tower, parse_image_tower
 from .towers.text import TextTower, build_text_tower
 
@@ -80,6 +84,7 @@ class LiTModel(InferenceMixin, nn.Module):
     def _init_held(self) -> None:
         self.held: frozenset[str] = frozenset()
         self._held_params: list[nn.Parameter] = []
+        self._lr_mults: dict[str, float] = {}
 
     def _apply_locking(self) -> None:
         for name, tower, mode in (("image", self.image_tower, self.setting.image),
@@ -103,8 +108,8 @@ class LiTModel(InferenceMixin, nn.Module):
             return
         for p in self._held_params:
             p.requires_grad_(True)
-        self._held_params = [p for g in self.param_groups() if g["name"].removesuffix("_no_decay") in parts
-                             for p in g["params"] if p.requires_grad]
+        self._held_params = [p for g in self.param_groups(self._lr_mults) if unlock_part(g["name"]) in parts
+                             and not g["frozen"] for p in g["params"] if p.requires_grad]
         for p in self._held_params:
             p.requires_grad_(False)
         self.held = parts
@@ -165,26 +170,44 @@ class LiTModel(InferenceMixin, nn.Module):
         return img, self.encode_text(input_ids, attention_mask)
 
     # -- freezing as configuration ---------------------------------------------------------------
-    def param_groups(self, lr_mults: dict[str, float] | None = None, weight_decay: float = 0.0) -> list[dict]:
-        """Parameter groups with learning-rate multipliers; a locked tower's multiplier is 0.
+    def lr_multipliers(self, lr_mults: dict[str, float] | None = None) -> dict[str, float]:
+        """Each group's learning-rate multiplier: ``lr_mults`` (``optim.lr_mults``) over the setting's
+        defaults for a pre-trained ``hf`` text tower that trains (:func:`~littune.tower_settings.
+        default_lr_mults`), else 1; a locked tower's 0. ``text_embeddings`` (an ``hf`` text tower
+        only) follows ``text`` unless set or defaulted."""
+        kind = self.text_tower.kind
+        check_lr_mults(lr_mults or {}, kind)
+        given = {**default_lr_mults(self.setting, kind), **(lr_mults or {})}
+        text = 0.0 if self.setting.text.locked else float(given.get("text", 1.0))
+        mult = {"image": 0.0 if self.setting.image.locked else float(given.get("image", 1.0)), "text": text}
+        if self.text_tower.word_embeddings() is not None:
+            mult["text_embeddings"] = 0.0 if self.setting.text.locked else float(given.get("text_embeddings", text))
+        mult["head"] = float(given.get("head", 1.0))
+        return mult
 
-        ``lr_mults`` may set ``image``, ``text`` and ``head`` (default 1). Biases, norms, embeddings
-        of positions, the temperature and the sigmoid bias get no weight decay. Groups whose
-        multiplier is 0 are returned too (``frozen: True``) so a schedule can show them; the
-        trainer passes only the others to the optimiser.
+    def set_lr_mults(self, lr_mults: dict[str, float] | None = None) -> None:
+        """Train with ``lr_mults``: a group whose multiplier is 0 is frozen (``requires_grad=False``: no
+        gradient is computed for it and the optimiser holds no state for it; :meth:`hold` never
+        releases it), the others can train (a held group stays held)."""
+        self._lr_mults = dict(lr_mults or {})
+        for g in self.param_groups(self._lr_mults):
+            train = not g["frozen"] and unlock_part(g["name"]) not in self.held
+            for p in g["params"]:
+                p.requires_grad_(train)
+
+    def param_groups(self, lr_mults: dict[str, float] | None = None, weight_decay: float = 0.0) -> list[dict]:
+        """Parameter groups with learning-rate multipliers (:meth:`lr_multipliers`); a locked tower's is 0.
+
+        Biases, norms, embeddings of positions, the temperature and the sigmoid bias get no weight
+        decay. Groups whose multiplier is 0 are returned too (``frozen: True``) so a schedule can
+        show them; the trainer passes only the others to the optimiser.
         """
-        lr_mults = dict(lr_mults or {})
-        unknown = set(lr_mults) - {"image", "text", "head"}
-        if unknown:
-            raise ValueError(f"unknown lr multiplier(s) {sorted(unknown)}; use image, text, head")
-        mult = {
-            "image": 0.0 if self.setting.image.locked else float(lr_mults.get("image", 1.0)),
-            "text": 0.0 if self.setting.text.locked else float(lr_mults.get("text", 1.0)),
-            "head": float(lr_mults.get("head", 1.0)),
-        }
+        mult = self.lr_multipliers(lr_mults)
+        words = self.text_tower.word_embeddings() if "text_embeddings" in mult else None
         parts = {
             "image": list(self.image_tower.named_parameters()),
-            "text": list(self.text_tower.named_parameters()),
+            "text": [(n, p) for n, p in self.text_tower.named_parameters() if p is not words],
+            "text_embeddings": [("word_embeddings", words)] if words is not None else [],
             "head": [(f"image_head.{n}", p) for n, p in self.image_head.named_parameters()]
             + [(f"text_head.{n}", p) for n, p in self.text_head.named_parameters()]
             + [("logit_scale", self.logit_scale)]

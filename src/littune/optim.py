@@ -1,7 +1,9 @@
 """Optimisers and learning-rate schedules.
 
 The model hands out parameter groups with learning-rate multipliers (a locked tower's is 0 and it
-never reaches the optimiser); each group's learning rate is
+never reaches the optimiser; ``optim.lr_mults`` sets ``image``, ``text``, ``text_embeddings`` -- an
+``hf`` text tower's word embeddings -- and ``head``; a pre-trained ``hf`` text tower that trains
+defaults to ``text_embeddings`` 0, frozen); each group's learning rate is
 ``lr * lr_mult * schedule(step) * unlock(step)``. The schedule is a linear warm-up followed by
 cosine, linear or reciprocal-square-root decay (or constant), down to ``min_lr_ratio`` of the peak.
 
@@ -27,6 +29,10 @@ from .errors import ConfigError
 
 
 def build_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
+    """The optimiser over the model's groups whose multiplier is not 0 (``optim.lr_mults``, see
+    :meth:`littune.model.LiTModel.lr_multipliers`); the others are frozen in the model
+    (:meth:`~littune.model.LiTModel.set_lr_mults`: no gradient, no optimiser state)."""
+    model.set_lr_mults(optim_cfg.lr_mults)
     groups = []
     for g in model.param_groups(optim_cfg.lr_mults, optim_cfg.weight_decay):
         if g["frozen"]:
@@ -89,8 +95,16 @@ def held_groups(unlock: dict | None, step: int) -> frozenset[str]:
 
 
 def group_part(name: str) -> str:
-    """The part (``image``, ``text``, ``head``) an optimiser group named by the model belongs to."""
+    """The part (``image``, ``text``, ``text_embeddings``, ``head``) an optimiser group named by the
+    model belongs to."""
     return name.removesuffix("_no_decay")
+
+
+def unlock_part(name: str) -> str:
+    """The part whose ``optim.unlock`` entry holds and ramps a group: a text tower's word embeddings
+    unlock with the text tower."""
+    part = group_part(name)
+    return "text" if part == "text_embeddings" else part
 
 
 def _schedule(schedule_cfg, total_steps: int):
@@ -108,7 +122,7 @@ def build_scheduler(optimizer, schedule_cfg, total_steps: int, unlock: dict | No
     base = _schedule(schedule_cfg, total_steps)
 
     def for_group(group: dict):
-        spec = (unlock or {}).get(group_part(group.get("name", "")))
+        spec = (unlock or {}).get(unlock_part(group.get("name", "")))
         if not spec:
             return base
         return lambda step: base(step) * unlock_factor(step, **spec)
@@ -120,7 +134,7 @@ def group_lrs(optimizer, step: int, peak_lr: float, schedule_cfg, total_steps: i
     """The learning rates of ``step`` (0-based; read before the scheduler moves past it), for the
     metrics log: ``lr`` is the schedule's, ``optim.lr * schedule_factor(step)`` before any group's
     multiplier or unlock factor, and ``lr_<part>`` each trained part's own (``lr_image``, ``lr_text``,
-    ``lr_head``; a part's decay and no-decay groups share one rate). A locked part, which never
+    ``lr_text_embeddings``, ``lr_head``; a part's decay and no-decay groups share one rate). A locked part, which never
     reaches the optimiser, has no entry; a held one reads 0."""
     out = {"lr": peak_lr * _schedule(schedule_cfg, total_steps)(step)}
     for g in optimizer.param_groups:

@@ -12,8 +12,9 @@ and ``LL`` (only the heads trained) weak. This module reruns that question on th
   so that the unlocked settings, which run the tower forward and backward on every step, fit a CPU);
   locked settings read the embedding cache of that same tower at that same size;
 * text tower: a transformer from scratch for ``u``; all-MiniLM-L6-v2 for ``U`` and ``L``;
-* pre-trained unlocked towers train at 0.1x the learning rate (the paper's advice for fine-tuning);
-  the heads and the from-scratch towers at 1x. Unlocked image towers see the same un-augmented pixels
+* pre-trained unlocked towers train at 0.1x the learning rate (the paper's advice for fine-tuning),
+  the pre-trained text tower's word embeddings frozen (littune's default: ``optim.lr_mults.text_embeddings`` 0); the heads and
+  the from-scratch towers at 1x. Unlocked image towers see the same un-augmented pixels
   as the cache holds, so the data is the same for every setting.
 * ``Lu-Uu`` (:data:`DELAYED`) is the paper's other answer, unlocking the image tower later and slower:
   ``Uu`` whose image tower is held locked for the first half of the steps (``Lu``: no gradient, eval
@@ -111,7 +112,8 @@ def run_setting(setting: str, paths: dict, out: Path, steps: int, batch: int, im
     model = LiTModel.from_pretrained(run_dir / "model").eval()
     metrics = bench.evaluate(model, paths, locked=model.setting.image.locked, progress=progress)
     log = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for g in model.param_groups(cfg.optim.lr_mults) if not g["frozen"]
+                    for p in g["params"])  # frozen word embeddings are not
     row = {"setting": setting, "metrics": metrics, "train_seconds": round(train_s, 1),
            "final_loss": float(np.mean([r["loss"] for r in log[-3:]])) if log else None,
            "trainable_params": trainable, "pairs_per_s": log[-1].get("pairs_per_s") if log else None,
@@ -188,7 +190,8 @@ def run_study(out: str | Path = "out/study", settings=SETTINGS, steps: int = 200
     c = paths["manifest"]["counts"]
     header = (f"Tower settings at equal steps: {steps} steps of {batch} pairs, EfficientNet-Lite0 at {image_size} px, "
               f"text transformer {bench.TEXT_TOWER['depth']}x{bench.TEXT_TOWER['width']} from scratch (u) or "
-              f"all-MiniLM-L6-v2 (U, L); emoji {c['train_images']} training images of {c['train_concepts']} concepts. "
+              f"all-MiniLM-L6-v2 (U, L; U: its word embeddings frozen); "
+              f"emoji {c['train_images']} training images of {c['train_concepts']} concepts. "
               f"Zero-shot with the 'emoji' prompt ensemble; retrieval: any design of the caption's concept counts. "
               f"Each row names the littune commit that trained it; this table written at {bench.code_commit()}, "
               f"{time.time() - t0:.0f} s of training and evaluation in this call.")

@@ -113,6 +113,10 @@ class TextTower(nn.Module):
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def word_embeddings(self) -> nn.Parameter | None:
+        """The input word-embedding table when it has a learning-rate group of its own (``hf`` towers)."""
+        return None
+
     @property
     def padding_side(self) -> str:
         """The end :meth:`tokenize` pads (``right`` or ``left``): where a batch is cut to its longest text."""
@@ -277,6 +281,9 @@ class HFTextTower(TextTower):
             self.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         elif getattr(self.net, "is_gradient_checkpointing", False):
             self.net.gradient_checkpointing_disable()
+
+    def word_embeddings(self) -> nn.Parameter:
+        return self.net.get_input_embeddings().weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.net(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
