@@ -1,16 +1,24 @@
 """A pre-trained (hf) text tower that trains (LU, UU): its word-embedding table frozen by default (no
-gradient, no optimiser state, never moves) as the ``text_embeddings`` group of ``optim.lr_mults``."""
+gradient, no optimiser state, never moves) as the ``text_embeddings`` group of ``optim.lr_mults``, and
+the rest of it at 0.1x unless the config sets ``optim.lr_mults.text``; a from-scratch tower unchanged."""
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from tiny_bert import hf_model, tiny_bert
 
-from littune.config import OptimSection, load_config
-from littune.errors import ConfigError
-from littune.losses import ContrastiveLoss
-from littune.optim import build_optimizer
+sys.path.insert(0, str(Path(__file__).parent))
+from test_trainer import TINY, make_source  # noqa: E402
+
+from littune.config import OptimSection, load_config  # noqa: E402
+from littune.errors import ConfigError  # noqa: E402
+from littune.losses import ContrastiveLoss  # noqa: E402
+from littune.optim import build_optimizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,8 +68,24 @@ def test_lr_mults_text_embeddings_trains_the_word_embeddings(folder):
     before = words.detach().clone()
     opt = build_optimizer(model, OptimSection(name="adamw", lr=1e-2, lr_mults={"text_embeddings": 1.0}))
     assert words.requires_grad and _lrs(opt)["text_embeddings"] == pytest.approx(1e-2)
+    assert _lrs(opt)["text"] == pytest.approx(1e-3)  # the rest keeps LU's 0.1
     _step(model, opt)
     assert words in opt.state and not torch.equal(words, before)
+
+
+def test_lu_gives_a_pretrained_text_tower_0_1_unless_the_config_sets_text(folder, tiny_model):
+    lu = build_optimizer(hf_model(folder, setting="LU"), OptimSection(lr=1e-3))
+    assert _lrs(lu)["text"] == pytest.approx(1e-4) and _lrs(lu)["text_no_decay"] == pytest.approx(1e-4)
+    assert _lrs(lu)["head"] == pytest.approx(1e-3)
+    uu = build_optimizer(hf_model(folder, setting="UU"), OptimSection(lr=1e-3))
+    assert _lrs(uu)["text"] == pytest.approx(1e-4) and _lrs(uu)["image"] == pytest.approx(1e-3)
+    full = build_optimizer(hf_model(folder, setting="LU"), OptimSection(lr=1e-3, lr_mults={"text": 1.0}))
+    assert _lrs(full)["text"] == pytest.approx(1e-3) and "text_embeddings" not in _lrs(full)
+    # A text tower from scratch: 1x, its token embeddings in `text`; an hf network from random init (u) too.
+    scratch = build_optimizer(tiny_model("Lu"), OptimSection(lr=1e-3))
+    assert _lrs(scratch)["text"] == pytest.approx(1e-3) and "text_embeddings" not in _lrs(scratch)
+    random_hf = build_optimizer(hf_model(folder, setting="Lu"), OptimSection(lr=1e-3))
+    assert _lrs(random_hf)["text"] == _lrs(random_hf)["text_embeddings"] == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("mults,message", [
@@ -78,3 +102,26 @@ def test_lr_mults_keys_and_values_are_one_line_config_errors(folder, mults, mess
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="^optim.lr_mults.text_embeddings: only an hf text tower"):
         load_config(overrides=["data.cache=x", "optim.lr_mults={text_embeddings: 1}"])  # a transformer tower
+
+
+def test_lu_training_says_which_multipliers_apply_and_leaves_the_word_embeddings_as_they_were(folder, tmp_path, capsys):
+    from littune import LiTModel
+    from littune.trainer import Trainer
+
+    src = make_source(tmp_path / "data", per_class=1)
+    cfg = load_config(overrides=TINY + [f"run_dir={tmp_path / 'run'}", f"data.source={src}", "steps=3",
+                                        "model.setting=LU", f"model.text_tower={{type: hf, path: {folder}, "
+                                        "context_length: 12}", f"data.cache={tmp_path / 'cache'}"])
+    Trainer(cfg).run()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "learning-rate multipliers" in ln]
+    assert lines == ["littune train: learning-rate multipliers (optim.lr_mults): image 0 (locked), text 0.1 (LU's "
+                     "default for a pre-trained text tower), text_embeddings 0 (frozen: LU's default for a pre-trained "
+                     "text tower), head 1"]
+    log = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr_text"] / r["lr"] for r in log] == pytest.approx([0.1] * 3)
+    assert all("lr_text_embeddings" not in r for r in log)
+    trained = LiTModel.from_pretrained(tmp_path / "run" / "model")
+    start = hf_model(folder, setting="LU")
+    assert torch.equal(trained.text_tower.word_embeddings(), start.text_tower.word_embeddings())
+    assert not torch.equal(trained.text_tower.net.encoder.layer[0].output.dense.weight,
+                           start.text_tower.net.encoder.layer[0].output.dense.weight)

@@ -157,7 +157,7 @@ class OptimSection:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     #: learning-rate multipliers: image, text, text_embeddings (an hf text tower's word embeddings),
-    #: head (default 1; a locked tower is always 0; a pre-trained hf text tower in LU/UU:
+    #: head (default 1; a locked tower is always 0; a pre-trained hf text tower in LU/UU: text 0.1,
     #: text_embeddings 0, frozen)
     lr_mults: dict = field(default_factory=dict)
     clip_grad_norm: float | None = 1.0

@@ -3,7 +3,7 @@
 The model hands out parameter groups with learning-rate multipliers (a locked tower's is 0 and it
 never reaches the optimiser; ``optim.lr_mults`` sets ``image``, ``text``, ``text_embeddings`` -- an
 ``hf`` text tower's word embeddings -- and ``head``; a pre-trained ``hf`` text tower that trains
-defaults to ``text_embeddings`` 0, frozen); each group's learning rate is
+defaults to ``text`` 0.1 and ``text_embeddings`` 0, frozen); each group's learning rate is
 ``lr * lr_mult * schedule(step) * unlock(step)``. The schedule is a linear warm-up followed by
 cosine, linear or reciprocal-square-root decay (or constant), down to ``min_lr_ratio`` of the peak.
 
@@ -105,6 +105,21 @@ def unlock_part(name: str) -> str:
     unlock with the text tower."""
     part = group_part(name)
     return "text" if part == "text_embeddings" else part
+
+
+def lr_mults_line(model, lr_mults: dict | None) -> str:
+    """One line for the start of training: each group's learning-rate multiplier and where it comes from."""
+    from .tower_settings import default_lr_mults
+
+    given, defaults = lr_mults or {}, default_lr_mults(model.setting, model.text_tower.kind)
+    items = []
+    for part, mult in model.lr_multipliers(lr_mults).items():
+        tower = getattr(model.setting, "text" if part == "text_embeddings" else part, None)
+        why = ("locked" if tower is not None and tower.locked else "set" if part in given
+               else f"{model.setting.name}'s default for a pre-trained text tower" if part in defaults else "")
+        why = f"frozen: {why}" if mult == 0 and why not in ("locked", "") else why
+        items.append(f"{part} {mult:g}" + (f" ({why})" if why else ""))
+    return "learning-rate multipliers (optim.lr_mults): " + ", ".join(items)
 
 
 def _schedule(schedule_cfg, total_steps: int):

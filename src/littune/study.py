@@ -12,8 +12,9 @@ and ``LL`` (only the heads trained) weak. This module reruns that question on th
   so that the unlocked settings, which run the tower forward and backward on every step, fit a CPU);
   locked settings read the embedding cache of that same tower at that same size;
 * text tower: a transformer from scratch for ``u``; all-MiniLM-L6-v2 for ``U`` and ``L``;
-* pre-trained unlocked towers train at 0.1x the learning rate (the paper's advice for fine-tuning),
-  the pre-trained text tower's word embeddings frozen (littune's default: ``optim.lr_mults.text_embeddings`` 0); the heads and
+* pre-trained unlocked towers train at 0.1x the learning rate (the paper's advice for fine-tuning;
+  set here for both towers, littune's default for the text tower alone), the pre-trained text tower's
+  word embeddings frozen (littune's default: ``optim.lr_mults.text_embeddings`` 0); the heads and
   the from-scratch towers at 1x. Unlocked image towers see the same un-augmented pixels
   as the cache holds, so the data is the same for every setting.
 * ``Lu-Uu`` (:data:`DELAYED`) is the paper's other answer, unlocking the image tower later and slower:

@@ -10,8 +10,8 @@ LiT (Zhai et al., 2021) names a setup by two letters, first the image tower, the
 exist for comparison. Locking is configuration: it becomes a learning-rate multiplier of 0 for the
 tower's parameters (see :func:`littune.model.LiTModel.param_groups`), plus eval mode so that no
 statistic (BatchNorm running means) moves either. A pre-trained ``hf`` text tower that trains
-(``LU``, ``UU``) does so with its word embeddings frozen unless ``optim.lr_mults`` says otherwise
-(:data:`PRETRAINED_TEXT_LR_MULTS`).
+(``LU``, ``UU``) does so at 0.1x with its word embeddings frozen unless ``optim.lr_mults`` says
+otherwise (:data:`PRETRAINED_TEXT_LR_MULTS`).
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ def parse_setting(setting: str) -> TowerSetting:
 #: ``text_embeddings`` is the input word-embedding table of an ``hf`` text tower (the rest is ``text``).
 LR_GROUPS = ("image", "text", "text_embeddings", "head")
 #: The multipliers of a pre-trained ``hf`` text tower that trains (``LU``, ``UU``) unless the config
-#: sets them: the word embeddings frozen (e5-small's are 96M of its 118M parameters: nothing to learn
-#: there from a few captions, and a dense AdamW step over them costs more than the rest of the step).
-PRETRAINED_TEXT_LR_MULTS = {"text_embeddings": 0.0}
+#: sets them: the paper's 0.1 for fine-tuning, and the word embeddings frozen (e5-small's are 96M of
+#: its 118M parameters: nothing to learn there from a few captions, and a dense AdamW step over them
+#: costs more than the rest of the step).
+PRETRAINED_TEXT_LR_MULTS = {"text": 0.1, "text_embeddings": 0.0}
 
 
 def default_lr_mults(setting: str | TowerSetting, text_kind: str) -> dict[str, float]:

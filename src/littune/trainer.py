@@ -36,7 +36,7 @@ from .errors import ConfigError, LittuneError
 from .losses import ContrastiveLoss
 from .model import LiTModel, save_trained
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
-from .optim import build_optimizer, build_scheduler, group_lrs, held_groups
+from .optim import build_optimizer, build_scheduler, group_lrs, held_groups, lr_mults_line
 from .tower_settings import parse_setting
 from .towers.fingerprint import tower_fingerprint
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
@@ -158,6 +158,7 @@ class Trainer:
         """Model, optimiser and schedule, restored from the latest checkpoint; returns the first step."""
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        log_line(lr_mults_line(self.model, self.cfg.optim.lr_mults))
         self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, self.cfg.steps, self.cfg.optim.unlock)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.text_cached:
