@@ -82,7 +82,7 @@ def test_lu_from_cache_lowers_loss_and_builds_the_tower_only_for_the_cache_and_t
     cache_build, export = counting_tower.BUILT  # exactly two constructions
     assert cache_build >= 1  # it embedded the 64 images, and nothing else ran it
     assert export == 0  # copied into the model directory, never run
-    model = load(out)
+    model = load(out, trust_code=True)  # the user's own torch factory tower
     assert model.setting.name == "Lu"
     assert (tmp_path / "run" / "config.yaml").exists()
     assert (tmp_path / "run" / "plots" / "training.png").exists()

@@ -32,11 +32,12 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-def load(directory: str, map_location: str = "cpu") -> "LiTModel":  # noqa: F821
-    """Shortcut for :meth:`LiTModel.from_pretrained`."""
+def load(directory: str, map_location: str = "cpu", trust_code: bool = False) -> "LiTModel":  # noqa: F821
+    """Shortcut for :meth:`LiTModel.from_pretrained` (``trust_code=True``: let the folder's config name a
+    torch factory to import and call; only for a folder you trust)."""
     from .model import LiTModel
 
-    return LiTModel.from_pretrained(directory, map_location=map_location)
+    return LiTModel.from_pretrained(directory, map_location=map_location, trust_code=trust_code)
 
 
 __all__ = ["LiTConfig", "LiTModel", "create_model_and_transforms", "create_model_from_pretrained", "get_tokenizer",

@@ -11,3 +11,8 @@ class ConfigError(LittuneError, ValueError):
 
 class StaleCacheError(LittuneError):
     """An embedding cache does not match the configured tower or source (names both fingerprints)."""
+
+
+class UntrustedCodeError(LittuneError):
+    """A model folder (or a file that came with one) names code to import and call, and the user did not
+    opt in (``trust_code=True`` / ``--trust-code``)."""

@@ -38,6 +38,7 @@ from .optim import unlock_part
 from .tower_settings import check_lr_mults, default_lr_mults, parse_setting
 from .towers.image import ImageTower, build_image_tower, parse_image_tower
 from .towers.text import TextTower, build_text_tower
+from .towers.trust import refuse_code
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -251,8 +252,12 @@ class LiTModel(InferenceMixin, nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "LiTModel":
-        """Load a model directory written by :meth:`save_pretrained` (offline, no pickles)."""
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu", trust_code: bool = False) -> "LiTModel":
+        """Load a model directory written by :meth:`save_pretrained` (offline, no pickles).
+
+        The folder is data: a ``config.json`` naming code to run (a ``torch`` factory tower other than
+        littune's own) is refused with :class:`~littune.errors.UntrustedCodeError` unless ``trust_code``
+        (see :mod:`littune.towers.trust`)."""
         directory = Path(directory)
         if not (directory / CONFIG_NAME).exists():
             raise FileNotFoundError(f"{directory} is not a littune model directory (no {CONFIG_NAME})")
@@ -265,6 +270,7 @@ class LiTModel(InferenceMixin, nn.Module):
             raise ValueError(f"{directory / CONFIG_NAME}: {e}") from None
         by_reference = meta.get("image_tower_by_reference", False)
         image_spec = parse_image_tower(config.image_tower)
+        refuse_code(image_spec, directory / CONFIG_NAME, trust_code)
         image = build_image_tower(image_spec, pretrained=by_reference or image_spec.get("type") == "onnx",
                                   base_dir=directory)
         text = build_text_tower(config.text_tower, pretrained=False, base_dir=directory / "text")

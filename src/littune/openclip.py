@@ -198,15 +198,16 @@ def _model_dir(model_name: str | Path, pretrained) -> Path:
 
 
 def create_model(model_name: str | Path, pretrained: str | None = None, precision: str = "fp32",
-                 device: str | torch.device | None = "cpu", **_ignored) -> OpenCLIPModel:
+                 device: str | torch.device | None = "cpu", trust_code: bool = False, **_ignored) -> OpenCLIPModel:
     """open_clip's ``create_model``: the model of the littune directory ``model_name``, in eval mode on
-    ``device`` (``None``: CPU). Only ``precision="fp32"``; open_clip's other keywords are ignored."""
+    ``device`` (``None``: CPU). Only ``precision="fp32"``; open_clip's other keywords are ignored.
+    ``trust_code``: as :meth:`littune.LiTModel.from_pretrained`'s (refused by default)."""
     from .model import LiTModel
 
     path = _model_dir(model_name, pretrained)
     if precision != "fp32":
         raise LittuneError(f"precision {precision!r}: littune models run in fp32 here")
-    lit = LiTModel.from_pretrained(path, map_location="cpu")
+    lit = LiTModel.from_pretrained(path, map_location="cpu", trust_code=trust_code)
     return OpenCLIPModel(lit).to(device if device is not None else "cpu").eval()
 
 

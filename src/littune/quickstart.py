@@ -193,7 +193,7 @@ def _evaluate_languages(paths: dict, run_dir: Path, out: Path, text_cache: Path 
     from .eval.languages import language_plot, language_scores, language_table
     from .model import LiTModel
 
-    model = LiTModel.from_pretrained(run_dir / "model")
+    model = LiTModel.from_pretrained(run_dir / "model", trust_code=True)  # trained just now, from our own config
     if text_cache is not None and model.setting.text.locked:
         model.use_text_cache(text_cache)
     caches = {s: v["cache"] for s, v in paths["eval"].items()}

@@ -110,7 +110,7 @@ def run_setting(setting: str, paths: dict, out: Path, steps: int, batch: int, im
     t0 = time.time()
     Trainer(cfg).run()
     train_s = time.time() - t0
-    model = LiTModel.from_pretrained(run_dir / "model").eval()
+    model = LiTModel.from_pretrained(run_dir / "model", trust_code=True).eval()  # trained just now, from the study's config
     metrics = bench.evaluate(model, paths, locked=model.setting.image.locked, progress=progress)
     log = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     trainable = sum(p.numel() for g in model.param_groups(cfg.optim.lr_mults) if not g["frozen"]

@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from . import add_trust_code
+
 HELP = "zero-shot classify images against your own labels"
 EXAMPLE = 'littune classify --model runs/lu/model photos/*.jpg --labels "cat,dog,horse" --top 3'
 
@@ -28,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multi-label", action="store_true", help="independent sigmoid per label instead of a softmax")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_trust_code(p)
 
 
 def parse_labels(text: str | None, file: str | None = None) -> list[str]:
@@ -65,7 +68,7 @@ def run(args) -> int:
     templates = load_templates(args.templates)
     if args.top < 0:
         raise LittuneError(f"--top must be 0 (all) or more, not {args.top}")
-    model = LiTModel.from_pretrained(args.model)
+    model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
     weights = model.zeroshot_weights(labels, templates)
     emb, kept, skipped = image_embeddings(model, args.images, batch_size=args.batch_size, skip_bad=True)
     for where, why in skipped:

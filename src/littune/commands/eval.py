@@ -22,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+from . import add_trust_code
+
 HELP = "zero-shot classification and image-text retrieval metrics"
 EXAMPLE = "littune eval zeroshot data/pets --model runs/lu/model --templates imagenet --out pets.json"
 ZEROSHOT_EXAMPLE = ("littune eval zeroshot data/pets --model runs/lu/model --templates short "
@@ -40,6 +42,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-root", metavar="DIR",
                    help="CSV: base folder of relative image paths (default: the CSV's folder)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    add_trust_code(p)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,7 +119,7 @@ def _print_metrics(metrics: dict) -> None:
 def run(args) -> int:
     from ..model import LiTModel
 
-    model = LiTModel.from_pretrained(args.model)
+    model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
     if args.task == "zeroshot":
         return _zeroshot(args, model)
     return _retrieval(args, model)

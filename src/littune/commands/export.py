@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_trust_code
+
 HELP = "export a model as ONNX graphs plus tokenizer (onnxruntime alone), or as a static search page"
 EXAMPLE = ("littune export runs/lu/model --format onnx --out runs/lu/onnx\n"
            "  littune export runs/lu/model --format web --index runs/lu/index --out runs/lu/web")
@@ -34,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packages", metavar="DIR", help="web: take onnxruntime-web and @huggingface/tokenizers "
                    "from this `npm install` folder instead of fetching them")
     p.add_argument("--thumb", type=int, default=128, metavar="PX", help="web: thumbnail size (default 128)")
+    add_trust_code(p)
 
 
 def _run_web(args, model) -> int:
@@ -60,7 +63,7 @@ def run(args) -> int:
         raise LittuneError("--format web needs --index INDEX (an index of this model's images, from `littune index`)")
     if args.format != "web" and (args.index or args.packages):
         raise LittuneError("--index and --packages go with --format web")
-    model = LiTModel.from_pretrained(args.model)
+    model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
     if args.format == "web":
         return _run_web(args, model)
     record = export_onnx_model(model, args.out, overwrite=args.overwrite)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_trust_code
+
 HELP = "embed an image collection once for text and image search"
 EXAMPLE = "littune index photos/ --model runs/lu/model --out photos.index"
 
@@ -29,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-column", help="CSV: the image column (default: found by name)")
     p.add_argument("--image-root", metavar="DIR", help="CSV: base folder of relative image paths")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    add_trust_code(p)
 
 
 def source_spec(path: str, image_column: str | None = None, image_root: str | None = None):
@@ -51,7 +54,7 @@ def run(args) -> int:
     from ..model import LiTModel
     from ..search import SKIPPED_NAME, build_index
 
-    model = LiTModel.from_pretrained(args.model)
+    model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
     source = source_spec(args.source, args.image_column, args.image_root)
     index = build_index(model, source, args.out, model_dir=args.model, cache_dir=args.cache,
                         batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,

@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from . import add_trust_code
+
 HELP = "search an index by text or by image"
 EXAMPLE = 'littune search --index photos.index "a red bicycle" -k 10'
 
@@ -26,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto",
                    help="exact brute force, FAISS when the index has one, or auto (default)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_trust_code(p)
 
 
 def run(args) -> int:
@@ -40,7 +43,7 @@ def run(args) -> int:
         raise LittuneError(f"-k must be at least 1, not {args.k}")
     index = SearchIndex.open(args.index)
     backend = index.backend(args.backend)  # fail early on an unusable backend
-    model = index.load_model(args.model)
+    model = index.load_model(args.model, trust_code=args.trust_code)
     results = []
     if args.queries:
         for q, hits in zip(args.queries, index.search_text(model, args.queries, k=args.k, backend=backend)):

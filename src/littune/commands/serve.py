@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import add_trust_code
+
 HELP = "a local web app: classify and search in the browser"
 EXAMPLE = "littune serve --model runs/lu/model --index photos.index --port 8000"
 
@@ -33,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"most labels per request (default {DEFAULT_MAX_LABELS})")
     p.add_argument("--max-k", type=int, default=DEFAULT_MAX_K, help=f"most search results (default {DEFAULT_MAX_K})")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    add_trust_code(p)
 
 
 def run(args) -> int:
@@ -63,12 +66,12 @@ def run(args) -> int:
         from ..search import SearchIndex
 
         index = SearchIndex.open(args.index)
-        model = index.load_model(args.model)
+        model = index.load_model(args.model, trust_code=args.trust_code)
         name = Path(args.model or index.model_dir).name
     else:
         from ..model import LiTModel
 
-        model = LiTModel.from_pretrained(args.model)
+        model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
         name = Path(args.model).name
     app = create_app(model, index, model_name=name, max_upload_bytes=int(args.max_upload_mb * MB),
                      max_pixels=args.max_pixels, max_labels=args.max_labels, max_k=args.max_k)

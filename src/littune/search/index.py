@@ -146,8 +146,9 @@ class SearchIndex:
             raise StaleCacheError(f"index {self.directory} was built with image embeddings {want}, but this model "
                                   f"makes {found}: use the model it was built with or rebuild the index")
 
-    def load_model(self, model_dir: str | Path | None = None):
-        """The model to embed queries with (``model_dir`` or the recorded one), checked against the index."""
+    def load_model(self, model_dir: str | Path | None = None, trust_code: bool = False):
+        """The model to embed queries with (``model_dir`` or the recorded one), checked against the index.
+        ``trust_code``: as :meth:`~littune.model.LiTModel.from_pretrained`'s (the recorded folder is data too)."""
         from ..model import LiTModel
 
         path = model_dir or self.model_dir
@@ -156,7 +157,7 @@ class SearchIndex:
         if not Path(path).exists():
             raise LittuneError(f"model directory {path} (recorded in {self.directory / META_NAME}) not found; "
                                "give --model DIR")
-        model = LiTModel.from_pretrained(path)
+        model = LiTModel.from_pretrained(path, trust_code=trust_code)
         self.check_model(model)
         return model
 
