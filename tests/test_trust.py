@@ -161,3 +161,74 @@ def test_littunes_own_tiny_tower_needs_no_trust(world):
     """A factory littune ships (numbers in, a network out) is not code a folder brings."""
     model = littune.load(world / "good")
     assert model.image_tower.name == "torch:littune.towers.tiny:tiny_cnn"
+
+
+# -- Hugging Face folders that ask to run their own Python (auto_map) ---------------------------------
+EVIL_PY = """
+import pathlib
+pathlib.Path("PWNED").write_text("ran")
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+class EvilConfig(PretrainedConfig):
+    model_type = "evil"
+class EvilModel(PreTrainedModel):
+    config_class = EvilConfig
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def _prompts(monkeypatch):
+    """transformers' "Do you wish to run the custom code? [y/N]", answered yes, and counted."""
+    asked = []
+
+    def answer(prompt=""):
+        asked.append(prompt)
+        return "y"
+
+    monkeypatch.setattr("builtins.input", answer)
+    return asked
+
+
+def test_an_hf_image_tower_folder_with_auto_map_is_refused_without_a_prompt(tmp_path, monkeypatch, world):
+    monkeypatch.chdir(tmp_path)
+    asked = _prompts(monkeypatch)
+    folder = tmp_path / "m"
+    shutil.copytree(world / "good", folder)
+    (folder / "image_tower").mkdir()
+    (folder / "image_tower" / "config.json").write_text(json.dumps(
+        {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}}))
+    (folder / "image_tower" / "evil.py").write_text(EVIL_PY)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"]["image_tower"] = {"type": "hf", "path": "image_tower", "relative": True, "pooling": "cls"}
+    (folder / "config.json").write_text(json.dumps(meta))
+    for trust in (False, True):  # trust_code never extends to a Hugging Face folder's own Python
+        with pytest.raises(LittuneError) as e:
+            littune.load(folder, **({"trust_code": True} if trust else {}))
+        assert "\n" not in str(e.value) and "auto_map" in str(e.value)
+    assert asked == [] and not (tmp_path / "PWNED").exists()
+
+
+def test_an_hf_text_folder_with_auto_map_is_refused_without_a_prompt(tmp_path, monkeypatch):
+    """The text tower's folder (``text/`` of a model with an ``hf`` text tower): a config.json and a
+    tokenizer_config.json that name the Python file beside them."""
+    from transformers import BertTokenizerFast
+
+    from littune.towers.text import build_text_tower
+
+    monkeypatch.chdir(tmp_path)
+    asked = _prompts(monkeypatch)
+    folder = tmp_path / "text"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat"]) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_cfg.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": [None, "evil.EvilTokenizer"]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "evil", "hidden_size": 8,
+         "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}}))
+    (folder / "evil.py").write_text(EVIL_PY)
+    with pytest.raises(LittuneError) as e:
+        build_text_tower({"type": "hf"}, pretrained=False, base_dir=folder)
+    assert "\n" not in str(e.value) and "auto_map" in str(e.value) and str(folder) in str(e.value)
+    assert asked == [] and not (tmp_path / "PWNED").exists()

@@ -35,6 +35,7 @@ from ..preprocess import Preprocess
 from .base import ImageTower, _pool, _reinit
 from .onnx import ONNXTower
 from .timm_tower import TimmTower
+from .trust import NO_REMOTE_CODE, remote_code_refusal
 
 __all__ = ["CachedFeaturesTower", "EfficientNetLiteTower", "HFVisionTower", "ImageTower", "ONNXTower",
            "TimmTower", "TorchModuleTower", "build_image_tower", "parse_image_tower"]
@@ -141,7 +142,7 @@ def _hub_preprocessor_config(model_id: str) -> dict:
     from transformers import AutoImageProcessor
 
     try:
-        return json.loads(AutoImageProcessor.from_pretrained(model_id).to_json_string())
+        return json.loads(AutoImageProcessor.from_pretrained(model_id, **NO_REMOTE_CODE).to_json_string())
     except (OSError, ValueError, KeyError):
         return {}
 
@@ -185,18 +186,21 @@ class HFVisionTower(ImageTower):
         self.spec = {"type": "hf", "path": str(path), "pooling": pooling}
         source, offline = (folder, True) if local else (str(path), False)
         try:
-            config = AutoConfig.from_pretrained(source, local_files_only=offline)
+            config = AutoConfig.from_pretrained(source, local_files_only=offline, **NO_REMOTE_CODE)
             self._preprocessor_config = (_read_json(folder / "preprocessor_config.json") if local
                                          else _hub_preprocessor_config(source))
             if pretrained:
-                self.net, info = AutoModel.from_pretrained(source, local_files_only=offline, output_loading_info=True)
+                self.net, info = AutoModel.from_pretrained(source, local_files_only=offline, output_loading_info=True,
+                                                           **NO_REMOTE_CODE)
                 self._settle_untrained_pooler(info.get("missing_keys", []), str(path))
             else:
-                self.net = AutoModel.from_config(config)
+                self.net = AutoModel.from_config(config, **NO_REMOTE_CODE)
         except OSError as e:
             if local:
                 raise
             raise _hub_error(str(path), e) from None
+        except ValueError as e:
+            raise remote_code_refusal(f"hf:{path}", e) or e from None
         self.preprocess = _preprocess_from(self._preprocessor_config) if self._preprocessor_config else Preprocess()
 
     def _settle_untrained_pooler(self, missing: list[str], path: str) -> None:

@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import Block
+from .trust import NO_REMOTE_CODE, remote_code_refusal
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
@@ -260,15 +261,19 @@ class HFTextTower(TextTower):
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
         self.path, self.pooling, self.context_length = path, pooling, context_length
-        self.prefix = prefix or None
-        self.tokenizer = load_hf_tokenizer(path, self.prefix)
-        if pretrained:
-            self.net = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False) \
-                if _is_bert_like(path) else AutoModel.from_pretrained(path, local_files_only=True)
-        else:
-            cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-            self.net = AutoModel.from_config(cfg, add_pooling_layer=False) if _is_bert_like(path) \
-                else AutoModel.from_config(cfg)
+        local = {"local_files_only": True, **NO_REMOTE_CODE}  # a folder's own Python (auto_map) never runs
+        try:
+            self.prefix = prefix or None
+            self.tokenizer = load_hf_tokenizer(path, self.prefix)
+            if pretrained:
+                self.net = AutoModel.from_pretrained(path, add_pooling_layer=False, **local) \
+                    if _is_bert_like(path) else AutoModel.from_pretrained(path, **local)
+            else:
+                cfg = AutoConfig.from_pretrained(path, **local)
+                self.net = AutoModel.from_config(cfg, add_pooling_layer=False, **NO_REMOTE_CODE) if _is_bert_like(path) \
+                    else AutoModel.from_config(cfg, **NO_REMOTE_CODE)
+        except ValueError as e:
+            raise remote_code_refusal(f"the text tower {path}", e) or e from None
         self.dim = int(self.net.config.hidden_size)
 
     @property
@@ -306,8 +311,14 @@ def load_hf_tokenizer(path: str | Path, prefix: str | None = None):
 
     from .._hf import quiet_transformers
 
+    from .trust import NO_REMOTE_CODE, remote_code_refusal
+
     quiet_transformers()
-    return with_prefix(AutoTokenizer.from_pretrained(path, local_files_only=True), prefix)
+    try:  # a tokenizer_config.json asking to run its own Python (auto_map) is refused
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **NO_REMOTE_CODE)
+    except ValueError as e:
+        raise remote_code_refusal(f"the tokenizer in {path}", e) or e from None
+    return with_prefix(tokenizer, prefix)
 
 
 def with_prefix(tokenizer, prefix: str | None):
