@@ -157,6 +157,29 @@ def _refusal_line(capsys, argv):
     return err
 
 
+def test_the_trainer_never_builds_code_a_cache_manifest_names(tmp_path, monkeypatch):
+    """An embedding cache is data too: a manifest whose tower_spec is the PoC (its fingerprint left as
+    the configured tower's) is refused before training, and nothing runs at the export."""
+    from data_fixtures import tiny_tower_arg
+    from test_trainer import TINY, make_source
+
+    from littune.config import load_config
+    from littune.trainer import Trainer
+
+    monkeypatch.chdir(tmp_path)
+    src, cache = make_source(tmp_path / "data", per_class=1), tmp_path / "cache"
+    assert main(["embed", str(src), "--out", str(cache), "--tower", tiny_tower_arg(), "--workers", "0", "-q"]) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["tower_spec"] = POC
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(overrides=TINY + [f"run_dir={tmp_path / 'run'}", f"data.cache={cache}", "steps=2",
+                                        "data.batch_size=8"])
+    with pytest.raises(UntrustedCodeError, match="subprocess:check_call") as e:
+        Trainer(cfg).run()
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_littunes_own_tiny_tower_needs_no_trust(world):
     """A factory littune ships (numbers in, a network out) is not code a folder brings."""
     model = littune.load(world / "good")
