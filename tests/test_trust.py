@@ -180,6 +180,20 @@ def test_the_trainer_never_builds_code_a_cache_manifest_names(tmp_path, monkeypa
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_embed_refuses_a_tower_spec_file_naming_code_but_runs_a_typed_spec(world, tmp_path, monkeypatch, capsys):
+    """``--tower FILE.json`` (as ``littune tower`` writes beside a graph, made to travel) is data; the
+    same spec typed on the command line is the user's own."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evil.tower.json").write_text(json.dumps(POC))
+    argv = ["embed", str(world / "imgs"), "--out", str(tmp_path / "cache"), "--workers", "0", "-q"]
+    line = _one_line_refusal(capsys, "embed", argv + ["--tower", str(tmp_path / "evil.tower.json")])
+    assert "evil.tower.json" in line and not (tmp_path / "PWNED").exists()
+    (tmp_path / "own.tower.json").write_text(json.dumps(OWN))
+    assert main(argv + ["--tower", json.dumps(OWN)]) == 0  # typed: runs
+    assert main(argv[:3] + [str(tmp_path / "c2"), *argv[4:], "--tower", str(tmp_path / "own.tower.json"),
+                           "--trust-code"]) == 0
+
+
 def test_littunes_own_tiny_tower_needs_no_trust(world):
     """A factory littune ships (numbers in, a network out) is not code a folder brings."""
     model = littune.load(world / "good")

@@ -74,9 +74,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-root", metavar="DIR",
                    help="base folder of relative image paths (default: the file's folder)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--trust-code", action="store_true",
+                   help="let a --tower .json file name a torch factory that littune imports and calls (a spec "
+                        "typed on the command line needs no such leave: it is your own)")
 
 
-def _tower_spec(text: str):
+def _tower_spec(text: str, trust_code: bool = False):
+    """The tower spec ``--tower`` gives: a name, inline JSON, or a .json file (data: it may not name code
+    to run unless ``trust_code``, see :mod:`littune.towers.trust`)."""
     from ..errors import LittuneError
 
     if text.lstrip().startswith("{"):
@@ -87,10 +92,14 @@ def _tower_spec(text: str):
     if text.endswith(".json") and os.path.isfile(text):
         from ..towers.cut import read_spec
 
+        from ..towers.trust import refuse_code
+
         try:
-            return read_spec(text)
+            spec = read_spec(text)
         except LittuneError as e:
             raise LittuneError(f"--tower {e}") from None
+        refuse_code(spec, text, trust_code)
+        return spec
     return text
 
 
@@ -109,7 +118,7 @@ def run(args) -> int:
     source = open_source(spec, **options)
     rank, world, device = init_from_env(args.device)
     try:
-        spec = _tower_spec(args.tower)
+        spec = _tower_spec(args.tower, args.trust_code)
         if args.fast_decode:
             spec = {**parse_image_tower(spec), "decode": "fast"}
         tower = build_image_tower(spec)
