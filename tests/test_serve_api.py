@@ -28,6 +28,7 @@ from littune.serve import create_app  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = Path(__file__).parent / "data"
 LABELS = ["cat", "cup of coffee", "red square", "blue sky", "dog"]
+LOCAL = "http://localhost:8000"  # the app answers only loopback host names (TestClient's own is "testserver")
 
 
 def tiny_lit():
@@ -81,13 +82,13 @@ def served(tmp_path_factory):
 def client(served):
     model, index = served
     app = create_app(model, index, model_name="tiny", max_upload_bytes=200_000, max_pixels=1_000_000)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def bare_client(served):
-    with TestClient(create_app(served[0])) as c:
+    with TestClient(create_app(served[0]), base_url=LOCAL) as c:
         yield c
 
 
@@ -145,7 +146,7 @@ def test_a_fast_decoding_model_serves_the_pixels_it_was_embedded_with(tmp_path):
     cfg = LiTConfig(setting="Lu", image_tower={**SPEC, "decode": "fast"}, text_tower=dict(TINY_TEXT), embed_dim=16)
     model = LiTModel.from_config(cfg, captions=CAPTIONS)
     assert model.preprocess.draft_to is not None
-    with TestClient(create_app(model)) as c:
+    with TestClient(create_app(model), base_url=LOCAL) as c:
         r = post_image(c, (DATA / "chelsea.jpg").read_bytes(), templates="imagenet7")
     assert r.status_code == 200, r.text
     out = r.json()
@@ -227,7 +228,7 @@ def test_previews_from_compressed_shards_and_repeated_stems(served, tmp_path):
     model = served[0]
     index = build_index(model, str(tar_shards(tmp_path / "shards")), tmp_path / "idx", progress=False, workers=0)
     assert sorted(index.keys) == sorted(x[3] for x in SHARD_IMAGES)
-    with TestClient(create_app(model, index)) as c:
+    with TestClient(create_app(model, index), base_url=LOCAL) as c:
         shown = [_preview_colour(c, i) for i in range(len(index))]
     # each row's preview is that row's own image: the colour its shard and stem were given
     want = {key: rgb for _, _, rgb, key in SHARD_IMAGES}
@@ -253,7 +254,7 @@ def test_previews_of_an_index_written_before_source_records(served, tmp_path):
     meta["source"] = {k: meta["source"][k] for k in ("describe", "fingerprint")}
     (tmp_path / "idx" / "index.json").write_text(json.dumps(meta))
     old = SearchIndex.open(tmp_path / "idx")
-    with TestClient(create_app(model, old)) as c:
+    with TestClient(create_app(model, old), base_url=LOCAL) as c:
         colours = [_preview_colour(c, i) for i in range(len(old))]
     assert [max(abs(a - b) for a, b in zip(col, want)) <= 6 for col, want in
             zip(colours, ((220, 30, 30), (30, 60, 220)))] == [True, True]

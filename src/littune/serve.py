@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -188,15 +188,19 @@ class Service:
 def create_app(model, index=None, *, model_name: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_labels: int = DEFAULT_MAX_LABELS, max_label_chars: int = DEFAULT_MAX_LABEL_CHARS,
-               max_k: int = DEFAULT_MAX_K, backend: str = "auto"):
+               max_k: int = DEFAULT_MAX_K, backend: str = "auto", allowed_hosts: Sequence[str] | None = None):
     """The FastAPI app serving ``model`` (a :class:`~littune.model.LiTModel`) and, if given, ``index``.
 
     ``index`` must have been built with ``model`` (its embedding fingerprint is checked). Limits:
     ``max_upload_bytes`` per uploaded image, ``max_pixels`` per decoded image, ``max_labels`` labels
-    of at most ``max_label_chars`` characters, ``k`` from 1 to ``max_k``.
+    of at most ``max_label_chars`` characters, ``k`` from 1 to ``max_k``. ``allowed_hosts``: the host
+    names answered, any port (default the loopback names; ``*``: any), and cross-site requests that
+    use the server are refused (:mod:`littune.webguard`).
     """
     require_fastapi()
     from fastapi import FastAPI
+
+    from .webguard import LOOPBACK_HOSTS, HostGuard
 
     if index is not None:
         index.check_model(model)
@@ -206,6 +210,7 @@ def create_app(model, index=None, *, model_name: str | None = None,
     app = FastAPI(title="littune", version=_version(),
                   description="Zero-shot classification and text-to-image search with a LiT model.")
     app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD, message=svc.too_large)
+    app.add_middleware(HostGuard, allowed_hosts=LOOPBACK_HOSTS if allowed_hosts is None else allowed_hosts)  # outermost
     _add_error_handlers(app)
     _add_page(app)
     _add_health(app, svc)

@@ -2,8 +2,12 @@
 
 One process serves the page and a JSON API (see http://HOST:PORT/docs once it runs). The model and
 the index are loaded once, at start. With --index alone the model recorded in the index is used.
-By default it listens on 127.0.0.1 only; --host 0.0.0.0 opens it to the network (there is no
-authentication). Uploads are capped in bytes and pixels, labels in count, results in k.
+By default it listens on 127.0.0.1 only and answers only requests naming localhost, 127.0.0.1 or
+[::1] (any port: a web page that re-points its own name at this machine, DNS rebinding, is refused),
+and refuses requests from other sites' pages (a foreign Origin or Sec-Fetch-Site: 403). --host
+0.0.0.0 opens it to the network (there is no authentication): name the host names or addresses
+clients use with --allow-host (repeatable; '*' answers any). Uploads are capped in bytes and pixels,
+labels in count, results in k.
 Needs the serve extra: pip install 'littune[serve]'.
 """
 
@@ -18,6 +22,7 @@ HELP = "a local web app: classify and search in the browser"
 EXAMPLE = "littune serve --model runs/lu/model --index photos.index --port 8000"
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", metavar="DIR", help="a model directory (default with --index: the index's model)")
     p.add_argument("--index", "-i", metavar="INDEX", help="an index directory from littune index, for search")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests naming this host name or address, any port (repeatable; '*': any "
+                        "name). Default: localhost, 127.0.0.1, [::1], and the --host address")
     p.add_argument("--port", "-p", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / MB,
                    help=f"largest image upload in MB (default {DEFAULT_MAX_UPLOAD_BYTES // MB})")
@@ -36,6 +44,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-k", type=int, default=DEFAULT_MAX_K, help=f"most search results (default {DEFAULT_MAX_K})")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     add_trust_code(p)
+
+
+def allowed_hosts(host: str, allow: list[str]) -> list[str]:
+    """The host names ``littune serve --host HOST --allow-host ...`` answers: the loopback names, the bound
+    address unless it is every interface, and ``allow``. Every interface without ``allow`` is an error
+    that says what would be answered."""
+    from ..errors import LittuneError
+    from ..webguard import LOOPBACK_HOSTS, normalize_host
+
+    try:
+        extra = [normalize_host(h) for h in allow]
+    except ValueError as e:
+        raise LittuneError(str(e)) from None
+    if host.strip("[]") in WILDCARDS:
+        if not extra:
+            raise LittuneError(f"--host {host} listens on every interface, but only requests naming "
+                               f"{', '.join(LOOPBACK_HOSTS)} would be answered: add --allow-host NAME for each host "
+                               "name or address clients use (e.g. --allow-host 192.168.1.20), or --allow-host '*' "
+                               "to answer any name")
+    elif host not in LOOPBACK:
+        extra.insert(0, normalize_host(host))
+    return list(dict.fromkeys([*LOOPBACK_HOSTS, *extra]))
 
 
 def run(args) -> int:
@@ -54,6 +84,7 @@ def run(args) -> int:
     for name in ("max_upload_mb", "max_pixels", "max_labels", "max_k"):
         if getattr(args, name) <= 0:
             raise LittuneError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    allowed = allowed_hosts(args.host, args.allow_host)
     if args.threads:
         import torch
 
@@ -74,10 +105,11 @@ def run(args) -> int:
         model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
         name = Path(args.model).name
     app = create_app(model, index, model_name=name, max_upload_bytes=int(args.max_upload_mb * MB),
-                     max_pixels=args.max_pixels, max_labels=args.max_labels, max_k=args.max_k)
+                     max_pixels=args.max_pixels, max_labels=args.max_labels, max_k=args.max_k,
+                     allowed_hosts=allowed)
     if args.host not in LOOPBACK:
         print(f"littune serve: listening on {args.host}: anyone who can reach this machine can use the app "
-              "(there is no authentication)", file=sys.stderr)
+              f"(there is no authentication); answering requests for {', '.join(allowed)}", file=sys.stderr)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"littune serve: http://{shown}:{args.port}/  (API docs at /docs; Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
