@@ -156,3 +156,50 @@ def test_a_malformed_allow_host_is_one_line(served, started, capsys, bad):
     assert main(["serve", "--model", str(served[2] / "model"), "--allow-host", bad]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--allow-host" in err and json.dumps(bad)[1:-1] in err
+
+
+# -- one request cannot hold the model for long --------------------------------------------------
+def _labels(n: int, chars: int = 12) -> str:
+    return ", ".join(f"{i:03d}" + "x" * (chars - 3) for i in range(n))
+
+
+@pytest.fixture
+def text_calls(served, monkeypatch):
+    """How many times the served model embeds prompts (zero-shot weights)."""
+    model, calls = served[0], []
+    real = model.zeroshot_weights
+    monkeypatch.setattr(model, "zeroshot_weights", lambda labels, templates: calls.append(len(labels)) or
+                        real(labels, templates))
+    return calls
+
+
+def test_too_many_prompts_per_request_is_a_422_before_any_prompt_is_embedded(client, text_calls):
+    """100 labels of 200 characters x imagenet's 80 templates = 8,000 prompts (4.0 s under the model lock)."""
+    r = client.post("/api/classify", files={"image": ("x.jpg", jpeg_bytes(), "image/jpeg")},
+                    data={"labels": _labels(100, 200), "templates": "imagenet"})
+    assert r.status_code == 422
+    detail = _one_line(r)
+    assert "100 labels x 80 templates (imagenet) = 8,000 prompts" in detail and "at most 2,000" in detail
+    assert text_calls == []
+    assert client.get("/api/health").json()["limits"]["max_prompts"] == 2000
+
+
+def test_prompts_up_to_the_limit_are_answered(client, text_calls):
+    r = client.post("/api/classify", files={"image": ("x.jpg", jpeg_bytes(), "image/jpeg")},
+                    data={"labels": _labels(25), "templates": "imagenet"})  # 25 x 80 = 2,000
+    assert r.status_code == 200, r.text
+    assert len(r.json()["labels"]) == 25 and text_calls == [25]
+
+
+def test_max_prompts_is_set_from_the_command_line(served, started, capsys):
+    assert main(["serve", "--model", str(served[2] / "model"), "--max-prompts", "10"]) == 0
+    with TestClient(started["app"], base_url=LOCAL) as c:
+        assert c.get("/api/health").json()["limits"]["max_prompts"] == 10
+        ok = _classify(c)  # 2 labels x short's 6 templates = 12
+        assert ok.status_code == 422 and "= 12 prompts, at most 10" in _one_line(ok)
+        one = c.post("/api/classify", files={"image": ("x.jpg", jpeg_bytes(), "image/jpeg")},
+                     data={"labels": "cat", "templates": "short"})
+        assert one.status_code == 200
+    assert main(["serve", "--model", str(served[2] / "model"), "--max-prompts", "0"]) == 2
+    assert "--max-prompts must be positive" in capsys.readouterr().err
+

@@ -13,8 +13,11 @@ into a FastAPI application::
 Safe by default. An upload is capped in bytes (the request body is counted as it arrives, so a
 huge or chunked body is refused with 413 before it is stored) and in pixels (checked from the image
 header before any pixel is decoded: a decompression bomb costs nothing); a file that is not an image
-gets 415, a truncated one 400. Labels are bounded in count and length, ``k`` in range, and the
-template set must be one of the built-in names (never a path). Search answers only with rows of the
+gets 415, a truncated one 400. Labels are bounded in count and length, prompts (labels x templates)
+per request so that one request holds the model for about a second at most (422 before any prompt
+is embedded), ``k`` in range, and the template set must be one of the built-in names (never a
+path). Only the host names it was started for are answered, and other sites' pages are refused
+(:mod:`littune.webguard`). Search answers only with rows of the
 index, and images are served by integer row id only, re-encoded from pixels, so no parameter names a
 file: a preview is decoded from the index's source through its own records
 (:meth:`~littune.search.SearchIndex.open_image`), so a file, a member of a plain or compressed tar
@@ -49,6 +52,9 @@ DEFAULT_MAX_UPLOAD_BYTES = 10 * MB
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_LABELS = 100
 DEFAULT_MAX_LABEL_CHARS = 200
+#: labels x templates per classify request: 8,000 prompts held the model 4.0 s (issue 23), so 2,000 is
+#: about a second; every request of the default limits with short or imagenet7 templates fits (100 x 7)
+DEFAULT_MAX_PROMPTS = 2000
 DEFAULT_MAX_K = 100
 MAX_QUERY_CHARS = 500
 PREVIEW_SIDE = 384  # longest side of the JPEG previews /api/image serves
@@ -131,11 +137,12 @@ class Service:
     """What the endpoints share: the model (one request at a time), the index, the limits, the caches."""
 
     def __init__(self, model, index, model_name: str | None, limits: dict, backend: str):
-        from .eval.templates import builtin_sets
+        from .eval.templates import builtin_sets, load_templates
 
         self.model, self.index, self.limits = model, index, limits
         self.search_backend = index.backend(backend) if index is not None else None
         self.template_sets = builtin_sets()
+        self.template_counts = {name: len(load_templates(name)) for name in self.template_sets}
         self.info = _model_info(model, model_name)
         self.too_large = f"upload too large: images up to {human_size(limits['max_upload_bytes'])} are accepted"
         self._lock = threading.Lock()
@@ -188,12 +195,14 @@ class Service:
 def create_app(model, index=None, *, model_name: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_labels: int = DEFAULT_MAX_LABELS, max_label_chars: int = DEFAULT_MAX_LABEL_CHARS,
-               max_k: int = DEFAULT_MAX_K, backend: str = "auto", allowed_hosts: Sequence[str] | None = None):
+               max_k: int = DEFAULT_MAX_K, max_prompts: int = DEFAULT_MAX_PROMPTS, backend: str = "auto",
+               allowed_hosts: Sequence[str] | None = None):
     """The FastAPI app serving ``model`` (a :class:`~littune.model.LiTModel`) and, if given, ``index``.
 
     ``index`` must have been built with ``model`` (its embedding fingerprint is checked). Limits:
     ``max_upload_bytes`` per uploaded image, ``max_pixels`` per decoded image, ``max_labels`` labels
-    of at most ``max_label_chars`` characters, ``k`` from 1 to ``max_k``. ``allowed_hosts``: the host
+    of at most ``max_label_chars`` characters and at most ``max_prompts`` prompts (labels x templates) per
+    request, ``k`` from 1 to ``max_k``. ``allowed_hosts``: the host
     names answered, any port (default the loopback names; ``*``: any), and cross-site requests that
     use the server are refused (:mod:`littune.webguard`).
     """
@@ -205,7 +214,7 @@ def create_app(model, index=None, *, model_name: str | None = None,
     if index is not None:
         index.check_model(model)
     limits = {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_labels": max_labels,
-              "max_label_chars": max_label_chars, "max_k": max_k}
+              "max_label_chars": max_label_chars, "max_prompts": max_prompts, "max_k": max_k}
     svc = Service(model, index, model_name, limits, backend)
     app = FastAPI(title="littune", version=_version(),
                   description="Zero-shot classification and text-to-image search with a LiT model.")
@@ -293,6 +302,7 @@ def _add_classify(app, svc: Service) -> None:
         templates = templates.strip() or "short"
         if templates not in sets:
             fail(400, f"unknown template set {templates[:60]!r}: use one of {', '.join(sets)}")
+        _check_prompts(svc, len(names), templates)
         img = _upload_image(image, svc)
         with svc.model_turn():
             weights = svc.class_weights(names, templates)
@@ -301,6 +311,14 @@ def _add_classify(app, svc: Service) -> None:
         return {"labels": [{"label": names[c], "probability": float(probs[c])} for c in order],
                 "templates": templates, "image": dict(zip(("width", "height"), img.info.get(SIZE_INFO, img.size))),
                 "elapsed_ms": round(1000 * (time.perf_counter() - t0), 1)}
+
+
+def _check_prompts(svc: Service, labels: int, templates: str) -> None:
+    """422 when ``labels`` x the set's templates is more prompts than one request may embed."""
+    per, most = svc.template_counts[templates], svc.limits["max_prompts"]
+    if labels * per > most:
+        fail(422, f"too many prompts: {labels} labels x {per} templates ({templates}) = {labels * per:,} prompts, "
+                  f"at most {most:,} per request: give fewer labels or a smaller template set")
 
 
 def _add_search(app, svc: Service) -> None:

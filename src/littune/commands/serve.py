@@ -7,7 +7,8 @@ By default it listens on 127.0.0.1 only and answers only requests naming localho
 and refuses requests from other sites' pages (a foreign Origin or Sec-Fetch-Site: 403). --host
 0.0.0.0 opens it to the network (there is no authentication): name the host names or addresses
 clients use with --allow-host (repeatable; '*' answers any). Uploads are capped in bytes and pixels,
-labels in count, results in k.
+labels in count and length, prompts (labels x templates) per request (--max-prompts: one request
+holds the model for about a second at most), results in k.
 Needs the serve extra: pip install 'littune[serve]'.
 """
 
@@ -26,7 +27,8 @@ WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..serve import DEFAULT_MAX_K, DEFAULT_MAX_LABELS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, MB
+    from ..serve import (DEFAULT_MAX_K, DEFAULT_MAX_LABELS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS,
+                         DEFAULT_MAX_UPLOAD_BYTES, MB)
 
     p.add_argument("--model", "-m", metavar="DIR", help="a model directory (default with --index: the index's model)")
     p.add_argument("--index", "-i", metavar="INDEX", help="an index directory from littune index, for search")
@@ -41,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"largest image in pixels (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--max-labels", type=int, default=DEFAULT_MAX_LABELS,
                    help=f"most labels per request (default {DEFAULT_MAX_LABELS})")
+    p.add_argument("--max-prompts", type=int, default=DEFAULT_MAX_PROMPTS,
+                   help=f"most prompts (labels x templates) per classify request (default {DEFAULT_MAX_PROMPTS:,}: "
+                        "about a second of the model; imagenet's 80 templates take 25 labels)")
     p.add_argument("--max-k", type=int, default=DEFAULT_MAX_K, help=f"most search results (default {DEFAULT_MAX_K})")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     add_trust_code(p)
@@ -81,7 +86,7 @@ def run(args) -> int:
         raise LittuneError("give --model DIR (and --index INDEX to search a collection)")
     if not 0 < args.port < 65536:
         raise LittuneError(f"--port must be 1..65535, not {args.port}")
-    for name in ("max_upload_mb", "max_pixels", "max_labels", "max_k"):
+    for name in ("max_upload_mb", "max_pixels", "max_labels", "max_prompts", "max_k"):
         if getattr(args, name) <= 0:
             raise LittuneError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     allowed = allowed_hosts(args.host, args.allow_host)
@@ -106,6 +111,7 @@ def run(args) -> int:
         name = Path(args.model).name
     app = create_app(model, index, model_name=name, max_upload_bytes=int(args.max_upload_mb * MB),
                      max_pixels=args.max_pixels, max_labels=args.max_labels, max_k=args.max_k,
+                     max_prompts=args.max_prompts,
                      allowed_hosts=allowed)
     if args.host not in LOOPBACK:
         print(f"littune serve: listening on {args.host}: anyone who can reach this machine can use the app "
