@@ -112,7 +112,7 @@ def test_health_and_openapi(client, bare_client, served):
     assert bare_client.get("/api/health").json()["index"] == {"loaded": False, "size": 0}
     schema = client.get("/openapi.json").json()
     assert {"/api/classify", "/api/search", "/api/image/{image_id}", "/api/health"} <= set(schema["paths"])
-    assert client.get("/docs").status_code == 200
+    assert client.get("/docs").status_code == 404  # Swagger UI loads from a CDN: not served (test_serve_guard)
     page = client.get("/")
     assert page.status_code == 200 and "littune" in page.text and "/static/app.js" in page.text
     assert client.get("/static/app.js").status_code == 200

@@ -158,7 +158,7 @@ def test_a_malformed_allow_host_is_one_line(served, started, capsys, bad):
     assert len(err.splitlines()) == 1 and "--allow-host" in err and json.dumps(bad)[1:-1] in err
 
 
-# -- one request cannot hold the model for long --------------------------------------------------
+# -- one request cannot hold the model for long; no page that needs the internet -------------------
 def _labels(n: int, chars: int = 12) -> str:
     return ", ".join(f"{i:03d}" + "x" * (chars - 3) for i in range(n))
 
@@ -203,3 +203,13 @@ def test_max_prompts_is_set_from_the_command_line(served, started, capsys):
     assert main(["serve", "--model", str(served[2] / "model"), "--max-prompts", "0"]) == 2
     assert "--max-prompts must be positive" in capsys.readouterr().err
 
+
+def test_no_api_page_loads_from_a_cdn(client):
+    """Swagger UI and ReDoc load their scripts from a CDN (a broken page offline): not served; the
+    OpenAPI schema is, and the app's own page names no other host."""
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    assert client.get("/docs/oauth2-redirect").status_code == 404
+    assert "/api/classify" in client.get("/openapi.json").json()["paths"]
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        text = client.get(path).text
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, path

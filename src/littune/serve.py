@@ -8,7 +8,8 @@ into a FastAPI application::
     POST /api/classify      multipart: ``image`` (file), ``labels`` ("cat, dog, horse"), ``templates``
     GET  /api/search        ``q=TEXT`` or ``image_id=N`` (a row of the index), ``k`` (1..max_k)
     GET  /api/image/{id}    a JPEG preview of the index's image at integer row ``id``
-    GET  /openapi.json, /docs   the OpenAPI schema and its interactive page (FastAPI's own)
+    GET  /openapi.json      the OpenAPI schema (FastAPI's /docs and /redoc pages load their scripts
+                            from a CDN, a broken page offline: they are not served)
 
 Safe by default. An upload is capped in bytes (the request body is counted as it arrives, so a
 huge or chunked body is refused with 413 before it is stored) and in pixels (checked from the image
@@ -216,7 +217,7 @@ def create_app(model, index=None, *, model_name: str | None = None,
     limits = {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_labels": max_labels,
               "max_label_chars": max_label_chars, "max_prompts": max_prompts, "max_k": max_k}
     svc = Service(model, index, model_name, limits, backend)
-    app = FastAPI(title="littune", version=_version(),
+    app = FastAPI(title="littune", version=_version(), docs_url=None, redoc_url=None,  # CDN pages: not served
                   description="Zero-shot classification and text-to-image search with a LiT model.")
     app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD, message=svc.too_large)
     app.add_middleware(HostGuard, allowed_hosts=LOOPBACK_HOSTS if allowed_hosts is None else allowed_hosts)  # outermost

@@ -1,6 +1,7 @@
 """Serve a local web app: zero-shot classification and, with --index, text-to-image search.
 
-One process serves the page and a JSON API (see http://HOST:PORT/docs once it runs). The model and
+One process serves the page and a JSON API (its OpenAPI schema at http://HOST:PORT/openapi.json;
+FastAPI's /docs and /redoc pages are not served: they load their scripts from a CDN). The model and
 the index are loaded once, at start. With --index alone the model recorded in the index is used.
 By default it listens on 127.0.0.1 only and answers only requests naming localhost, 127.0.0.1 or
 [::1] (any port: a web page that re-points its own name at this machine, DNS rebinding, is refused),
@@ -117,6 +118,6 @@ def run(args) -> int:
         print(f"littune serve: listening on {args.host}: anyone who can reach this machine can use the app "
               f"(there is no authentication); answering requests for {', '.join(allowed)}", file=sys.stderr)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"littune serve: http://{shown}:{args.port}/  (API docs at /docs; Ctrl-C stops)", file=sys.stderr)
+    print(f"littune serve: http://{shown}:{args.port}/  (API schema at /openapi.json; Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
