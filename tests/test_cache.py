@@ -328,3 +328,53 @@ def test_on_the_fly_batches_skip_records_without_captions(tmp_path, tower):
     bare = [r for r in src.records() if not r.captions]
     with pytest.raises(LittuneError, match="none of the 2 images has a caption"):
         OnTheFlyBatches(bare, tower.preprocess, 2, 0, 1, seed=0)
+
+
+def _as_made_under_the_old_rule(out: Path) -> str:
+    """Rewrite a cache's manifest and plan as littune wrote them before fingerprint scheme 2: no
+    ``fingerprint_scheme``, a torch: tower named without its pooling and factory arguments."""
+    import json
+
+    old = None
+    for name in ("manifest.json", "plan.json"):
+        data = json.loads((out / name).read_text())
+        for d in (data, data.get("plan", {})):
+            d.pop("fingerprint_scheme", None)
+            if "tower_fingerprint" in d:
+                name_part, rest = d["tower_fingerprint"].split("|", 1)
+                old = d["tower_fingerprint"] = f"{name_part.split('#')[0]}|{rest}"
+        (out / name).write_text(json.dumps(data))
+    return old
+
+
+def test_a_cache_made_under_the_old_fingerprint_rule_is_stale_once_saying_why(tmp_path, tower, capsys):
+    """Before scheme 2 an hf:/torch: fingerprint left the pooling out: such a cache may hold another
+    pooling's features. It is refused (even for a model that recorded the same old fingerprint), saying
+    why; --allow-stale-cache uses it with a warning; re-embedding makes a cache that is accepted."""
+    from littune.cache.stale import old_fingerprint_rule
+
+    src = open_source(write_csv(tmp_path / "data", n=3))
+    out = tmp_path / "c"
+    embed_source(src, tower, out, workers=0, progress=False)
+    assert EmbeddingCache.open(out).manifest["fingerprint_scheme"] == 2
+    old = _as_made_under_the_old_rule(out)
+    cache = EmbeddingCache.open(out)
+    for expected in (tower.fingerprint(), old):
+        with pytest.raises(StaleCacheError) as e:
+            cache.check(tower_fingerprint=expected, allow_stale=False)
+        assert "old fingerprint rule" in str(e.value) and "--allow-stale-cache" in str(e.value)
+        assert "\n" not in str(e.value)
+    cache.check(tower_fingerprint=tower.fingerprint(), allow_stale=True)
+    err = capsys.readouterr().err
+    assert err.startswith("littune: warning: ") and "old fingerprint rule" in err and err.count("\n") == 1
+    cache.check(source_fingerprint=src.fingerprint())  # the source alone is not in question
+    with pytest.raises(LittuneError, match="old fingerprint rule.*--no-resume"):
+        embed_source(src, tower, out, workers=0, progress=False)
+    embed_source(src, tower, out, workers=0, progress=False, resume=False).check(tower_fingerprint=tower.fingerprint())
+    # a model saved under the old rule: its fingerprint is not this cache's, and the message says why
+    with pytest.raises(StaleCacheError, match="a model saved by an earlier littune"):
+        EmbeddingCache.open(out).check(tower_fingerprint=old)
+    # other towers' fingerprints did not change: their caches are not stale
+    assert not old_fingerprint_rule("efficientnet-lite0|w=0123|p=ab", 1)
+    assert not old_fingerprint_rule("onnx:tower.onnx|w=0123|p=ab", 1)
+    assert old_fingerprint_rule("hf:vit|w=0123|p=ab") and not old_fingerprint_rule("hf:vit#cls|w=0123|p=ab")

@@ -189,3 +189,37 @@ def test_embed_on_either_runtime_gives_the_same_cache_up_to_float16_rounding(tmp
         assert {s["runtime"] for s in cache.manifest["shards"]} == {rt}
     assert embed_source(tmp_path / "pairs.csv", tower, tmp_path / "auto", workers=0, progress=False
                         ).manifest["runtime"] == "onnxruntime"  # auto, on a CPU, for a tower that exports
+
+
+def test_hf_poolings_have_their_own_fingerprints_exports_and_caches(tmp_path):
+    """`hf:DIR#cls` and `hf:DIR#mean` give other features: two fingerprints, two ONNX exports (the #mean
+    cache was the #cls graph's, bit for bit, when the fingerprint left the pooling out), and a cache of
+    one is refused for the other."""
+    from littune.cache import embed_source
+    from littune.errors import StaleCacheError
+    from littune.trainer import tower_fingerprint
+    from PIL import Image
+
+    mean = _tiny_vit_tower(tmp_path)
+    cls = build_image_tower(f"hf:{tmp_path / 'vit'}#cls")
+    assert cls.fingerprint() != mean.fingerprint()
+    assert cls.fingerprint().startswith("hf:vit#cls|w=") and mean.fingerprint().startswith("hf:vit#mean|w=")
+    x = _pixels(cls)
+    paths = export_onnx(cls), export_onnx(mean)
+    assert paths[0] != paths[1]
+    for path, tower in zip(paths, (cls, mean)):
+        assert_agree(ONNXRunner(path, threads=1)(x), _eager(tower, x), 1e-4)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "pairs.csv").write_text("image,caption\n" + "".join(f"{i}.png,picture {i}\n" for i in range(4)))
+    caches = [embed_source(tmp_path / "pairs.csv", t, tmp_path / name, runtime="onnxruntime", workers=0,
+                           dtype="float32", progress=False) for t, name in ((cls, "cls"), (mean, "mean"))]
+    a, b = (c.features(np.arange(4)) for c in caches)
+    assert np.abs(a - b).max() > 0.01  # not the same graph's features
+    assert_agree(b, _eager(mean, torch.stack([mean.preprocess.eval(Image.open(tmp_path / f"{i}.png").convert("RGB"))
+                                              for i in range(4)])), 1e-3)
+    expected = tower_fingerprint({"type": "hf", "path": str(tmp_path / "vit"), "pooling": "mean"})
+    caches[1].check(tower_fingerprint=expected)
+    with pytest.raises(StaleCacheError, match="hf:vit#cls"):
+        caches[0].check(tower_fingerprint=expected)

@@ -259,3 +259,21 @@ def test_a_mask_that_is_not_right_padding_runs_padded():
     ids = torch.randint(5, 300, (3, 6))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
     assert torch.equal(tower(ids, mask), tower._padded(ids, mask))
+
+
+def test_torch_tower_fingerprint_holds_its_pooling_and_factory_arguments():
+    """A weightless module whose output depends on its factory's arguments and on the pooling:
+    `torch.nn:Flatten(start_dim=2)` gives (B, 3, H*W), pooled to the first channel (cls) or the mean
+    of the others; start_dim=1 flattens it all. Each is another tower: another fingerprint."""
+    x = torch.randn(2, 3, 8, 8)
+    towers = {(start, pool): build_image_tower({"type": "torch", "factory": "torch.nn:Flatten", "pooling": pool,
+                                                "kwargs": {"start_dim": start}, "preprocess": {"size": 8}})
+              for start in (1, 2) for pool in ("cls", "mean")}
+    outputs = {k: t.eval()(x) for k, t in towers.items()}
+    assert not torch.equal(outputs[2, "cls"], outputs[2, "mean"])
+    assert outputs[1, "cls"].shape != outputs[2, "cls"].shape
+    assert len({t.fingerprint() for t in towers.values()}) == 4
+    again = build_image_tower({"type": "torch", "factory": "torch.nn:Flatten", "pooling": "mean",
+                               "kwargs": {"start_dim": 2}, "preprocess": {"size": 8}})
+    assert again.fingerprint() == towers[2, "mean"].fingerprint()
+    assert again.fingerprint().startswith("torch:torch.nn:Flatten#pool=mean&kwargs=")

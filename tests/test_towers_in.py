@@ -75,7 +75,7 @@ x = torch.randn(2, 3, 32, 32)
 with torch.no_grad():
     assert torch.allclose(hub(x), folder(x), atol=1e-6)
 weights = lambda t: t.fingerprint().split("|", 1)[1]
-assert hub.spec["path"] == "someorg/tiny-vit" and hub.name == "hf:tiny-vit" and weights(hub) == weights(folder)
+assert hub.spec["path"] == "someorg/tiny-vit" and hub.name == "hf:tiny-vit#mean" and weights(hub) == weights(folder)
 assert hub.preprocess == folder.preprocess and hub.preprocess.interpolation == "bilinear"
 # A model trained on it saves the tower's config and pre-processing and reloads offline without the id.
 from littune import LiTConfig, LiTModel

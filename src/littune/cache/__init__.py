@@ -40,7 +40,8 @@ the manifest after a barrier; the result equals a one-process run.
 The package: :mod:`.format` (names, plan, shard commit records, tables, manifest), :mod:`.workers`
 (decoding processes, speed defaults), :mod:`.lock` (one writer per directory), :mod:`.forward` (the
 tower as one function), :mod:`.shards` (the shard loop), :mod:`.writer` (:func:`embed_source`,
-:func:`write_cache`), :mod:`.reader` (:class:`EmbeddingCache`).
+:func:`write_cache`), :mod:`.reader` (:class:`EmbeddingCache`), :mod:`.stale` (is a cache the
+configuration's: tower and source fingerprints, and the rule they were made by).
 """
 
 from __future__ import annotations

@@ -36,8 +36,12 @@ NO_CAPTION = "no-caption"
 LANGS_FILE = "caption_langs.npy"
 OUR_FILES = (MANIFEST, PLAN, SKIPPED, "keys.utf8", "key_offsets.npy", "paths.utf8", "path_offsets.npy",
              "captions.utf8", "caption_offsets.npy", "image_captions.npy", "source_index.npy", LANGS_FILE)
+#: How tower fingerprints are made. 2: an ``hf:`` tower's name holds its pooling, a ``torch:`` tower's its pooling
+#: and factory arguments. A plan or manifest without ``fingerprint_scheme`` was made under 1, where ``hf:DIR#cls``
+#: and ``hf:DIR#mean`` had one fingerprint (and shared one ONNX export): such a cache is stale for those towers.
+FINGERPRINT_SCHEME = 2
 #: plan fields that describe rather than decide the computation (a change does not stop a resume)
-_DESCRIPTIVE = ("source", "tower_spec", "preprocess", "tower_name")
+_DESCRIPTIVE = ("source", "tower_spec", "preprocess", "tower_name", "fingerprint_scheme")
 
 
 def sha256(path: Path) -> str:
@@ -50,6 +54,7 @@ def make_plan(tower, *, dim: int, source_fingerprint: str, source: str, records:
     return {
         "format": FORMAT,
         "version": VERSION,
+        "fingerprint_scheme": FINGERPRINT_SCHEME,
         "tower_fingerprint": tower.fingerprint(),
         "tower_name": getattr(tower, "name", type(tower).__name__),
         "tower_spec": getattr(tower, "spec", None),
@@ -184,6 +189,7 @@ def _manifest(plan: dict, shards: list[dict], files: dict, count: int, captions:
         "dim": plan["dim"],
         "dtype": plan["dtype"],
         "views": plan["views"],
+        "fingerprint_scheme": plan.get("fingerprint_scheme", 1),
         "tower_fingerprint": plan["tower_fingerprint"],
         "tower_name": plan["tower_name"],
         "tower_spec": plan["tower_spec"],

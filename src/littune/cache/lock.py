@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import LittuneError
 from ..fileio import write_json
 from .format import LOCK, MANIFEST, OUR_FILES, PLAN, SHARD_DIR, plan_differences, plan_hash
+from .stale import OLD_RULE, old_fingerprint_rule
 
 #: file descriptors of the cache locks this process holds (closed in forked decoding workers)
 _LOCK_FDS: set[int] = set()
@@ -83,8 +84,12 @@ def prepare(out: Path, plan: dict, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     old = _previous_plan(out)
     if resume and old is not None and plan_hash(old) != plan_hash(plan):
-        raise LittuneError(f"cache {out} was started with other settings ({'; '.join(plan_differences(old, plan))}); "
-                           "choose another --out, or pass --no-resume to overwrite it")
+        why = ""
+        if old.get("tower_fingerprint") != plan["tower_fingerprint"] and old_fingerprint_rule(
+                old.get("tower_fingerprint"), old.get("fingerprint_scheme", 1)):
+            why = f" (it was made {OLD_RULE})"
+        raise LittuneError(f"cache {out} was started with other settings ({'; '.join(plan_differences(old, plan))})"
+                           f"{why}; choose another --out, or pass --no-resume to overwrite it")
     if not resume or old is None:
         clear(out)
     (out / SHARD_DIR).mkdir(exist_ok=True)

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import LittuneError, StaleCacheError
+from ..errors import LittuneError
 from ..fileio import read_skipped
 from ..language_sampling import pick_caption
 from .format import FORMAT, LANGS_FILE, MANIFEST, NO_CAPTION, PLAN, SKIPPED, VERSION, sha256
@@ -380,17 +380,14 @@ class EmbeddingCache:
             raise IndexError(f"image index {i} out of range for a cache of {self._count} images")
         return i % self._count
 
-    def check(self, tower_fingerprint: str | None = None, source_fingerprint: str | None = None) -> None:
+    def check(self, tower_fingerprint: str | None = None, source_fingerprint: str | None = None,
+              allow_stale: bool | None = None) -> bool:
         """Raise :class:`~littune.errors.StaleCacheError` if the cache was built with another tower or
-        source than the configuration's (the message names the expected and the found fingerprint)."""
-        problems = []
-        if tower_fingerprint is not None and tower_fingerprint != self.tower_fingerprint:
-            problems.append(f"image tower fingerprint: configuration {tower_fingerprint}, "
-                            f"cache {self.tower_fingerprint}")
-        if source_fingerprint is not None and source_fingerprint != self.source_fingerprint:
-            problems.append(f"source fingerprint: configuration {source_fingerprint}, cache {self.source_fingerprint}")
-        if problems:
-            raise StaleCacheError(
-                f"embedding cache {self.directory} is stale ({'; '.join(problems)}): it was built from "
-                f"{self.manifest.get('source')} with {self.manifest.get('tower_name')}; re-run `littune embed` "
-                "with the configured tower and source, or point the configuration at the matching cache")
+        source than the configuration's (the message names the expected and the found fingerprint), or,
+        for an ``hf:`` or ``torch:`` tower, under the old fingerprint rule (see :mod:`.stale`).
+        ``allow_stale``: None, the caller has no way to insist; False, the message names
+        ``--allow-stale-cache``; True, the message goes to stderr as a warning and the cache is used.
+        Returns whether the cache is stale (and used anyway)."""
+        from .stale import check_cache
+
+        return check_cache(self, tower_fingerprint, source_fingerprint, allow_stale)

@@ -3,7 +3,10 @@
 Every tower exposes the same small interface, :class:`~littune.towers.base.ImageTower` --
 ``forward(pixels) -> (B, D)``, ``dim``, its :class:`~littune.preprocess.Preprocess` spec, a JSON-able
 ``spec`` that rebuilds it, and a ``fingerprint()`` (name + weights hash + preprocessing) that keys the
-embedding cache. Adapters:
+embedding cache and the ONNX export cache. Everything else that changes a tower's output is in its name:
+an ``hf:`` tower's pooling (``hf:DIR#mean``), a ``torch:`` tower's pooling and factory arguments
+(``torch:pkg.mod:factory#pool=mean&kwargs=<hash>``), an ``onnx:`` tower's output and pooling, a ``timm:``
+tower's pool. Adapters:
 
 * ``efficientnet-lite0/1/2`` -- ImageNet weights shipped in pip packages (the offline default),
 * ``hf:<dir or hub id>`` -- any Hugging Face ``transformers`` vision model (ViT, DINOv2, ConvNeXt...)
@@ -31,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, LittuneError
+from ..hashing import hash_text
 from ..preprocess import Preprocess
 from .base import ImageTower, _pool, _reinit
 from .onnx import ONNXTower
@@ -181,7 +185,7 @@ class HFVisionTower(ImageTower):
         local = folder.is_dir() or not _HUB_ID.fullmatch(str(path))
         if local and not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder} is not a Hugging Face model directory (no config.json)")
-        self.name = f"hf:{folder.name}"
+        self.name = f"hf:{folder.name}#{pooling}"  # the pooling changes the features: it is part of the fingerprint
         self.pooling = pooling
         self.spec = {"type": "hf", "path": str(path), "pooling": pooling}
         source, offline = (folder, True) if local else (str(path), False)
@@ -240,6 +244,13 @@ def _read_json(f: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+def torch_tower_name(factory: str, pooling: str = "mean", kwargs: dict | None = None) -> str:
+    """``torch:FACTORY#pool=P&kwargs=H``: the pooling and (a hash of) the factory's arguments change the
+    output without changing the weights (a weightless module, an activation chosen by argument)."""
+    args = hash_text(json.dumps(kwargs or {}, sort_keys=True, default=str))[:8]
+    return f"torch:{factory}#pool={pooling}&kwargs={args}"
+
+
 class TorchModuleTower(ImageTower):
     """Any ``nn.Module`` from a ``package.module:factory`` spec (factory kwargs from the spec)."""
 
@@ -250,7 +261,7 @@ class TorchModuleTower(ImageTower):
             raise ValueError(f"torch tower spec must be 'package.module:factory', got {factory!r}")
         mod_name, fn_name = factory.split(":", 1)
         fn = getattr(importlib.import_module(mod_name), fn_name)
-        self.name = f"torch:{factory}"
+        self.name = torch_tower_name(factory, pooling, kwargs)
         self.pooling = pooling
         self.spec = {"type": "torch", "factory": factory, "kwargs": dict(kwargs or {}),
                      "preprocess": dict(preprocess or {}), "pooling": pooling}
