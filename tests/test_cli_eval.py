@@ -265,3 +265,59 @@ def test_module_entry_point(world, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == ('littune classify: error: the label list is empty: give --labels "cat,dog,horse" '
                                    "or --labels-file FILE")
+
+
+def _same_names_other_images(world, out):
+    """A copy of the class folder and the caption CSV with the same file names holding other images
+    (colours rotated)."""
+    names = list(COLOURS)
+    rng = np.random.default_rng(1)
+    for path in sorted((world / "zs").rglob("*.png")):
+        rel = path.relative_to(world)
+        other = names[(names.index(rel.parts[1]) + 3) % len(names)]
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        _image(COLOURS[other], "stripe" if "square" in rel.name else "square", rng).save(out / rel)
+    (out / "pairs.csv").write_text((world / "pairs.csv").read_text())
+    return out / "zs"
+
+
+def test_eval_and_index_refuse_a_cache_of_other_images_with_the_same_names(world, capsys, tmp_path):
+    """A cache keyed by file name, built from other images: its features are not these images'. eval
+    --cache and index --cache compare the source fingerprints (one line naming both); --allow-stale-cache
+    insists, with a warning."""
+    from littune.data.sources import open_source
+
+    other = _same_names_other_images(world, tmp_path / "other")  # other/zs, other/pairs.csv
+    args = ["--model", world / "model", "-q", "--templates", world / "templates.txt"]
+    rc, out, err = _run(capsys, "index", world / "zs", "--model", world / "model", "--out", tmp_path / "i1",
+                        "--cache", tmp_path / "cache", "-q", "--workers", "0")
+    assert rc == 0, err
+    ours, theirs = open_source(str(world / "zs")).fingerprint(), open_source(str(other)).fingerprint()
+    assert ours != theirs
+    _run(capsys, "eval", "zeroshot", world / "zs", *args, "--cache", tmp_path / "cache", "--out", tmp_path / "a.json")
+    line = _error(capsys, "eval", "zeroshot", other, *args, "--cache", tmp_path / "cache")
+    assert "stale" in line and ours in line and theirs in line and "--allow-stale-cache" in line
+    rc, out, err = _run(capsys, "index", world / "pairs.csv", "--model", world / "model", "--out", tmp_path / "i0",
+                        "--cache", tmp_path / "pairs_cache", "-q", "--workers", "0")
+    assert rc == 0, err
+    line = _error(capsys, "eval", "retrieval", other.parent / "pairs.csv", "--model", world / "model", "-q",
+                  "--cache", tmp_path / "pairs_cache")
+    assert "source fingerprint" in line and "--allow-stale-cache" in line
+    line = _error(capsys, "index", other, "--model", world / "model", "--out", tmp_path / "i2",
+                  "--cache", tmp_path / "cache", "-q", "--workers", "0")
+    assert "stale" in line and ours in line and theirs in line and "--allow-stale-cache" in line
+    # insisting: the cached features, by name, with a warning
+    rc, out, err = _run(capsys, "eval", "zeroshot", other, *args, "--cache", tmp_path / "cache",
+                        "--allow-stale-cache", "--out", tmp_path / "b.json")
+    assert rc == 0 and "warning" in err and theirs in err, err
+    a, b = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("a.json", "b.json"))
+    assert a == b  # the old images' features, as asked
+    rc, out, err = _run(capsys, "index", other, "--model", world / "model", "--out", tmp_path / "i2",
+                        "--cache", tmp_path / "cache", "--allow-stale-cache", "-q", "--workers", "0")
+    assert rc == 0 and "indexed 32 images" in out and "warning" in err, err
+    # and the cache of the other folder is accepted for it
+    rc, out, err = _run(capsys, "index", other, "--model", world / "model", "--out", tmp_path / "i3",
+                        "--cache", tmp_path / "cache2", "-q", "--workers", "0")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "eval", "zeroshot", other, *args, "--cache", tmp_path / "cache2")
+    assert rc == 0 and "warning" not in err, err

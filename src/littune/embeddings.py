@@ -117,10 +117,10 @@ def image_embeddings(model, images: Sequence[ImageLike], cache: str | Path | Non
     the others. Without ``cache`` every image is decoded, preprocessed with the tower's evaluation
     transform and run through the model; ``workers`` decoding threads (default: up to 4) prepare the
     next batch while the model runs. With ``cache`` (an embedding cache directory from
-    ``littune embed``, images given as records) each image's features are read by its key and only
-    the head runs; see :func:`open_feature_cache` for what that needs. ``runtime`` runs a locked
-    tower (``auto``, ``torch``, ``onnxruntime``; ``model``: the torch model itself, bit for bit what
-    ``model.encode_image`` gives). An image that fails to decode
+    ``littune embed``, or one :func:`open_feature_cache` opened; images given as records) each image's
+    features are read by its key and only the head runs; see :func:`open_feature_cache` for what that needs.
+    ``runtime`` runs a locked tower (``auto``, ``torch``, ``onnxruntime``; ``model``: the torch model itself,
+    bit for bit what ``model.encode_image`` gives). An image that fails to decode
     or is not in the cache raises :class:`~littune.errors.LittuneError` naming it, or with
     ``skip_bad=True`` is skipped and listed.
     """
@@ -201,23 +201,29 @@ def _embed_decoded(model, items: list, batch_size: int, workers: int | None, pro
     return (torch.cat(out) if out else torch.empty(0, model.config.embed_dim)), kept, skipped
 
 
-def open_feature_cache(model, cache: str | Path):
+def open_feature_cache(model, cache: str | Path, source_fingerprint: str | None = None,
+                       allow_stale: bool | None = None):
     """The embedding cache ``cache``, opened and checked for ``model``: the image tower must be locked
     (a trained tower's features would not be the cached ones) and the cache's tower fingerprint
-    must be the model's (:class:`~littune.errors.StaleCacheError` otherwise)."""
+    must be the model's, its source fingerprint ``source_fingerprint`` when given (the images looked up
+    by key are the cached ones): :class:`~littune.errors.StaleCacheError` otherwise (``allow_stale``: see
+    :meth:`~littune.cache.EmbeddingCache.check`)."""
     if not model.setting.image.locked:
         raise LittuneError(f"the model's image tower is trained (setting {model.config.setting}): features in "
                            f"the cache {cache} were computed before training; evaluate without --cache")
     from .cache import EmbeddingCache
 
     store = EmbeddingCache.open(cache)
-    store.check(tower_fingerprint=model.image_fingerprint)
+    store.check(tower_fingerprint=model.image_fingerprint, source_fingerprint=source_fingerprint,
+                allow_stale=allow_stale)
     return store
 
 
-def _embed_by_key(model, records: list, cache: str | Path, batch_size: int, progress: bool,
+def _embed_by_key(model, records: list, cache, batch_size: int, progress: bool,
                   skip_bad: bool) -> tuple[torch.Tensor, list[int], Skipped]:
-    store = open_feature_cache(model, cache)
+    """``cache``: a directory, or an :class:`~littune.cache.EmbeddingCache` opened and checked already."""
+    store = cache if hasattr(cache, "features") else open_feature_cache(model, cache)
+    cache = store.directory
     where = {store.key(i): i for i in range(len(store))}
     kept, rows, skipped = [], [], []
     for i, rec in enumerate(records):

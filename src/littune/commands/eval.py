@@ -11,7 +11,8 @@ image (COCO protocol: several captions per image; an image query is right if any
 in the top K) and reports image_retrieval_recall@K and text_retrieval_recall@K.
 
 With a locked image tower, --cache CACHE_DIR (from `littune embed` over the same folder or file)
-reads the image features instead of running the image model. --out writes the results as JSON in
+reads the image features instead of running the image model; a cache of another source (other
+images, even under the same names) or tower is refused unless --allow-stale-cache. --out writes the results as JSON in
 CLIP_benchmark's layout ({"dataset", "model", "task", "metrics": {...}}).
 """
 
@@ -36,6 +37,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, metavar="DIR",
                    help="a model directory (save_pretrained / littune train)")
     p.add_argument("--cache", metavar="DIR", help="read image features from this embedding cache (locked image tower)")
+    p.add_argument("--allow-stale-cache", action="store_true",
+                   help="use --cache even if it was built from another source or tower (a warning says which)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--out", "-o", metavar="FILE", help="write the results JSON here")
     p.add_argument("--image-column", help="CSV: the image column (default: found by name)")
@@ -125,6 +128,17 @@ def run(args) -> int:
     return _retrieval(args, model)
 
 
+def _cache(args, model, dataset):
+    """``--cache``, opened and checked: the model's image tower and the dataset's source (the images looked
+    up by name must be the ones that were cached), unless ``--allow-stale-cache``."""
+    if not args.cache:
+        return None
+    from ..embeddings import open_feature_cache
+
+    return open_feature_cache(model, args.cache, source_fingerprint=dataset.source.fingerprint(),
+                              allow_stale=args.allow_stale_cache)
+
+
 def _zeroshot(args, model) -> int:
     from ..eval.sets import open_labeled
     from ..eval.templates import load_templates
@@ -133,7 +147,7 @@ def _zeroshot(args, model) -> int:
     templates = load_templates(args.templates)
     opts = {"image_column": args.image_column, "label_column": args.label_column, "image_root": args.image_root}
     dataset = open_labeled(args.dataset, args.classnames, **{k: v for k, v in opts.items() if v})
-    res = evaluate_zeroshot(model, dataset, templates, cache=args.cache, batch_size=args.batch_size,
+    res = evaluate_zeroshot(model, dataset, templates, cache=_cache(args, model, dataset), batch_size=args.batch_size,
                             progress=not args.quiet)
     _report_skipped(res.skipped, dataset.problems)
     print(f"zero-shot on {dataset.description}: {len(res.labels):,} images, {len(dataset.classnames)} classes, "
@@ -168,7 +182,7 @@ def _retrieval(args, model) -> int:
     ks = _ks(args.ks)
     opts = {"image_column": args.image_column, "caption_column": args.caption_column, "image_root": args.image_root}
     dataset = open_retrieval(args.dataset, **{k: v for k, v in opts.items() if v})
-    res = evaluate_retrieval(model, dataset, cache=args.cache, batch_size=args.batch_size, ks=ks,
+    res = evaluate_retrieval(model, dataset, cache=_cache(args, model, dataset), batch_size=args.batch_size, ks=ks,
                              progress=not args.quiet)
     _report_skipped(res.skipped, dataset.problems)
     print(f"retrieval on {dataset.description}: {res.n_images:,} images, {res.n_texts:,} captions")

@@ -3,7 +3,8 @@
 The collection is a folder of images (searched recursively) or any source littune reads (CSV,
 JSONL, COCO captions, tar shards). The image tower's features go through the embedding cache
 (INDEX/features/ unless --cache names another), so an interrupted run resumes where it stopped and
-a model with the same locked image tower re-uses them. The index holds the model's normalised image
+a model with the same locked image tower re-uses them; a --cache of another source (other images,
+even under the same names) or tower is refused unless --allow-stale-cache. The index holds the model's normalised image
 embeddings (float16), the image paths and the model's embedding fingerprint; images that cannot be
 decoded are skipped and listed in INDEX/skipped.tsv. --faiss FACTORY also builds an approximate
 FAISS index (needs faiss-cpu) for collections beyond a few million images.
@@ -24,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, metavar="DIR", help="a model directory")
     p.add_argument("--out", "-o", required=True, metavar="INDEX", help="the index directory to write")
     p.add_argument("--cache", metavar="DIR", help="embedding cache for the tower features (default INDEX/features)")
+    p.add_argument("--allow-stale-cache", action="store_true",
+                   help="use --cache even if it was built from another source or tower (a warning says which)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=None, help="image decoding workers")
     p.add_argument("--faiss", metavar="FACTORY", help='also build a FAISS index, e.g. "Flat", "IVF1024,Flat", "HNSW32"')
@@ -58,7 +61,8 @@ def run(args) -> int:
     source = source_spec(args.source, args.image_column, args.image_root)
     index = build_index(model, source, args.out, model_dir=args.model, cache_dir=args.cache,
                         batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
-                        faiss_factory=args.faiss, overwrite=args.overwrite)
+                        faiss_factory=args.faiss, overwrite=args.overwrite,
+                        allow_stale_cache=args.allow_stale_cache)
     skipped = index.meta.get("skipped", 0)
     tail = f"; skipped {skipped:,} (see {index.directory / SKIPPED_NAME})" if skipped else ""
     extra = f", FAISS {args.faiss}" if args.faiss else ""

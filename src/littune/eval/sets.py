@@ -48,6 +48,8 @@ class LabeledImages:
     classnames: list[str]
     description: str
     problems: list[tuple[str, str]] = field(default_factory=list)
+    #: the :class:`~littune.data.base.Source` the images were read from (its fingerprint checks a cache)
+    source: Any = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -66,6 +68,8 @@ class RetrievalSet:
     text_to_image: list[int]
     description: str
     problems: list[tuple[str, str]] = field(default_factory=list)
+    #: the :class:`~littune.data.base.Source` the images were read from (its fingerprint checks a cache)
+    source: Any = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -120,7 +124,7 @@ def class_folder(root: str | Path, classnames: str | Path | None = None) -> Labe
     else:
         names = [c.replace("_", " ") for c in classes]
     index = {c: k for k, c in enumerate(classes)}
-    return LabeledImages(records, [index[f] for f in folders], names, f"class folder {root}", problems)
+    return LabeledImages(records, [index[f] for f in folders], names, f"class folder {root}", problems, source)
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
@@ -207,9 +211,10 @@ def label_csv(path: str | Path, classnames: str | Path | None = None, image_colu
         opts["image_column"] = image_column
     if image_root:
         opts["image_root"] = image_root
-    records, raw, problems = _labelled_records(path, CSVSource(str(path), **opts))
+    source = CSVSource(str(path), **opts)
+    records, raw, problems = _labelled_records(path, source)
     names, labels = _label_indices(path, records, raw, classnames)
-    return LabeledImages(records, labels, names, f"{path}", problems)
+    return LabeledImages(records, labels, names, f"{path}", problems, source)
 
 
 def open_labeled(path: str | Path, classnames: str | Path | None = None, **csv_options: Any) -> LabeledImages:
@@ -241,7 +246,7 @@ def open_retrieval(spec: str | Path | dict, **options: Any) -> RetrievalSet:
         raise LittuneError(f"{source.describe()} holds no images")
     if not texts:
         raise LittuneError(f"{source.describe()} holds no captions; retrieval needs image,caption pairs")
-    return RetrievalSet(list(records), texts, owner, source.describe(), list(source.problems))
+    return RetrievalSet(list(records), texts, owner, source.describe(), list(source.problems), source)
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -39,14 +39,18 @@ class _Embedded:
 
 def build_index(model, source, out_dir: str | Path, *, model_dir: str | Path | None = None,
                 cache_dir: str | Path | None = None, batch_size: int = 64, workers: int | None = None,
-                progress: bool = True, faiss_factory: str | None = None, overwrite: bool = False) -> SearchIndex:
+                progress: bool = True, faiss_factory: str | None = None, overwrite: bool = False,
+                allow_stale_cache: bool = False) -> SearchIndex:
     """Embed every image of ``source`` (a path / spec for :func:`open_source`, or a Source) with
     ``model`` and write an index directory ``out_dir``; returns it opened.
 
     Features go through the embedding cache (``cache_dir``, default ``out_dir/features``) when
     :mod:`littune.cache` is available, which makes a re-run resume; otherwise images are embedded
     directly. Images that fail to decode are skipped and listed in ``skipped.tsv``. ``faiss_factory``
-    (e.g. ``"Flat"``, ``"IVF1024,Flat"``, ``"HNSW32"``) also writes a FAISS index.
+    (e.g. ``"Flat"``, ``"IVF1024,Flat"``, ``"HNSW32"``) also writes a FAISS index. A complete cache named by
+    ``cache_dir`` must hold the model's image tower's features of this source (other images under the same
+    names are another source): :class:`~littune.errors.StaleCacheError` otherwise, or, with
+    ``allow_stale_cache``, a warning and the cached features of the source's images, by key.
     """
     from ..data.sources import open_source
 
@@ -61,7 +65,8 @@ def build_index(model, source, out_dir: str | Path, *, model_dir: str | Path | N
     if _cache_available():
         feats_dir = Path(cache_dir) if cache_dir else out / "features"
         done = _embed_through_cache(model, src, feats_dir, emb_path, batch_size, workers, progress,
-                                    fresh=overwrite and cache_dir is None)
+                                    fresh=overwrite and cache_dir is None,
+                                    allow_stale=allow_stale_cache if cache_dir else None)
     else:
         done = _embed_directly(model, src, emb_path, batch_size, workers, progress)
     _write_items(out, done, record_positions(records, done.keys))
@@ -111,21 +116,45 @@ def _features_from_cache(model, source, cache_dir: Path, batch_size: int, worker
         return embed_source(source, model.image_tower, cache_dir, resume=False, **kwargs)
 
 
+def _stale_cache(model, src, cache_dir: Path, allow_stale: bool | None):
+    """A complete cache the user named, checked against the model's image tower and the source: None when
+    it is theirs (``embed_source`` re-uses it), the cache when it is stale and ``allow_stale``, else
+    :class:`~littune.errors.StaleCacheError` (``allow_stale`` None: the index's own folder, not checked)."""
+    from ..cache import MANIFEST, EmbeddingCache
+
+    if allow_stale is None or not (cache_dir / MANIFEST).is_file():
+        return None
+    cache = EmbeddingCache.open(cache_dir, verify=False)
+    stale = cache.check(tower_fingerprint=model.image_fingerprint, source_fingerprint=src.fingerprint(),
+                        allow_stale=allow_stale)
+    return cache if stale else None
+
+
 def _embed_through_cache(model, src, feats_dir: Path, emb_path: Path, batch_size: int, workers: int | None,
-                         progress: bool, fresh: bool) -> _Embedded:
+                         progress: bool, fresh: bool, allow_stale: bool | None = None) -> _Embedded:
     """The tower's features from the cache, through the image head, streamed into ``embeddings.npy``."""
     from ..embeddings import cached_image_embedding_batches
 
-    cache = _features_from_cache(model, src, feats_dir, batch_size, workers, progress, fresh=fresh)
-    n, dim = len(cache), model.config.embed_dim
-    done = _Embedded([cache.key(i) for i in range(n)], [cache.path(i) for i in range(n)],
-                     list(cache.skipped()), str(feats_dir))  # the cache's report includes the source's problems
+    cache = _stale_cache(model, src, feats_dir, allow_stale)
+    if cache is None:
+        cache = _features_from_cache(model, src, feats_dir, batch_size, workers, progress, fresh=fresh)
+        rows = list(range(len(cache)))
+        done = _Embedded([cache.key(i) for i in rows], [cache.path(i) for i in rows],
+                         list(cache.skipped()), str(feats_dir))  # the cache's report includes the source's problems
+    else:  # a stale cache used anyway: the source's images it holds a row for, by key
+        by_key = {r.key: r for r in src.records()}
+        rows = [i for i in range(len(cache)) if cache.key(i) in by_key]
+        held = {cache.key(i) for i in rows}
+        done = _Embedded([cache.key(i) for i in rows], [by_key[cache.key(i)].where for i in rows],
+                         [*src.problems, *((r.where, "not in the cache", str(feats_dir)) for r in by_key.values()
+                                           if r.key not in held)], str(feats_dir))
+    n, dim = len(rows), model.config.embed_dim
     _refuse_empty(src, done)
 
     def write(f) -> None:
         np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.float16).str, "fortran_order": False,
                                                  "shape": (n, dim)})
-        for _, emb in cached_image_embedding_batches(model, cache, batch_size=HEAD_ROWS):
+        for _, emb in cached_image_embedding_batches(model, cache, rows, batch_size=HEAD_ROWS):
             f.write(emb.numpy().astype(np.float16).tobytes())
 
     atomic_write(emb_path, write)
