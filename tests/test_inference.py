@@ -320,3 +320,29 @@ def test_image_embeddings_from_cache_match_computed(tiny_model, tmp_path):
     unlocked = tiny_model("Uu")
     with pytest.raises(LittuneError, match="evaluate without --cache"):
         image_embeddings(unlocked, ds.records, cache=tmp_path / "cache")
+
+
+def test_validation_and_eval_zeroshot_label_nested_class_folders_alike(tiny_model, tmp_path):
+    """`cat/2019/x.png` is a cat for `littune eval zeroshot` and for validation during training alike (the
+    top-level folder under the root, as torchvision's ImageFolder has it); keys written relative to a
+    CSV beside the split folder (`val/<class>/<image>`, the emoji evaluation splits) keep their class."""
+    from littune.cache import embed_source
+    from littune.data.sources import open_source
+    from littune.eval.sets import folder_labels
+    from littune.validation import class_labels, zeroshot_on_cache
+
+    root = tmp_path / "zs"
+    for rel, rgb in (("cat/2019/a.png", COLOURS["red"]), ("cat/2020/b.png", COLOURS["red"]),
+                     ("cat/c.png", COLOURS["red"]), ("dog/2019/d.png", COLOURS["blue"]), ("dog/e.png", COLOURS["blue"])):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        solid(rgb).save(root / rel)
+    model = tiny_model()
+    ds = open_labeled(root)
+    assert ds.classnames == ["cat", "dog"] and ds.labels == [0, 0, 0, 1, 1]
+    cache = embed_source(open_source(str(root)), model.image_tower, tmp_path / "cache", workers=0, progress=False)
+    names, labels = class_labels(cache)
+    by_key = dict(zip(ds.keys, ds.labels))
+    assert names == ds.classnames and labels == [by_key[cache.key(i)] for i in range(len(cache))]
+    res = evaluate_zeroshot(model, ds, littune.eval.load_templates("short"), cache=tmp_path / "cache")
+    assert zeroshot_on_cache(model, cache) == pytest.approx(res.metrics)
+    assert folder_labels(["val/cat/1.png", "val/dog/2.png", "val/cat/3.png"]) == (["cat", "dog"], [0, 1, 0])

@@ -3,8 +3,9 @@
 Both read image features from an embedding cache written by ``littune embed`` with the same locked
 tower (the image model is not loaded) and turn them into image embeddings with the model's head
 (:func:`littune.embeddings.cached_image_embeddings`). Zero-shot: a class-folder source
-(``root/<class>/*.png``); an image's class is the folder of its key, display names come from
-``classnames.txt`` (one per line, in sorted folder order) when given. Retrieval: a captioned source;
+(``root/<class>/*.png``); an image's class is the top-level folder of its key under the root, the rule
+``littune eval zeroshot`` follows (:func:`littune.eval.sets.key_classes`: ``cat/2019/x.png`` is a ``cat``),
+display names come from ``classnames.txt`` (one per line, in sorted folder order) when given. Retrieval: a captioned source;
 every caption of an image counts; with ``group_by_folder: true`` the images of one folder answer each
 other's captions.
 """
@@ -21,7 +22,8 @@ from .eval.zeroshot import zeroshot_classifier, zeroshot_metrics
 
 
 def class_labels(cache, classnames_file: str | None = None) -> tuple[list[str], list[int]]:
-    """Classes from the parent folder of each key; display names from ``classnames.txt`` if given."""
+    """Classes from the top-level folder of each key (:func:`~littune.eval.sets.key_classes`); display names
+    from ``classnames.txt`` if given."""
     return folder_labels([cache.key(i) for i in range(len(cache))], classnames_file)
 
 

@@ -3,8 +3,8 @@
 **Labelled images** (:func:`open_labeled`) come in two layouts:
 
 * a class folder ``root/<class>/*.png`` (images found recursively under each class folder, in
-  sorted order). Classes are the class folders holding at least one image, in sorted (code point)
-  order. Display names -- what goes into the prompts -- are the folder names with ``_`` read as a
+  sorted order: ``root/cat/2019/x.png`` is a ``cat``, see :func:`key_classes`). Classes are the class
+  folders holding at least one image, in sorted (code point) order. Display names -- what goes into the prompts -- are the folder names with ``_`` read as a
   space, unless a ``classnames.txt`` (in ``root``, or given) lists one name per line in folder order.
   Images directly in ``root`` belong to no class and are listed in ``problems``.
 * a CSV/TSV with an image column and a label column (``image,label``; common column names are
@@ -20,14 +20,14 @@ Both keep the :class:`~littune.data.records.Record` of each image and its ``key`
 path for a folder, the image cell for a CSV), which is how :func:`littune.embeddings.image_embeddings`
 finds an image in an embedding cache written by ``littune embed`` over the same folder or file.
 
-:func:`folder_labels` gives the classes of image keys laid out ``.../<class>/<image>`` (an embedding
-cache of a class folder, the emoji evaluation splits).
+:func:`folder_labels` gives the classes of image keys laid out ``<class>/.../<image>`` under a root (an
+embedding cache of a class folder, the emoji evaluation splits): the same rule (:func:`key_classes`) as
+a class folder's, so evaluation and validation during training label an image alike.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,13 +103,12 @@ def class_folder(root: str | Path, classnames: str | Path | None = None) -> Labe
     source = FolderSource(root)
     found = source.records()
     records, folders, problems = [], [], list(source.problems)
-    for rec in found:
-        parts = rec.key.split("/")
-        if len(parts) < 2:
+    for rec, folder in zip(found, key_classes([r.key for r in found])):
+        if folder is None:
             problems.append((rec.path or rec.key, "image outside a class folder (ignored)"))
             continue
         records.append(rec)
-        folders.append(parts[0])
+        folders.append(folder)
     classes = sorted(set(folders))
     if not classes:
         raise LittuneError(f"{root} has no class folders with images (expected {root}/<class>/<image>)")
@@ -249,17 +248,29 @@ def open_retrieval(spec: str | Path | dict, **options: Any) -> RetrievalSet:
     return RetrievalSet(list(records), texts, owner, source.describe(), list(source.problems), source)
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _folder(key: str) -> str:
-    """A key's parent folder name, kept: every language's evaluation labels the same keys again."""
-    return Path(key).parent.name
+def key_classes(keys: Sequence[str]) -> list[str | None]:
+    """The class of each image key: the one rule of every zero-shot set (``littune eval zeroshot``'s class
+    folders, validation during training, the benchmark). It is the top-level folder under the root, as
+    torchvision's ImageFolder has it: ``cat/2019/x.png`` is a ``cat``. The root is the deepest folder that
+    holds every key and still leaves each of them in a folder below it: the class folder itself for a
+    class-folder source (keys relative to it); ``val/`` for keys ``val/<class>/<image>`` written relative to
+    a CSV beside the split folder (so a set of one class nests its images one level deeper). A key in no
+    folder under the root has no class (None)."""
+    parts = [k.split("/") for k in keys]
+    depth = 0
+    while parts and all(len(p) > depth + 2 for p in parts) and len({p[depth] for p in parts}) == 1:
+        depth += 1
+    return [p[depth] if len(p) > depth + 1 else None for p in parts]
 
 
 def folder_labels(keys: Sequence[str], classnames_file: str | Path | None = None) -> tuple[list[str], list[int]]:
-    """``(class names, label of each key)``: a key's class is its parent folder, classes in sorted
+    """``(class names, label of each key)``: a key's class is given by :func:`key_classes`, classes in sorted
     folder order; display names are the folder names with ``_`` read as a space (as :func:`class_folder`
     reads them), or the lines of ``classnames_file`` (one per line, that order) when given."""
-    folders = [_folder(k) for k in keys]
+    folders = key_classes(keys)
+    if None in folders:
+        raise LittuneError(f"image {keys[folders.index(None)]!r} is in no class folder (expected "
+                           "<class>/<image> under the set's root)")
     classes = sorted(set(folders))
     index = {c: k for k, c in enumerate(classes)}
     names = [c.replace("_", " ") for c in classes]
