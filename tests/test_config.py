@@ -65,3 +65,64 @@ def test_optimiser_and_schedule_refuse_unknown_names_with_the_same_message(tiny_
         build_optimizer(tiny_model("Lu"), OptimSection(name="sgd"))
     with pytest.raises(ConfigError, match="^schedule.decay: 'step' is not one of "):
         schedule_factor(50, 100, 10, "step")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.embed_dim=0", "model.embed_dim"),
+    ("model.temperature_init=-1", "model.temperature_init"),
+    ("model.temperature_init=0", "model.temperature_init"),
+    ("schedule.warmup_steps=-1", "schedule.warmup_steps"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("keep_checkpoints=-1", "keep_checkpoints"),
+    ("checkpoint_every=-5", "checkpoint_every"),
+    ("val.every=-1", "val.every"),
+    ("data.workers=-2", "data.workers"),
+    ("log_every=0", "log_every"),
+])
+def test_out_of_range_values_are_refused_in_one_line_naming_the_key(override, key):
+    """embed_dim=0 trained flat at ln B and exited 0; log_every=0 was a ZeroDivisionError traceback;
+    temperature_init=-1 a 'math domain error' naming no key; the negative counts were taken silently."""
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["data.cache=x", override])
+    assert str(e.value).startswith(f"{key}: must be ") and "\n" not in str(e.value)
+
+
+def test_the_smallest_allowed_values_load():
+    cfg = load_config(overrides=["data.cache=x", "model.embed_dim=1", "model.temperature_init=0.01",
+                                 "schedule.warmup_steps=0", "optim.weight_decay=0", "keep_checkpoints=0",
+                                 "checkpoint_every=0", "val.every=0", "data.workers=0", "log_every=1"])
+    assert (cfg.model.embed_dim, cfg.keep_checkpoints, cfg.log_every) == (1, 0, 1)
+    with pytest.raises(ConfigError, match="^model.embed_dim: must be >= 1"):
+        LiTConfig(embed_dim=0)
+
+
+@pytest.mark.parametrize("override,bad,good", [
+    ("model.text_tower={type: hf, path: minilm, poolng: cls}", "model.text_tower.poolng", "model.text_tower.pooling"),
+    ("model.text_tower={type: hf, path: minilm, context_lenght: 32}", "model.text_tower.context_lenght",
+     "model.text_tower.context_length"),
+    ("model.text_tower={type: hf, pth: minilm}", "model.text_tower.pth", "model.text_tower.path"),
+    ("model.text_tower={type: transformer, widht: 32}", "model.text_tower.widht", "model.text_tower.width"),
+    ("val.zeroshot=[{name: a, cache: x, clasnames: f.txt}]", "val.zeroshot[0].clasnames",
+     "val.zeroshot[0].classnames"),
+    ("val.zeroshot=[{cache: x}, {cache: y, template: short}]", "val.zeroshot[1].template",
+     "val.zeroshot[1].templates"),
+    ("val.retrieval=[{cache: x, group_by_fold: true}]", "val.retrieval[0].group_by_fold",
+     "val.retrieval[0].group_by_folder"),
+])
+def test_misspelt_keys_inside_towers_and_validation_sets_are_refused_with_a_suggestion(override, bad, good):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["data.cache=x", override])
+    assert str(e.value) == f"unknown configuration key {bad!r} (did you mean {good}?)"
+
+
+def test_valid_tower_and_validation_set_keys_load():
+    cfg = load_config(overrides=[
+        "data.cache=x", "model.text_tower={type: hf, path: minilm, pooling: cls, context_length: 32, prefix: 'query: '}",
+        "val.zeroshot=[{name: a, cache: x, classnames: f.txt, templates: short}]",
+        "val.retrieval=[{name: b, cache: y, group_by_folder: true}]"])
+    assert cfg.model.text_tower["prefix"] == "query: " and cfg.val.retrieval[0]["group_by_folder"] is True
+    with pytest.raises(ConfigError, match=r"^val.zeroshot\[0\]: expected a mapping"):
+        load_config(overrides=["data.cache=x", "val.zeroshot=[heldout]"])
+    with pytest.raises(ConfigError, match=r"^val.retrieval\[0\].cache: "):
+        load_config(overrides=["data.cache=x", "val.retrieval=[{name: b}]"])
+

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .config_checks import LOWER_BOUNDS, at_least, check_keys, check_val_sets, positive, text_tower_keys
 from .errors import ConfigError
 from .language_sampling import check_share
 from .tower_settings import VALID_SETTINGS, check_lr_mults, parse_setting
@@ -82,6 +83,8 @@ class LiTConfig:
             check_choice(f"model.{name}", getattr(self, name))
         if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
             raise ConfigError(f"model.loss_chunk: must be >= 0 (0: the full logit matrix), got {self.loss_chunk!r}")
+        at_least("model.embed_dim", self.embed_dim, 1)
+        positive("model.temperature_init", self.temperature_init, " (the initial temperature; its log is learned)")
         self._check_towers()
         return self
 
@@ -99,6 +102,7 @@ class LiTConfig:
             raise ConfigError(f"model.text_tower: expected a mapping, got {self.text_tower!r}")
         kind = self.text_tower.get("type", "transformer")
         check_choice("model.text_tower.type", kind)
+        check_keys("model.text_tower.", self.text_tower, text_tower_keys(kind))
         if kind == "transformer":
             check_choice("model.text_tower.tokenizer", self.text_tower.get("tokenizer", "bpe"))
         if "pooling" in self.text_tower:
@@ -209,6 +213,9 @@ class TrainConfig:
         for key in ("steps", "data.batch_size", "grad_accum", "data.text_buckets"):
             if _get(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {_get(self, key)}")
+        for key, low in LOWER_BOUNDS.items():
+            at_least(key, _get(self, key), low)
+        check_val_sets(self.val)
         if self.data.batch_size % self.grad_accum:
             raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be divisible by grad_accum "
                               f"({self.grad_accum})")
@@ -306,14 +313,7 @@ def _build(cls, data: dict, prefix: str = ""):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = f"{prefix}{unknown[0]}"
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
-        hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; known keys: {', '.join(fields)}"
-        raise ConfigError(f"unknown configuration key {key!r}{hint}")
+    check_keys(prefix, data, fields)
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
