@@ -126,3 +126,20 @@ def test_valid_tower_and_validation_set_keys_load():
     with pytest.raises(ConfigError, match=r"^val.retrieval\[0\].cache: "):
         load_config(overrides=["data.cache=x", "val.retrieval=[{name: b}]"])
 
+
+def test_print_config_shows_the_overrides_and_refuses_an_unknown_key(capsys):
+    """--print-config printed the defaults whenever the configuration did not load (a valid override
+    hidden, an unknown key not reported); a configuration without data still prints."""
+    import yaml
+
+    from littune.cli import main
+
+    assert main(["train", "--print-config", "--set", "optim.lr=0.5", "--set", "model.embed_dim=64"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 0.5 and printed["model"]["embed_dim"] == 64 and printed["data"]["cache"] is None
+    assert main(["train", "--print-config", "--set", "optim.lrr=0.5"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == ("littune train: error: unknown configuration key 'optim.lrr' "
+                                         "(did you mean optim.lr?)")
+    assert main(["train", "--print-config", "--set", "model.embed_dim=0"]) == 2
+    assert "model.embed_dim: must be >= 1" in capsys.readouterr().err

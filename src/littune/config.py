@@ -206,7 +206,9 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"  # auto | cpu | cuda
 
-    def validate(self) -> "TrainConfig":
+    def validate(self, need_data: bool = True) -> "TrainConfig":
+        """Check every value (``need_data=False``: a configuration without training pairs passes, for
+        ``--print-config``)."""
         self.model.validate()
         for key in ("optim.name", "schedule.decay", "precision", "device"):
             check_choice(key, _get(self, key))
@@ -219,7 +221,7 @@ class TrainConfig:
         if self.data.batch_size % self.grad_accum:
             raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be divisible by grad_accum "
                               f"({self.grad_accum})")
-        if not self.data.source and not self.data.cache:
+        if need_data and not self.data.source and not self.data.cache:
             raise ConfigError("data.source or data.cache: give the training pairs (a source file or an embedding cache)")
         locked = parse_setting(self.model.setting).image.locked
         if self.data.exclude is not None and (self.data.on_the_fly or not locked):
@@ -342,8 +344,9 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> TrainConfig:
-    """Defaults <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML)."""
+                base: dict | None = None, need_data: bool = True) -> TrainConfig:
+    """Defaults <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML); ``need_data``: see
+    :meth:`TrainConfig.validate`."""
     tree: dict = asdict(TrainConfig())
     if base:
         _merge(tree, base)
@@ -363,7 +366,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         value = yaml.safe_load(raw) if raw.strip() else ""
         _check_keys(_nest(key.strip(), value), TrainConfig)
         _set_dotted(tree, key.strip(), value)
-    return _build(TrainConfig, tree).validate()
+    return _build(TrainConfig, tree).validate(need_data=need_data)
 
 
 def _nest(dotted: str, value) -> dict:

@@ -31,20 +31,14 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..checkpoint import latest_checkpoint
-    from ..config import TrainConfig, load_config
+    from ..config import load_config
     from ..errors import LittuneError
 
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
-    if args.print_config:
-        from dataclasses import asdict
-
-        try:
-            cfg = load_config(args.config, overrides)
-            tree = cfg.to_dict()
-        except LittuneError:
-            tree = asdict(TrainConfig())
+    if args.print_config:  # every key checked; a configuration without training pairs yet still prints
+        tree = load_config(args.config, overrides, need_data=False).to_dict()
         yaml.safe_dump(tree, sys.stdout, sort_keys=False, allow_unicode=True)
         return 0
     cfg = load_config(args.config, overrides)
