@@ -173,3 +173,32 @@ def test_faiss_backend(tiny_model, tmp_path):
     assert (ii == ei).all() and torch.allclose(iv, ev, atol=1e-5)
     with pytest.raises(LittuneError, match="FAISS cannot build"):
         build_index(model, str(root), tmp_path / "idx2", progress=False, workers=0, faiss_factory="NoSuchIndex")
+
+
+def test_index_uses_the_embed_cache_of_a_saved_hf_models_tower(tmp_path):
+    """A saved model rebuilds its hf: tower from model/image_tower (another name, the same weights) and keeps
+    the fingerprint it was trained on: a `littune embed --tower hf:DIR` cache of the collection matches it
+    and is used as it is (it was refused as 'started with other settings' before)."""
+    from transformers import ViTConfig, ViTModel
+
+    from conftest import CAPTIONS, TINY_TEXT
+    from littune import LiTConfig, LiTModel
+    from littune.cache import embed_source
+    from littune.towers.image import build_image_tower
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=48), add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text('{"size": {"height": 32, "width": 32}}')
+    spec = f"hf:{tmp_path / 'vit'}#mean"
+    LiTModel.from_config(LiTConfig(setting="Lu", image_tower=spec, text_tower=dict(TINY_TEXT), embed_dim=16),
+                         captions=CAPTIONS).save_pretrained(tmp_path / "model")
+    model = LiTModel.from_pretrained(tmp_path / "model")
+    root = _collection(tmp_path / "photos", n=4)
+    cache = embed_source(str(root), build_image_tower(spec), tmp_path / "cache", workers=0, progress=False)
+    assert cache.tower_fingerprint == model.image_fingerprint != model.image_tower.fingerprint()
+    stamp = (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns
+    index = build_index(model, str(root), tmp_path / "idx", cache_dir=tmp_path / "cache", progress=False, workers=0)
+    assert len(index) == 4 and (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns == stamp
+    plain = build_index(model, str(root), tmp_path / "plain", progress=False, workers=0)
+    assert np.allclose(np.asarray(index.embeddings, np.float32), np.asarray(plain.embeddings, np.float32), atol=2e-3)

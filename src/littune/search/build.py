@@ -49,8 +49,8 @@ def build_index(model, source, out_dir: str | Path, *, model_dir: str | Path | N
     directly. Images that fail to decode are skipped and listed in ``skipped.tsv``. ``faiss_factory``
     (e.g. ``"Flat"``, ``"IVF1024,Flat"``, ``"HNSW32"``) also writes a FAISS index. A complete cache named by
     ``cache_dir`` must hold the model's image tower's features of this source (other images under the same
-    names are another source): :class:`~littune.errors.StaleCacheError` otherwise, or, with
-    ``allow_stale_cache``, a warning and the cached features of the source's images, by key.
+    names are another source) and is then used as it is: :class:`~littune.errors.StaleCacheError` otherwise,
+    or, with ``allow_stale_cache``, a warning and the cached features of the source's images, by key.
     """
     from ..data.sources import open_source
 
@@ -116,18 +116,18 @@ def _features_from_cache(model, source, cache_dir: Path, batch_size: int, worker
         return embed_source(source, model.image_tower, cache_dir, resume=False, **kwargs)
 
 
-def _stale_cache(model, src, cache_dir: Path, allow_stale: bool | None):
-    """A complete cache the user named, checked against the model's image tower and the source: None when
-    it is theirs (``embed_source`` re-uses it), the cache when it is stale and ``allow_stale``, else
-    :class:`~littune.errors.StaleCacheError` (``allow_stale`` None: the index's own folder, not checked)."""
+def _named_cache(model, src, cache_dir: Path, allow_stale: bool | None):
+    """A complete cache the user named, checked against the model's image fingerprint (the one it was
+    trained on: a saved hf: tower is rebuilt under another name) and the source: ``(cache, stale)`` to
+    use as it is, None to run ``embed_source`` (no manifest yet, or ``allow_stale`` None: the index's own
+    folder), :class:`~littune.errors.StaleCacheError` when stale without ``allow_stale``."""
     from ..cache import MANIFEST, EmbeddingCache
 
     if allow_stale is None or not (cache_dir / MANIFEST).is_file():
         return None
-    cache = EmbeddingCache.open(cache_dir, verify=False)
-    stale = cache.check(tower_fingerprint=model.image_fingerprint, source_fingerprint=src.fingerprint(),
-                        allow_stale=allow_stale)
-    return cache if stale else None
+    cache = EmbeddingCache.open(cache_dir)
+    return cache, cache.check(tower_fingerprint=model.image_fingerprint, source_fingerprint=src.fingerprint(),
+                              allow_stale=allow_stale)
 
 
 def _embed_through_cache(model, src, feats_dir: Path, emb_path: Path, batch_size: int, workers: int | None,
@@ -135,9 +135,9 @@ def _embed_through_cache(model, src, feats_dir: Path, emb_path: Path, batch_size
     """The tower's features from the cache, through the image head, streamed into ``embeddings.npy``."""
     from ..embeddings import cached_image_embedding_batches
 
-    cache = _stale_cache(model, src, feats_dir, allow_stale)
-    if cache is None:
-        cache = _features_from_cache(model, src, feats_dir, batch_size, workers, progress, fresh=fresh)
+    cache, stale = _named_cache(model, src, feats_dir, allow_stale) or (None, False)
+    if not stale:
+        cache = cache or _features_from_cache(model, src, feats_dir, batch_size, workers, progress, fresh=fresh)
         rows = list(range(len(cache)))
         done = _Embedded([cache.key(i) for i in rows], [cache.path(i) for i in rows],
                          list(cache.skipped()), str(feats_dir))  # the cache's report includes the source's problems
