@@ -108,9 +108,8 @@ class LiTConfig:
         if "pooling" in self.text_tower:
             check_choice("model.text_tower.pooling", self.text_tower["pooling"], TEXT_POOLING[kind])
         prefix = self.text_tower.get("prefix")
-        if prefix is not None and (kind != "hf" or not isinstance(prefix, str)):
-            raise ConfigError("model.text_tower.prefix: only an hf text tower takes a prefix" if kind != "hf" else
-                              f"model.text_tower.prefix: expected a string such as 'query: ', got {prefix!r}")
+        if prefix is not None and not isinstance(prefix, str):  # an hf tower's (a key of no other kind)
+            raise ConfigError(f"model.text_tower.prefix: expected a string such as 'query: ', got {prefix!r}")
 
 
 #: The ``model`` section of :class:`TrainConfig` is the model's own configuration.

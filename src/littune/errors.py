@@ -16,3 +16,7 @@ class StaleCacheError(LittuneError):
 class UntrustedCodeError(LittuneError):
     """A model folder (or a file that came with one) names code to import and call, and the user did not
     opt in (``trust_code=True`` / ``--trust-code``)."""
+
+
+class TrainingDiverged(LittuneError):
+    """The loss became NaN or infinite."""

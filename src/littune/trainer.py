@@ -32,7 +32,7 @@ from .batches import CacheBatches, OnTheFlyBatches, Prefetched, WithTextFeatures
 from .accumulate import accumulated_backward
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LiTConfig, TrainConfig
-from .errors import ConfigError, LittuneError, UntrustedCodeError
+from .errors import ConfigError, TrainingDiverged, UntrustedCodeError  # noqa: F401 (TrainingDiverged: re-exported)
 from .losses import ContrastiveLoss
 from .model import LiTModel, save_trained
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
@@ -42,10 +42,6 @@ from .towers.fingerprint import tower_fingerprint
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
 from .towers.text import build_text_tower
 from .towers.trust import code_named
-
-
-class TrainingDiverged(LittuneError):
-    """The loss became NaN or infinite."""
 
 
 def model_config(cfg: TrainConfig) -> LiTConfig:
