@@ -154,3 +154,89 @@ def test_pixel_limit_is_checked_before_decoding():
     with pytest.raises(BadImage) as e:
         load_image(bomb)
     assert e.value.reason == "too many pixels"
+
+
+# -- hostile files: a FIFO, a symlink loop, a huge non-image, a file cut anywhere ----------------------
+def _unblock(fifo) -> None:
+    """Give a reader stuck in open() on ``fifo`` its writer (and then end of file)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+def test_a_fifo_named_jpg_is_refused_at_once_not_waited_on(tmp_path):
+    import threading
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    got = {}
+
+    def read():
+        try:
+            load_image(fifo)
+        except BadImage as e:
+            got["e"] = e
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(5)
+    try:
+        assert not t.is_alive(), "load_image waits for a writer on a FIFO"
+    finally:
+        _unblock(fifo)
+        t.join(5)
+    assert got["e"].reason == "not an image" and "not a regular file (a FIFO)" in got["e"].detail
+    assert str(fifo) in str(got["e"])
+    with pytest.raises(BadImage) as e:
+        image_size(fifo)
+    assert "FIFO" in e.value.detail
+
+
+def test_a_directory_and_a_symlink_loop_are_one_line_reasons(tmp_path):
+    (tmp_path / "folder.jpg").mkdir()
+    os.symlink(tmp_path / "b.jpg", tmp_path / "a.jpg")
+    os.symlink(tmp_path / "a.jpg", tmp_path / "b.jpg")
+    with pytest.raises(BadImage) as e:
+        load_image(tmp_path / "folder.jpg")
+    assert (e.value.reason, e.value.detail) == ("not an image", "is a directory")
+    with pytest.raises(BadImage) as e:  # was OSError [Errno 40]: a traceback in classify and eval
+        load_image(tmp_path / "a.jpg")
+    assert e.value.reason == "missing" and "symbolic link loop" in e.value.detail
+
+
+def _peak_bytes(fn) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_huge_file_without_an_image_signature_is_refused_from_its_first_bytes(tmp_path):
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(300 * 2**20)  # sparse: costs no disk; it was read whole before Pillow said no
+
+    def refuse():
+        with pytest.raises(BadImage) as e:
+            load_image(big)
+        assert e.value.reason == "not an image" and "no image signature" in e.value.detail
+
+    assert _peak_bytes(refuse) < 2**20
+
+
+def test_an_image_file_is_decoded_from_the_file_not_read_whole(tmp_path):
+    """A real PNG followed by 300 MB of junk decodes to the same pixels, holding none of the junk."""
+    good = encode(colour_image(3, (64, 48)), "PNG")
+    path = tmp_path / "padded.png"
+    with open(path, "wb") as f:
+        f.write(good)
+        f.truncate(len(good) + 300 * 2**20)
+    out = {}
+    peak = _peak_bytes(lambda: out.setdefault("img", load_image(path)))
+    assert np.array_equal(np.asarray(out["img"]), np.asarray(colour_image(3, (64, 48))))
+    assert peak < 2**20, peak

@@ -13,6 +13,13 @@ count -- ``missing``, ``empty file``, ``not an image``, ``truncated``, ``too man
 Pillow's own 89,478,485, about 9459 x 9459) is checked from the header before any pixel is
 decoded, so a decompression bomb costs nothing.
 
+A file is opened without blocking and must be a regular file (a directory or a FIFO named
+``x.jpg`` is ``not an image``; a symbolic link loop or any other failure to open is ``missing``,
+"cannot read"); its format is identified from its first bytes (:mod:`littune.data.sniff`), a large
+file with no image signature is refused unread, and the image is decoded from the file, never read
+whole first: memory follows the pixels, not the file's size.
+fails on is ``truncated`` when it stops before its format's end, whatever Pillow's wording.
+
 ``reduce_to`` (the fast decoding of :class:`~littune.preprocess.Preprocess`, ``decode="fast"``) lets
 a JPEG be decoded at the smallest DCT scale, 1/2, 1/4 or 1/8 (``Image.draft``), whose shorter side
 is still at least ``reduce_to`` pixels: far fewer pixels decoded, slightly different ones. Other
@@ -22,15 +29,21 @@ every image ``info[SIZE_INFO]``, the file's full size, upright.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import math
 import os
+import stat
 import struct
 import warnings
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .sniff import HEAD_BYTES, TAIL_BYTES, UNKNOWN_MAX_BYTES, identify
 
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -58,28 +71,79 @@ class BadImage(Exception):
         super().__init__(f"{source}: {text}" if source else text)
 
 
-def _read(src: str | Path | bytes | bytearray | memoryview) -> tuple[bytes, str | None]:
+@contextlib.contextmanager
+def _opened(src: str | Path | bytes | bytearray | memoryview) -> Iterator[tuple[BinaryIO, int, str | None]]:
+    """``(binary file, size in bytes, name or None)`` of a path or of encoded bytes; raises :class:`BadImage`
+    for what is no file to decode (missing, empty, a directory, a FIFO, a symbolic link loop...)."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         if not data:
             raise BadImage("empty file", "0 bytes")
-        return data, None
+        yield io.BytesIO(data), len(data), None
+        return
     name = str(src)
     if name.startswith(("http://", "https://", "ftp://", "s3://", "gs://")):
         raise BadImage("remote url", "littune reads local files only; download the images first", name)
+    with _open_regular(name) as (f, size):
+        if not size:
+            raise BadImage("empty file", "0 bytes", name)
+        yield f, size, name
+
+
+@contextlib.contextmanager
+def _open_regular(name: str) -> Iterator[tuple[BinaryIO, int]]:
+    """A regular file opened for reading, and its size. Opened without blocking (a FIFO would wait for
+    a writer for ever), then checked with ``fstat``; the file object has no name, so Pillow reads it
+    through it (never maps the file by name)."""
     try:
-        with open(name, "rb") as f:
-            data = f.read()
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         detail = "dangling symbolic link" if os.path.islink(name) else "no such file"
         raise BadImage("missing", detail, name) from None
     except IsADirectoryError:
         raise BadImage("not an image", "is a directory", name) from None
-    except PermissionError as e:
-        raise BadImage("missing", f"cannot read: {e.strerror}", name) from None
-    if not data:
-        raise BadImage("empty file", "0 bytes", name)
-    return data, name
+    except OSError as e:  # permission, a symbolic link loop, a name too long, an I/O error...
+        why = "symbolic link loop" if e.errno == errno.ELOOP else (e.strerror or str(e))
+        raise BadImage("missing", f"cannot read: {why}", name) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "is a directory" if stat.S_ISDIR(st.st_mode) else f"not a regular file ({_kind(st.st_mode)})"
+            raise BadImage("not an image", kind, name)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        yield f, st.st_size
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "a special file"
+
+
+def _sniffed(f: BinaryIO, size: int, name: str | None) -> tuple[str | None, bytes]:
+    """The format of the file ``f`` from its first bytes (and those bytes); a file above
+    :data:`~littune.data.sniff.UNKNOWN_MAX_BYTES` with no image signature is refused unread."""
+    head = f.read(HEAD_BYTES)
+    f.seek(0)
+    fmt = identify(head)
+    if fmt is None and size > UNKNOWN_MAX_BYTES:
+        raise BadImage("not an image", f"{size:,} bytes and no image signature in its first bytes", name)
+    return fmt, head
+
+
+def _tail(f: BinaryIO, size: int) -> bytes:
+    try:
+        f.seek(max(0, size - TAIL_BYTES))
+        return f.read(TAIL_BYTES)
+    except (OSError, ValueError):
+        return b""
 
 
 def _white(img: Image.Image) -> Image.Image:
@@ -154,51 +218,65 @@ def load_image(src: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIX
                reduce_to: int | None = None) -> Image.Image:
     """Decode ``src`` (a path or encoded bytes) into an upright RGB image.
 
-    Raises :class:`BadImage` for a missing or empty file, a file that is not an image, a truncated
-    or corrupt one, or one with more than ``max_pixels`` pixels (``None``: Pillow's own limit only).
-    ``reduce_to``: a JPEG may be decoded at a DCT scale down to this shorter side (module doc).
+    Raises :class:`BadImage` for a missing or empty file, one that is no regular file (a directory,
+    a FIFO), a file that is not an image, a truncated or corrupt one, or one with more than
+    ``max_pixels`` pixels (``None``: Pillow's own limit only). A file is identified from its first
+    bytes and decoded from the file (never read whole first). ``reduce_to``: a JPEG may be decoded
+    at a DCT scale down to this shorter side (module doc).
     """
-    data, name = _read(src)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise BadImage("too many pixels", f"{w}x{h} = {w * h:,} pixels > limit {max_pixels:,}", name)
-            if img.format == "JPEG":
-                _draft(img, reduce_to)
-            img.load()
-            turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the axes
-            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to do
-            rgb = to_rgb(img)
-            rgb.info[SIZE_INFO] = (h, w) if turned else (w, h)
-            return rgb
-    except BadImage as e:
-        if e.source is None and name is not None:
-            raise BadImage(e.reason, e.detail, name) from None
-        raise
-    except UnidentifiedImageError:
-        raise BadImage("not an image", "Pillow cannot identify the format", name) from None
-    except Image.DecompressionBombError as e:
-        raise BadImage("too many pixels", str(e), name) from None
-    except OSError as e:
-        msg = str(e)
-        if "truncated" in msg or "broken data stream" in msg or "premature end" in msg.lower():
-            raise BadImage("truncated", msg, name) from None
-        raise BadImage("corrupt", msg, name) from None
-    except (ValueError, SyntaxError, EOFError, struct.error, IndexError, MemoryError) as e:
-        raise BadImage("corrupt", f"{type(e).__name__}: {e}", name) from None
+    with _opened(src) as (f, size, name):
+        fmt, head = _sniffed(f, size, name)
+        try:
+            return _decode(f, max_pixels, reduce_to)
+        except BadImage as e:
+            if e.source is None and name is not None:
+                raise BadImage(e.reason, e.detail, name) from None
+            raise
+        except Image.DecompressionBombError as e:
+            raise BadImage("too many pixels", str(e), name) from None
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, MemoryError,
+                UnidentifiedImageError) as e:
+            raise _failure(e, fmt, head, _tail(f, size), size, name) from None
+
+
+def _decode(f: BinaryIO, max_pixels: int | None, reduce_to: int | None) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(f)
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise BadImage("too many pixels", f"{w}x{h} = {w * h:,} pixels > limit {max_pixels:,}")
+        if img.format == "JPEG":
+            _draft(img, reduce_to)
+        img.load()
+        turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the axes
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to do
+        rgb = to_rgb(img)
+        rgb.info[SIZE_INFO] = (h, w) if turned else (w, h)
+        return rgb
+
+
+def _failure(e: Exception, fmt: str | None, head: bytes, tail: bytes, size: int, name: str | None) -> BadImage:
+    """The :class:`BadImage` for Pillow's error ``e`` on a file of format ``fmt`` (from its signature)."""
+    if isinstance(e, UnidentifiedImageError):
+        return BadImage("not an image", "Pillow cannot identify the format", name)
+    if not isinstance(e, OSError):
+        return BadImage("corrupt", f"{type(e).__name__}: {e}", name)
+    msg = str(e)
+    if "truncated" in msg or "broken data stream" in msg or "premature end" in msg.lower():
+        return BadImage("truncated", msg, name)
+    return BadImage("corrupt", msg, name)
 
 
 def image_size(src: str | Path | bytes) -> tuple[int, int]:
     """Width and height from the header only (no decoding); raises :class:`BadImage`."""
-    data, name = _read(src)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data)).size
-    except UnidentifiedImageError:
-        raise BadImage("not an image", "Pillow cannot identify the format", name) from None
-    except Image.DecompressionBombError as e:
-        raise BadImage("too many pixels", str(e), name) from None
+    with _opened(src) as (f, size, name):
+        fmt, head = _sniffed(f, size, name)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                return Image.open(f).size
+        except Image.DecompressionBombError as e:
+            raise BadImage("too many pixels", str(e), name) from None
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError) as e:
+            raise _failure(e, fmt, head, _tail(f, size), size, name) from None

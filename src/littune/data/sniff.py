@@ -1,0 +1,51 @@
+"""What an image file is, from its first bytes.
+
+:func:`identify` names the format of a file from its signature (the first :data:`HEAD_BYTES` bytes):
+the formats littune lists as images (JPEG, PNG, GIF, WebP, BMP, TIFF) and a few more that Pillow
+opens. :func:`load_image <littune.data.decode.load_image>` reads that head before anything else, so
+that a file with no image signature and more than :data:`UNKNOWN_MAX_BYTES` bytes is refused without
+being read.
+"""
+
+from __future__ import annotations
+
+#: bytes read from the start of a file to identify its format
+HEAD_BYTES = 32
+#: bytes read from the end of a file that failed to decode, to see whether it is cut short
+TAIL_BYTES = 32
+#: a file above this size whose first bytes are no image signature is refused unread (no image
+#: format littune reads lacks a signature, bar TGA; an uncompressed 9459 x 9459 RGBA image is 358 MB,
+#: but that has one)
+UNKNOWN_MAX_BYTES = 64 * 2**20
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+    (b"BM", "BMP"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+    (b"qoif", "QOI"),
+    (b"DDS ", "DDS"),
+    (b"\xffO\xffQ", "JPEG2000"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+)
+
+
+def identify(head: bytes) -> str | None:
+    """The format whose signature ``head`` (a file's first bytes) starts with, or None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1"):
+        return "AVIF"
+    if len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"1234567" and head[2:3] in b" \t\r\n":
+        return "PPM"
+    for sig, fmt in _SIGNATURES:
+        if head.startswith(sig):
+            return fmt
+    return None
