@@ -240,3 +240,22 @@ def test_an_image_file_is_decoded_from_the_file_not_read_whole(tmp_path):
     peak = _peak_bytes(lambda: out.setdefault("img", load_image(path)))
     assert np.array_equal(np.asarray(out["img"]), np.asarray(colour_image(3, (64, 48))))
     assert peak < 2**20, peak
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF"])
+def test_a_file_cut_anywhere_is_truncated_not_corrupt(fmt):
+    """Pillow words a cut file many ways ("Truncated File Read", "cannot load this image", EOFError...):
+    a file of a known format that stops before its end marker is ``truncated`` wherever it is cut, unless
+    every pixel was there (a PNG cut in its last chunks decodes to the whole image)."""
+    data = encode(colour_image(5, (64, 48)), fmt, **({"quality": 90} if fmt in ("JPEG", "WEBP") else {}))
+    whole = np.asarray(load_image(data))
+    reasons = {}
+    for n in range(12, len(data) - 1, max(1, len(data) // 150)):
+        try:
+            reasons[n] = "whole" if np.array_equal(np.asarray(load_image(data[:n])), whole) else "partial"
+        except BadImage as e:
+            reasons[n] = e.reason
+    reasons = {n: r for n, r in reasons.items() if r != "whole"}
+    assert len(reasons) > 10
+    wrong = {n: r for n, r in reasons.items() if r != "truncated"}
+    assert not wrong, f"{fmt} of {len(data)} bytes cut at: {wrong}"

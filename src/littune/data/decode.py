@@ -17,7 +17,7 @@ A file is opened without blocking and must be a regular file (a directory or a F
 ``x.jpg`` is ``not an image``; a symbolic link loop or any other failure to open is ``missing``,
 "cannot read"); its format is identified from its first bytes (:mod:`littune.data.sniff`), a large
 file with no image signature is refused unread, and the image is decoded from the file, never read
-whole first: memory follows the pixels, not the file's size.
+whole first: memory follows the pixels, not the file's size. A file of a known format that Pillow
 fails on is ``truncated`` when it stops before its format's end, whatever Pillow's wording.
 
 ``reduce_to`` (the fast decoding of :class:`~littune.preprocess.Preprocess`, ``decode="fast"``) lets
@@ -43,7 +43,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .sniff import HEAD_BYTES, TAIL_BYTES, UNKNOWN_MAX_BYTES, identify
+from .sniff import HEAD_BYTES, TAIL_BYTES, UNKNOWN_MAX_BYTES, ends_early, identify
 
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -257,14 +257,17 @@ def _decode(f: BinaryIO, max_pixels: int | None, reduce_to: int | None) -> Image
 
 
 def _failure(e: Exception, fmt: str | None, head: bytes, tail: bytes, size: int, name: str | None) -> BadImage:
-    """The :class:`BadImage` for Pillow's error ``e`` on a file of format ``fmt`` (from its signature)."""
+    """The :class:`BadImage` for Pillow's error ``e`` on a file of format ``fmt`` (from its signature):
+    ``truncated`` when the file stops before its format's end or Pillow says so (in any case),
+    ``not an image`` when neither the signature nor Pillow knows the format, else ``corrupt``."""
+    msg = str(e) if isinstance(e, OSError) and not isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+    low = msg.lower()
+    if ends_early(fmt, head, tail, size) or any(w in low for w in ("truncat", "broken data stream", "premature end")):
+        return BadImage("truncated", msg if fmt is None else f"{fmt} file cut short: {msg}", name)
     if isinstance(e, UnidentifiedImageError):
-        return BadImage("not an image", "Pillow cannot identify the format", name)
-    if not isinstance(e, OSError):
-        return BadImage("corrupt", f"{type(e).__name__}: {e}", name)
-    msg = str(e)
-    if "truncated" in msg or "broken data stream" in msg or "premature end" in msg.lower():
-        return BadImage("truncated", msg, name)
+        if fmt is None:
+            return BadImage("not an image", "Pillow cannot identify the format", name)
+        return BadImage("corrupt", f"a {fmt} signature, but Pillow cannot read the file", name)
     return BadImage("corrupt", msg, name)
 
 

@@ -1,13 +1,18 @@
-"""What an image file is, from its first bytes.
+"""What an image file is from its first bytes, and whether it visibly stops before its end.
 
 :func:`identify` names the format of a file from its signature (the first :data:`HEAD_BYTES` bytes):
 the formats littune lists as images (JPEG, PNG, GIF, WebP, BMP, TIFF) and a few more that Pillow
 opens. :func:`load_image <littune.data.decode.load_image>` reads that head before anything else, so
 that a file with no image signature and more than :data:`UNKNOWN_MAX_BYTES` bytes is refused without
-being read.
+being read, and a file that Pillow fails on is reported ``truncated`` when :func:`ends_early` sees
+that it stops before its format's end (a JPEG without its end-of-image marker, a PNG without
+``IEND``, a GIF without its trailer, a WebP or BMP shorter than its header says) -- whatever words
+Pillow chose for the error.
 """
 
 from __future__ import annotations
+
+import struct
 
 #: bytes read from the start of a file to identify its format
 HEAD_BYTES = 32
@@ -49,3 +54,21 @@ def identify(head: bytes) -> str | None:
         if head.startswith(sig):
             return fmt
     return None
+
+
+def ends_early(fmt: str | None, head: bytes, tail: bytes, size: int) -> bool:
+    """Does a file of format ``fmt`` (first bytes ``head``, last bytes ``tail``, ``size`` bytes in all)
+    stop before its format's end? False where the format has no end to check."""
+    end = tail.rstrip(b"\x00\r\n\t ")  # padding some writers leave after the end marker
+    if fmt == "JPEG":
+        return not end.endswith(b"\xff\xd9")
+    if fmt == "PNG":
+        return not tail.endswith(b"IEND\xaeB`\x82")
+    if fmt == "GIF":
+        return not end.endswith(b";")
+    if fmt == "WEBP" and len(head) >= 8:
+        return size < 8 + struct.unpack("<I", head[4:8])[0]
+    if fmt == "BMP" and len(head) >= 6:
+        declared = struct.unpack("<I", head[2:6])[0]
+        return declared > 0 and size < declared
+    return False
