@@ -164,3 +164,23 @@ def test_torchrun_two_gloo_processes_write_the_same_cache(tmp_path):
     c = EmbeddingCache.open(two)
     np.testing.assert_array_equal(c.features(np.arange(22), view=1),
                                   EmbeddingCache.open(one).features(np.arange(22), view=1))
+
+
+def test_a_file_name_that_is_not_utf8_is_left_out_reported_and_the_rest_embedded(tmp_path, capsys):
+    """One non-UTF-8 name failed the whole folder with "surrogates not allowed", naming no file."""
+    root = tmp_path / "photos"
+    write_images(root, 3)
+    bad = os.path.join(os.fsencode(root), b"x\xff\xfe.png")
+    with open(bad, "wb") as f:
+        f.write((root / "im0000.png").read_bytes())
+    out = tmp_path / "cache"
+    assert main(["embed", str(root), "--out", str(out), "--tower", tiny_tower_arg(), "--workers", "0", "-q"]) == 0
+    captured = capsys.readouterr()
+    shown = f"{root}/x\\xff\\xfe.png"
+    assert captured.err.splitlines() == [f"littune embed: left out 1 file whose name is not UTF-8: {shown} "
+                                         f"(rename it to include it; listed in {out / 'skipped.tsv'})"]
+    assert "embedded 3 images" in captured.out and "1 index problem" in captured.out
+    cache = EmbeddingCache.open(out)
+    assert [cache.key(i) for i in range(len(cache))] == ["im0000.png", "im0001.png", "im0002.png"]
+    rows = (out / "skipped.tsv").read_text(encoding="utf-8").splitlines()
+    assert rows[1].startswith(f"{shown}\tindex\tfile name is not UTF-8")

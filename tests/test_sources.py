@@ -288,3 +288,39 @@ def test_fingerprint_follows_tar_shards(tmp_path):
     os.utime(shard, ns=(1, 1))
     assert shard.stat().st_size == size
     assert open_source(shard).fingerprint() != fp
+
+
+# -- names that are not UTF-8 ------------------------------------------------------------------------
+BAD_NAME = os.fsencode("im") + b"\xff\xfe.png"  # bytes a file system allows and UTF-8 does not
+BAD_SHOWN = "im\\xff\\xfe.png"  # how reports show it: the bytes as \x escapes
+
+
+def test_a_folder_file_name_that_is_not_utf8_is_skipped_and_reported_with_escapes(tmp_path):
+    root = tmp_path / "photos"
+    write_images(root, 3)
+    with open(os.path.join(os.fsencode(root), BAD_NAME), "wb") as f:
+        f.write(encode(colour_image(7), "PNG"))
+    src = open_source(root)
+    assert [r.key for r in src.records()] == ["im0000.png", "im0001.png", "im0002.png"]
+    assert src.problems == [(f"{root}/{BAD_SHOWN}", "file name is not UTF-8 (its bytes shown as \\x escapes); "
+                                                    "rename the file to include it")]
+    assert src.bad_names == [f"{root}/{BAD_SHOWN}"]
+    assert src.fingerprint().startswith("folder-")  # was: UnicodeEncodeError, surrogates not allowed
+
+
+def test_tar_members_and_json_strings_that_are_not_utf8_are_skipped(tmp_path):
+    members = _wds_members(0, 2) + [(BAD_NAME.decode("utf-8", "surrogateescape"), encode(colour_image(9), "PNG"))]
+    write_tar(tmp_path / "shard.tar", members)
+    src = open_source(tmp_path / "shard.tar")
+    assert [r.key for r in src.records()] == ["sample0000", "sample0001"]
+    assert src.bad_names == [f"{tmp_path / 'shard.tar'}:im\\xff\\xfe"] and src.fingerprint()
+    write_images(tmp_path / "img", 2)
+    lines = [{"image": "img/im0000.png", "caption": ["fine", "lone \ud800 surrogate"]},
+             {"image": "img/\udcffim0001.png", "caption": "x"}, {"image": "img/im0001.png", "caption": "ok"}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    src = open_source(tmp_path / "pairs.jsonl")
+    assert [(r.key, r.captions) for r in src.records()] == [("img/im0000.png", ["fine"]), ("img/im0001.png", ["ok"])]
+    assert src.bad_names == [f"{tmp_path / 'img'}/\\xffim0001.png"]
+    assert (f"{tmp_path / 'img' / 'im0000.png'}", "a caption is not valid Unicode text ('lone \\ud800 surrogate'); "
+            "caption dropped") in src.problems
+    assert src.fingerprint()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 HELP = "run a locked image tower over a source once and write the embedding cache"
 EXAMPLE = "littune embed data/train.csv --tower efficientnet-lite0 --out cache/train --views 2"
@@ -131,6 +132,9 @@ def run(args) -> int:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
+        note = source.bad_names_note(cache.directory / "skipped.tsv")
+        if note:
+            print(f"littune embed: {note}", file=sys.stderr)
         print(summary(cache))
     if len(cache) == 0:
         from ..errors import LittuneError

@@ -13,6 +13,7 @@ FAISS index (needs faiss-cpu) for collections beyond a few million images.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import add_trust_code
 
@@ -54,11 +55,12 @@ def source_spec(path: str, image_column: str | None = None, image_root: str | No
 
 
 def run(args) -> int:
+    from ..data.sources import open_source
     from ..model import LiTModel
     from ..search import SKIPPED_NAME, build_index
 
     model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
-    source = source_spec(args.source, args.image_column, args.image_root)
+    source = open_source(source_spec(args.source, args.image_column, args.image_root))
     index = build_index(model, source, args.out, model_dir=args.model, cache_dir=args.cache,
                         batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
                         faiss_factory=args.faiss, overwrite=args.overwrite,
@@ -66,5 +68,8 @@ def run(args) -> int:
     skipped = index.meta.get("skipped", 0)
     tail = f"; skipped {skipped:,} (see {index.directory / SKIPPED_NAME})" if skipped else ""
     extra = f", FAISS {args.faiss}" if args.faiss else ""
+    note = source.bad_names_note(index.directory / SKIPPED_NAME)
+    if note:
+        print(f"littune index: {note}", file=sys.stderr)
     print(f"indexed {len(index):,} images ({index.dim}-d float16{extra}) into {index.directory}{tail}")
     return 0

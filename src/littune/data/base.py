@@ -59,6 +59,8 @@ class Source:
         self.path = str(path)
         self.options = options
         self.problems: list[tuple[str, str]] = []
+        #: where each image left out for a name that is not UTF-8 is, shown with escapes (also in ``problems``)
+        self.bad_names: list[str] = []
         self._records: list[Record] | None = None
         self._fingerprint: str | None = None
 
@@ -66,8 +68,8 @@ class Source:
     def records(self) -> list[Record]:
         """All records, materialised once (the list is shared: do not mutate it)."""
         if self._records is None:
-            self.problems = []
-            self._records = self._load()
+            self.problems, self.bad_names = [], []
+            self._records = self._text_only(self._load())
         return self._records
 
     def __iter__(self) -> Iterator[Record]:
@@ -81,7 +83,7 @@ class Source:
         return f"{type(self).__name__}({self.path!r})"
 
     def describe(self) -> str:
-        return f"{self.type}:{self.path}"
+        return printable(f"{self.type}:{self.path}")
 
     def fingerprint(self) -> str:
         """``<type>-<sha256 prefix>`` over the records, the index and the image files' stamps.
@@ -102,6 +104,17 @@ class Source:
             self._fingerprint = f"{self.type}-{h.hexdigest()[:16]}"
         return self._fingerprint
 
+    def bad_names_note(self, report: str | Path) -> str | None:
+        """One line saying how many images were left out for a name that is not UTF-8 (:attr:`bad_names`),
+        with the first of them, or None when there were none. ``report``: where they are all listed."""
+        n = len(self.bad_names)
+        if not n:
+            return None
+        what = "1 file whose name is" if n == 1 else f"{n:,} files whose names are"
+        first = self.bad_names[0] if n == 1 else f"e.g. {self.bad_names[0]}"
+        return f"left out {what} not UTF-8: {first} (rename {'it' if n == 1 else 'them'} to include " \
+               f"{'it' if n == 1 else 'them'}; listed in {report})"
+
     def caption_count(self) -> int:
         return sum(len(r.captions) for r in self.records())
 
@@ -114,7 +127,52 @@ class Source:
         return iter(())
 
     def _problem(self, where: str, reason: str) -> None:
-        self.problems.append((where, reason))
+        self.problems.append((printable(where), reason))
+
+    def _text_only(self, records: list[Record]) -> list[Record]:
+        """The records whose names are text, each caption that is not text dropped.
+
+        A file name is bytes: Python keeps bytes that are not UTF-8 as lone surrogates, which no cache,
+        index or report can write (UTF-8 throughout). Such a record is left out and listed in
+        :attr:`problems` and :attr:`bad_names`, its bytes shown as ``\\x`` escapes. A caption holding a
+        lone surrogate (a JSON ``"\\ud800"``) is dropped and listed in :attr:`problems`."""
+        kept = []
+        for r in records:
+            if not (is_text(r.key) and is_text(r.where)):
+                self.bad_names.append(printable(r.where))
+                self._problem(r.where, "file name is not UTF-8 (its bytes shown as \\x escapes); "
+                                       "rename the file to include it")
+                continue
+            if not all(is_text(c) for c in r.captions):
+                for c in r.captions:
+                    if not is_text(c):
+                        self._problem(r.where, f"a caption is not valid Unicode text ({printable(repr(c))}); "
+                                               "caption dropped")
+                good = [k for k, c in enumerate(r.captions) if is_text(c)]
+                r.langs = [r.langs[k] for k in good] if r.langs else r.langs
+                r.captions = [r.captions[k] for k in good]
+            kept.append(r)
+        return kept
+
+
+def is_text(s: str) -> bool:
+    """Whether ``s`` can be written as UTF-8 (no lone surrogates: a file name's undecodable bytes)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(s: str) -> str:
+    """``s`` as UTF-8-writable text: a file name's undecodable bytes (kept by Python as surrogates) as
+    ``\\xff`` escapes, any other lone surrogate as ``\\ud800``; text that is valid stays as it is."""
+    if is_text(s):
+        return s
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def file_digest(path: str) -> bytes:

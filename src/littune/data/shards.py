@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import LittuneError
-from .base import Source, clean_captions, file_stamp
+from .base import Source, clean_captions, file_stamp, printable
 from .decode import IMAGE_EXTENSIONS
 from .records import Record
 from .tabular import LANG_COLUMNS, row_langs
@@ -103,7 +103,7 @@ class WebDatasetSource(Source):
         return shards
 
     def describe(self) -> str:
-        return f"webdataset:{self.path} ({len(self.shards)} shards)"
+        return printable(f"webdataset:{self.path} ({len(self.shards)} shards)")
 
     def _load(self) -> list[Record]:
         group: dict[str, Record] = {}
@@ -183,5 +183,5 @@ class WebDatasetSource(Source):
     def _content(self) -> Iterator[bytes]:
         for s in self.shards:
             size, mtime_ns = file_stamp(s)
-            yield f"{Path(s).name}:{size}:{mtime_ns}|".encode()
+            yield f"{Path(s).name}:{size}:{mtime_ns}|".encode("utf-8", "surrogateescape")
 
