@@ -74,3 +74,60 @@ def test_uint8_halves_match_eval_and_train_on_real_images():
     assert torch.equal(p.normalize(batch[0]), p.eval(imgs[0]))  # one image (3, S, S) works too
     with pytest.raises(ValueError, match="uint8"):
         p.normalize(batch.float())
+
+
+# -- the eval view of a thin image: bounded memory, the same pixels for every ordinary image -------------
+def _eval_before_the_bound(p: Preprocess, img: Image.Image) -> Image.Image:
+    """The exact eval view as littune computed it at 7664144 (resize the whole image, then crop): the
+    reference every ordinary image must keep, bit for bit."""
+    from littune.preprocess import _RESAMPLE
+
+    w, h = img.size
+    scale = p.resize_to / min(w, h)
+    nw, nh = max(p.size, round(w * scale)), max(p.size, round(h * scale))
+    left, top = (nw - p.size) // 2, (nh - p.size) // 2
+    return img.resize((nw, nh), _RESAMPLE[p.interpolation]).crop((left, top, left + p.size, top + p.size))
+
+
+ORDINARY = [(640, 480), (480, 640), (500, 375), (1024, 768), (1920, 1080), (1080, 1920), (451, 300), (224, 224),
+            (256, 256), (300, 200), (100, 80), (37, 53), (12, 8), (4000, 3000), (3000, 400), (200, 2000)]
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "lanczos", "nearest"])
+def test_eval_view_of_ordinary_images_is_bit_identical_to_resize_then_crop(interpolation):
+    """Pillow's resize(box=...) alone would change 1-29 levels of some pixels of 24 of 66 such images."""
+    rng = np.random.default_rng(0)
+    specs = [Preprocess(size=224), Preprocess(size=32, resize=32), Preprocess(size=384, resize=384)]
+    for spec in (dataclasses.replace(s, interpolation=interpolation) for s in specs):
+        for w, h in ORDINARY:
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            want = np.asarray(_eval_before_the_bound(spec, img)).transpose(2, 0, 1)
+            assert np.array_equal(spec.eval_uint8(img).numpy(), want), (spec.size, w, h)
+
+
+THIN = """
+import resource, sys, time
+from PIL import Image
+from littune.preprocess import Preprocess
+w, h = int(sys.argv[1]), int(sys.argv[2])
+img = Image.new("RGB", (w, h), (200, 30, 30))
+img.putpixel((0, h // 2), (0, 0, 255))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+px = Preprocess(size=224).eval_uint8(img)  # shorter side to 256, centre crop 224
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024, time.perf_counter() - t, tuple(px.shape))
+"""
+
+
+@pytest.mark.parametrize("w,h", [(1, 12000), (40000, 1)])
+def test_the_eval_view_of_a_thin_image_needs_a_bounded_intermediate(w, h):
+    """1 x 12,000 px took 3.1 GB (resized whole to 256 x 3,072,000, then cropped); 40,000 x 1 would take 10 GB."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", THIN, str(w), str(h)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown, seconds, shape = out.stdout.split(maxsplit=2)
+    assert shape.strip() == "(3, 224, 224)"
+    assert int(grown) < 100 * 2**20, f"{w}x{h}: the eval view grew the process by {int(grown) / 2**20:.0f} MiB"
+    assert float(seconds) < 1.0

@@ -22,6 +22,14 @@ image (a cache with ``views``, training on the fly), the JPEG is decoded whole, 
 keep their resolution and their draws. Other formats are decoded and resized as with ``exact``.
 ``fast`` changes pixels slightly, so it enters :meth:`Preprocess.key` (and the tower's fingerprint);
 ``exact`` keeps the old key.
+
+The exact eval view resizes the whole image and then crops, as it always has, as long as the resized
+image stays within :data:`MAX_RESIZED_PIXELS` (16.8 M pixels: an aspect ratio up to 256:1 at a
+shorter side of 256): every ordinary image gets the very same pixels. A thinner image (1 x 12,000 px
+would be resized to 256 x 3,072,000, 3 GB, to keep 224 x 224 of it) is resampled in the crop's box
+alone (Pillow's ``resize(box=...)``): the same geometry in a few kB, pixels close to, not equal to,
+what the whole resize gave (the filter's weights are computed from other offsets: on a random 3 x 3000
+image 30% of the values differ, by up to 10 levels). Such images took gigabytes before, if they fit at all.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ from PIL import Image
 DECODES = ("exact", "fast")
 #: Pillow's ``reducing_gap`` in ``fast`` decoding of a JPEG (3.0: "indistinguishable from fair resampling")
 REDUCING_GAP = 3.0
+#: the most pixels the exact eval view resizes a whole image to before cropping (64 MiB as Pillow stores
+#: RGB); a thinner image is resampled in the crop's box alone (module doc)
+MAX_RESIZED_PIXELS = 2**24
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -147,7 +158,9 @@ class Preprocess:
         nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
         gap = self._gap(img)
-        if gap:  # fast, a JPEG: resample only the part of the image the centre crop keeps
+        if gap or nw * nh > MAX_RESIZED_PIXELS:
+            # fast decoding of a JPEG, or a thin image whose whole resize would be huge: resample only the
+            # part of the image the centre crop keeps
             box = (left * w / nw, top * h / nh, (left + self.size) * w / nw, (top + self.size) * h / nh)
             return img.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box, reducing_gap=gap)
         img = img.resize((nw, nh), _RESAMPLE[self.interpolation])
