@@ -184,3 +184,42 @@ def test_a_file_name_that_is_not_utf8_is_left_out_reported_and_the_rest_embedded
     assert [cache.key(i) for i in range(len(cache))] == ["im0000.png", "im0001.png", "im0002.png"]
     rows = (out / "skipped.tsv").read_text(encoding="utf-8").splitlines()
     assert rows[1].startswith(f"{shown}\tindex\tfile name is not UTF-8")
+
+
+def _can_mount_tmpfs(tmp_path) -> bool:
+    """Whether this machine lets an unprivileged user+mount namespace mount a small tmpfs (a real full disk)."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        return False
+    (tmp_path / "probe").mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=8k tmpfs {tmp_path / 'probe'}"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+def test_a_full_disk_is_one_line_saying_what_was_written_and_the_run_resumes(tmp_path):
+    """ENOSPC was a traceback. Now: one line naming the complete shards, and the same command finishes
+    the cache (copied off the full disk) into one identical to an uninterrupted run."""
+    if not _can_mount_tmpfs(tmp_path):
+        pytest.skip("cannot mount a tmpfs in a user namespace here (unshare -rm)")
+    write_images(tmp_path / "img", 12)
+    small, saved, whole = tmp_path / "small", tmp_path / "saved", tmp_path / "whole"
+    small.mkdir()
+    args = ["--tower", tiny_tower_arg(), "--workers", "0", "--shard-size", "1", "--runtime", "torch", "-q"]
+    embed = " ".join(f"'{a}'" for a in [sys.executable, "-m", "littune", "embed", str(tmp_path / "img"), *args])
+    script = (f"mount -t tmpfs -o size=48k tmpfs {small} && {embed} --out {small}/cache; rc=$?; "
+              f"cp -a {small}/cache {saved}; exit $rc")
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=_env(),
+                         timeout=120)
+    assert run.returncode == 2, run.stderr[-3000:]
+    err = run.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("littune embed: error: disk full"), run.stderr[-3000:]
+    done = sum(1 for p in (saved / "shards").glob("*.json"))
+    assert 0 < done < 12
+    assert f"writing the cache {small}/cache: {done} of 12 shards are complete and kept" in err[0]
+    assert "free some space and run the same command again to resume" in err[0]
+    assert main(["embed", str(tmp_path / "img"), *args, "--out", str(saved)]) == 0
+    assert main(["embed", str(tmp_path / "img"), *args, "--out", str(whole)]) == 0
+    a, b = EmbeddingCache.open(saved), EmbeddingCache.open(whole)
+    assert len(a) == len(b) == 12 and np.array_equal(a.features(np.arange(12)), b.features(np.arange(12)))

@@ -9,6 +9,7 @@ tables and the manifest (rank 0).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from contextlib import contextmanager
@@ -66,24 +67,44 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
                          records=len(records), shard_size=shard_size, dtype=dtype, views=views, seed=seed,
                          max_pixels=max_pixels)
         phash = plan_hash(plan)
-        held = _claim(out, plan, resume, rank, world)
+        with _disk_full_is_one_line(out, plan, phash):
+            held = _claim(out, plan, resume, rank, world)
         try:
-            mine, todo, pending = _shards_to_do(out, plan, phash, rank, world)
-            if pending and rank == 0:
-                (out / MANIFEST).unlink(missing_ok=True)  # the cache is incomplete until _finalize
-            _barrier(world)
-            if todo:
-                _embed_shards(out, records, todo, tower, plan, phash, device, runtime,
-                              _record_counts(plan, mine, todo), progress=progress and rank == 0,
-                              speed=(batch_size, workers, lanes, threads))
-            _barrier(world)
-            if rank == 0 and (pending or not (out / MANIFEST).exists()):
-                _finalize(out, source, records, plan, phash)
+            with _disk_full_is_one_line(out, plan, phash):
+                mine, todo, pending = _shards_to_do(out, plan, phash, rank, world)
+                if pending and rank == 0:
+                    (out / MANIFEST).unlink(missing_ok=True)  # the cache is incomplete until _finalize
+                _barrier(world)
+                if todo:
+                    _embed_shards(out, records, todo, tower, plan, phash, device, runtime,
+                                  _record_counts(plan, mine, todo), progress=progress and rank == 0,
+                                  speed=(batch_size, workers, lanes, threads))
+                _barrier(world)
+                if rank == 0 and (pending or not (out / MANIFEST).exists()):
+                    _finalize(out, source, records, plan, phash)
         finally:
             if held is not None:
                 unlock(held)
     _barrier(world)
     return EmbeddingCache.open(out, verify=False)
+
+
+@contextmanager
+def _disk_full_is_one_line(out: Path, plan: dict, phash: str):
+    """A full disk (or quota) while writing the cache ``out`` becomes one :class:`LittuneError` saying what
+    is on disk and how to go on (every file is written atomically: complete shards are kept)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        n = plan["shards"]
+        done = sum(1 for s in range(n) if shard_complete(out, s, phash, verify=False) is not None)
+        what = (f"{done} of {n} shard{'s' if n != 1 else ''} are complete and kept" if done < n else
+                f"all {n} shards are complete and kept, the tables and manifest are not written")
+        at = f" ({e.filename})" if e.filename else ""
+        raise LittuneError(f"disk full ({e.strerror}) writing the cache {out}{at}: {what}; free some space and "
+                           "run the same command again to resume") from None
 
 
 def _embed_shards(out: Path, records, todo: list[int], tower, plan: dict, phash: str, device, runtime: str,
