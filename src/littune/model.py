@@ -282,7 +282,7 @@ class LiTModel(InferenceMixin, nn.Module):
         model.text_head = _head(config.text_head, text.dim, config.embed_dim, "text")
         model.logit_scale = nn.Parameter(torch.tensor(0.0))
         model.logit_bias = nn.Parameter(torch.tensor(0.0)) if config.loss == "sigmoid" else None
-        state = load_file(str(directory / WEIGHTS_NAME), device=map_location)
+        state = _read_weights(directory / WEIGHTS_NAME, model, map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
         skipped_ok = by_reference or not image.trainable
         missing = [k for k in missing if not (skipped_ok and k.startswith("image_tower."))]
@@ -330,3 +330,25 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+def _read_weights(path: Path, model: nn.Module, map_location) -> dict:
+    """The tensors of the weights file ``path``, their shapes checked against ``model``'s: a damaged file
+    or one of another model is one :class:`~littune.errors.LittuneError` naming the file."""
+    from .errors import LittuneError
+
+    try:
+        state = load_file(str(path), device=map_location)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError (a file cut short, another kind of file), an OSError
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LittuneError(f"{path} is damaged or not a safetensors file ({why}); save or copy the model "
+                           "again") from None
+    want = model.state_dict()
+    wrong = [k for k, v in state.items() if k in want and tuple(v.shape) != tuple(want[k].shape)]
+    if wrong:
+        k, more = wrong[0], f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+        raise LittuneError(f"{path} does not match its config: {k} is {list(state[k].shape)} in the file, "
+                           f"{list(want[k].shape)} in the model{more}")
+    return state
