@@ -63,3 +63,14 @@ def test_a_model_safetensors_of_the_wrong_shape_is_one_line_naming_the_tensor(sa
     assert rc == 2 and len(err) == 1, err
     assert err[0] == (f"littune classify: error: {weights} does not match its config: image_head.bias is [17] "
                       "in the file, [16] in the model")
+
+
+def test_classify_shows_an_image_name_that_is_not_utf8_with_escapes(saved_model, capsys):
+    """A good image under a Latin-1 name: classified, its name printed as ``caf\\xe9.png`` (printing the
+    raw name to a strict UTF-8 stdout ended the run with "surrogates not allowed")."""
+    folder = os.fsencode(saved_model.parent)
+    with open(os.path.join(folder, b"caf\xe9.png"), "wb") as f:
+        f.write((saved_model.parent / "cat.png").read_bytes())
+    name = os.fsdecode(os.path.join(folder, b"caf\xe9.png"))
+    assert main(["classify", "--model", str(saved_model), "--labels", "cat,dog", name, "--top", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{saved_model.parent}/caf\\xe9.png"

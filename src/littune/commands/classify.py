@@ -59,6 +59,7 @@ def parse_labels(text: str | None, file: str | None = None) -> list[str]:
 
 
 def run(args) -> int:
+    from ..data.base import printable
     from ..errors import LittuneError
     from ..eval.templates import load_templates
     from ..embeddings import image_embeddings
@@ -72,14 +73,14 @@ def run(args) -> int:
     weights = model.zeroshot_weights(labels, templates)
     emb, kept, skipped = image_embeddings(model, args.images, batch_size=args.batch_size, skip_bad=True)
     for where, why in skipped:
-        print(f"littune classify: cannot read {where}: {why}", file=sys.stderr)
+        print(f"littune classify: cannot read {printable(where)}: {why}", file=sys.stderr)
     probs = model.label_probabilities(emb, weights, multi_label=args.multi_label) if kept else None
     top = len(labels) if args.top == 0 else min(args.top, len(labels))
     results = []
     for row, i in enumerate(kept):
         p = probs[row]
         order = sorted(range(len(labels)), key=lambda c: (-float(p[c]), c))[:top]
-        results.append({"image": args.images[i], "labels": [{"label": labels[c], "probability": float(p[c])}
+        results.append({"image": printable(args.images[i]), "labels": [{"label": labels[c], "probability": float(p[c])}
                                                             for c in order]})
     if args.json:
         json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
