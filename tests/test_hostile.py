@@ -76,6 +76,25 @@ def test_classify_shows_an_image_name_that_is_not_utf8_with_escapes(saved_model,
     assert capsys.readouterr().out.splitlines()[0] == f"{saved_model.parent}/caf\\xe9.png"
 
 
+def test_an_oserror_reading_a_tar_member_is_a_skip_in_classify_and_eval_not_a_traceback(tmp_path, tiny_model,
+                                                                                       one_thread):
+    """eval and index decode webdataset records from their shard; a shard that became a symbolic link loop
+    (or a directory, or an I/O error) raised OSError out of the decoding thread."""
+    from data_fixtures import encode, write_tar
+    from littune.data import open_source
+    from littune.data.records import Record
+    from littune.embeddings import image_embeddings
+
+    tar = write_tar(tmp_path / "shard.tar", [("a.png", encode(colour_image(1), "PNG")), ("a.txt", b"a red thing")])
+    recs = open_source(tar).records()
+    colour_image(2).save(tmp_path / "good.png")
+    tar.unlink()
+    os.symlink("shard.tar", tar)  # shard.tar -> shard.tar: ELOOP
+    _, kept, skipped = image_embeddings(tiny_model(), [Record("good", path=str(tmp_path / "good.png")), *recs],
+                                        skip_bad=True)
+    assert kept == [0] and skipped == [(f"{tar}:a", "missing: cannot read the tar shard: symbolic link loop")]
+
+
 # -- the hostile corpus ---------------------------------------------------------------------------------
 #: the tiny CNN at 224 px (shorter side to 256 first): a thin image would be resized to 256 x 3,072,000
 TOWER_224 = {"type": "torch", "factory": "littune.towers.tiny:tiny_cnn",

@@ -103,8 +103,7 @@ def _open_regular(name: str) -> Iterator[tuple[BinaryIO, int]]:
     except IsADirectoryError:
         raise BadImage("not an image", "is a directory", name) from None
     except OSError as e:  # permission, a symbolic link loop, a name too long, an I/O error...
-        why = "symbolic link loop" if e.errno == errno.ELOOP else (e.strerror or str(e))
-        raise BadImage("missing", f"cannot read: {why}", name) from None
+        raise BadImage("missing", f"cannot read: {os_reason(e)}", name) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -117,6 +116,11 @@ def _open_regular(name: str) -> Iterator[tuple[BinaryIO, int]]:
         raise
     with os.fdopen(fd, "rb") as f:
         yield f, st.st_size
+
+
+def os_reason(e: OSError) -> str:
+    """Why a file could not be opened or read, in a few words (``symbolic link loop``, ``Permission denied``)."""
+    return "symbolic link loop" if e.errno == errno.ELOOP else (e.strerror or str(e))
 
 
 def _kind(mode: int) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .decode import DEFAULT_MAX_PIXELS, BadImage, load_image
+from .decode import DEFAULT_MAX_PIXELS, BadImage, load_image, os_reason
 
 
 @dataclass(slots=True)
@@ -44,6 +44,8 @@ class Record:
                     data = f.read(self.size)
             except FileNotFoundError:
                 raise BadImage("missing", "tar shard not found", self.where) from None
+            except OSError as e:  # a directory, a symbolic link loop, an I/O error
+                raise BadImage("missing", f"cannot read the tar shard: {os_reason(e)}", self.where) from None
             if len(data) != self.size:
                 raise BadImage("truncated", f"tar shard ends after {len(data)} of {self.size} bytes", self.where)
             if not data:
