@@ -171,3 +171,24 @@ def test_a_caption_budget_keeps_at_most_its_counts_per_image_the_same_each_time(
 def test_a_bad_caption_budget_is_one_line_naming_the_key(tmp_path, budget, match):
     with pytest.raises(ConfigError, match=match):
         load_config(overrides=TINY + [f"data.caption_budget={budget}", f"data.cache={tmp_path}"])
+
+
+def test_a_small_cache_read_into_memory_gives_the_same_batches_as_reading_each_step(tmp_path, monkeypatch):
+    from littune import batches
+    from littune.batches import CacheBatches
+    from littune.cache import EmbeddingCache, embed_source
+    from littune.data.sources import open_source
+    from littune.towers.image import build_image_tower
+
+    src = _lang_source(tmp_path)
+    tower = build_image_tower({"type": "torch", "factory": "littune.towers.tiny:tiny_cnn",
+                               "preprocess": {"size": 32, "resize": 32}}).eval()
+    embed_source(open_source(str(src)), tower, tmp_path / "cache", progress=False)
+    cache = EmbeddingCache.open(tmp_path / "cache")
+    resident = CacheBatches(cache, 16, 0, 1, seed=1, language_share={"en": 0.5})
+    monkeypatch.setattr(batches, "RESIDENT_BYTES", 0)
+    streamed = CacheBatches(cache, 16, 0, 1, seed=1, language_share={"en": 0.5})
+    assert resident._resident is not None and streamed._resident is None
+    for step in (0, 3, 11):
+        a, b = resident(step), streamed(step)
+        assert torch.equal(a["image_features"], b["image_features"]) and a["captions"] == b["captions"]

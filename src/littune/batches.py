@@ -26,6 +26,10 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+#: a cache whose eval-view features take at most this many bytes (float32) is read into memory once
+RESIDENT_BYTES = 512 << 20
+
+
 class StepPlan:
     """Which images (and caption/view choices) each rank uses at each step."""
 
@@ -94,6 +98,16 @@ class CacheBatches:
             self.cache = MixedRows([(cache, self.rows, 1), (extra, None, extra.repeat)])
             self.rows, rows = None, self.cache.trainable()
         self.plan = StepPlan(len(rows), global_batch, rank, world, seed)
+        self._resident = self._read_all()
+
+    def _read_all(self) -> np.ndarray | None:
+        """A small cache's features (eval view), read into memory once: a step then gathers its rows
+        instead of one positional read each (the same values). A large cache, or one with augmented
+        views, is read step by step, so memory stays flat whatever its size."""
+        n, dim = len(self.cache), int(self.cache.dim)
+        if getattr(self.cache, "views", 0) or n * dim * 4 > RESIDENT_BYTES:
+            return None
+        return self.cache.features(np.arange(n, dtype=np.int64))
 
     def texts(self):
         """Every caption a batch can draw (what a locked text tower's cache must hold), repeats included."""
@@ -112,7 +126,7 @@ class CacheBatches:
         view = None
         if getattr(self.cache, "views", 0):
             view = (rand >> 20) % self.cache.views
-        feats = self.cache.features(rows, view=view)
+        feats = self._resident[rows] if self._resident is not None else self.cache.features(rows, view=view)
         return {"image_features": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
                 "captions": captions}
 
