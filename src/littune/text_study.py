@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import benchmark as bench
-from .quickstart import E5_TEXT_TOWER, RECIPES, Recipe, run_quickstart
+from .quickstart import DEFAULT_RECIPE, E5_TEXT_TOWER, RECIPES, Recipe, run_quickstart
 
 MINILM_TEXT_TOWER = {"type": "hf", "path": "minilm", "pooling": "mean", "context_length": 32}
 #: the study's rows beside the main job's recipes: unlocked pre-trained towers at the 0.1 text
@@ -86,7 +86,8 @@ def run_text_study(out: str | Path = "out/quickstart", rows=tuple(ROWS), progres
     out, found = Path(out), []
     for key in rows:
         bench.say(f"text study: {key}")
-        result = run_quickstart(out, recipe=ROWS[key], run_name=f"study-{key}", progress=progress)
+        name = "run" if key == DEFAULT_RECIPE else f"study-{key}"  # the main job's own run is its row
+        result = run_quickstart(out, recipe=ROWS[key], run_name=name, progress=progress)
         found.append(study_row(key, result))
     table = markdown(found)
     (out / "text-towers.md").write_text(table + "\n", encoding="utf-8")
