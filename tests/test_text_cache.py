@@ -192,3 +192,15 @@ def test_a_small_cache_read_into_memory_gives_the_same_batches_as_reading_each_s
     for step in (0, 3, 11):
         a, b = resident(step), streamed(step)
         assert torch.equal(a["image_features"], b["image_features"]) and a["captions"] == b["captions"]
+
+
+def test_mlp_heads_save_load_and_export_to_the_same_embeddings(tiny_model, tmp_path):
+    from littune import LiTModel
+    from littune.export import export_text
+
+    model = tiny_model("Lu", image_head="mlp", text_head="mlp").eval()
+    assert isinstance(model.text_head, torch.nn.Sequential) and model.text_head[0].out_features == 4 * 16
+    texts = ["a red apple", "ein roter Apfel", "猫が好きです"]
+    loaded = LiTModel.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert torch.allclose(loaded.encode_texts(texts), model.encode_texts(texts), atol=1e-6)
+    assert export_text(model, tmp_path / "text.onnx") <= 1e-4  # the ONNX graph holds the MLP too

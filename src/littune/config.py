@@ -27,8 +27,8 @@ from .tower_settings import VALID_SETTINGS, check_lr_mults, parse_setting
 #: Every enumerated option and its allowed values, checked in one place (:func:`check_choice`).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.setting": VALID_SETTINGS,
-    "model.image_head": ("linear", "identity"),  # identity needs the tower's dim == embed_dim
-    "model.text_head": ("linear", "identity"),
+    "model.image_head": ("linear", "identity", "mlp"),  # identity needs the tower's dim == embed_dim
+    "model.text_head": ("linear", "identity", "mlp"),
     "model.loss": ("softmax", "sigmoid"),
     "model.image_tower.type": ("efficientnet-lite", "hf", "onnx", "timm", "torch"),
     "model.image_tower.decode": ("exact", "fast"),  # littune.preprocess.DECODES
@@ -61,7 +61,7 @@ class LiTConfig:
         "type": "transformer", "width": 384, "depth": 6, "heads": 6, "context_length": 32,
         "vocab_size": 8000, "tokenizer": "bpe", "pooling": "last"})
     embed_dim: int = 512
-    image_head: str = "linear"  # linear | identity
+    image_head: str = "linear"  # linear | identity | mlp
     text_head: str = "linear"
     temperature_init: float = 10.0
     loss: str = "softmax"  # softmax | sigmoid

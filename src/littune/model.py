@@ -46,10 +46,14 @@ FORMAT_VERSION = 1
 
 
 def _head(kind: str, dim_in: int, dim_out: int, which: str) -> nn.Module:
+    """A tower's projection head: ``linear`` (LiT's), ``identity``, or ``mlp`` (Linear, GELU, Linear with
+    a hidden width of 4 x ``dim_out``: more capacity where a locked tower's features are all it reads)."""
     if kind == "identity":
         if dim_in != dim_out:
             raise ValueError(f"{which}_head='identity' needs embed_dim == {which} tower dim ({dim_in}), got {dim_out}")
         return nn.Identity()
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(dim_in, 4 * dim_out), nn.GELU(), nn.Linear(4 * dim_out, dim_out))
     return nn.Linear(dim_in, dim_out)
 
 

@@ -55,6 +55,9 @@ class Recipe:
     #: captions of each image that take part (a locked text tower computes each of them once)
     caption_budget: dict = field(default_factory=dict)
     lr_mults: dict = field(default_factory=dict)
+    #: the projection heads (``linear``: LiT's; ``mlp``: see littune.model)
+    image_head: str = "linear"
+    text_head: str = "linear"
     quick_steps: int = 100
     quick_batch: int = 128
 
@@ -82,7 +85,7 @@ def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, te
                     embed_dim: int = 256, image_tower: str | dict = IMAGE_TOWER, validations: int = 4,
                     language_share: dict | None = None, setting: str = "Lu", lr: float = 1e-3,
                     caption_budget: dict | None = None, text_cache: str | Path | None = None,
-                    lr_mults: dict | None = None) -> list[str]:
+                    lr_mults: dict | None = None, heads: tuple[str, str] = ("linear", "linear")) -> list[str]:
     """The ``littune train --set`` overrides of a quickstart run (``setting``, default the study's ``Lu``;
     validated ``validations`` times, the last at the end). ``paths`` from
     :func:`littune.quickstart_data.prepare_mix` add the mixed source, the dedup list and the Openclipart
@@ -110,6 +113,7 @@ def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, te
         "optim.weight_decay=1e-4", f"schedule.warmup_steps={max(1, steps // 10)}", f"log_every={max(10, steps // 40)}",
         f"checkpoint_every={max(50, steps // 4)}", f"val.every={max(1, -(-steps // max(1, validations)))}",
         f"model.text_tower={json.dumps(text_tower or bench.TEXT_TOWER)}", f"model.embed_dim={embed_dim}",
+        f"model.image_head={heads[0]}", f"model.text_head={heads[1]}",
         f"val.zeroshot={json.dumps(zs)}", f"val.retrieval={json.dumps(rt)}",
     ]
 
@@ -241,7 +245,7 @@ def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = Non
         paths, run_dir, steps, batch=batch, text_tower=r.text_tower, embed_dim=embed_dim, image_tower=image_tower,
         validations=2, language_share=r.language_share, setting=r.setting, lr=r.lr,
         caption_budget=r.caption_budget, text_cache=text_cache if r.setting[1] == "L" else None,
-        lr_mults=r.lr_mults))
+        lr_mults=r.lr_mults, heads=(r.image_head, r.text_head)))
     cfg.progress = progress
     if (run_dir / "results.json").is_file() and (run_dir / "model").is_dir():
         _check_finished(run_dir, cfg)

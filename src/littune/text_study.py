@@ -36,6 +36,8 @@ ROWS = {
     "LU-e5": Recipe("LU", E5_TEXT_TOWER, steps=40, batch=64, lr_mults={"text": 0.1}, language_share={"en": 0.5}),
     "LL-e5-en0.9": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.9},
                           caption_budget={"en": 8, "*": 2}),
+    "LL-e5-mlp": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.5},
+                        caption_budget={"en": 8, "*": 2}, text_head="mlp"),
 }
 COLUMNS = ("heldout_designs_acc1", "heldout_concepts_acc1", "heldout_concepts_t2i_r1")
 
