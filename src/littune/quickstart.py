@@ -8,22 +8,26 @@
 2. **Embed once** -- ``littune embed``: the locked ImageNet EfficientNet-Lite0 runs over every image
    one time; training reads those features from the cache instead of running the tower on the images.
    ``littune dedup`` lists training images that nearly duplicate an evaluation image; training skips them.
-3. **Train** ``Lu`` -- ``littune train``: one text transformer from scratch for every language, from
-   the cache; each step reads one caption per image, English with probability :data:`LANGUAGE_SHARE`.
+3. **Train** the recipe (:data:`RECIPES`; default :data:`DEFAULT_RECIPE`, ``LL-e5``): the pre-trained
+   multilingual-e5-small text tower is locked too, each caption it can be asked about is computed once
+   into a text cache (:mod:`littune.cache.text`; ``data.caption_budget`` bounds how many of an image's
+   captions take part), and only the two linear heads train, from the two caches. Each step reads one
+   caption per image, English with the recipe's share. ``Lu-scratch`` is the main job until issue 22:
+   a text transformer from scratch for every language.
 4. **Evaluate** -- zero-shot classification (prompt ensemble) of the held-out designs, the held-out
    concepts and both at once, and text<->image retrieval on their captions, next to two baselines:
    chance, and an image-only prototype classifier (the mean locked image features of each concept's
    training designs, nearest prototype), the ceiling a locked tower allows for concepts seen in
    training; retrieval on the Openclipart test drawings; and the same held-out images asked about in
-   each language (:mod:`littune.eval.languages`).
+   each language (:mod:`littune.eval.languages`), reading the text cache where the text tower is locked.
 
 Prints the tables and writes them (``results.md``, ``results.json``, ``languages.png``) with the run
 directory (model, plots, metrics) under ``out/quickstart`` (``out/quickstart-quick`` with ``QUICK=1``:
 200 emoji concepts, 600 drawings and fewer steps, a few minutes). Everything is reused on a second run.
-Evaluation and baselines are :mod:`littune.benchmark`, which the study shares; this module adds the
-``Lu`` run and its tables (:func:`run_quickstart`).
+Evaluation and baselines are :mod:`littune.benchmark`, which the studies share; :mod:`littune.text_study`
+compares the recipes.
 
-    python -m littune.quickstart [--quick] [--out DIR] [--steps N]
+    python -m littune.quickstart [--quick] [--out DIR] [--steps N] [--recipe LL-e5|Lu-scratch]
 """
 
 from __future__ import annotations
