@@ -6,6 +6,14 @@ The public names are imported on first use (PEP 562), so that ``import littune``
 from __future__ import annotations
 
 import importlib
+import os
+
+# OpenMP threads that wait for work sleep instead of spinning (unless the user chose): on a machine whose
+# cores are busy with other work, spinning threads starve the ones doing work. Measured on 2 loaded cores
+# (load 12), one step of two linear heads at batch 1024 on 2 threads: 2,319 ms spinning, 183 ms passive
+# (406 ms on 1 thread). It takes effect where littune is imported before torch (the command line, `python
+# -m littune...`); a program that imports torch first can set OMP_WAIT_POLICY=PASSIVE itself.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
