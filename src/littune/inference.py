@@ -52,7 +52,7 @@ class InferenceMixin:
 
     def zeroshot_weights(self, labels: Sequence[str], templates: str | Sequence[str] = "short") -> torch.Tensor:
         """``(C, D)`` class embeddings: per label, the mean of its normalised template embeddings,
-        renormalised. ``templates`` is a set name (``imagenet``, ``short``, ``none``...), a file, or a
+        renormalised. ``templates`` is a set name (:func:`littune.eval.templates.builtin_sets`), a file, or a
         list of template strings each holding ``{}``."""
         from .eval.templates import load_templates
         from .eval.zeroshot import zeroshot_classifier

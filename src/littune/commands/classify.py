@@ -1,7 +1,7 @@
 """Classify images zero-shot against labels you choose, and print a ranked table per image.
 
-The labels become prompts through a template set (short by default; imagenet for CLIP's 80, none for
-the bare label, or a file with one template per line holding {}); each label's prompts are embedded,
+The labels become prompts through a template set (--templates, short by default: a set littune ships
+or a file with one template per line holding {}); each label's prompts are embedded,
 averaged and compared with the image. Probabilities are a softmax over the labels (they sum to 1),
 or with --multi-label an independent sigmoid per label. Images that cannot be read are reported and
 the others are still classified (the exit status is then 1).
@@ -20,12 +20,14 @@ EXAMPLE = 'littune classify --model runs/lu/model photos/*.jpg --labels "cat,dog
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..eval.templates import sets_help
+
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--model", "-m", required=True, metavar="DIR", help="a model directory")
     p.add_argument("--labels", "-l", help='comma-separated labels, e.g. "cat,dog,horse"')
     p.add_argument("--labels-file", metavar="FILE", help="labels, one per line (instead of or besides --labels)")
     p.add_argument("--templates", "-t", default="short",
-                   help="prompt templates: short (default), imagenet, imagenet7, none, or a file")
+                   help=f"prompt templates: {sets_help()}")
     p.add_argument("--top", type=int, default=5, help="labels shown per image (default 5; 0 = all)")
     p.add_argument("--multi-label", action="store_true", help="independent sigmoid per label instead of a softmax")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")

@@ -2,8 +2,8 @@
 
 `littune eval zeroshot DATASET --model DIR` classifies every image of a class folder
 (root/<class>/*.png, optional classnames.txt with display names in folder order) or of a CSV with
-image and label columns, against prompts made from the class names and a template set (imagenet:
-CLIP's 80, imagenet7, short, none, emoji, or a file with one template per line holding {}). It reports
+image and label columns, against prompts made from the class names and a template set (--templates: one
+of the shipped sets or a file with one template per line holding {}). It reports
 acc1, acc5 and mean_per_class_recall; --per-class adds a per-class table, --confusion a PNG.
 
 `littune eval retrieval SOURCE --model DIR` ranks images for every caption and captions for every
@@ -49,6 +49,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..eval.templates import sets_help
+
     sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
     z = sub.add_parser("zeroshot", help="zero-shot classification: acc1, acc5, mean per-class recall",
                        description="Zero-shot classification of a class folder or a label CSV.",
@@ -57,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a class folder (root/<class>/*.png) or a CSV with image,label columns")
     _common(z)
     z.add_argument("--templates", "-t", default="short",
-                   help="prompt templates: imagenet (CLIP's 80), imagenet7, short, none, emoji, or a file (default short)")
+                   help=f"prompt templates: {sets_help()}")
     z.add_argument("--classnames", metavar="FILE",
                    help="class display names, one per line in class-folder / index order")
     z.add_argument("--label-column", help="CSV: the label column (default: label, class, category...)")

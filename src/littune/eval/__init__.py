@@ -14,10 +14,29 @@ nothing here imports :mod:`littune.inference`.
 
 Results files written by ``littune eval`` use CLIP_benchmark's layout
 (``{"dataset", "model", "task", "metrics": {...}}``) so existing tooling reads them.
+
+The names below are imported on first use (PEP 562): a command's ``--help`` reads the template set names
+from :mod:`littune.eval.templates` without importing torch.
 """
 
-from .retrieval import retrieval_metrics
-from .templates import load_templates
-from .zeroshot import zeroshot_classifier, zeroshot_metrics
+from __future__ import annotations
+
+import importlib
+
+#: public name -> the module that defines it
+_LAZY = {"load_templates": "templates", "retrieval_metrics": "retrieval", "zeroshot_classifier": "zeroshot",
+         "zeroshot_metrics": "zeroshot"}
 
 __all__ = ["load_templates", "retrieval_metrics", "zeroshot_classifier", "zeroshot_metrics"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'littune.eval' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -32,6 +32,23 @@ def builtin_sets() -> list[str]:
     return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".txt"))
 
 
+#: a few words on each shipped set, for help texts (a shipped set missing here is still listed, by name)
+ABOUT = {"short": "6 domain-neutral", "imagenet": "CLIP's 80", "imagenet7": "CLIP's 7", "none": "the bare name",
+         "emoji": "emoji and icon forms"}
+
+
+def sets_help(default: str | None = "short") -> str:
+    """The template sets for a ``--templates`` help text, read from the shipped files (so every command lists
+    the same sets): ``short (default; 6 domain-neutral), imagenet (CLIP's 80), ..., or a file ...``."""
+    order = list(ABOUT)
+    names = sorted(builtin_sets(), key=lambda n: (n != default, order.index(n) if n in order else len(order), n))
+    parts = []
+    for name in names:
+        words = "; ".join(w for w in ("default" if name == default else "", ABOUT.get(name, "")) if w)
+        parts.append(f"{name} ({words})" if words else name)
+    return ", ".join(parts) + ", or a file with one template per line holding {}"
+
+
 def parse_templates(text: str, where: str = "<templates>") -> list[str]:
     """Templates from file content: one per line, ``#`` comments and blank lines skipped.
 
@@ -52,7 +69,8 @@ def parse_templates(text: str, where: str = "<templates>") -> list[str]:
 
 
 def load_templates(name_or_path: str) -> list[str]:
-    """The templates of a built-in set (``imagenet``, ``imagenet7``, ``short``, ``none``) or of a file.
+    """The templates of a built-in set (:func:`builtin_sets`: ``short``, ``imagenet``, ``imagenet7``, ``none``,
+    ``emoji``) or of a file.
 
     A name that is neither a built-in set nor an existing file raises :class:`LittuneError` listing
     the sets.
