@@ -115,6 +115,7 @@ def test_search_in_the_browser(browser, server, out_dir):
     browser.find_element("id", "query").send_keys(query)
     browser.find_element("id", "search-btn").click()
     cards = wait(browser, lambda d: d.find_elements("css selector", "#grid .hit"))
+    assert browser.find_element("id", "search-caption").text.startswith(f"text→image: “{query}”")
     expected = index.search_text(model, query, k=12)[0]
     assert [int(c.get_attribute("data-id")) for c in cards] == [h.index for h in expected]
     all_loaded = "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
@@ -123,6 +124,6 @@ def test_search_in_the_browser(browser, server, out_dir):
     # clicking an image searches by that image: it comes first
     target = cards[-1].get_attribute("data-id")
     cards[-1].click()
-    wait(browser, lambda d: "images like" in d.find_element("id", "search-caption").text)
+    wait(browser, lambda d: "image→image: images like" in d.find_element("id", "search-caption").text)
     first = browser.find_element("css selector", "#grid .hit")
     assert first.get_attribute("data-id") == target

@@ -62,8 +62,8 @@ def study_row(key: str, result: dict) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     head = ["row", "setting", "text tower", "steps x batch", "train s", "commit", "en designs top-1",
-            "en concepts top-1", "en concepts text→image R@1", "Openclipart R@1", "others designs top-1",
-            "others concepts top-1", "others concepts text→image R@1", "others / en (R@1)"]
+            "en concepts top-1", "en concepts text→image R@1", "Openclipart text→image R@1", "others designs top-1",
+            "others concepts top-1", "others concepts text→image R@1", "others / en (text→image R@1)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         tower = r["text_tower"] or {}

@@ -8,7 +8,8 @@ acc1, acc5 and mean_per_class_recall; --per-class adds a per-class table, --conf
 
 `littune eval retrieval SOURCE --model DIR` ranks images for every caption and captions for every
 image (COCO protocol: several captions per image; an image query is right if any of its captions is
-in the top K) and reports image_retrieval_recall@K and text_retrieval_recall@K.
+in the top K) and reports text→image R@K (each caption a query over the images; image_retrieval_recall@K
+in the --out JSON) and image→text R@K (each image a query over the captions; text_retrieval_recall@K).
 
 With a locked image tower, --cache CACHE_DIR (from `littune embed` over the same folder or file)
 reads the image features instead of running the image model; a cache of another source (other
@@ -116,9 +117,13 @@ def _dump(path: str, dataset: str, model_dir: str, model, task: str, metrics: di
 
 
 def _print_metrics(metrics: dict) -> None:
-    width = max(len(k) for k in metrics)
+    """One line a metric: its name for a person (a retrieval recall with its direction), the value, the key."""
+    from ..eval.names import for_stream, metric_label
+
+    names = {k: for_stream(metric_label(k), sys.stdout) for k in metrics}
+    width = max(len(n) for n in names.values())
     for k, v in metrics.items():
-        print(f"{k:<{width}}  {v:.4f}")
+        print(f"{names[k]:<{width}}  {v:.4f}  ({k})")
 
 
 def run(args) -> int:

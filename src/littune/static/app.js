@@ -127,7 +127,7 @@ function renderHits(hits) {
     const meta = el("span", "meta");
     meta.append(el("span", "key", hit.key), el("span", "score", hit.score.toFixed(3)));
     card.append(img, meta);
-    card.addEventListener("click", () => search({ image_id: hit.id }, `images like ${hit.key}`));
+    card.addEventListener("click", () => search({ image_id: hit.id }, `image→image: images like ${hit.key}`));
     return card;
   }));
 }
@@ -168,6 +168,6 @@ $("search-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const q = $("query").value.trim();
   if (!q) { showError("search-error", "type a query first"); return; }
-  search({ q }, `“${q}”`);
+  search({ q }, `text→image: “${q}”`);
 });
 init();
