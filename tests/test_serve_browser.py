@@ -127,3 +127,34 @@ def test_search_in_the_browser(browser, server, out_dir):
     wait(browser, lambda d: "image→image: images like" in d.find_element("id", "search-caption").text)
     first = browser.find_element("css selector", "#grid .hit")
     assert first.get_attribute("data-id") == target
+
+
+WHOLE_THUMBNAILS = """
+return [...document.querySelectorAll('#grid .hit')].map(card => {
+  const img = card.querySelector('img'), key = card.querySelector('.key');
+  return {fit: getComputedStyle(img).objectFit, natural: [img.naturalWidth, img.naturalHeight],
+          text: key.textContent, title: key.title, cut: key.scrollWidth > key.clientWidth + 1 ||
+          key.scrollHeight > key.clientHeight + 1 || getComputedStyle(key).textOverflow === 'ellipsis'};
+});
+"""
+
+
+def test_search_grid_shows_whole_thumbnails_and_whole_names(browser, server, out_dir):
+    """The thumbnails are scaled to fit their square (object-fit: contain; a photo is not cropped to a
+    square) and every name is shown whole (wrapped), with the name as its title too."""
+    url, model, index = server
+    open_page(browser, url)
+    browser.find_element("id", "tab-search").click()
+    browser.find_element("id", "query").send_keys("a photo")
+    browser.find_element("id", "search-btn").click()
+    wait(browser, lambda d: d.find_elements("css selector", "#grid .hit"))
+    all_loaded = "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
+    wait(browser, lambda d: d.execute_script(all_loaded))
+    cards = browser.execute_script(WHOLE_THUMBNAILS)
+    assert len(cards) == 8
+    assert any(w != h for w, h in (c["natural"] for c in cards)), "the test needs a thumbnail that is not square"
+    for c in cards:
+        assert c["fit"] == "contain", c
+        assert not c["cut"], f"the name {c['text']!r} is cut"
+        assert c["title"] == c["text"] and c["text"].endswith((".png", ".jpg")), c
+    screenshot(browser, out_dir / "search-grid.png")

@@ -125,7 +125,9 @@ function renderHits(hits) {
     img.alt = hit.key;
     img.loading = "lazy";
     const meta = el("span", "meta");
-    meta.append(el("span", "key", hit.key), el("span", "score", hit.score.toFixed(3)));
+    const key = el("span", "key", hit.key);
+    key.title = hit.key;
+    meta.append(key, el("span", "score", hit.score.toFixed(3)));
     card.append(img, meta);
     card.addEventListener("click", () => search({ image_id: hit.id }, `image→image: images like ${hit.key}`));
     return card;
