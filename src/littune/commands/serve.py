@@ -74,15 +74,34 @@ def allowed_hosts(host: str, allow: list[str]) -> list[str]:
     return list(dict.fromkeys([*LOOPBACK_HOSTS, *extra]))
 
 
+def listening_socket(host: str, port: int):
+    """A socket bound to ``host:port`` and listening, as uvicorn would bind it, made before the model is
+    loaded: a busy port (or an address not of this machine) is one line at once, and uvicorn serves on it."""
+    import errno
+    import socket
+
+    from ..errors import LittuneError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            raise LittuneError(f"{where} is in use (another littune serve?): stop what listens there or give "
+                               "another --port") from None
+        raise LittuneError(f"cannot listen on {where}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(args) -> int:
     from ..errors import LittuneError
-    from ..serve import MB, create_app, require_fastapi
 
-    require_fastapi()
-    try:
-        import uvicorn
-    except ImportError:
-        raise LittuneError("the web app needs uvicorn: pip install 'littune[serve]'") from None
     if not args.model and not args.index:
         raise LittuneError("give --model DIR (and --index INDEX to search a collection)")
     if not 0 < args.port < 65536:
@@ -91,12 +110,43 @@ def run(args) -> int:
         if getattr(args, name) <= 0:
             raise LittuneError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     allowed = allowed_hosts(args.host, args.allow_host)
-    if args.threads:
-        import torch
+    uvicorn = _uvicorn()
+    sock = listening_socket(args.host, args.port)  # before the model: a busy port is an error at once
+    try:
+        if args.threads:
+            import torch
 
-        torch.set_num_threads(args.threads)
+            torch.set_num_threads(args.threads)
+        app = _app(args, allowed)
+    except BaseException:
+        sock.close()
+        raise
+    if args.host not in LOOPBACK:
+        print(f"littune serve: listening on {args.host}: anyone who can reach this machine can use the app "
+              f"(there is no authentication); answering requests for {', '.join(allowed)}", file=sys.stderr)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"littune serve: http://{shown}:{args.port}/  (API schema at /openapi.json; Ctrl-C stops)", file=sys.stderr)
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run(sockets=[sock])
+    return 0
 
+
+def _uvicorn():
+    from ..errors import LittuneError
+    from ..serve import require_fastapi
+
+    require_fastapi()
+    try:
+        import uvicorn
+    except ImportError:
+        raise LittuneError("the web app needs uvicorn: pip install 'littune[serve]'") from None
+    return uvicorn
+
+
+def _app(args, allowed: list[str]):
+    """The model (and index) loaded, in the app."""
     from pathlib import Path
+
+    from ..serve import MB, create_app
 
     index = None
     if args.index:
@@ -110,14 +160,6 @@ def run(args) -> int:
 
         model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
         name = Path(args.model).name
-    app = create_app(model, index, model_name=name, max_upload_bytes=int(args.max_upload_mb * MB),
-                     max_pixels=args.max_pixels, max_labels=args.max_labels, max_k=args.max_k,
-                     max_prompts=args.max_prompts,
-                     allowed_hosts=allowed)
-    if args.host not in LOOPBACK:
-        print(f"littune serve: listening on {args.host}: anyone who can reach this machine can use the app "
-              f"(there is no authentication); answering requests for {', '.join(allowed)}", file=sys.stderr)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"littune serve: http://{shown}:{args.port}/  (API schema at /openapi.json; Ctrl-C stops)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
+    return create_app(model, index, model_name=name, max_upload_bytes=int(args.max_upload_mb * MB),
+                      max_pixels=args.max_pixels, max_labels=args.max_labels, max_k=args.max_k,
+                      max_prompts=args.max_prompts, allowed_hosts=allowed)
