@@ -3,8 +3,9 @@
 The configuration is a YAML file (see `littune train --print-config` for every key and its default)
 overridden by `--set key=value`. With a locked image tower (setting L*), training reads the
 embedding cache (`littune embed`) and never runs the image model. The run directory gets
-config.yaml, metrics.jsonl, checkpoints/, plots/ and the final model/ directory. Running the same
-command again resumes from the last checkpoint exactly.
+config.yaml, metrics.jsonl, checkpoints/, plots/ and the final model/ directory; with a val section the
+final validation results are printed as a table (and kept in results.json). Running the same command
+again resumes from the last checkpoint exactly.
 
 Several processes: torchrun --nproc_per_node 2 -m littune train --config cfg.yaml
 """
@@ -50,6 +51,9 @@ def run(args) -> int:
     from .. import distributed as D
 
     if D.is_main():
+        from ..run_outcome import print_results
+
+        print_results(cfg.run_dir)
         print(f"model written to {out}")
     import torch.distributed as dist
 
