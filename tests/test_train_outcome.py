@@ -1,5 +1,5 @@
 """How `littune train` ends, as a user sees it: the final validation results as a table with each retrieval
-direction named.
+direction named; a finished run re-run says so in one line and writes nothing.
 
 One tiny run (the coloured squares and stripes of test_trainer, a zero-shot set of class folders and a
 captioned retrieval set, each embedded with the tiny tower) through the command line serves most tests.
@@ -92,3 +92,48 @@ def test_train_prints_the_final_validation_results_as_a_table(finished):
         assert cells[0] == name
         assert cells[1:] == [f"{results[name][k]:.3f}" if k in results[name] else "-" for k in keys], row
     assert all(len(ln) == len(table[0]) for ln in table)  # aligned
+
+
+def _snapshot(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(run_dir.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_finished_run_run_again_says_so_and_writes_nothing(world, finished):
+    root, sets = world
+    run_dir = finished[0]
+    before = _snapshot(run_dir)
+    proc = _train(run_dir, *sets, "progress=true")  # a change that changes nothing computed
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert _lines(err) == [f"littune train: run {run_dir} finished at step {STEPS}; its model is {run_dir / 'model'}: "
+                           "nothing to do; delete it or give another --run-dir to train again"]
+    assert out == ""
+    assert _snapshot(run_dir) == before  # model/, checkpoints, config.yaml, metrics: untouched
+
+
+def test_what_counts_as_finished(world, finished, tmp_path):
+    """More steps, another setting, a val section without results, or a model/ older than the last
+    checkpoint (its export did not finish) are not a finished run."""
+    from littune.config import load_config
+    from littune.run_outcome import finished_step
+
+    root, sets = world
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished[0], run_dir)  # copytree keeps the times
+
+    def cfg(*more):
+        return load_config(overrides=TINY + list(sets) + [f"run_dir={run_dir}", *more])
+
+    assert finished_step(run_dir, cfg()) == STEPS
+    assert finished_step(run_dir, cfg("log_every=5", "keep_checkpoints=1")) == STEPS
+    assert finished_step(run_dir, cfg("steps=40")) is None  # trains on from step 30
+    assert finished_step(run_dir, cfg("optim.lr=1e-3")) is None  # refused by the resume check instead
+    assert finished_step(run_dir, cfg(f"val.zeroshot=[{{name: other, cache: {root / 'zs-cache'}}}]")) is None
+    (run_dir / "results.json").unlink()
+    assert finished_step(run_dir, cfg()) is None
+    shutil.copy2(finished[0] / "results.json", run_dir / "results.json")
+    state = next((run_dir / "checkpoints").iterdir()) / "state.json"
+    later = (run_dir / "model" / "config.json").stat().st_mtime + 5
+    os.utime(state, (later, later))
+    assert finished_step(run_dir, cfg()) is None

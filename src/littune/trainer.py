@@ -37,6 +37,7 @@ from .losses import ContrastiveLoss
 from .model import LiTModel, save_trained
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
 from .optim import build_optimizer, build_scheduler, group_lrs, held_groups, lr_mults_line
+from .run_outcome import finished_step
 from .tower_settings import parse_setting
 from .towers.fingerprint import tower_fingerprint
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
@@ -284,6 +285,9 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Path:
         """Train ``steps`` steps (resuming from the latest checkpoint), validate, export ``model/``."""
+        self.finished = finished_step(self.run_dir, self.cfg)  # a finished run's step (it is not trained again)
+        if self.finished is not None:
+            return self.run_dir / "model"
         prepare_run_dir(self.run_dir, self.cfg)
         self._open_data()
         start = self._build_training()

@@ -5,7 +5,7 @@ overridden by `--set key=value`. With a locked image tower (setting L*), trainin
 embedding cache (`littune embed`) and never runs the image model. The run directory gets
 config.yaml, metrics.jsonl, checkpoints/, plots/ and the final model/ directory; with a val section the
 final validation results are printed as a table (and kept in results.json). Running the same command
-again resumes from the last checkpoint exactly.
+again resumes from the last checkpoint exactly; on a finished run it says so and does nothing.
 
 Several processes: torchrun --nproc_per_node 2 -m littune train --config cfg.yaml
 """
@@ -47,10 +47,11 @@ def run(args) -> int:
         raise LittuneError(f"--resume: no checkpoint in {cfg.run_dir}/checkpoints")
     from ..trainer import Trainer
 
-    out = Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    out = trainer.run()
     from .. import distributed as D
 
-    if D.is_main():
+    if D.is_main() and trainer.finished is None:  # a finished run said so in one line
         from ..run_outcome import print_results
 
         print_results(cfg.run_dir)
