@@ -1,5 +1,6 @@
 """How `littune train` ends, as a user sees it: the final validation results as a table with each retrieval
-direction named; a finished run re-run says so in one line and writes nothing.
+direction named; a finished run re-run says so in one line and writes nothing; Ctrl-C says where it
+stopped once, on a line of its own below the progress bar.
 
 One tiny run (the coloured squares and stripes of test_trainer, a zero-shot set of class folders and a
 captioned retrieval set, each embedded with the tiny tower) through the command line serves most tests.
@@ -137,3 +138,25 @@ def test_what_counts_as_finished(world, finished, tmp_path):
     later = (run_dir / "model" / "config.json").stat().st_mtime + 5
     os.utime(state, (later, later))
     assert finished_step(run_dir, cfg()) is None
+
+
+def test_ctrl_c_says_where_it_stopped_once_on_its_own_line(world, tmp_path):
+    root, sets = world
+    run_dir = tmp_path / "run"
+    proc = _train(run_dir, *sets, "steps=100000", "progress=true", "checkpoint_every=0")
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    said = [ln for ln in err.split("\n") if "interrupted" in ln]
+    assert len(said) == 1, err
+    step = int(said[0].split("at step ")[1].split(";")[0])
+    assert said[0] == (f"littune train: interrupted: checkpoint written at step {step}; run the same command "
+                       "again to resume"), repr(said[0])  # not after the bar's text on the bar's line
+    assert "train Lu:" in err  # the bar was drawn
+    assert (run_dir / "checkpoints" / f"step_{step:07d}" / "state.json").is_file()
+    assert "Traceback" not in err

@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"littune {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"littune {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not getattr(e, "reported", False):  # the command has not said where it stopped
+            print(f"littune {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -5,6 +5,9 @@
   ``config.yaml`` the same but for keys that change nothing computed (:data:`COSMETIC`) -- is not
   trained again: one line says where its model is (it used to "resume" at the last step, validate
   again and rewrite ``model/``). Raise ``steps`` to train it further.
+* :func:`interrupted`: Ctrl-C (or SIGTERM) during the steps: the progress bar is closed first, so the
+  line saying which checkpoint was written starts a line of its own, and the :class:`RunInterrupted`
+  it returns tells the command line that the user has been told (the message is printed once).
 * :func:`print_results`: the final validation results (``results.json``) as a table, each retrieval
   recall with its direction (:func:`littune.eval.names.metric_label`).
 """
@@ -26,6 +29,12 @@ COSMETIC = {"progress", "log_every", "checkpoint_every", "keep_checkpoints", "de
 #: the columns of the validation table (every metric is in results.json)
 COLUMNS = ("acc1", "acc5", "image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
            "text_retrieval_recall@5")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C or SIGTERM after its checkpoint was written and the user told so."""
+
+    reported = True
 
 
 def finished_step(run_dir: Path, cfg) -> int | None:
@@ -50,6 +59,14 @@ def finished_step(run_dir: Path, cfg) -> int | None:
     log_line(f"run {run_dir} finished at step {step}; its model is {run_dir / 'model'}: nothing to do; "
              "delete it or give another --run-dir to train again")
     return step
+
+
+def interrupted(step: int, monitor) -> RunInterrupted:
+    """Say once, on a line of its own, that the run stopped with a checkpoint at ``step``; the exception to raise."""
+    if monitor is not None:
+        monitor.bar.close()  # the bar's line ends here, not inside the message
+    log_line(f"interrupted: checkpoint written at step {step}; run the same command again to resume")
+    return RunInterrupted()
 
 
 def validation_table(results: dict) -> str:

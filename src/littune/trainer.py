@@ -37,7 +37,7 @@ from .losses import ContrastiveLoss
 from .model import LiTModel, save_trained
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
 from .optim import build_optimizer, build_scheduler, group_lrs, held_groups, lr_mults_line
-from .run_outcome import finished_step
+from .run_outcome import finished_step, interrupted
 from .tower_settings import parse_setting
 from .towers.fingerprint import tower_fingerprint
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
@@ -307,8 +307,7 @@ class Trainer:
                 self._step(step, next(batches), monitor)
         except KeyboardInterrupt:
             self._checkpoint(self._done)
-            log_line(f"interrupted: checkpoint written at step {self._done}; run the same command again to resume")
-            raise
+            raise interrupted(self._done, monitor) from None  # said once, below the closed progress bar
         finally:
             signal.signal(signal.SIGTERM, previous)
             if monitor:
