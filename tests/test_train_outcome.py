@@ -1,6 +1,6 @@
 """How `littune train` ends, as a user sees it: the final validation results as a table with each retrieval
 direction named; a finished run re-run says so in one line and writes nothing; Ctrl-C says where it
-stopped once, on a line of its own below the progress bar.
+stopped once, on a line of its own below the progress bar; the plots are not cut at their edges.
 
 One tiny run (the coloured squares and stripes of test_trainer, a zero-shot set of class folders and a
 captioned retrieval set, each embedded with the tiny tower) through the command line serves most tests.
@@ -160,3 +160,21 @@ def test_ctrl_c_says_where_it_stopped_once_on_its_own_line(world, tmp_path):
     assert "train Lu:" in err  # the bar was drawn
     assert (run_dir / "checkpoints" / f"step_{step:07d}" / "state.json").is_file()
     assert "Traceback" not in err
+
+
+def _touches_edge(png: Path) -> list[str]:
+    """The edges of the image with a pixel that is not the white background (something cut there)."""
+    with Image.open(png) as im:
+        a = np.asarray(im.convert("L"))
+    edges = {"top": a[:2], "bottom": a[-2:], "left": a[:, :2], "right": a[:, -2:]}
+    return [name for name, px in edges.items() if (px < 250).any()]
+
+
+def test_the_plots_are_not_cut_at_their_edges(finished):
+    """The training plot's panel titles and legend and the validation plot's legend (long set names beside
+    the axes) are inside the image: a white margin all round."""
+    run_dir = finished[0]
+    for name in ("training.png", "validation.png"):
+        png = run_dir / "plots" / name
+        assert png.is_file()
+        assert _touches_edge(png) == [], f"{name}: something is cut at its edges"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .eval.names import metric_label
+
 
 def _read(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
@@ -46,11 +48,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         for name, pts in lrs.items():
             axes[2].plot([p[0] for p in pts], [p[1] for p in pts], label=name,
                          lw=2.0 if name == "lr" else 1.0, ls=":" if name == "lr" and len(lrs) > 1 else "-")
-        axes[2].set(title="learning rate (lr: the schedule's; lr_<part>: each part's)", xlabel="step")
-        if len(lrs) > 1:
+        axes[2].set(title="learning rate", xlabel="step")
+        if len(lrs) > 1:  # lr: the schedule's; lr_<part>: each part's
             axes[2].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "training.png", dpi=110)
+        fig.savefig(out / "training.png", dpi=110, bbox_inches="tight")  # nothing cut at the edges
         plt.close(fig)
         written.append(out / "training.png")
     val = _read(run_dir / "val.jsonl")
@@ -62,7 +64,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             for name, metrics in r["val"].items():
                 for k in headline:
                     if isinstance(metrics.get(k), (int, float)):
-                        series.setdefault(f"{name} {k}", []).append((r["step"], metrics[k]))
+                        series.setdefault(f"{name} {metric_label(k)}", []).append((r["step"], metrics[k]))
         fig, ax = plt.subplots(figsize=(9, 4))
         for label, pts in sorted(series.items()):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -70,7 +72,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                ylim=(0, 1))
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
-        fig.savefig(out / "validation.png", dpi=110)
+        fig.savefig(out / "validation.png", dpi=110, bbox_inches="tight")  # the legend beside the axes too
         plt.close(fig)
         written.append(out / "validation.png")
     return written
