@@ -58,6 +58,24 @@ def test_metric_labels_name_the_direction_of_every_recall():
     assert metric_label("loss") == "loss"
 
 
+def test_arrows_become_ascii_on_a_stream_that_cannot_encode_them(tiny_set, tmp_path):
+    """A terminal in ASCII or Latin-1 gets '->' rather than a UnicodeEncodeError at the end of the run."""
+    import io
+    import os
+    import subprocess
+    import sys
+
+    from littune.eval.names import for_stream
+
+    assert for_stream("text→image R@1", io.TextIOWrapper(io.BytesIO(), encoding="latin-1")) == "text->image R@1"
+    assert for_stream("text→image R@1", io.TextIOWrapper(io.BytesIO(), encoding="utf-8")) == "text→image R@1"
+    done = subprocess.run([sys.executable, "-m", "littune", "eval", "retrieval", str(tiny_set / "pairs.csv"), "--model",
+                           str(tiny_set / "model"), "-q"], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert b"text->image R@1 " in done.stdout and b"image->text R@1 " in done.stdout
+
+
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     """A tiny saved model and four captioned images in two class folders (a CSV of captions beside them)."""
