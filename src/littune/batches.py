@@ -72,7 +72,7 @@ class CacheBatches:
     :mod:`littune.language_sampling` (``{}``: uniform).
     """
 
-    def __init__(self, cache, global_batch: int, rank: int, world: int, seed: int, exclude=None, extra=None,
+    def __init__(self, cache, global_batch: int | None, rank: int, world: int, seed: int, exclude=None, extra=None,
                  language_share: dict | None = None, budget: dict | None = None):
         if budget:  # data.caption_budget: each image keeps only its budgeted captions (littune.cache.budget)
             from .cache.budget import CaptionBudget
@@ -97,8 +97,13 @@ class CacheBatches:
 
             self.cache = MixedRows([(cache, self.rows, 1), (extra, None, extra.repeat)])
             self.rows, rows = None, self.cache.trainable()
-        self.plan = StepPlan(len(rows), global_batch, rank, world, seed)
+        self.pairs, self._where = len(rows), (rank, world, seed)  # the rows an epoch visits (littune.run_plan)
+        self.plan = None if global_batch is None else StepPlan(len(rows), global_batch, rank, world, seed)
         self._resident = self._read_all()
+
+    def set_batch(self, global_batch: int) -> None:
+        """The global batch, where it was None (not known) when the batches were made."""
+        self.plan = StepPlan(self.pairs, global_batch, *self._where)
 
     def _read_all(self) -> np.ndarray | None:
         """A small cache's features (eval view), read into memory once: a step then gathers its rows

@@ -2,7 +2,8 @@
 
 ``littune train --config cfg.yaml --set optim.lr=3e-4 --set model.setting=LU``. Unknown keys and
 values of the wrong type are errors that name the key (``optim.lr: expected a number, got 'fast'``).
-The resolved configuration is written to the run directory as ``config.yaml``. Its ``model``
+The resolved configuration is written to the run directory as ``config.yaml``, with the batch, steps and
+warm-up left null sized from the data (:mod:`littune.run_plan`). Its ``model``
 section is :class:`LiTConfig`, the model's own configuration (a model directory's ``config.json``
 stores the same fields). Every enumerated option is checked against :data:`CHOICES`.
 """
@@ -18,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from .config_checks import LOWER_BOUNDS, at_least, check_keys, check_val_sets, positive, text_tower_keys
+from .config_checks import (LOWER_BOUNDS, at_least, check_keys, check_sizing, check_val_sets, positive,
+                            text_tower_keys)
 from .errors import ConfigError
 from .language_sampling import check_share
 from .tower_settings import VALID_SETTINGS, check_lr_mults, parse_setting
@@ -124,7 +126,7 @@ class DataSection:
     cache: str | None = None
     #: run a locked tower on every step instead of reading the cache (for comparisons)
     on_the_fly: bool = False
-    batch_size: int = 256  # global batch over all ranks (the contrastive batch)
+    batch_size: int | None = None  # global batch over all ranks (the contrastive batch); None: sized (run_plan)
     workers: int = 1  # decoding workers for the on-the-fly path
     #: on-the-fly path: Inception crop + flip (true) or the evaluation transform, the cache's pixels (false)
     augment: bool = True
@@ -172,7 +174,8 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: warmup_fraction x steps
+    warmup_fraction: float = 0.1
     decay: str = "cosine"  # cosine | linear | rsqrt | constant
     min_lr_ratio: float = 0.0
 
@@ -193,7 +196,8 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     val: ValSection = field(default_factory=ValSection)
-    steps: int = 1000
+    steps: int | None = None  # None: from epochs, or sized from the data (littune.run_plan)
+    epochs: float | None = None
     seed: int = 0
     run_dir: str = "runs/lit"
     precision: str = "fp32"  # fp32 | bf16 (autocast)
@@ -211,15 +215,10 @@ class TrainConfig:
         self.model.validate()
         for key in ("optim.name", "schedule.decay", "precision", "device"):
             check_choice(key, _get(self, key))
-        for key in ("steps", "data.batch_size", "grad_accum", "data.text_buckets"):
-            if _get(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {_get(self, key)}")
         for key, low in LOWER_BOUNDS.items():
             at_least(key, _get(self, key), low)
+        check_sizing(self)
         check_val_sets(self.val)
-        if self.data.batch_size % self.grad_accum:
-            raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be divisible by grad_accum "
-                              f"({self.grad_accum})")
         if need_data and not self.data.source and not self.data.cache:
             raise ConfigError("data.source or data.cache: give the training pairs (a source file or an embedding cache)")
         locked = parse_setting(self.model.setting).image.locked
@@ -271,7 +270,7 @@ def _check_unlock(cfg: TrainConfig) -> None:
                               f"use U or u for it to unlock it later")
         if part not in trainable:
             raise ConfigError(f"{key}: optim.lr_mults.{part} is 0, so the group never trains")
-        if spec.get("after", 0) >= cfg.steps:
+        if cfg.steps is not None and spec.get("after", 0) >= cfg.steps:  # else checked once steps is sized
             raise ConfigError(f"{key}.after: {spec['after']} >= steps ({cfg.steps}): the group would never train")
     if trainable and all(cfg.optim.unlock.get(p, {}).get("after", 0) > 0 for p in trainable):
         raise ConfigError("optim.unlock: every trainable group starts held, so step 0 would train nothing; "

@@ -12,10 +12,12 @@ import math
 
 from .errors import ConfigError
 
-#: the smallest value of each count or rate (0: warmup_steps none, weight_decay none, keep_checkpoints every
-#: checkpoint, checkpoint_every only the last, val.every only at the end, data.workers decode in the trainer)
-LOWER_BOUNDS = {"schedule.warmup_steps": 0, "optim.weight_decay": 0, "keep_checkpoints": 0, "checkpoint_every": 0,
-                "val.every": 0, "data.workers": 0, "log_every": 1}
+#: the smallest value of each count or rate (0: weight_decay none, keep_checkpoints every checkpoint,
+#: checkpoint_every only the last, val.every only at the end, data.workers decode in the trainer)
+LOWER_BOUNDS = {"grad_accum": 1, "data.text_buckets": 1, "optim.weight_decay": 0, "keep_checkpoints": 0,
+                "checkpoint_every": 0, "val.every": 0, "data.workers": 0, "log_every": 1}
+#: the smallest value of each key that sizes a run (littune.run_plan), where it is set (not None)
+SIZING_BOUNDS = {"steps": 1, "data.batch_size": 1, "schedule.warmup_steps": 0}
 #: the keys of a pre-trained (``hf``) text tower spec; a ``transformer`` one takes its config's fields
 HF_TEXT_KEYS = ("type", "path", "pooling", "context_length", "prefix")
 #: the keys of a ``val.zeroshot`` / ``val.retrieval`` entry
@@ -69,3 +71,20 @@ def check_val_sets(val) -> None:
             check_keys(f"{key}.", item, known)
             if not item.get("cache"):
                 raise ConfigError(f"{key}.cache: required (the set's embedding cache, from `littune embed`)")
+
+
+def check_sizing(cfg) -> None:
+    """The keys that size a run (``steps``, ``epochs``, ``data.batch_size``, ``schedule.warmup_*``): each
+    None (sized from the data by littune.run_plan) or in range; a batch that grad_accum divides."""
+    for key, low in SIZING_BOUNDS.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value is not None:
+            at_least(key, value, low)
+    if cfg.epochs is not None:
+        positive("epochs", cfg.epochs, " (training passes over the pairs; null: sized from the data)")
+    fraction = cfg.schedule.warmup_fraction
+    if not _number(fraction) or not 0 <= fraction < 1:
+        raise ConfigError(f"schedule.warmup_fraction: must be >= 0 and < 1 (of the steps), got {fraction!r}")
+    if cfg.data.batch_size is not None and cfg.data.batch_size % cfg.grad_accum:
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by grad_accum ({cfg.grad_accum})")

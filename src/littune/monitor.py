@@ -20,7 +20,7 @@ from .config import TrainConfig
 from .errors import ConfigError
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
-RESUMABLE_CHANGES = {"steps", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "val", "device"}
+RESUMABLE_CHANGES = {"steps", "epochs", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "val", "device"}
 METRICS = "metrics.jsonl"
 VALIDATION = "val.jsonl"
 

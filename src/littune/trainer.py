@@ -38,6 +38,7 @@ from .model import LiTModel, save_trained
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
 from .optim import build_optimizer, build_scheduler, group_lrs, held_groups, lr_mults_line
 from .run_outcome import finished_step, interrupted
+from .run_plan import Timed, plan_run
 from .tower_settings import parse_setting
 from .towers.fingerprint import tower_fingerprint
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
@@ -285,13 +286,14 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Path:
         """Train ``steps`` steps (resuming from the latest checkpoint), validate, export ``model/``."""
+        self._open_data()
+        self.cfg, self.plan = plan_run(self)  # batch, steps, warm-up: those not set sized from the data, printed
         self.finished = finished_step(self.run_dir, self.cfg)  # a finished run's step (it is not trained again)
         if self.finished is not None:
             return self.run_dir / "model"
         prepare_run_dir(self.run_dir, self.cfg)
-        self._open_data()
         start = self._build_training()
-        self._loop(start, self._batches(start))
+        self._loop(start, Timed(self._batches(start), start, self.cfg.steps))  # prints the measured time per step
         return self._finish()
 
     def _loop(self, start: int, batches) -> None:
