@@ -1,6 +1,6 @@
 """A run sized from its data where the configuration does not say: batch, steps (from epochs), warm-up;
 the plan printed before step 1, the measured time per step, a warning above 50 epochs; a resumed run
-keeps its plan."""
+keeps its plan; --help and --print-config say the rule."""
 
 import json
 import re
@@ -134,6 +134,27 @@ def test_a_resumed_run_keeps_the_plan_in_its_config_yaml_even_where_the_rule_now
             "resumed: data.batch_size, steps, schedule.warmup_steps)") in err.splitlines()
     assert {k: v for k, v in saved.items() if k != "run_dir"} == {k: v for k, v in ref.items() if k != "run_dir"}
     assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
+
+
+def test_help_and_print_config_say_how_the_run_is_sized(capsys):
+    from littune.cli import main
+
+    assert main(["train", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)
+    assert (printed["steps"], printed["epochs"], printed["data"]["batch_size"]) == (None, None, None)
+    assert (printed["schedule"]["warmup_steps"], printed["schedule"]["warmup_fraction"]) == (None, 0.1)
+    assert "#   steps                  epochs x N / batch; neither set: 15 epochs, at most 1,000 steps" in \
+        out.splitlines()
+    assert "steps: null  # epochs x pairs / batch (see the top)" in out.splitlines()
+    assert "  warmup_steps: null  # warmup_fraction x steps" in out.splitlines()
+    assert main(["train", "--print-config", "--set", "steps=30"]) == 0
+    assert "steps: 30" in capsys.readouterr().out.splitlines()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "neither set: 15 epochs, at most 1,000 steps" in help_text
+    assert "schedule.warmup_fraction (default 0.1) x steps" in help_text
 
 
 @pytest.mark.parametrize("override, message", [

@@ -47,6 +47,13 @@ SIZING = "\n".join([
     f"time per step; above {WARN_EPOCHS} epochs: a warning. config.yaml records the values used; a resumed run "
     "keeps them."])
 
+#: what a printed configuration (``--print-config``) says after each sizing key left null
+NULL_MEANS = {"steps: null": "epochs x pairs / batch (see the top)",
+              "epochs: null": f"with steps null too: {DEFAULT_EPOCHS}, at most {STEP_BUDGET:,} steps (see the top)",
+              "  batch_size: null": "sized from the pairs (see the top)",
+              "  warmup_steps: null": "warmup_fraction x steps"}
+
+
 @dataclass
 class Plan:
     pairs: int  # the rows an epoch visits
@@ -204,3 +211,10 @@ class Timed:
     def close(self) -> None:
         getattr(self.batches, "close", lambda: None)()
 
+
+def annotate(printed: str) -> str:
+    """A printed configuration (``--print-config``) with :data:`SIZING` on top and a word after each
+    sizing key left null."""
+    out = ["# " + ln for ln in SIZING.splitlines()]
+    out += [f"{ln}  # {NULL_MEANS[ln]}" if ln in NULL_MEANS else ln for ln in printed.splitlines()]
+    return "\n".join(out) + "\n"

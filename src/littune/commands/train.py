@@ -16,8 +16,12 @@ import sys
 
 import yaml
 
+from ..run_plan import SIZING
+
+__doc__ += "\n" + SIZING
+
 HELP = "contrastive tuning of a text tower against a (locked) image tower"
-EXAMPLE = "littune train --config lit.yaml --set optim.lr=3e-4 --set steps=2000 --run-dir runs/lu"
+EXAMPLE = "littune train --config lit.yaml --set optim.lr=3e-4 --set epochs=20 --run-dir runs/lu"
 
 
 def add_arguments(p) -> None:
@@ -27,20 +31,22 @@ def add_arguments(p) -> None:
     p.add_argument("--run-dir", help="run directory (same as --set run_dir=...)")
     p.add_argument("--resume", action="store_true",
                    help="require a checkpoint to resume from (resuming is automatic when the run directory has one)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the configuration and how the run will be sized (null: from the data), and exit")
 
 
 def run(args) -> int:
     from ..checkpoint import latest_checkpoint
     from ..config import load_config
     from ..errors import LittuneError
+    from ..run_plan import annotate
 
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
     if args.print_config:  # every key checked; a configuration without training pairs yet still prints
         tree = load_config(args.config, overrides, need_data=False).to_dict()
-        yaml.safe_dump(tree, sys.stdout, sort_keys=False, allow_unicode=True)
+        sys.stdout.write(annotate(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)))
         return 0
     cfg = load_config(args.config, overrides)
     if args.resume and latest_checkpoint(cfg.run_dir) is None:
