@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import LittuneError
+from .fileio import replace_dir as move_into_place
 from .fileio import write_json
 from .runtime import EXPORT_TOLERANCE, first_line, onnx_bytes
 
@@ -231,21 +232,6 @@ def check_out(out: Path, overwrite: bool, marker: str = META_NAME, what: str = "
     if any(out.iterdir()) and not (out / marker).is_file():
         raise LittuneError(f"{out} is not a littune {what} (no {marker}); --overwrite replaces "
                            "only an earlier export or an empty folder (nothing was written)")
-
-
-def move_into_place(tmp: Path, out: Path) -> None:
-    """``tmp`` becomes ``out``; an ``out`` there already is moved aside first and removed after."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(old, out)  # the earlier export comes back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_folder(model, folder: Path) -> dict:

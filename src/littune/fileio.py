@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 
@@ -71,6 +73,66 @@ def atomic_write(path: str | Path, data: bytes | str | Callable, durable: bool =
     if durable:
         fsync_dir(path.parent)
     return path
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """``tmp`` (a complete folder beside ``out``) becomes ``out``. An ``out`` there already is moved
+    aside first (to ``.NAME.old-PID``) and removed after, so ``out`` is never a mix of the two; a crash
+    between the two renames leaves the old folder whole beside it, and :func:`clear_leftovers` puts
+    it back. A failed rename puts the old folder back at once."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)  # the earlier one comes back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+#: what a killed writer leaves: ``.NAME.old-PID`` (:func:`replace_dir`), ``NAME.tmp-PID`` and
+#: ``.NAME.tmp-PID`` (:func:`atomic_write`, folders written beside their final name), ``.tmp-NAME-PID``
+_LEFTOVER = re.compile(r"(?:\.?(?P<name>.+)\.(?P<kind>old|tmp)|\.tmp-.+)-(?P<pid>\d+)")
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():  # our own name from an earlier process of the same number
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def clear_leftovers(folder: Path, everything: bool = False, names: Collection[str] | None = None) -> list[str]:
+    """Remove from ``folder`` what killed writers left (see ``_LEFTOVER``): those of processes that no
+    longer run, or all of them with ``everything`` (the caller holds the folder's lock, so no one else
+    writes there). A ``.NAME.old-PID`` whose ``NAME`` is missing is put back instead: a
+    :func:`replace_dir` was killed between its renames. ``names``: only the leftovers of these names.
+    Returns a line per thing done."""
+    done = []
+    if not folder.is_dir():
+        return done
+    for p in sorted(folder.iterdir()):
+        m = _LEFTOVER.fullmatch(p.name)
+        if not m or (names is not None and m["name"] not in names) or (not everything and _running(int(m["pid"]))):
+            continue
+        if m["kind"] == "old" and not (folder / m["name"]).exists():
+            os.replace(p, folder / m["name"])
+            done.append(f"put back {folder / m['name']} (a replacement of it was interrupted)")
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        done.append(f"removed {p} (left by an interrupted write)")
+    return done
 
 
 def write_json(path: str | Path, obj) -> Path:
