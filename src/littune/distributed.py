@@ -59,6 +59,15 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def any_rank(flag: bool, device=None) -> bool:
+    """``flag`` or-ed over the ranks (one all-reduce; none with one process): every rank gets the same answer."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """All-reduce and average the gradients of ``params`` across ranks, in one flat buffer."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -19,7 +19,6 @@ built once more to be copied into ``model/``.
 from __future__ import annotations
 
 import copy
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -39,6 +38,7 @@ from .monitor import Monitor, log_line, prepare_run_dir, record_validation, trun
 from .optim import build_optimizer, build_scheduler, group_lrs, held_groups, lr_mults_line
 from .run_outcome import finished_step, interrupted
 from .run_plan import Timed, plan_run
+from .rundir import StopSignals
 from .tower_settings import parse_setting
 from .towers.fingerprint import tower_fingerprint
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
@@ -63,6 +63,7 @@ class Trainer:
         self.text_cached = self.use_cache and self.setting.text.locked
         self.skipped_images = 0
         self.loss_fn = ContrastiveLoss(cfg.model.loss, chunk=cfg.model.loss_chunk)
+        self._saved = None  # the step of the last checkpoint written
 
     # -- set-up --------------------------------------------------------------------------------
     def _open_data(self) -> None:
@@ -297,21 +298,25 @@ class Trainer:
         return self._finish()
 
     def _loop(self, start: int, batches) -> None:
-        """The steps from ``start``; Ctrl-C or SIGTERM writes a checkpoint and re-raises."""
+        """The steps from ``start``. Ctrl-C or SIGTERM stops at the next step boundary (the step under
+        way completes), writes a checkpoint of that step and raises KeyboardInterrupt (rundir.StopSignals)."""
         self.model.train()
         monitor = Monitor(self.run_dir, self.cfg, start) if D.is_main() else None
         self._done = start  # steps completed (weights, optimiser and schedule all updated)
         self._clock = (time.perf_counter(), 0)  # time of the last throughput record, pairs since
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        stop = StopSignals()
         try:
-            for step in range(start, self.cfg.steps):
-                self._step(step, next(batches), monitor)
-        except KeyboardInterrupt:
-            self._checkpoint(self._done)
-            raise interrupted(self._done, monitor) from None  # said once, below the closed progress bar
+            with stop:
+                for step in range(start, self.cfg.steps):
+                    if stop.asked(self.device):
+                        break
+                    self._step(step, next(batches), monitor)
+                if stop.asked(self.device):
+                    if self._saved != self._done:
+                        self._checkpoint(self._done)
+                    raise interrupted(self._done, monitor, stop.name) from None  # said once, below the bar
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            getattr(batches, "close", lambda: None)()
             if monitor:
                 monitor.close()
 
@@ -374,6 +379,7 @@ class Trainer:
             save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler,
                             extra={"setting": self.cfg.model.setting}, keep=self.cfg.keep_checkpoints)
         D.barrier()
+        self._saved = step
 
     def _validate(self, step: int, monitor=None, final: bool = False) -> dict:
         if not (self.cfg.val.zeroshot or self.cfg.val.retrieval) or not D.is_main():
@@ -395,7 +401,3 @@ class Trainer:
             save_trained(self.model.to("cpu"), out)
             self.model.to(self.device)
         return out
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt

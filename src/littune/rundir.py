@@ -1,0 +1,54 @@
+"""What keeps a run directory whole between runs: a stop only at a step boundary.
+
+**Stopping.** While the trainer's loop runs, Ctrl-C (SIGINT) and SIGTERM only ask it to stop
+(:class:`StopSignals`): the step under way completes -- weights, optimiser, schedule, metrics line --
+and the loop stops at the boundary after it, writing a checkpoint of exactly that step. A second
+signal stops at once, writing nothing (the last checkpoint stays the one to resume from).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from . import distributed as D
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM set :attr:`signum` (the first) instead of stopping the
+    process; a second one raises ``KeyboardInterrupt`` at once. The handlers found are given back on
+    exit. Outside the main thread (where Python allows no handler) nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if D.is_main():  # a raw write: safe whatever the interrupted code was printing
+            os.write(2, f"littune train: {self.name}: stopping after this step, with a checkpoint of it; "
+                        "send it again to stop at once\n".encode())
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def asked(self, device) -> bool:
+        """Whether any rank was asked to stop (every rank gets the same answer: they stop together)."""
+        return D.any_rank(self.signum is not None, device)

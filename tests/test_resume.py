@@ -1,0 +1,140 @@
+"""Resuming a run: exact after a signal at any point of a step, one writer per run directory, metrics
+that read as one run, a tokenizer that matches its data, and files that are never half-written.
+
+Crashes are real: a process killed at a chosen file operation (an audit hook sends SIGKILL), a full
+disk (a file-size limit, ``RLIMIT_FSIZE``: the write fails part-way as on a full disk), signals sent
+by the process to itself at chosen points of a step.
+"""
+
+import functools
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import TINY, make_source
+
+from littune.config import load_config
+from littune.errors import ConfigError, LittuneError
+from littune.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """A source, its cache (built by the reference run) and an uninterrupted reference run of 8 steps."""
+    root = tmp_path_factory.mktemp("resume")
+    src = make_source(root / "data", per_class=2)
+    data = {"src": src, "cache": root / "cache", "run": root / "ref"}
+    Trainer(_cfg(data, root / "ref")).run()
+    return data
+
+
+def _cfg(data, run_dir, *extra, steps=8):
+    return load_config(overrides=TINY + [f"run_dir={run_dir}", f"data.source={data['src']}",
+                                         f"data.cache={data['cache']}", f"steps={steps}", "checkpoint_every=2", *extra])
+
+
+def _records(run_dir: Path, name="metrics.jsonl") -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / name).read_text().splitlines()]
+
+
+def _weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    ra, rb = _records(a), _records(b)
+    assert [r["step"] for r in rb] == list(range(1, len(ra) + 1))
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+class SignalAt(Trainer):
+    """Sends ``signum`` to this process at ``point`` of the step ``at`` (0-based), as Ctrl-C or a
+    scheduler's SIGTERM would arrive there."""
+
+    def __init__(self, cfg, point: str, at: int, signum=signal.SIGTERM):
+        super().__init__(cfg)
+        self.point, self.at, self.signum, self.current = point, at, signum, -1
+
+    def _fire(self, point: str) -> None:
+        if point == self.point and self.current == self.at:
+            os.kill(os.getpid(), self.signum)
+
+    def _after(self, obj, name: str, point: str) -> None:
+        original = getattr(obj, name)
+
+        @functools.wraps(original)  # with the marks the LR scheduler put on optimizer.step
+        def wrapped(*args, **kw):
+            out = original(*args, **kw)
+            self._fire(point)
+            return out
+
+        setattr(obj, name, wrapped)
+
+    def _build_training(self):
+        start = super()._build_training()
+        self._after(self.optimizer, "step", "optimizer.step")
+        self._after(self.optimizer, "zero_grad", "zero_grad")
+        base, fire = type(self.scheduler), self._fire
+
+        class Hooked(base):  # on the class: the scheduler's state_dict holds its instance attributes
+            def step(self, *args, **kw):
+                base.step(self, *args, **kw)
+                fire("scheduler.step")
+
+        self.scheduler.__class__ = Hooked
+        return start
+
+    def _step(self, step, batch, monitor):
+        self.current = step
+        super()._step(step, batch, monitor)
+
+    def train_step(self, batch):
+        self._fire("forward")
+        return super().train_step(batch)
+
+    def _record(self, *args):
+        out = super()._record(*args)
+        self._fire("metrics")
+        return out
+
+    def _checkpoint(self, step):
+        super()._checkpoint(step)
+        self._fire("checkpoint")
+
+
+POINTS = [("forward", signal.SIGTERM), ("optimizer.step", signal.SIGTERM), ("optimizer.step", signal.SIGINT),
+          ("scheduler.step", signal.SIGTERM), ("zero_grad", signal.SIGTERM), ("metrics", signal.SIGTERM),
+          ("checkpoint", signal.SIGTERM)]
+
+
+@pytest.mark.parametrize("point,signum", POINTS, ids=[f"{p}-{s.name}" for p, s in POINTS])
+def test_a_signal_at_any_point_of_a_step_resumes_bit_identically(ref, tmp_path, point, signum):
+    run = tmp_path / "run"
+    at = 3 if point == "checkpoint" else 4  # the checkpoint of step 4 is written during step index 3
+    with pytest.raises(KeyboardInterrupt):
+        SignalAt(_cfg(ref, run), point, at, signum).run()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not (run / "model").exists()
+    # The step under way completed and the checkpoint is of the step boundary after it.
+    assert _checkpoints(run)[-1] == f"step_{at + 1:07d}"
+    assert [r["step"] for r in _records(run)] == list(range(1, at + 2))
+    Trainer(_cfg(ref, run)).run()
+    _assert_same_run(ref["run"], run)
