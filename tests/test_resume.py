@@ -119,6 +119,19 @@ class SignalAt(Trainer):
         self._fire("checkpoint")
 
 
+class CrashAt(Trainer):
+    """Dies at the start of step ``at`` (0-based) as a power cut would: no checkpoint, nothing more."""
+
+    def __init__(self, cfg, at: int):
+        super().__init__(cfg)
+        self.at = at
+
+    def _step(self, step, batch, monitor):
+        if step == self.at:
+            raise RuntimeError("power cut")
+        super()._step(step, batch, monitor)
+
+
 POINTS = [("forward", signal.SIGTERM), ("optimizer.step", signal.SIGTERM), ("optimizer.step", signal.SIGINT),
           ("scheduler.step", signal.SIGTERM), ("zero_grad", signal.SIGTERM), ("metrics", signal.SIGTERM),
           ("checkpoint", signal.SIGTERM)]
@@ -138,3 +151,14 @@ def test_a_signal_at_any_point_of_a_step_resumes_bit_identically(ref, tmp_path, 
     assert [r["step"] for r in _records(run)] == list(range(1, at + 2))
     Trainer(_cfg(ref, run)).run()
     _assert_same_run(ref["run"], run)
+
+
+def test_a_restart_before_the_first_checkpoint_logs_each_step_once(ref, tmp_path):
+    run = tmp_path / "run"
+    val = (f"val.retrieval=[{{name: train, cache: '{ref['cache']}'}}]", "val.every=2", "checkpoint_every=5")
+    with pytest.raises(RuntimeError, match="power cut"):
+        CrashAt(_cfg(ref, run, *val), at=3).run()  # steps 1-3 and validation 2 logged, no checkpoint
+    assert [r["step"] for r in _records(run)] == [1, 2, 3] and not (run / "checkpoints").exists()
+    Trainer(_cfg(ref, run, *val)).run()
+    _assert_same_run(ref["run"], run)
+    assert [r["step"] for r in _records(run, "val.jsonl")] == [2, 4, 6, 8]

@@ -169,11 +169,10 @@ class Trainer:
         if self.text_cached:
             self._fill_text_cache()
         ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return 0
-        start = int(load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)["step"])
-        truncate_metrics(self.run_dir, start)
-        log_line(f"resumed from {ckpt} at step {start}")
+        start = 0 if ckpt is None else int(load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)["step"])
+        truncate_metrics(self.run_dir, start)  # lines a stopped run wrote after it (all of them with no checkpoint)
+        if ckpt is not None:
+            log_line(f"resumed from {ckpt} at step {start}")
         return start
 
     def _cache_batches(self) -> CacheBatches:
