@@ -162,3 +162,40 @@ def test_a_restart_before_the_first_checkpoint_logs_each_step_once(ref, tmp_path
     Trainer(_cfg(ref, run, *val)).run()
     _assert_same_run(ref["run"], run)
     assert [r["step"] for r in _records(run, "val.jsonl")] == [2, 4, 6, 8]
+
+
+def _cli(run_dir: Path, data: dict, *extra, fsize: int | None = None, steps=8) -> subprocess.Popen:
+    """``littune train`` in another process (``fsize``: a limit on the size of any file it writes)."""
+    args = [sys.executable, "-m", "littune", "train"]
+    for o in TINY + [f"run_dir={run_dir}", f"data.source={data['src']}", f"data.cache={data['cache']}",
+                     f"steps={steps}", "checkpoint_every=2", *extra]:
+        args += ["--set", o]
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=limit if fsize else None)
+
+
+def test_an_incomplete_last_metrics_line_is_dropped_on_resume(ref, tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="power cut"):
+        CrashAt(_cfg(ref, run), at=5).run()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss"')  # what a full disk leaves
+    Trainer(_cfg(ref, run)).run()
+    _assert_same_run(ref["run"], run)
+    assert "metrics.jsonl: dropped an incomplete last line" in capsys.readouterr().err
+
+
+def test_a_full_disk_never_leaves_half_a_metrics_line(ref, tmp_path):
+    run = tmp_path / "run"
+    p = _cli(run, ref, "checkpoint_every=0", fsize=16000, steps=200)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "metrics.jsonl" in err and "File too large" in err
+    text = (run / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and 50 < len(text.splitlines()) < 200
+    assert [json.loads(ln)["step"] for ln in text.splitlines()] == list(range(1, len(text.splitlines()) + 1))

@@ -4,11 +4,16 @@
 line per step), ``val.jsonl`` and ``results.json`` (validation), ``tensorboard/`` when TensorBoard
 is installed, and ``plots/`` at the end. Only rank 0 writes; on resumption the metric files are
 cut back to the checkpoint's step so that they read as one uninterrupted run.
+
+A metrics line is appended with one write (:class:`LineLog`); a write that fails part-way (a full
+disk) is cut back off, so the files hold whole lines only. An incomplete last line all the same (a
+power cut) is dropped, with a word, when the run resumes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +22,7 @@ import yaml
 from . import distributed as D
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
-from .errors import ConfigError
+from .errors import ConfigError, LittuneError
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = {"steps", "epochs", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "val", "device"}
@@ -48,16 +53,68 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
         return
     for path in (run_dir / METRICS, run_dir / VALIDATION):
         if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            keep = [line for line, record in read_lines(path) if record["step"] <= step]
             path.write_text("".join(k + "\n" for k in keep))
+
+
+def read_lines(path: Path) -> list[tuple[str, dict]]:
+    """The lines of a metrics file with their records. An incomplete last line (a write cut short) is
+    dropped, and said; any other line that is not a record is an error naming the file and line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    tail = lines.pop()  # "" when the file ends with a newline, as it does unless a write was cut short
+    out = []
+    for number, line in enumerate(lines + [tail], 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError as e:
+            if number < len(lines) or (number == len(lines) and tail.strip()):
+                raise LittuneError(f"{path}:{number}: not a metrics record ({e}); fix or delete that line") from None
+            log_line(f"{path}: dropped an incomplete last line ({len(line)} characters: a write cut short)")
+            continue
+        out.append((line, record))
+    return out
 
 
 def record_validation(run_dir: Path, step: int, results: dict, final: bool) -> None:
     """Append to ``val.jsonl``; the final results also go to ``results.json``."""
-    with open(run_dir / VALIDATION, "a") as f:
-        f.write(json.dumps({"step": step, "val": results}) + "\n")
+    log = LineLog(run_dir / VALIDATION)
+    try:
+        log.write({"step": step, "val": results})
+    finally:
+        log.close()
     if final:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+class LineLog:
+    """A JSON-lines file that only ever holds whole lines: each record is appended with one write,
+    and a write that fails part-way (a full disk) is cut back off and raised as a one-line error."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record: dict) -> None:
+        data = (json.dumps(record) + "\n").encode()
+        size = os.fstat(self.fd).st_size
+        try:
+            done = os.write(self.fd, data)
+            while done < len(data):  # a short write: the rest fails with the reason, or goes through
+                done += os.write(self.fd, data[done:])
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError:
+                pass
+            raise LittuneError(f"could not write to {self.path} ({e.strerror}): it is kept as it was, and so is "
+                               "the last checkpoint; free disk space and run the same command again to resume") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def log_line(text: str) -> None:
@@ -72,7 +129,7 @@ class Monitor:
         from tqdm.auto import tqdm
 
         self.run_dir, self.cfg = run_dir, cfg
-        self.file = open(run_dir / METRICS, "a")
+        self.file = LineLog(run_dir / METRICS)
         self.bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model.setting}", unit="step",
                         disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
         self.tb = None
@@ -84,8 +141,7 @@ class Monitor:
             self.tb = None
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self.file.write(record)
         post = {"loss": f"{record['loss']:.4f}", "T": f"{record['temperature']:.1f}"}
         if "pairs_per_s" in record:
             post["pairs/s"] = f"{record['pairs_per_s']:.0f}"
