@@ -179,6 +179,14 @@ def _cli(run_dir: Path, data: dict, *extra, fsize: int | None = None, steps=8) -
                             stderr=subprocess.PIPE, text=True, preexec_fn=limit if fsize else None)
 
 
+def _error_line(stderr: str) -> str:
+    """The one line that says what went wrong (no traceback); other lines are the run's progress notes."""
+    assert "Traceback" not in stderr, stderr
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("littune train: error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
 def test_an_incomplete_last_metrics_line_is_dropped_on_resume(ref, tmp_path, capsys):
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="power cut"):
@@ -194,8 +202,38 @@ def test_a_full_disk_never_leaves_half_a_metrics_line(ref, tmp_path):
     run = tmp_path / "run"
     p = _cli(run, ref, "checkpoint_every=0", fsize=16000, steps=200)
     _, err = p.communicate(timeout=300)
-    assert p.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert p.returncode == 2
+    err = _error_line(err)
     assert "metrics.jsonl" in err and "File too large" in err
     text = (run / "metrics.jsonl").read_text()
     assert text.endswith("\n") and 50 < len(text.splitlines()) < 200
     assert [json.loads(ln)["step"] for ln in text.splitlines()] == list(range(1, len(text.splitlines()) + 1))
+
+
+def test_a_failed_checkpoint_is_one_line_leaves_nothing_behind_and_keeps_the_previous(ref, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="power cut"):
+        CrashAt(_cfg(ref, run), at=5).run()
+    assert _checkpoints(run) == ["step_0000002", "step_0000004"]
+    # model.safetensors (92 KB) fits, trainer.pt (200 KB) does not: the checkpoint of step 6 fails.
+    p = _cli(run, ref, fsize=150_000)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2
+    err = _error_line(err)
+    assert "checkpoint of step 6 was not written (File too large)" in err
+    assert f"{run / 'checkpoints' / 'step_0000004'} is intact" in err
+    assert _checkpoints(run) == ["step_0000002", "step_0000004"]  # no .tmp-step_0000006-PID left
+    Trainer(_cfg(ref, run)).run()
+    _assert_same_run(ref["run"], run)
+
+
+def test_temporary_checkpoints_of_dead_processes_are_removed_at_start(ref, tmp_path):
+    run = tmp_path / "run"
+    Trainer(_cfg(ref, run, steps=4)).run()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = run / "checkpoints" / f".tmp-step_0000004-{dead.pid}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    Trainer(_cfg(ref, run, steps=4)).run()
+    assert _checkpoints(run) == ["step_0000002", "step_0000004"]

@@ -5,7 +5,9 @@ can change; a locked image tower's are not copied), ``trainer.pt`` (optimizer an
 RNG states: plain tensors and numbers, read back with ``torch.load(weights_only=True)``) and
 ``state.json`` (step, config hash). The files are written (through :mod:`littune.fileio`, each
 fsync'ed) into a temporary folder that is then renamed: a crash at any moment leaves either the old
-or the new checkpoint complete, never a partial one under the final name.
+or the new checkpoint complete, never a partial one under the final name. A checkpoint that cannot be
+written (a full disk) is one line saying so and naming the previous one, which is intact; its
+temporary folder is removed (and one a killed run left is removed when the next run starts).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
+from .errors import LittuneError
 from .fileio import atomic_write, fsync_dir, write_json
 
 PREFIX = "step_"
@@ -33,27 +36,66 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, extra: dict | None = None,
                     keep: int = 2) -> Path:
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
     tmp = root / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    # each file is fsync'ed (fileio) before the folder's rename publishes them
-    atomic_write(tmp / "model.safetensors", save_safetensors(_trainable_state(model)))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
-    atomic_write(tmp / "trainer.pt", lambda f: torch.save(trainer, f))
-    write_json(tmp / "state.json", {"step": step, **(extra or {})})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write(tmp, step, model, optimizer, scheduler, extra)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            previous = latest_checkpoint(run_dir)
+            raise LittuneError(
+                f"checkpoint of step {step} was not written ({e.strerror or e}): "
+                + (f"{previous} is intact; free disk space and run the same command again to resume from it"
+                   if previous else "there is no earlier one; free disk space and run the same command again")
+            ) from e
+        raise
     fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write(folder: Path, step: int, model, optimizer, scheduler, extra: dict | None) -> None:
+    # each file is fsync'ed (fileio) before the folder's rename publishes them
+    atomic_write(folder / "model.safetensors", save_safetensors(_trainable_state(model)))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+    atomic_write(folder / "trainer.pt", lambda f: _torch_save(trainer, f))
+    write_json(folder / "state.json", {"step": step, **(extra or {})})
+
+
+def _torch_save(obj, f) -> None:
+    """``torch.save`` to the file ``f``, a failed write (a full disk) raised as its own OSError: torch
+    reports it as a RuntimeError that names no cause."""
+    failed = []
+
+    class Writer:
+        def write(self, data):
+            try:
+                return f.write(data)
+            except OSError as e:
+                failed.append(e)
+                raise
+
+        def flush(self):
+            f.flush()
+
+    try:
+        torch.save(obj, Writer())
+    except RuntimeError:
+        if failed:
+            raise failed[0] from None
+        raise
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -1,4 +1,9 @@
-"""What keeps a run directory whole between runs: a stop only at a step boundary.
+"""What keeps a run directory whole between runs: no leftovers, a stop only at a step boundary.
+
+**Leftovers.** A run killed while it wrote a checkpoint, ``model/`` or a metrics file leaves a
+temporary (``checkpoints/.tmp-step_*-PID``, ``.model.tmp-PID``...) or, killed between the two renames
+that replace a folder, the old folder moved aside. :func:`clear_run_dir` removes the first and puts
+the second back when a run starts (:func:`littune.fileio.clear_leftovers`).
 
 **Stopping.** While the trainer's loop runs, Ctrl-C (SIGINT) and SIGTERM only ask it to stop
 (:class:`StopSignals`): the step under way completes -- weights, optimiser, schedule, metrics line --
@@ -11,8 +16,20 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 
 from . import distributed as D
+from .fileio import clear_leftovers
+from .monitor import METRICS, VALIDATION, log_line
+
+#: what littune writes in a run directory (besides checkpoints/) through a temporary name
+RUN_FILES = ("model", "tokenizer", "config.yaml", "results.json", METRICS, VALIDATION)
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Rank 0, at the start of a run: what killed runs left in ``run_dir`` (module doc), each said."""
+    for line in clear_leftovers(run_dir / "checkpoints") + clear_leftovers(run_dir, names=RUN_FILES):
+        log_line(line)
 
 
 class StopSignals:
