@@ -237,3 +237,81 @@ def test_temporary_checkpoints_of_dead_processes_are_removed_at_start(ref, tmp_p
     (stale / "model.safetensors").write_bytes(b"half")
     Trainer(_cfg(ref, run, steps=4)).run()
     assert _checkpoints(run) == ["step_0000002", "step_0000004"]
+
+
+KILL_AT = """
+import os, signal, sys
+# SIGKILL this process when it renames a file or folder named argv[1] (as source or destination)
+name, kind = sys.argv[1], sys.argv[2]
+def hook(event, args):
+    if event == "os.rename" and name in (os.path.basename(os.fspath(args[0])), os.path.basename(os.fspath(args[1]))):
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+if kind == "train":
+    from littune.cli import main
+    main(sys.argv[3:])
+else:
+    sys.path.insert(0, {tests!r})
+    from conftest import CAPTIONS, TINY_TEXT
+    from littune import LiTConfig, LiTModel
+    from littune.towers.tiny import SPEC
+    cfg = LiTConfig(setting="Lu", image_tower=SPEC, text_tower=dict(TINY_TEXT), embed_dim=16)
+    LiTModel.from_config(cfg, captions=[c.upper() + " photo" for c in CAPTIONS]).save_pretrained(sys.argv[3])
+"""
+
+
+def _killed_at(name: str, kind: str, *args) -> None:
+    script = KILL_AT.format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", script, name, kind, *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def test_resaving_a_checkpoint_never_loses_it(ref, tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(_cfg(ref, run, steps=4)).run()
+    before = (run / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
+    # Run again: it re-saves the last checkpoint, and is killed as the new copy takes its name.
+    args = ["train"] + [a for o in TINY + [f"run_dir={run}", f"data.source={ref['src']}", f"data.cache={ref['cache']}",
+                                           "steps=4", "checkpoint_every=2"] for a in ("--set", o)]
+    _killed_at("step_0000004", "train", *args)
+    capsys.readouterr()
+    Trainer(_cfg(ref, run, steps=4)).run()
+    assert f"resumed from {run / 'checkpoints' / 'step_0000004'} at step 4" in capsys.readouterr().err
+    assert (run / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes() == before
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_save_pretrained_replaces_a_model_folder_whole(tiny_model, tmp_path):
+    out = tmp_path / "model"
+    tiny_model().save_pretrained(out)
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    # Another model (another tokenizer) saved over it, killed as its weights file takes its name.
+    _killed_at("model.safetensors", "model", out)
+    after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    with pytest.raises(LittuneError, match="not a littune model"):
+        tiny_model().save_pretrained(tmp_path)  # a folder with other things in it is not replaced
+    tiny_model().save_pretrained(out)  # a later save clears what the killed one left beside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+TRUNCATE = "import sys; from pathlib import Path; from littune.monitor import truncate_metrics; " \
+           "truncate_metrics(Path(sys.argv[1]), 6)"
+
+
+def test_cutting_metrics_back_on_a_full_disk_keeps_them(ref, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ref["run"], run)
+    before = (run / "metrics.jsonl").read_bytes()
+    assert len(before) > 1200
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
+
+    done = subprocess.run([sys.executable, "-c", TRUNCATE, str(run)], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=120)
+    assert done.returncode != 0
+    assert (run / "metrics.jsonl").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from .errors import LittuneError
-from .fileio import atomic_write, fsync_dir, write_json
+from .fileio import atomic_write, fsync_dir, replace_dir, write_json
 
 PREFIX = "step_"
 
@@ -44,9 +44,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, extra
             shutil.rmtree(tmp)
         tmp.mkdir()
         _write(tmp, step, model, optimizer, scheduler, extra)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a checkpoint saved again: the old one moved aside, removed after
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .config import LiTConfig
+from .errors import LittuneError
+from .fileio import clear_leftovers, replace_dir
 from .inference import InferenceMixin
 from .optim import unlock_part
 from .tower_settings import check_lr_mults, default_lr_mults, parse_setting
@@ -230,9 +234,28 @@ class LiTModel(InferenceMixin, nn.Module):
 
     # -- model directories -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and ``text/`` (tokenizer, text config)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write ``config.json``, ``model.safetensors`` and ``text/`` (tokenizer, text config) as the folder
+        ``directory``, whole: into a temporary folder beside it, which then replaces it
+        (:func:`littune.fileio.replace_dir`), so a crash leaves the old model or the new one, never a mix.
+        An existing folder that holds something other than a littune model is refused."""
+        out = Path(directory).resolve()  # "." or "runs/x/" have a name to put the temporary folder beside
+        if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / CONFIG_NAME).is_file())):
+            raise LittuneError(f"{directory} is not a littune model directory (no {CONFIG_NAME}) and is not empty; "
+                               "save into a new folder (nothing was written)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clear_leftovers(out.parent, names=(out.name,))  # what a killed save left beside
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            self._write_folder(tmp)
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Path(directory)
+
+    def _write_folder(self, directory: Path) -> None:
         text_spec = self.text_tower.save(directory / "text")
         by_reference = self.setting.image.locked and self.image_tower.by_reference
         image_spec = dict(self.image_tower.spec) if by_reference else self.image_tower.extra_files(directory)
@@ -253,7 +276,6 @@ class LiTModel(InferenceMixin, nn.Module):
         save_file(state, str(tmp), metadata={"format": "pt"})
         tmp.replace(directory / WEIGHTS_NAME)
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu", trust_code: bool = False) -> "LiTModel":

@@ -23,6 +23,7 @@ from . import distributed as D
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
 from .errors import ConfigError, LittuneError
+from .fileio import atomic_write
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = {"steps", "epochs", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "val", "device"}
@@ -43,7 +44,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
                 raise ConfigError(
                     f"{run_dir} holds a run with a different configuration ({', '.join(diff)} differ): "
                     "use another run_dir, or delete its checkpoints/ to start over")
-        cfg.save(saved)
+        atomic_write(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
     D.barrier()
 
 
@@ -54,7 +55,11 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     for path in (run_dir / METRICS, run_dir / VALIDATION):
         if path.exists():
             keep = [line for line, record in read_lines(path) if record["step"] <= step]
-            path.write_text("".join(k + "\n" for k in keep))
+            try:
+                atomic_write(path, "".join(k + "\n" for k in keep))  # the old file, or the new one whole
+            except OSError as e:
+                raise LittuneError(f"could not rewrite {path} ({e.strerror}): it is kept as it was; free disk "
+                                   "space and run the same command again to resume") from None
 
 
 def read_lines(path: Path) -> list[tuple[str, dict]]:
@@ -87,7 +92,7 @@ def record_validation(run_dir: Path, step: int, results: dict, final: bool) -> N
     finally:
         log.close()
     if final:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write(run_dir / "results.json", json.dumps(results, indent=2))
 
 
 class LineLog:
