@@ -240,31 +240,39 @@ def test_temporary_checkpoints_of_dead_processes_are_removed_at_start(ref, tmp_p
 
 
 KILL_AT = """
-import os, signal, sys
-# SIGKILL this process when it renames a file or folder named argv[1] (as source or destination)
+import errno, os, signal, sys
+# kind train|model: SIGKILL this process when it renames a file or folder named argv[1] (either side);
+# kind enospc: the disk is full when it opens argv[1] inside a temporary folder.
 name, kind = sys.argv[1], sys.argv[2]
 def hook(event, args):
-    if event == "os.rename" and name in (os.path.basename(os.fspath(args[0])), os.path.basename(os.fspath(args[1]))):
+    if kind != "enospc" and event == "os.rename" and name in (os.path.basename(args[0]), os.path.basename(args[1])):
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "enospc" and event == "open" and os.path.basename(str(args[0])) == name and ".tmp-" in str(args[0]):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), args[0])
 sys.addaudithook(hook)
-if kind == "train":
+if kind in ("train", "enospc"):
     from littune.cli import main
-    main(sys.argv[3:])
-else:
-    sys.path.insert(0, {tests!r})
-    from conftest import CAPTIONS, TINY_TEXT
-    from littune import LiTConfig, LiTModel
-    from littune.towers.tiny import SPEC
-    cfg = LiTConfig(setting="Lu", image_tower=SPEC, text_tower=dict(TINY_TEXT), embed_dim=16)
-    LiTModel.from_config(cfg, captions=[c.upper() + " photo" for c in CAPTIONS]).save_pretrained(sys.argv[3])
+    sys.exit(main(sys.argv[3:]))
+sys.path.insert(0, {tests!r})
+from conftest import CAPTIONS, TINY_TEXT
+from littune import LiTConfig, LiTModel
+from littune.towers.tiny import SPEC
+cfg = LiTConfig(setting="Lu", image_tower=SPEC, text_tower=dict(TINY_TEXT), embed_dim=16)
+LiTModel.from_config(cfg, captions=[c.upper() + " photo" for c in CAPTIONS]).save_pretrained(sys.argv[3])
 """
 
 
-def _killed_at(name: str, kind: str, *args) -> None:
+def _killed_at(name: str, kind: str, *args) -> subprocess.CompletedProcess:
     script = KILL_AT.format(tests=str(Path(__file__).parent))
     done = subprocess.run([sys.executable, "-c", script, name, kind, *map(str, args)], capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert kind == "enospc" or done.returncode == -signal.SIGKILL, done.stderr
+    return done
+
+
+def _train_args(data: dict, run_dir: Path, steps: int) -> list[str]:
+    return ["train"] + [a for o in TINY + [f"run_dir={run_dir}", f"data.source={data['src']}", f"data.cache={data['cache']}",
+                                           f"steps={steps}", "checkpoint_every=2"] for a in ("--set", o)]
 
 
 def test_resaving_a_checkpoint_never_loses_it(ref, tmp_path, capsys):
@@ -272,9 +280,7 @@ def test_resaving_a_checkpoint_never_loses_it(ref, tmp_path, capsys):
     Trainer(_cfg(ref, run, steps=4)).run()
     before = (run / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
     # Run again: it re-saves the last checkpoint, and is killed as the new copy takes its name.
-    args = ["train"] + [a for o in TINY + [f"run_dir={run}", f"data.source={ref['src']}", f"data.cache={ref['cache']}",
-                                           "steps=4", "checkpoint_every=2"] for a in ("--set", o)]
-    _killed_at("step_0000004", "train", *args)
+    _killed_at("step_0000004", "train", *_train_args(ref, run, 4))
     capsys.readouterr()
     Trainer(_cfg(ref, run, steps=4)).run()
     assert f"resumed from {run / 'checkpoints' / 'step_0000004'} at step 4" in capsys.readouterr().err
@@ -294,6 +300,17 @@ def test_save_pretrained_replaces_a_model_folder_whole(tiny_model, tmp_path):
         tiny_model().save_pretrained(tmp_path)  # a folder with other things in it is not replaced
     tiny_model().save_pretrained(out)  # a later save clears what the killed one left beside
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_full_disk_while_writing_the_model_is_one_line_and_keeps_the_old_model(ref, tmp_path):
+    run = tmp_path / "run"
+    Trainer(_cfg(ref, run, steps=4)).run()
+    before = {p.relative_to(run): p.read_bytes() for p in sorted((run / "model").rglob("*")) if p.is_file()}
+    done = _killed_at("config.json", "enospc", *_train_args(ref, run, 4))
+    assert done.returncode == 2
+    assert f"{run / 'model'} was not written (No space left on device)" in _error_line(done.stderr)
+    assert {p.relative_to(run): p.read_bytes() for p in sorted((run / "model").rglob("*")) if p.is_file()} == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
 
 
 TRUNCATE = "import sys; from pathlib import Path; from littune.monitor import truncate_metrics; " \

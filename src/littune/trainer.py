@@ -31,7 +31,7 @@ from .batches import CacheBatches, OnTheFlyBatches, Prefetched, WithTextFeatures
 from .accumulate import accumulated_backward
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LiTConfig, TrainConfig
-from .errors import ConfigError, TrainingDiverged, UntrustedCodeError  # noqa: F401 (TrainingDiverged: re-exported)
+from .errors import ConfigError, LittuneError, TrainingDiverged, UntrustedCodeError  # noqa: F401 (TrainingDiverged: re-exported)
 from .losses import ContrastiveLoss
 from .model import LiTModel, save_trained
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
@@ -399,6 +399,10 @@ class Trainer:
     def _export(self) -> Path:
         out = self.run_dir / "model"
         if D.is_main():
-            save_trained(self.model.to("cpu"), out)
+            try:
+                save_trained(self.model.to("cpu"), out)
+            except OSError as e:  # a full disk: the folder is written whole or not at all
+                raise LittuneError(f"{out} was not written ({e.strerror or e}); the checkpoint of step "
+                                   f"{self.cfg.steps} is intact: free disk space and run the same command again") from e
             self.model.to(self.device)
         return out
