@@ -187,6 +187,25 @@ def _error_line(stderr: str) -> str:
     return errors[0]
 
 
+def test_a_second_run_into_the_same_run_dir_is_refused_naming_the_first(ref, tmp_path):
+    run = tmp_path / "run"
+    first = _cli(run, ref, steps=100000)
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.1)
+        second = _cli(Path(os.path.relpath(run)), ref, steps=100000)  # the same folder, spelled otherwise
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2
+        err = _error_line(err)
+        assert "run directory" in err and "is being written by another `littune train`" in err and f"pid {first.pid}" in err
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+
+
 def test_an_incomplete_last_metrics_line_is_dropped_on_resume(ref, tmp_path, capsys):
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="power cut"):

@@ -229,7 +229,14 @@ def step_loader(dataset: OnTheFlyBatches, start: int, stop: int, workers: int):
     """Batches for steps ``start..stop-1`` in order, decoded by ``workers`` processes."""
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop),
                                        num_workers=workers, persistent_workers=False,
-                                       prefetch_factor=2 if workers > 0 else None)
+                                       prefetch_factor=2 if workers > 0 else None, worker_init_fn=_worker_init)
+
+
+def _worker_init(_worker_id: int) -> None:
+    """A forked worker closes its copy of the run directory's lock: it must not outlive a killed run's."""
+    from .cache.lock import close_inherited_locks
+
+    close_inherited_locks()
 
 
 def length_groups(tokens: dict[str, torch.Tensor], k: int, padding_side: str = "right") -> list[tuple]:

@@ -1,9 +1,14 @@
-"""What keeps a run directory whole between runs: no leftovers, a stop only at a step boundary.
+"""What keeps a run directory whole: one run at a time, no leftovers, a stop only at a step boundary.
+
+**One run at a time.** Rank 0 holds an exclusive lock on ``RUN_DIR/.lock`` for the whole run, as
+``littune embed`` holds one on a cache (:func:`littune.cache.lock.lock`: released by the OS even on
+kill -9); a second ``littune train`` into the same folder, however spelled, is refused in one line
+that names the first (pid, host, start time).
 
 **Leftovers.** A run killed while it wrote a checkpoint, ``model/`` or a metrics file leaves a
 temporary (``checkpoints/.tmp-step_*-PID``, ``.model.tmp-PID``...) or, killed between the two renames
-that replace a folder, the old folder moved aside. :func:`clear_run_dir` removes the first and puts
-the second back when a run starts (:func:`littune.fileio.clear_leftovers`).
+that replace a folder, the old folder moved aside. Once it holds the lock, a run removes the first
+and puts the second back (:func:`littune.fileio.clear_leftovers`): no one else writes there.
 
 **Stopping.** While the trainer's loop runs, Ctrl-C (SIGINT) and SIGTERM only ask it to stop
 (:class:`StopSignals`): the step under way completes -- weights, optimiser, schedule, metrics line --
@@ -26,10 +31,22 @@ from .monitor import METRICS, VALIDATION, log_line
 RUN_FILES = ("model", "tokenizer", "config.yaml", "results.json", METRICS, VALIDATION)
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Rank 0, at the start of a run: what killed runs left in ``run_dir`` (module doc), each said."""
-    for line in clear_leftovers(run_dir / "checkpoints") + clear_leftovers(run_dir, names=RUN_FILES):
+def open_run_dir(run_dir: Path):
+    """Rank 0, at the start of a run: lock ``run_dir`` (a second run is refused) and clear what killed
+    runs left there (module doc), each said. Returns the lock, for :func:`close_run_dir`."""
+    from .cache.lock import lock
+
+    held = lock(run_dir, what="run directory", by="`littune train`")
+    for line in (clear_leftovers(run_dir / "checkpoints", everything=True)
+                 + clear_leftovers(run_dir, everything=True, names=RUN_FILES)):
         log_line(line)
+    return held
+
+
+def close_run_dir(held) -> None:
+    from .cache.lock import unlock
+
+    unlock(held)
 
 
 class StopSignals:

@@ -38,7 +38,7 @@ from .monitor import Monitor, log_line, prepare_run_dir, record_validation, trun
 from .optim import build_optimizer, build_scheduler, group_lrs, held_groups, lr_mults_line
 from .run_outcome import finished_step, interrupted
 from .run_plan import Timed, plan_run
-from .rundir import StopSignals, clear_run_dir
+from .rundir import StopSignals, close_run_dir, open_run_dir
 from .tower_settings import parse_setting
 from .towers.fingerprint import tower_fingerprint
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
@@ -286,17 +286,20 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Path:
         """Train ``steps`` steps (resuming from the latest checkpoint), validate, export ``model/``."""
-        self._open_data()
-        self.cfg, self.plan = plan_run(self)  # batch, steps, warm-up: those not set sized from the data, printed
-        self.finished = finished_step(self.run_dir, self.cfg)  # a finished run's step (it is not trained again)
-        if self.finished is not None:
-            return self.run_dir / "model"
-        if D.is_main():
-            clear_run_dir(self.run_dir)
-        prepare_run_dir(self.run_dir, self.cfg)
-        start = self._build_training()
-        self._loop(start, Timed(self._batches(start), start, self.cfg.steps))  # prints the measured time per step
-        return self._finish()
+        held = open_run_dir(self.run_dir) if D.is_main() else None  # one run at a time (littune.rundir)
+        try:
+            self._open_data()
+            self.cfg, self.plan = plan_run(self)  # batch, steps, warm-up: those not set sized from the data, printed
+            self.finished = finished_step(self.run_dir, self.cfg)  # a finished run's step (it is not trained again)
+            if self.finished is not None:
+                return self.run_dir / "model"
+            prepare_run_dir(self.run_dir, self.cfg)
+            start = self._build_training()
+            self._loop(start, Timed(self._batches(start), start, self.cfg.steps))  # prints the measured time a step
+            return self._finish()
+        finally:
+            if held is not None:
+                close_run_dir(held)
 
     def _loop(self, start: int, batches) -> None:
         """The steps from ``start``. Ctrl-C or SIGTERM stops at the next step boundary (the step under

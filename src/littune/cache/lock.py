@@ -1,7 +1,7 @@
 """One writer per cache directory, and a directory made ready for a plan.
 
 A writer holds an exclusive ``flock`` on ``CACHE/.lock`` for the whole run; the OS drops it when
-the process ends, even on ``kill -9``. Decoding workers close their inherited copy of the lock's
+the process ends, even on ``kill -9``. (A training run locks its run directory the same way.) Decoding workers close their inherited copy of the lock's
 file descriptor, so a lingering worker never keeps a killed run's lock.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
 from ..errors import LittuneError
@@ -20,10 +22,12 @@ from .stale import OLD_RULE, old_fingerprint_rule
 _LOCK_FDS: set[int] = set()
 
 
-def lock(out: Path):
-    """An exclusive lock on the cache directory for this run (released by the OS even on kill -9)."""
+def lock(out: Path, what: str = "cache", by: str = "`littune embed`"):
+    """An exclusive lock on the directory ``out`` for this run (released by the OS even on kill -9).
+    The lock file names the holder (pid, host, start time); a second writer's one-line error repeats it.
+    ``what``/``by``: the directory's kind and the command that holds it, for that message."""
     if out.exists() and not out.is_dir():
-        raise LittuneError(f"cache directory {out} is a file")
+        raise LittuneError(f"{what} directory {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
     f = open(out / LOCK, "a+")
     try:
@@ -33,8 +37,15 @@ def lock(out: Path):
     except ImportError:  # pragma: no cover - not POSIX: no protection against a second writer
         pass
     except OSError:
+        f.seek(0)
+        holder = " ".join(f.read(300).split())
         f.close()
-        raise LittuneError(f"cache {out} is being written by another `littune embed`; wait for it to finish") from None
+        raise LittuneError(f"{what} {out} is being written by another {by}{f' ({holder})' if holder else ''}; "
+                           "wait for it to finish") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
     _LOCK_FDS.add(f.fileno())
     return f
 
