@@ -164,6 +164,19 @@ def test_a_restart_before_the_first_checkpoint_logs_each_step_once(ref, tmp_path
     assert [r["step"] for r in _records(run, "val.jsonl")] == [2, 4, 6, 8]
 
 
+def test_the_same_run_dir_spelled_or_placed_differently_resumes(ref, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Trainer(_cfg(ref, "run", steps=4)).run()
+    for spelling in (tmp_path / "run", "./run", "run/"):
+        Trainer(_cfg(ref, spelling, steps=4)).run()
+    shutil.copytree(tmp_path / "run", tmp_path / "copied")
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    for where in ("copied", tmp_path / "moved"):
+        capsys.readouterr()
+        Trainer(_cfg(ref, where, steps=4)).run()
+        assert "at step 4" in capsys.readouterr().err
+
+
 def _cli(run_dir: Path, data: dict, *extra, fsize: int | None = None, steps=8) -> subprocess.Popen:
     """``littune train`` in another process (``fsize``: a limit on the size of any file it writes)."""
     args = [sys.executable, "-m", "littune", "train"]

@@ -25,8 +25,10 @@ from .config import TrainConfig
 from .errors import ConfigError, LittuneError
 from .fileio import atomic_write
 
-# Keys that may differ between a run and its resumption (they do not change what is computed).
-RESUMABLE_CHANGES = {"steps", "epochs", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "val", "device"}
+# Keys that may differ between a run and its resumption (they do not change what is computed). run_dir
+# is the folder itself, wherever it is now and however it is spelled (it may have been moved or copied).
+RESUMABLE_CHANGES = {"run_dir", "steps", "epochs", "progress", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "val", "device"}
 METRICS = "metrics.jsonl"
 VALIDATION = "val.jsonl"
 
