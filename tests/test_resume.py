@@ -164,6 +164,18 @@ def test_a_restart_before_the_first_checkpoint_logs_each_step_once(ref, tmp_path
     assert [r["step"] for r in _records(run, "val.jsonl")] == [2, 4, 6, 8]
 
 
+def test_a_changed_steps_on_resume_is_refused(ref, tmp_path):
+    run = tmp_path / "run"
+    Trainer(_cfg(ref, run, steps=4)).run()
+    for steps in (2, 6):
+        with pytest.raises(ConfigError, match=f"steps=4.*checkpoint at step 4.*steps={steps}"):
+            Trainer(_cfg(ref, run, steps=steps)).run()
+    (run / "config.yaml").unlink()  # with no record of steps, the checkpoint's step still bounds it
+    with pytest.raises(ConfigError, match="checkpoint at step 4; resuming it with steps=2 would end before it"):
+        Trainer(_cfg(ref, run, steps=2)).run()
+    assert _checkpoints(run) == ["step_0000002", "step_0000004"]
+
+
 def test_the_same_run_dir_spelled_or_placed_differently_resumes(ref, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Trainer(_cfg(ref, "run", steps=4)).run()

@@ -27,8 +27,8 @@ from .fileio import atomic_write
 
 # Keys that may differ between a run and its resumption (they do not change what is computed). run_dir
 # is the folder itself, wherever it is now and however it is spelled (it may have been moved or copied).
-RESUMABLE_CHANGES = {"run_dir", "steps", "epochs", "progress", "log_every", "checkpoint_every", "keep_checkpoints",
-                     "val", "device"}
+RESUMABLE_CHANGES = {"run_dir", "epochs", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "val",
+                     "device"}  # epochs: what it changes, steps, is checked on its own
 METRICS = "metrics.jsonl"
 VALIDATION = "val.jsonl"
 
@@ -38,16 +38,35 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
     saved = run_dir / "config.yaml"
     if D.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        if saved.exists() and latest_checkpoint(run_dir):
-            old = yaml.safe_load(saved.read_text())
-            new = cfg.to_dict()
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-            if diff:
-                raise ConfigError(
-                    f"{run_dir} holds a run with a different configuration ({', '.join(diff)} differ): "
-                    "use another run_dir, or delete its checkpoints/ to start over")
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt:
+            _check_resumable(run_dir, cfg, int(ckpt.name.rsplit("_", 1)[-1]))
         atomic_write(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
     D.barrier()
+
+
+def _check_resumable(run_dir: Path, cfg: TrainConfig, step: int) -> None:
+    """A run resumed from its checkpoint of ``step`` must be configured as it was, ``steps`` included:
+    the learning-rate schedule runs to ``steps``, so another value changes the steps still to come."""
+    saved, new = run_dir / "config.yaml", cfg.to_dict()
+    old = None
+    if saved.exists():
+        try:
+            old = yaml.safe_load(saved.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{saved} is not readable YAML ({' '.join(str(e).split())[:120]})") from None
+        if not isinstance(old, dict):
+            raise ConfigError(f"{saved} is not a run's configuration (not a mapping)")
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        if diff and diff != ["steps"]:
+            raise ConfigError(f"{run_dir} holds a run with a different configuration ({', '.join(diff)} differ): "
+                              "use another run_dir, or delete its checkpoints/ to start over")
+    was = old.get("steps") if old else None
+    if (was is not None and was != new["steps"]) or new["steps"] < step:
+        change = "would end before it" if new["steps"] < step else "would change its learning-rate schedule from there on"
+        fix = f"set steps={was}" if was is not None else f"set steps to {step} or more"
+        raise ConfigError(f"steps: {run_dir} holds a run {f'of steps={was} ' if was is not None else ''}with a checkpoint "
+                          f"at step {step}; resuming it with steps={new['steps']} {change}: {fix}, or use another run_dir")
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
