@@ -164,6 +164,51 @@ def test_a_restart_before_the_first_checkpoint_logs_each_step_once(ref, tmp_path
     assert [r["step"] for r in _records(run, "val.jsonl")] == [2, 4, 6, 8]
 
 
+def _tokenizer(run_dir: Path) -> dict:
+    return json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())
+
+
+def _text_tower(vocab: int) -> str:
+    return f"model.text_tower={{type: transformer, width: 32, depth: 1, heads: 2, context_length: 12, vocab_size: {vocab}}}"
+
+
+def _vocab(tokenizer: dict) -> tuple:
+    return tokenizer["model"]["vocab"], tokenizer["model"]["merges"]
+
+
+def test_a_stale_tokenizer_is_retrained_or_refused(ref, tmp_path, capsys):
+    from littune.cache import EmbeddingCache
+    from littune.towers.text import train_tokenizer
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="power cut"):
+        CrashAt(_cfg(ref, run, _text_tower(300)), at=1).run()  # killed before its first checkpoint
+    assert len(_tokenizer(run)["model"]["vocab"]) == 300
+    # Another vocab_size: the tokenizer left behind is made again, the same as a fresh run's.
+    Trainer(_cfg(ref, run, _text_tower(280), steps=2)).run()
+    Trainer(_cfg(ref, tmp_path / "fresh", _text_tower(280), steps=2)).run()
+    assert _tokenizer(run) == _tokenizer(tmp_path / "fresh")
+    assert len(_tokenizer(run)["model"]["vocab"]) == 280
+    assert "training a new one" in capsys.readouterr().err
+    # The same source and cache paths, other captions: made again before a checkpoint, refused after one.
+    shutil.copytree(ref["src"].parent, tmp_path / "data2")
+    other = dict(ref, cache=tmp_path / "cache2", src=tmp_path / "data2" / "pairs.csv")
+    run2 = tmp_path / "run2"
+    with pytest.raises(RuntimeError, match="power cut"):
+        CrashAt(_cfg(other, run2, _text_tower(300)), at=1).run()
+    before = _tokenizer(run2)
+    csv = other["src"].read_text().replace(",a ", ",one ").replace(" in ", " inside ")
+    other["src"].write_text(csv)
+    shutil.rmtree(other["cache"])
+    Trainer(_cfg(other, run2, _text_tower(300))).run()
+    want = train_tokenizer(EmbeddingCache.open(other["cache"]).iter_captions(), vocab_size=300)
+    assert _vocab(_tokenizer(run2)) == _vocab(json.loads(want.backend_tokenizer.to_str())) != _vocab(before)
+    other["src"].write_text(csv.replace(" inside ", " within "))
+    shutil.rmtree(other["cache"])
+    with pytest.raises(LittuneError, match="tokenizer.*captions.*checkpoints"):
+        Trainer(_cfg(other, run2, _text_tower(300))).run()
+
+
 def test_a_changed_steps_on_resume_is_refused(ref, tmp_path):
     run = tmp_path / "run"
     Trainer(_cfg(ref, run, steps=4)).run()

@@ -38,7 +38,7 @@ from .monitor import Monitor, log_line, prepare_run_dir, record_validation, trun
 from .optim import build_optimizer, build_scheduler, group_lrs, held_groups, lr_mults_line
 from .run_outcome import finished_step, interrupted
 from .run_plan import Timed, plan_run
-from .rundir import StopSignals, close_run_dir, open_run_dir
+from .rundir import StopSignals, close_run_dir, ensure_tokenizer, open_run_dir
 from .tower_settings import parse_setting
 from .towers.fingerprint import tower_fingerprint
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
@@ -137,12 +137,9 @@ class Trainer:
         tok_dir = self.run_dir / "tokenizer"
         from_scratch = text_spec.get("type", "transformer") == "transformer"
         if from_scratch:
-            if D.is_main() and not (tok_dir / "tokenizer.json").exists():
-                from .towers.text import train_tokenizer
-
-                tok = train_tokenizer(self._captions_for_tokenizer(), vocab_size=text_spec.get("vocab_size", 8000),
-                                      kind=text_spec.get("tokenizer", "bpe"))
-                tok.save_pretrained(tok_dir)
+            if D.is_main():  # trained, or checked against the spec and captions it came from (littune.rundir)
+                ensure_tokenizer(tok_dir, text_spec, self._captions_for_tokenizer,
+                                 resuming=latest_checkpoint(self.run_dir) is not None)
             D.barrier()  # every rank uses rank 0's tokenizer
         torch.manual_seed(self.cfg.seed)
         if from_scratch:
