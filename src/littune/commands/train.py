@@ -5,7 +5,9 @@ overridden by `--set key=value`. With a locked image tower (setting L*), trainin
 embedding cache (`littune embed`) and never runs the image model. The run directory gets
 config.yaml, metrics.jsonl, checkpoints/, plots/ and the final model/ directory; with a val section the
 final validation results are printed as a table (and kept in results.json). Running the same command
-again resumes from the last checkpoint exactly; on a finished run it says so and does nothing.
+again resumes from the last checkpoint exactly (the same configuration, steps included; the folder may
+have moved); on a finished run it says so and does nothing. Ctrl-C or SIGTERM stops after the step
+under way, with a checkpoint of it; a second one stops at once. One run at a time per run directory.
 
 Several processes: torchrun --nproc_per_node 2 -m littune train --config cfg.yaml
 """
