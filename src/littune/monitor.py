@@ -63,10 +63,12 @@ def _check_resumable(run_dir: Path, cfg: TrainConfig, step: int) -> None:
                               "use another run_dir, or delete its checkpoints/ to start over")
     was = old.get("steps") if old else None
     if (was is not None and was != new["steps"]) or new["steps"] < step:
-        change = "would end before it" if new["steps"] < step else "would change its learning-rate schedule from there on"
+        change = ("would end before it" if new["steps"] < step
+                  else "would change its learning-rate schedule from there on")
         fix = f"set steps={was}" if was is not None else f"set steps to {step} or more"
-        raise ConfigError(f"steps: {run_dir} holds a run {f'of steps={was} ' if was is not None else ''}with a checkpoint "
-                          f"at step {step}; resuming it with steps={new['steps']} {change}: {fix}, or use another run_dir")
+        of = f"of steps={was} " if was is not None else ""
+        raise ConfigError(f"steps: {run_dir} holds a run {of}with a checkpoint at step {step}; resuming it with "
+                          f"steps={new['steps']} {change}: {fix}, or use another run_dir")
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
@@ -136,8 +138,9 @@ class LineLog:
                 os.ftruncate(self.fd, size)
             except OSError:
                 pass
-            raise LittuneError(f"could not write to {self.path} ({e.strerror}): it is kept as it was, and so is "
-                               "the last checkpoint; free disk space and run the same command again to resume") from None
+            raise LittuneError(f"could not write to {self.path} ({e.strerror}): it is kept as it was, and so "
+                               "is the last checkpoint; free disk space and run the same command again to resume"
+                               ) from None
 
     def close(self) -> None:
         os.close(self.fd)

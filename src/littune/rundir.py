@@ -91,9 +91,9 @@ def ensure_tokenizer(tok_dir: Path, spec: dict, captions: Callable[[], Iterable[
     changed = "no record" if have is None else ", ".join(
         f"{k} {have.get(k)!r}, now {want[k]!r}" for k in want if have.get(k) != want[k])
     if present and resuming:
-        raise LittuneError(f"{tok_dir} (the tokenizer) was made from other settings or captions ({changed}), and the "
-                           f"checkpoints in {tok_dir.parent / 'checkpoints'} were trained with it: use another run_dir, "
-                           "or delete its checkpoints/ and tokenizer/ to start over")
+        raise LittuneError(f"{tok_dir} (the tokenizer) was made from other settings or captions ({changed}), and "
+                           f"the checkpoints in {tok_dir.parent / 'checkpoints'} were trained with it: use another "
+                           "run_dir, or delete its checkpoints/ and tokenizer/ to start over")
     if present:
         log_line(f"{tok_dir} was made from other settings or captions ({changed}): training a new one")
     from .towers.text import train_tokenizer
