@@ -6,6 +6,7 @@ disk (a file-size limit, ``RLIMIT_FSIZE``: the write fails part-way as on a full
 by the process to itself at chosen points of a step.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -14,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +22,10 @@ import torch
 from safetensors.torch import load_file
 from test_trainer import TINY, make_source
 
+from littune.cli import main
 from littune.config import load_config
 from littune.errors import ConfigError, LittuneError
+from littune.monitor import truncate_metrics
 from littune.trainer import Trainer
 
 
@@ -169,7 +171,8 @@ def _tokenizer(run_dir: Path) -> dict:
 
 
 def _text_tower(vocab: int) -> str:
-    return f"model.text_tower={{type: transformer, width: 32, depth: 1, heads: 2, context_length: 12, vocab_size: {vocab}}}"
+    return ("model.text_tower={type: transformer, width: 32, depth: 1, heads: 2, context_length: 12, "
+            f"vocab_size: {vocab}}}")
 
 
 def _vocab(tokenizer: dict) -> tuple:
@@ -234,19 +237,31 @@ def test_the_same_run_dir_spelled_or_placed_differently_resumes(ref, tmp_path, m
         assert "at step 4" in capsys.readouterr().err
 
 
-def _cli(run_dir: Path, data: dict, *extra, fsize: int | None = None, steps=8) -> subprocess.Popen:
-    """``littune train`` in another process (``fsize``: a limit on the size of any file it writes)."""
-    args = [sys.executable, "-m", "littune", "train"]
-    for o in TINY + [f"run_dir={run_dir}", f"data.source={data['src']}", f"data.cache={data['cache']}",
-                     f"steps={steps}", "checkpoint_every=2", *extra]:
-        args += ["--set", o]
+def _cli(run_dir: Path, data: dict, *extra, steps=8) -> subprocess.Popen:
+    """``littune train`` in another process."""
+    return subprocess.Popen([sys.executable, "-m", "littune", *_train_args(data, run_dir, steps, *extra)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails as on a full disk
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    return subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=limit if fsize else None)
+def _train_args(data: dict, run_dir: Path, steps: int, *extra) -> list[str]:
+    overrides = TINY + [f"run_dir={run_dir}", f"data.source={data['src']}", f"data.cache={data['cache']}",
+                        f"steps={steps}", "checkpoint_every=2", *extra]
+    return ["train"] + [a for o in overrides for a in ("--set", o)]
+
+
+@contextlib.contextmanager
+def _file_size_limit(size: int):
+    """In this process, for the block: a write past ``size`` bytes of a file fails part-way with EFBIG,
+    as one on a full disk fails with ENOSPC (SIGXFSZ, which would end the process, is ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 def _error_line(stderr: str) -> str:
@@ -258,22 +273,21 @@ def _error_line(stderr: str) -> str:
 
 
 def test_a_second_run_into_the_same_run_dir_is_refused_naming_the_first(ref, tmp_path):
+    from littune.rundir import close_run_dir, open_run_dir
+
     run = tmp_path / "run"
-    first = _cli(run, ref, steps=100000)
+    Trainer(_cfg(ref, run, steps=4)).run()
+    held = open_run_dir(run)  # this process holds the run directory, as a run in progress does
     try:
-        deadline = time.time() + 120
-        while not (run / "metrics.jsonl").exists() and time.time() < deadline:
-            assert first.poll() is None, first.stderr.read()
-            time.sleep(0.1)
-        second = _cli(Path(os.path.relpath(run)), ref, steps=100000)  # the same folder, spelled otherwise
+        second = _cli(Path(os.path.relpath(run)), ref, steps=4)  # the same folder, spelled otherwise
         _, err = second.communicate(timeout=120)
         assert second.returncode == 2
         err = _error_line(err)
-        assert "run directory" in err and "is being written by another `littune train`" in err and f"pid {first.pid}" in err
-        assert first.poll() is None  # the first run goes on
+        holder = f"(pid {os.getpid()} on "
+        assert f"run directory {os.path.relpath(run)} is being written by another `littune train` {holder}" in err
     finally:
-        first.kill()
-        first.wait()
+        close_run_dir(held)
+    Trainer(_cfg(ref, run, steps=4)).run()  # free again
 
 
 def test_an_incomplete_last_metrics_line_is_dropped_on_resume(ref, tmp_path, capsys):
@@ -287,28 +301,26 @@ def test_an_incomplete_last_metrics_line_is_dropped_on_resume(ref, tmp_path, cap
     assert "metrics.jsonl: dropped an incomplete last line" in capsys.readouterr().err
 
 
-def test_a_full_disk_never_leaves_half_a_metrics_line(ref, tmp_path):
+def test_a_full_disk_never_leaves_half_a_metrics_line(ref, tmp_path, capsys):
     run = tmp_path / "run"
-    p = _cli(run, ref, "checkpoint_every=0", fsize=16000, steps=200)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 2
-    err = _error_line(err)
+    with _file_size_limit(9000):  # more than tokenizer.json; metrics.jsonl reaches it part-way through a line
+        assert main(_train_args(ref, run, 200, "checkpoint_every=0")) == 2
+    err = _error_line(capsys.readouterr().err)
     assert "metrics.jsonl" in err and "File too large" in err
     text = (run / "metrics.jsonl").read_text()
-    assert text.endswith("\n") and 50 < len(text.splitlines()) < 200
+    assert text.endswith("\n") and 20 < len(text.splitlines()) < 200
     assert [json.loads(ln)["step"] for ln in text.splitlines()] == list(range(1, len(text.splitlines()) + 1))
 
 
-def test_a_failed_checkpoint_is_one_line_leaves_nothing_behind_and_keeps_the_previous(ref, tmp_path):
+def test_a_failed_checkpoint_is_one_line_leaves_nothing_behind_and_keeps_the_previous(ref, tmp_path, capsys):
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="power cut"):
         CrashAt(_cfg(ref, run), at=5).run()
     assert _checkpoints(run) == ["step_0000002", "step_0000004"]
-    # model.safetensors (92 KB) fits, trainer.pt (200 KB) does not: the checkpoint of step 6 fails.
-    p = _cli(run, ref, fsize=150_000)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 2
-    err = _error_line(err)
+    capsys.readouterr()
+    with _file_size_limit(150_000):  # model.safetensors (92 kB) fits, trainer.pt (200 kB) does not
+        assert main(_train_args(ref, run, 8)) == 2
+    err = _error_line(capsys.readouterr().err)
     assert "checkpoint of step 6 was not written (File too large)" in err
     assert f"{run / 'checkpoints' / 'step_0000004'} is intact" in err
     assert _checkpoints(run) == ["step_0000002", "step_0000004"]  # no .tmp-step_0000006-PID left
@@ -359,11 +371,6 @@ def _killed_at(name: str, kind: str, *args) -> subprocess.CompletedProcess:
     return done
 
 
-def _train_args(data: dict, run_dir: Path, steps: int) -> list[str]:
-    return ["train"] + [a for o in TINY + [f"run_dir={run_dir}", f"data.source={data['src']}", f"data.cache={data['cache']}",
-                                           f"steps={steps}", "checkpoint_every=2"] for a in ("--set", o)]
-
-
 def test_resaving_a_checkpoint_never_loses_it(ref, tmp_path, capsys):
     run = tmp_path / "run"
     Trainer(_cfg(ref, run, steps=4)).run()
@@ -402,22 +409,12 @@ def test_a_full_disk_while_writing_the_model_is_one_line_and_keeps_the_old_model
     assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
 
 
-TRUNCATE = "import sys; from pathlib import Path; from littune.monitor import truncate_metrics; " \
-           "truncate_metrics(Path(sys.argv[1]), 6)"
-
-
 def test_cutting_metrics_back_on_a_full_disk_keeps_them(ref, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ref["run"], run)
     before = (run / "metrics.jsonl").read_bytes()
     assert len(before) > 1200
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
-
-    done = subprocess.run([sys.executable, "-c", TRUNCATE, str(run)], capture_output=True, text=True,
-                          preexec_fn=limit, timeout=120)
-    assert done.returncode != 0
+    with _file_size_limit(600), pytest.raises(LittuneError, match="could not rewrite .*metrics.jsonl .*kept as it was"):
+        truncate_metrics(run, 6)  # six lines: more than 600 bytes
     assert (run / "metrics.jsonl").read_bytes() == before
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".lock"]
