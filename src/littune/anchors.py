@@ -188,3 +188,12 @@ def build_anchors(cache, spec: dict, head=None, exclude=None) -> AnchorRows:
         rows = np.setdiff1d(rows, excluded_rows(cache, exclude))
     feats = place(head, training_sample(cache, rows), spec["placement"])
     return AnchorRows(feats, head.names, head.tower, spec["placement"], spec["repeat"])
+
+
+def anchor_rows(cache, options: dict, head, exclude, say) -> "AnchorRows":
+    """The training run's anchor rows (``data.anchors``), built and described in one line to ``say``."""
+    rows = build_anchors(cache, options, head, exclude)
+    say(f"anchors: {len(rows):,} classes of {rows.tower} placed by {rows.placement!r}, each "
+             f"{rows.repeat}x an epoch; the head gives {recovered(head, rows.features(rows.trainable())):.1%} "
+             "of them their own class")
+    return rows

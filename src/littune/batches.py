@@ -149,6 +149,21 @@ class WithTextFeatures:
         return batch
 
 
+def fill_text_cache(model, folder, texts, progress: bool) -> None:
+    """Open the model's text cache in ``folder`` and compute the ``texts`` it lacks (the captions a
+    training batch can draw), saying how many and how long."""
+    import time
+
+    from .embeddings import text_tower_features
+    from .monitor import log_line
+
+    store, texts = model.use_text_cache(folder), list(dict.fromkeys(texts))
+    t0, todo = time.perf_counter(), len(store.missing(texts))
+    store.fill(texts, lambda chunk: text_tower_features(model, chunk), progress=progress)
+    log_line(f"text cache {folder}: {len(texts):,} captions can be drawn, {todo:,} computed now "
+             f"({time.perf_counter() - t0:.0f} s)")
+
+
 class Prefetched:
     """``make(s)`` for each step ``s`` of ``steps``, in order, with step s + 1 made in a thread while the
     caller trains on step s. A batch is a pure function of its step (module doc), so the batches are

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
-from .batches import CacheBatches, OnTheFlyBatches, Prefetched, WithTextFeatures, length_groups, step_loader
+from .batches import (CacheBatches, OnTheFlyBatches, Prefetched, WithTextFeatures, fill_text_cache, length_groups,
+                      step_loader)
 from .accumulate import accumulated_backward
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LiTConfig, TrainConfig
@@ -185,15 +186,9 @@ class Trainer:
     def _fill_text_cache(self) -> None:
         """A locked text tower: every caption a batch can draw, computed once into ``data.text_cache``
         (rank 0; the others read what it wrote), which validation and evaluation read too."""
-        from .embeddings import text_tower_features
-
         folder = self.cfg.data.text_cache or self.run_dir / "text-cache"
         if D.is_main():
-            store, texts = self.model.use_text_cache(folder), list(dict.fromkeys(self._cache_batches().texts()))
-            t0, todo = time.perf_counter(), len(store.missing(texts))
-            store.fill(texts, lambda chunk: text_tower_features(self.model, chunk), progress=self.cfg.progress)
-            log_line(f"text cache {folder}: {len(texts):,} captions can be drawn, {todo:,} computed now "
-                     f"({time.perf_counter() - t0:.0f} s)")
+            fill_text_cache(self.model, folder, self._cache_batches().texts(), self.cfg.progress)
         D.barrier()
         if not D.is_main():
             self.model.use_text_cache(folder)
@@ -213,13 +208,9 @@ class Trainer:
         """``data.anchors``: the tower's classes as extra rows (littune.anchors), or None."""
         if self.cfg.data.anchors is None:
             return None
-        from .anchors import build_anchors, recovered
+        from .anchors import anchor_rows
 
-        rows = build_anchors(self.cache, self.cfg.data.anchors, self.anchor_head, self.cfg.data.exclude)
-        log_line(f"anchors: {len(rows):,} classes of {rows.tower} placed by {rows.placement!r}, each "
-                 f"{rows.repeat}x an epoch; the head gives {recovered(self.anchor_head, rows.features(rows.trainable())):.1%} "
-                 "of them their own class")
-        return rows
+        return anchor_rows(self.cache, self.cfg.data.anchors, self.anchor_head, self.cfg.data.exclude, log_line)
 
     # -- one step --------------------------------------------------------------------------------
     def _autocast(self):
