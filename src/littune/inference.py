@@ -9,6 +9,7 @@ directly::
     img = model.encode_images(["cat.jpg"])          # (1, D) float32, L2-normalised image embeddings
     txt = model.encode_texts(["a photo of a cat"])  # (1, D) float32, L2-normalised text embeddings
     (img @ txt.T)                                   # cosine similarities
+    hm = model.heatmap("cat.jpg", ["cat", "sofa"])  # where each text matches: hm.maps is (2, h, w)
 
 Images may be paths or Pillow images (or :class:`littune.data.records.Record` objects); they are
 decoded by :func:`littune.data.decode.load_image` (EXIF upright, alpha on white) and preprocessed
@@ -77,6 +78,16 @@ class InferenceMixin:
             raise LittuneError("the label list is empty" if not labels else "the label list has an empty label")
         weights = self.zeroshot_weights(labels, templates)
         return self.label_probabilities(self.encode_images(images, batch_size=batch_size), weights, multi_label)
+
+    def heatmap(self, image: ImageLike, texts: Sequence[str], templates: str | Sequence[str] = "none"):
+        """Zero-shot heat maps of one image: a :class:`~littune.heatmap.HeatMap` whose ``maps`` ``(T, h, w)``
+        are the cosines of each location's embedding (the image head applied to the tower's feature there)
+        with each text's embedding (``templates``: ``none``, the text as given, or a set as in
+        :meth:`classify`), with the map's area in the image (``crop``) and the image in map cells (``box``).
+        The image tower runs once, in torch (not onnxruntime), without gradients; see :mod:`littune.heatmap`."""
+        from .heatmap import heatmap
+
+        return heatmap(self, image, texts, templates)
 
     def label_probabilities(self, image_emb: torch.Tensor, weights: torch.Tensor,
                             multi_label: bool = False) -> torch.Tensor:

@@ -146,6 +146,14 @@ class Preprocess:
         std = torch.tensor(self.std, dtype=torch.float32, device=dev).view(3, 1, 1)
         return (pixels.to(torch.float32) / full - mean) / std
 
+    def eval_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """``(left, top, right, bottom)``: the part of a ``width x height`` image that :meth:`eval` keeps
+        (the centre crop after resizing the shorter side), in the image's own pixels."""
+        scale = self.resize_to / min(width, height)
+        nw, nh = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        return (left * width / nw, top * height / nh, (left + self.size) * width / nw, (top + self.size) * height / nh)
+
     def _normalise(self, img: Image.Image) -> torch.Tensor:
         arr = np.asarray(img, dtype=np.float32) / 255.0
         arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)

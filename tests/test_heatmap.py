@@ -1,0 +1,126 @@
+"""Zero-shot heat maps (littune.heatmap): the "free map" claim checked exactly on real towers, the map's
+geometry over the image, `littune classify --heatmap` and `POST /api/heatmap`."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import CAPTIONS, TINY_TEXT
+from littune.cli import main
+from littune.errors import LittuneError
+from littune.heatmap import cell_centre, heatmap, image_box, spatial_embeddings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DATA = Path(__file__).parent / "data"
+LABELS = ["cat", "cup of coffee", "red square"]
+
+
+def lit(tower, embed_dim: int = 16):
+    from littune import LiTConfig, LiTModel
+
+    torch.manual_seed(0)
+    cfg = LiTConfig(setting="Lu", image_tower=tower, text_tower=dict(TINY_TEXT), embed_dim=embed_dim)
+    return LiTModel.from_config(cfg, captions=CAPTIONS).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from littune.towers.tiny import SPEC
+
+    return lit(SPEC)
+
+
+def test_tiny_tower_map_mean_is_the_image_embedding_before_normalisation(tiny):
+    """A mean-pooled tower and a linear head: the head at each location, averaged, is the head of the pooled
+    features -- the model's own image embedding before normalisation (to float rounding)."""
+    x = torch.randn(3, 3, 32, 32)
+    emb, sf = spatial_embeddings(tiny, x)
+    with torch.no_grad():
+        ref = tiny.image_head(tiny.image_features(x))
+    assert emb.shape == (3, 4, 4, 16) and sf.exact and sf.grid == (4, 4)
+    assert torch.allclose(emb.mean(dim=(1, 2)), ref, atol=1e-6, rtol=0)
+    assert torch.equal(sf.pooled, tiny.image_tower(x))  # the tower's own output, from the same pass
+    # and its normalised mean is what encode_images gives for an image (the runtime path)
+    hm = tiny.heatmap(DATA / "chelsea.jpg", LABELS)
+    assert hm.maps.shape == (3, 4, 4) and hm.shape == (4, 4) and hm.exact
+    pixels = tiny.preprocess.eval(Image.open(DATA / "chelsea.jpg").convert("RGB"))[None]
+    emb, _ = spatial_embeddings(tiny, pixels)
+    image = F.normalize(emb.mean(dim=(1, 2)), dim=-1)
+    assert torch.allclose(image, tiny.encode_images(DATA / "chelsea.jpg"), atol=1e-5)
+    text = tiny.zeroshot_weights(LABELS, "none")
+    cos = torch.einsum("hwd,td->thw", F.normalize(emb[0], dim=-1), text)
+    assert np.allclose(hm.maps, cos.numpy(), atol=1e-6)
+    assert np.allclose(hm.pooled, (image @ text.T)[0].numpy(), atol=1e-5)
+    assert np.allclose(hm.probabilities, tiny.classify(DATA / "chelsea.jpg", LABELS, templates="none")[0], atol=1e-4)
+
+
+def _tiny_vit(folder: Path) -> None:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=48)
+    ViTModel(cfg, add_pooling_layer=False).eval().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        '{"size": {"height": 32, "width": 32}, "image_mean": [0.5,0.5,0.5], "image_std": [0.5,0.5,0.5]}')
+
+
+def test_vit_patch_tokens_are_exact_for_mean_pooling_and_flagged_approximate_for_cls(tmp_path):
+    _tiny_vit(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    mean, cls = lit(f"hf:{tmp_path}#mean"), lit(f"hf:{tmp_path}")
+    emb, sf = spatial_embeddings(mean, x)
+    with torch.no_grad():
+        ref = mean.image_head(mean.image_features(x))
+    assert emb.shape == (2, 4, 4, 16) and sf.exact and "exact" in sf.how
+    assert torch.allclose(emb.mean(dim=(1, 2)), ref, atol=1e-5)
+    emb, sf = spatial_embeddings(cls, x)
+    assert emb.shape == (2, 4, 4, 16) and not sf.exact and "approximate" in sf.how
+    with torch.no_grad():
+        assert torch.equal(sf.pooled, cls.image_tower(x))  # the CLS token, from the same pass
+    assert not cls.heatmap(DATA / "coffee.jpg", LABELS).exact
+
+
+def test_a_tower_without_a_map_is_a_one_line_error():
+    model = lit({"type": "torch", "factory": "torch.nn:Flatten", "preprocess": {"size": 8, "resize": 8}})
+    with pytest.raises(LittuneError, match=r"torch\.nn:Flatten.*not a map") as e:
+        model.heatmap(DATA / "coffee.jpg", ["cat"])
+    assert "\n" not in str(e.value)
+
+
+def test_map_geometry_over_a_wide_image(tiny):
+    """A 2:1 image: the map covers its centre square; the box puts the image's edges a map-width beyond."""
+    img = Image.new("RGB", (128, 64), (200, 30, 30))
+    hm = tiny.heatmap(img, ["cat"])
+    assert hm.crop == pytest.approx((32, 0, 96, 64)) and hm.image_size == (128, 64)
+    assert hm.box == pytest.approx((-2, 0, 6, 4))  # 4 x 4 cells over the 64 x 64 centre
+    heat = np.zeros((4, 4))
+    heat[1, 3] = 1
+    assert cell_centre(heat, hm.crop) == pytest.approx((32 + 3.5 * 16, 1.5 * 16))
+    assert image_box((0, 0, 10, 10), (10, 10), (7, 7)) == pytest.approx((0, 0, 7, 7))
+
+
+def test_eval_box_is_the_area_the_eval_view_keeps():
+    from littune.preprocess import Preprocess
+
+    ramp = np.linspace(0, 255, 300)[None].repeat(150, 0)
+    wide = Image.fromarray(np.stack([ramp] * 3, -1).astype(np.uint8))  # a ramp along the long side
+    for img in (wide, wide.transpose(Image.Transpose.ROTATE_90)):
+        for pre in (Preprocess(size=224), Preprocess(size=32, resize=32), Preprocess(size=64, resize=80)):
+            box = pre.eval_box(*img.size)
+            kept = np.asarray(pre.eval_uint8(img).permute(1, 2, 0), dtype=np.float64)
+            size, bicubic = (pre.size, pre.size), Image.Resampling.BICUBIC
+            boxed = np.asarray(img.resize(size, bicubic, box=box), dtype=np.float64)
+            assert np.abs(kept - boxed).mean() < 1.0, (pre, box)
+            dx, dy = (8, 0) if img.width > img.height else (0, 8)
+            off = np.asarray(img.resize(size, bicubic, box=(box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)),
+                             dtype=np.float64)
+            assert np.abs(kept - off).mean() > 3.0  # the check can tell a box 8 px off
