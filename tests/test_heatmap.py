@@ -124,3 +124,35 @@ def test_eval_box_is_the_area_the_eval_view_keeps():
             off = np.asarray(img.resize(size, bicubic, box=(box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)),
                              dtype=np.float64)
             assert np.abs(kept - off).mean() > 3.0  # the check can tell a box 8 px off
+
+
+# -- classify --heatmap ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory):
+    return tiny.save_pretrained(tmp_path_factory.mktemp("hm") / "model")
+
+
+def test_classify_heatmap_writes_a_figure_per_image(saved, tmp_path, capsys):
+    one = tmp_path / "one.png"
+    assert main(["classify", "--model", str(saved), str(DATA / "chelsea.jpg"), "--labels", ",".join(LABELS),
+                 "--heatmap", str(one), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["heatmap"] == str(one)
+    with Image.open(one) as im:
+        assert im.format == "PNG" and im.width > 600  # the image and three label panels
+    code = main(["classify", "--model", str(saved), str(DATA / "chelsea.jpg"), str(tmp_path / "missing.jpg"),
+                 str(DATA / "coffee.jpg"), "--labels", "cat,dog", "--heatmap", str(tmp_path / "m.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and sorted(p.name for p in tmp_path.glob("m-*.png")) == ["m-1.png", "m-3.png"]
+    assert "heat maps drawn to" in err and "m-3.png" in err
+
+
+def test_classify_heatmap_without_matplotlib_is_one_line(saved, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["classify", "--model", str(saved), str(DATA / "chelsea.jpg"), "--labels", "cat",
+                 "--heatmap", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "littune classify: error: --heatmap needs matplotlib: pip install 'littune[plot]'"
+    assert not (tmp_path / "x.png").exists()

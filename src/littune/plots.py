@@ -1,9 +1,14 @@
-"""PNG plots of a run: training loss, temperature, learning rate and validation metrics."""
+"""PNG plots: a run's training loss, temperature, learning rate and validation metrics; heat maps over
+their images (``littune classify --heatmap``, the pointing game)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Sequence
+
+from .errors import LittuneError
 
 from .eval.names import metric_label
 
@@ -76,3 +81,67 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(out / "validation.png")
     return written
+
+
+# -- heat maps ---------------------------------------------------------------------------------------
+def pyplot(what: str):
+    """``matplotlib.pyplot`` on the Agg backend, or a one-line :class:`LittuneError` saying ``what`` needs it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LittuneError(f"{what} needs matplotlib: pip install 'littune[plot]'") from None
+    return plt
+
+
+def draw_heat(ax, image, heat, crop: Sequence[float], size: Sequence[int], title: str = "",
+              limits: tuple[float, float] | None = None, point=None, hit: bool | None = None, boxes=()):
+    """On ``ax``: ``image`` (``size`` = its ``(width, height)``) with the map ``heat`` ``(h, w)`` over the area
+    ``crop`` it covers; ``point`` ``(x, y)`` marked (green when ``hit``, red when not), ``boxes`` outlined."""
+    from matplotlib.patches import Rectangle
+
+    width, height = size
+    ax.imshow(image, extent=(0, width, height, 0))
+    if heat is not None:
+        vmin, vmax = limits if limits is not None else (float(heat.min()), float(heat.max()))
+        ax.imshow(heat, extent=(crop[0], crop[2], crop[3], crop[1]), cmap="jet", alpha=0.5,
+                  interpolation="bilinear", vmin=vmin, vmax=vmax)
+    for x0, y0, x1, y1 in boxes:
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.2, ec="black"))
+    if point is not None:
+        colour = "white" if hit is None else ("lime" if hit else "red")
+        ax.plot([point[0]], [point[1]], marker="+", ms=14, mew=2.5, color=colour)
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def save_heatmap_figure(hm, path: str | Path, titles: Sequence[str], columns: int = 4) -> Path:
+    """``path``: the image of the :class:`~littune.heatmap.HeatMap` ``hm``, then each of its maps over the
+    image with its title (``titles[i]`` for ``hm.maps[i]``, one colour scale for all, the peak marked)."""
+    plt = pyplot("drawing heat maps")
+    panels = 1 + len(hm.maps)
+    cols = min(panels, columns)
+    rows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.3 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    limits = (float(hm.maps.min()), float(hm.maps.max()))
+    draw_heat(flat[0], hm.image, None, hm.crop, hm.image_size, "image")
+    for i, title in enumerate(titles):
+        draw_heat(flat[i + 1], hm.image, hm.maps[i], hm.crop, hm.image_size, title, limits, point=hm.peak(i))
+    for ax in flat[panels:]:
+        ax.axis("off")
+    note = "" if hm.exact else " (approximate: the tower is not mean-pooled)"
+    fig.suptitle(f"cosine of each location with each label, {limits[0]:.2f} (blue) to {limits[1]:.2f} (red){note}",
+                 fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -5,6 +5,12 @@ or a file with one template per line holding {}); each label's prompts are embed
 averaged and compared with the image. Probabilities are a softmax over the labels (they sum to 1),
 or with --multi-label an independent sigmoid per label. Images that cannot be read are reported and
 the others are still classified (the exit status is then 1).
+
+--heatmap OUT.png also draws, per image, where each label shown matches: the image tower runs once
+more on the image (in torch, not onnxruntime), the image head is applied to the feature at each
+location of its map and compared with the label's embedding (see littune.heatmap); exact for
+mean-pooled towers (EfficientNet-Lite, CNN maps), an approximation from the patch tokens for a
+CLS-pooled ViT.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multi-label", action="store_true", help="independent sigmoid per label instead of a softmax")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--heatmap", metavar="OUT.png",
+                   help="also draw where each label shown matches: the image and a heat map per label (the image "
+                        "tower run once more, in torch), to OUT.png, or OUT-1.png, OUT-2.png... for several images "
+                        "(needs matplotlib: pip install 'littune[plot]')")
     add_trust_code(p)
 
 
@@ -71,6 +81,10 @@ def run(args) -> int:
     templates = load_templates(args.templates)
     if args.top < 0:
         raise LittuneError(f"--top must be 0 (all) or more, not {args.top}")
+    if args.heatmap:
+        from ..plots import pyplot
+
+        pyplot("--heatmap")  # before the model loads: a missing extra is one line at once
     model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
     weights = model.zeroshot_weights(labels, templates)
     emb, kept, skipped = image_embeddings(model, args.images, batch_size=args.batch_size, skip_bad=True)
@@ -78,12 +92,15 @@ def run(args) -> int:
         print(f"littune classify: cannot read {printable(where)}: {why}", file=sys.stderr)
     probs = model.label_probabilities(emb, weights, multi_label=args.multi_label) if kept else None
     top = len(labels) if args.top == 0 else min(args.top, len(labels))
-    results = []
+    results, drawn = [], []
     for row, i in enumerate(kept):
         p = probs[row]
         order = sorted(range(len(labels)), key=lambda c: (-float(p[c]), c))[:top]
         results.append({"image": printable(args.images[i]), "labels": [{"label": labels[c], "probability": float(p[c])}
                                                             for c in order]})
+        if args.heatmap:
+            results[-1]["heatmap"] = str(_draw_heatmap(model, args, i, order, labels, weights, p))
+            drawn.append(results[-1]["heatmap"])
     if args.json:
         json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
         print()
@@ -96,6 +113,31 @@ def run(args) -> int:
             for rank, item in enumerate(r["labels"], 1):
                 bar = "#" * round(20 * item["probability"])
                 print(f"  {rank:>2}. {item['label']:<{width}}  {item['probability']:.3f}  {bar}")
+    sys.stdout.flush()
+    for path in drawn:
+        print(f"littune classify: heat maps drawn to {printable(path)}", file=sys.stderr)
     if not kept:
         raise LittuneError(f"none of the {len(args.images)} image(s) could be read")
     return 1 if skipped else 0
+
+
+def heatmap_path(out: str, n: int, total: int):
+    """Where image ``n`` (0-based) of ``total`` gets its heat maps: ``out`` itself for one image, else
+    ``OUT-<n + 1>.png`` beside it (numbered in the order the images were given)."""
+    from pathlib import Path
+
+    out = Path(out)
+    if total == 1:
+        return out
+    return out.with_name(f"{out.stem}-{n + 1:0{len(str(total))}d}{out.suffix or '.png'}")
+
+
+def _draw_heatmap(model, args, i: int, order: list[int], labels: list[str], weights, probs):
+    """Draw image ``i``'s heat maps for the labels ``order`` (the ones shown) to its :func:`heatmap_path`."""
+    from ..heatmap import heatmap
+    from ..plots import save_heatmap_figure
+
+    hm = heatmap(model, args.images[i], [labels[c] for c in order], weights=weights[order])
+    path = save_heatmap_figure(hm, heatmap_path(args.heatmap, i, len(args.images)),
+                               [f"{labels[c]}  p={float(probs[c]):.3f}" for c in order])
+    return path
