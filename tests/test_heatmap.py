@@ -156,3 +156,65 @@ def test_classify_heatmap_without_matplotlib_is_one_line(saved, tmp_path, monkey
     err = capsys.readouterr().err.strip()
     assert err == "littune classify: error: --heatmap needs matplotlib: pip install 'littune[plot]'"
     assert not (tmp_path / "x.png").exists()
+
+
+# -- POST /api/heatmap ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client(saved):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    pytest.importorskip("multipart")
+    from fastapi.testclient import TestClient
+
+    from littune import LiTModel
+    from littune.serve import create_app
+
+    app = create_app(LiTModel.from_pretrained(saved), model_name="tiny", max_upload_bytes=200_000,
+                     max_pixels=1_000_000, max_prompts=50)
+    with TestClient(app, base_url="http://localhost:8000") as c:
+        yield c
+
+
+def post(client, data: bytes, labels: str = ", ".join(LABELS), **form):
+    return client.post("/api/heatmap", files={"image": ("x.jpg", data, "image/jpeg")}, data={"labels": labels, **form})
+
+
+def test_api_heatmap_answers_the_maps_of_the_model(client, saved):
+    from littune import LiTModel
+
+    data = (DATA / "coffee.jpg").read_bytes()
+    r = post(client, data, templates="none")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["shape"] == [4, 4] and body["exact"] is True and [x["label"] for x in body["labels"]] == LABELS
+    maps = np.array([x["map"] for x in body["labels"]])
+    assert maps.shape == (3, 4, 4)
+    hm = LiTModel.from_pretrained(saved).heatmap(Image.open(io.BytesIO(data)), LABELS)
+    assert np.allclose(maps, hm.maps, atol=1e-4)
+    assert body["crop"] == pytest.approx(list(hm.crop), abs=1e-3)
+    assert body["image"] == dict(zip(("width", "height"), hm.image_size))
+    assert hm.image_size == Image.open(DATA / "coffee.jpg").size
+    assert sum(x["probability"] for x in body["labels"]) == pytest.approx(1.0, abs=1e-5)
+    assert body["range"] == pytest.approx([hm.maps.min(), hm.maps.max()], abs=1e-6)
+
+
+@pytest.mark.parametrize("labels, form, status, words", [
+    ("", {}, 422, "no labels"), ("cat, dog, cat", {}, 422, "given twice"),
+    (",".join(f"l{i}" for i in range(101)), {}, 422, "too many labels"),
+    ("a, b, c, d, e, f, g, h, i", {"templates": "imagenet7"}, 422, "too many prompts"),
+    ("cat", {"templates": "../../etc/passwd"}, 400, "unknown template set")])
+def test_api_heatmap_refuses_bad_labels_and_templates(client, labels, form, status, words):
+    r = post(client, (DATA / "coffee.jpg").read_bytes(), labels, **form)
+    assert r.status_code == status and words in r.json()["detail"]
+
+
+def test_api_heatmap_refuses_bad_images(client):
+    assert post(client, b"\xff\xd8\xff" + b"\0" * 210_000).status_code == 413
+    big = io.BytesIO()
+    Image.new("L", (1200, 1000)).save(big, format="PNG")
+    r = post(client, big.getvalue())
+    assert r.status_code == 413 and "too many pixels" in r.json()["detail"]
+    r = post(client, b"just some text\n" * 10)
+    assert r.status_code == 415 and "not an image" in r.json()["detail"]
+    assert client.post("/api/heatmap", data={"labels": "cat"}).status_code == 422
+    assert post(client, (DATA / "coffee.jpg").read_bytes(), "cat").status_code == 200  # still serving

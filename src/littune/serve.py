@@ -6,6 +6,8 @@ into a FastAPI application::
     GET  /                  the page (static files shipped in ``littune/static/``, no build step)
     GET  /api/health        model name and setting, whether an index is loaded and its size, the limits
     POST /api/classify      multipart: ``image`` (file), ``labels`` ("cat, dog, horse"), ``templates``
+    POST /api/heatmap       the same form: where each label matches, a small map per label
+                            (:mod:`littune.serve_heatmap`)
     GET  /api/search        ``q=TEXT`` or ``image_id=N`` (a row of the index), ``k`` (1..max_k)
     GET  /api/image/{id}    a JPEG preview of the index's image at integer row ``id``
     GET  /openapi.json      the OpenAPI schema (FastAPI's /docs and /redoc pages load their scripts
@@ -167,6 +169,19 @@ class Service:
             self._weights.put(key, weights)
         return weights
 
+    def labelled_upload(self, image, labels: str, templates: str) -> tuple[list[str], str, Any]:
+        """``(labels, template set, decoded image)`` of a classify or heat-map request, within the limits
+        (a 4xx otherwise, before any prompt is embedded or pixel decoded)."""
+        try:
+            names = parse_label_text(labels, self.limits["max_labels"], self.limits["max_label_chars"])
+        except ValueError as e:
+            fail(422, str(e))
+        templates = templates.strip() or "short"
+        if templates not in self.template_sets:
+            fail(400, f"unknown template set {templates[:60]!r}: use one of {', '.join(self.template_sets)}")
+        _check_prompts(self, len(names), templates)
+        return names, templates, _upload_image(image, self)
+
     def index_row(self, image_id: int, what: str = "") -> int:
         """``image_id`` if the index has that row; else a 404 saying what is there."""
         if self.index is None:
@@ -210,6 +225,7 @@ def create_app(model, index=None, *, model_name: str | None = None,
     require_fastapi()
     from fastapi import FastAPI
 
+    from .serve_heatmap import add_heatmap
     from .webguard import LOOPBACK_HOSTS, HostGuard
 
     if index is not None:
@@ -225,6 +241,7 @@ def create_app(model, index=None, *, model_name: str | None = None,
     _add_page(app)
     _add_health(app, svc)
     _add_classify(app, svc)
+    add_heatmap(app, svc)
     _add_search(app, svc)
     _add_image(app, svc)
     return app
@@ -296,15 +313,7 @@ def _add_classify(app, svc: Service) -> None:
                  labels: str = Form("", description='comma separated, e.g. "cat, dog, horse"'),
                  templates: str = Form("short", description="a template set: " + ", ".join(sets))) -> dict:
         t0 = time.perf_counter()
-        try:
-            names = parse_label_text(labels, svc.limits["max_labels"], svc.limits["max_label_chars"])
-        except ValueError as e:
-            fail(422, str(e))
-        templates = templates.strip() or "short"
-        if templates not in sets:
-            fail(400, f"unknown template set {templates[:60]!r}: use one of {', '.join(sets)}")
-        _check_prompts(svc, len(names), templates)
-        img = _upload_image(image, svc)
+        names, templates, img = svc.labelled_upload(image, labels, templates)
         with svc.model_turn():
             weights = svc.class_weights(names, templates)
             probs = svc.model.label_probabilities(svc.model.encode_images([img]), weights)[0]
