@@ -11,6 +11,11 @@ image (COCO protocol: several captions per image; an image query is right if any
 in the top K) and reports text→image R@K (each caption a query over the images; image_retrieval_recall@K
 in the --out JSON) and image→text R@K (each image a query over the captions; text_retrieval_recall@K).
 
+`littune eval pointing FOLDER --model DIR` plays the pointing game (littune.eval.pointing): collages of
+2-4 images of a class folder (held-out designs) on a white canvas, and for each image's class name,
+does its heat map peak inside the image's box? It reports the hit rate against always pointing at
+the centre and at a random cell; --out writes the numbers and every trial, --figure the first collages.
+
 With a locked image tower, --cache CACHE_DIR (from `littune embed` over the same folder or file)
 reads the image features instead of running the image model; a cache of another source (other
 images, even under the same names) or tower is refused unless --allow-stale-cache. --out writes the results as JSON in
@@ -30,6 +35,8 @@ HELP = "zero-shot classification and image-text retrieval metrics"
 EXAMPLE = "littune eval zeroshot data/pets --model runs/lu/model --templates imagenet --out pets.json"
 ZEROSHOT_EXAMPLE = ("littune eval zeroshot data/pets --model runs/lu/model --templates short "
                     "--per-class --confusion pets_confusion.png --out pets.json")
+POINTING_EXAMPLE = ("littune eval pointing data/emoji/eval/heldout_designs --model runs/lu/model --collages 200 "
+                    "--out pointing.json --figure pointing.png")
 RETRIEVAL_EXAMPLE = ("littune eval retrieval data/coco_val.csv --model runs/lu/model --cache caches/coco_val "
                      "--out coco.json")
 
@@ -76,6 +83,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _common(r)
     r.add_argument("--caption-column", help="CSV: the caption column (default: found by name)")
     r.add_argument("--ks", default="1,5,10", help="the K of recall@K, comma-separated (default 1,5,10)")
+    _add_pointing(sub)
+
+
+def _add_pointing(sub) -> None:
+    p = sub.add_parser("pointing", help="the pointing game: does each name's heat map peak on its image?",
+                       description="Collages of 2-4 images of a class folder; does each class name's heat map peak "
+                                   "inside its image? (littune.eval.pointing)",
+                       epilog=f"example:\n  {POINTING_EXAMPLE}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", metavar="FOLDER", help="a class folder (root/<class>/*.png, optional classnames.txt)")
+    p.add_argument("--model", "-m", required=True, metavar="DIR", help="a model directory")
+    p.add_argument("--collages", "-n", type=int, default=200, help="collages to play (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="the collages' seed (default 0)")
+    p.add_argument("--canvas", type=int, default=448, help="the collages' side in pixels (default 448)")
+    p.add_argument("--templates", "-t", default="emoji", help="prompt templates for the names (default emoji)")
+    p.add_argument("--batch-size", type=int, default=16, help="collages per forward pass (default 16)")
+    p.add_argument("--out", "-o", metavar="FILE", help="write the numbers and every trial as JSON here")
+    p.add_argument("--figure", metavar="PNG", help="draw the first --show collages and their maps to this PNG")
+    p.add_argument("--show", type=int, default=4, help="collages in the figure (default 4)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    add_trust_code(p)
 
 
 def _ks(text: str) -> list[int]:
@@ -129,9 +156,15 @@ def _print_metrics(metrics: dict) -> None:
 def run(args) -> int:
     from ..model import LiTModel
 
+    if getattr(args, "figure", None):
+        from ..plots import pyplot
+
+        pyplot("--figure")  # before the model loads: a missing extra is one line at once
     model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
     if args.task == "zeroshot":
         return _zeroshot(args, model)
+    if args.task == "pointing":
+        return _pointing(args, model)
     return _retrieval(args, model)
 
 
@@ -198,4 +231,30 @@ def _retrieval(args, model) -> int:
         extra = {"n_images": res.n_images, "n_texts": res.n_texts, "cache": args.cache,
                  "skipped": [{"where": w, "reason": r} for w, r in list(dataset.problems) + list(res.skipped)]}
         _dump(args.out, args.dataset, args.model, model, "zeroshot_retrieval", res.metrics, extra)
+    return 0
+
+
+def _pointing(args, model) -> int:
+    from ..errors import LittuneError
+    from ..eval.pointing import play, save_pointing_figure
+    from ..eval.sets import class_folder
+    from ..eval.templates import load_templates
+
+    if args.canvas < 32 or args.batch_size < 1 or args.show < 0:
+        raise LittuneError("--canvas must be at least 32, --batch-size at least 1 and --show at least 0")
+    load_templates(args.templates)  # a bad name is one line before any collage is drawn
+    dataset = class_folder(args.dataset)
+    res = play(model, dataset, collages=args.collages, seed=args.seed, canvas=args.canvas, templates=args.templates,
+               batch_size=args.batch_size, show=args.show if args.figure else 0, progress=not args.quiet)
+    m = res.metrics
+    print(f"pointing game on {dataset.description}: {m['collages']} collages, {m['trials']} names, "
+          f"{m['map_shape'][0]} x {m['map_shape'][1]} maps ({m['how']})")
+    _print_metrics({k: m[k] for k in ("pointing_accuracy", "pointing_accuracy_among_names", "centre_baseline",
+                                      "random_baseline")})
+    print(f"{m['seconds_per_map'] * 1000:.1f} ms per collage's heat maps (tower and head, batches of {args.batch_size})")
+    if args.figure:
+        print(f"figure drawn to {save_pointing_figure(res, args.figure, args.canvas)}")
+    if args.out:
+        extra = {"seed": args.seed, "canvas": args.canvas, "templates": args.templates, "trials": res.trials}
+        _dump(args.out, args.dataset, args.model, model, "pointing_game", m, extra)
     return 0
