@@ -71,6 +71,7 @@ def test_pointing_game_end_to_end_on_fake_emoji(heldout, model_dir, tmp_path, ca
         assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96
     assert m["pointing_accuracy"] == pytest.approx(np.mean([t["hit"] for t in trials]))
     assert m["centre_baseline"] == pytest.approx(np.mean([t["centre_hit"] for t in trials]))
+    assert m["reachable"] == pytest.approx(np.mean([t["random_hit"] > 0 for t in trials]))
     assert sum(v["trials"] for v in m["by_count"].values()) == len(trials)
     with Image.open(tmp_path / "p.png") as im:
         assert im.format == "PNG" and im.height > 300  # four collages, a row each
@@ -111,7 +112,7 @@ def test_scoring_a_map_that_peaks_in_its_box_and_one_that_does_not():
     assert a["centre_hit"] and b["centre_hit"]  # (40, 40) lies on both boxes' corners
     assert a["random_hit"] == b["random_hit"] == 0.25  # 4 of the 16 cell centres
     s = summarize([a, b])
-    assert s["pointing_accuracy"] == 0.5 and s["centre_baseline"] == 1.0 and s["trials"] == 2
+    assert s["pointing_accuracy"] == 0.5 and s["centre_baseline"] == 1.0 and s["trials"] == 2 and s["reachable"] == 1
 
 
 def test_too_few_classes_is_one_line(heldout, model_dir, tmp_path):

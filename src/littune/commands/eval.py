@@ -250,7 +250,7 @@ def _pointing(args, model) -> int:
     print(f"pointing game on {dataset.description}: {m['collages']} collages, {m['trials']} names, "
           f"{m['map_shape'][0]} x {m['map_shape'][1]} maps ({m['how']})")
     _print_metrics({k: m[k] for k in ("pointing_accuracy", "pointing_accuracy_among_names", "centre_baseline",
-                                      "random_baseline")})
+                                      "random_baseline", "reachable")})
     print(f"{m['seconds_per_map'] * 1000:.1f} ms per collage's heat maps (tower and head, batches of {args.batch_size})")
     if args.figure:
         print(f"figure drawn to {save_pointing_figure(res, args.figure, args.canvas)}")

@@ -13,7 +13,8 @@ pixels). Reported, over every (collage, name) trial:
   the collage's own names (which of the names present wins there, at the model's temperature);
 * ``centre_baseline`` -- always pointing at the canvas centre;
 * ``random_baseline`` -- pointing at a uniformly random cell of the map (the expected hit rate: the
-  fraction of cell centres inside the box, exactly, no draws).
+  fraction of cell centres inside the box, exactly, no draws);
+* ``reachable`` -- the share of trials whose box holds at least one cell centre (the most any map could hit).
 
 A seed makes the collages the same at every run. ``littune eval pointing FOLDER --model DIR --out
 pointing.json --figure pointing.png`` writes the numbers (and every trial) and a figure of the first
@@ -141,7 +142,8 @@ def summarize(trials: list[dict]) -> dict:
     """The four rates (module doc) over ``trials``."""
     mean = lambda key: float(np.mean([float(t[key]) for t in trials])) if trials else 0.0  # noqa: E731
     return {"pointing_accuracy": mean("hit"), "pointing_accuracy_among_names": mean("hit_among_names"),
-            "centre_baseline": mean("centre_hit"), "random_baseline": mean("random_hit"), "trials": len(trials)}
+            "centre_baseline": mean("centre_hit"), "random_baseline": mean("random_hit"),
+            "reachable": float(np.mean([t["random_hit"] > 0 for t in trials])) if trials else 0.0, "trials": len(trials)}
 
 
 def play(model, dataset, collages: int = 200, seed: int = 0, canvas: int = 448, templates: str = "emoji",
