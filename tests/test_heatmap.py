@@ -96,6 +96,16 @@ def test_a_tower_without_a_map_is_a_one_line_error():
     assert "\n" not in str(e.value)
 
 
+def test_a_model_trained_from_a_cache_says_to_load_its_folder(tiny):
+    from littune import LiTModel
+    from littune.towers.image import CachedFeaturesTower
+
+    t = tiny.image_tower
+    model = LiTModel(tiny.config, CachedFeaturesTower(t.spec, t.fingerprint(), t.dim, t.preprocess), tiny.text_tower)
+    with pytest.raises(LittuneError, match=r"was not loaded .* littune\.load\(\) to draw heat maps"):
+        model.heatmap(DATA / "coffee.jpg", ["cat"])
+
+
 def test_map_geometry_over_a_wide_image(tiny):
     """A 2:1 image: the map covers its centre square; the box puts the image's edges a map-width beyond."""
     img = Image.new("RGB", (128, 64), (200, 30, 30))

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import LittuneError
 from .base import _pool
-from .image import EfficientNetLiteTower, HFVisionTower, TorchModuleTower
+from .image import CachedFeaturesTower, EfficientNetLiteTower, HFVisionTower, TorchModuleTower
 
 SUPPORTED = "efficientnet-lite, hf: (ViT, DINOv2, ConvNeXt...) or torch: towers whose network returns a map"
 
@@ -68,6 +68,9 @@ def spatial_features(tower, pixels: torch.Tensor) -> SpatialFeatures:
         return _hf_spatial(tower, pixels)
     if isinstance(tower, TorchModuleTower):
         return _torch_spatial(tower, pixels)
+    if isinstance(tower, CachedFeaturesTower):
+        raise LittuneError(f"{tower.name} was not loaded (the model was trained from an embedding cache): load the "
+                           "model directory with littune.load() to draw heat maps")
     raise LittuneError(f"{getattr(tower, 'name', type(tower).__name__)}: no spatial features for heat maps "
                        f"(they need a tower run in torch: {SUPPORTED})")
 
