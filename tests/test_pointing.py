@@ -115,7 +115,7 @@ def test_scoring_a_map_that_peaks_in_its_box_and_one_that_does_not():
     assert s["pointing_accuracy"] == 0.5 and s["centre_baseline"] == 1.0 and s["trials"] == 2 and s["reachable"] == 1
 
 
-def test_too_few_classes_is_one_line(heldout, model_dir, tmp_path):
+def test_too_few_classes_and_an_unreadable_image_are_one_line(heldout, model_dir, tmp_path):
     import shutil
 
     from littune import LiTModel
@@ -125,5 +125,12 @@ def test_too_few_classes_is_one_line(heldout, model_dir, tmp_path):
     small = tmp_path / "small"
     for d in sorted(p for p in heldout.iterdir() if p.is_dir())[:3]:
         shutil.copytree(d, small / d.name)
+    model = LiTModel.from_pretrained(model_dir)
     with pytest.raises(LittuneError, match="has 3 classes: a collage of 4 images needs as many"):
-        play(LiTModel.from_pretrained(model_dir), class_folder(small), collages=2)
+        play(model, class_folder(small), collages=2)
+    four = next(p for p in sorted(heldout.iterdir()) if p.is_dir() and p.name not in {d.name for d in small.iterdir()})
+    shutil.copytree(four, small / four.name)
+    for png in (small / four.name).iterdir():
+        png.write_bytes(png.read_bytes()[:40])  # cut short
+    with pytest.raises(LittuneError, match=rf"cannot read image .*{four.name}.*: truncated"):
+        play(model, class_folder(small), collages=1, counts=(4, 4))

@@ -92,12 +92,17 @@ def render(layout_: Layout, records: Sequence, canvas: int):
     each one's tight box (x0, y0, x1, y1) of drawn pixels (its whole square if it has none)."""
     from PIL import Image
 
-    from ..embeddings import load_rgb
+    from ..data.decode import BadImage
+    from ..embeddings import describe, load_rgb
 
     out = Image.new("RGB", (canvas, canvas), (255, 255, 255))
     boxes = []
     for i, (x, y, s) in zip(layout_.items, layout_.squares):
-        tile = load_rgb(records[i]).resize((s, s), Image.Resampling.LANCZOS)
+        try:
+            tile = load_rgb(records[i]).resize((s, s), Image.Resampling.LANCZOS)
+        except BadImage as e:
+            raise LittuneError(f"cannot read image {describe(records[i])}: {e.reason}"
+                               + (f": {e.detail}" if e.detail else "")) from None
         out.paste(tile, (x, y))
         ink = np.argwhere((255 - np.asarray(tile, dtype=np.int16)).max(axis=2) > INK)
         if len(ink):
