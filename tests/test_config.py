@@ -48,7 +48,7 @@ def test_library_config_uses_the_same_checks():
     with pytest.raises(ConfigError, match="^model.loss: 'hinge' is not one of softmax, sigmoid$"):
         LiTConfig(loss="hinge")
     with pytest.raises(ConfigError, match="^model.text_head: "):
-        LiTConfig(text_head="mlp")
+        LiTConfig(text_head="conv")
     with pytest.raises(ConfigError, match="^model.setting: .*Valid settings"):
         LiTConfig(setting="XY")
     cfg = load_config(overrides=["data.cache=x"])

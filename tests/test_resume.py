@@ -203,7 +203,8 @@ def test_a_stale_tokenizer_is_retrained_or_refused(ref, tmp_path, capsys):
     csv = other["src"].read_text().replace(",a ", ",one ").replace(" in ", " inside ")
     other["src"].write_text(csv)
     shutil.rmtree(other["cache"])
-    Trainer(_cfg(other, run2, _text_tower(300))).run()
+    with pytest.raises(RuntimeError, match="power cut"):  # stopped after its step-4 checkpoint, unfinished
+        CrashAt(_cfg(other, run2, _text_tower(300)), at=5).run()
     want = train_tokenizer(EmbeddingCache.open(other["cache"]).iter_captions(), vocab_size=300)
     assert _vocab(_tokenizer(run2)) == _vocab(json.loads(want.backend_tokenizer.to_str())) != _vocab(before)
     other["src"].write_text(csv.replace(" inside ", " within "))
@@ -375,6 +376,7 @@ def test_resaving_a_checkpoint_never_loses_it(ref, tmp_path, capsys):
     run = tmp_path / "run"
     Trainer(_cfg(ref, run, steps=4)).run()
     before = (run / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
+    shutil.rmtree(run / "model")  # unfinished again (a finished run run again does nothing)
     # Run again: it re-saves the last checkpoint, and is killed as the new copy takes its name.
     _killed_at("step_0000004", "train", *_train_args(ref, run, 4))
     capsys.readouterr()
@@ -402,6 +404,8 @@ def test_a_full_disk_while_writing_the_model_is_one_line_and_keeps_the_old_model
     run = tmp_path / "run"
     Trainer(_cfg(ref, run, steps=4)).run()
     before = {p.relative_to(run): p.read_bytes() for p in sorted((run / "model").rglob("*")) if p.is_file()}
+    old = (run / "checkpoints").stat().st_mtime - 60  # model/ older than the last checkpoint: the run is
+    os.utime(run / "model" / "config.json", (old, old))  # not finished, so running it again writes model/
     done = _killed_at("config.json", "enospc", *_train_args(ref, run, 4))
     assert done.returncode == 2
     assert f"{run / 'model'} was not written (No space left on device)" in _error_line(done.stderr)

@@ -61,12 +61,11 @@ def finished_step(run_dir: Path, cfg) -> int | None:
     return step
 
 
-def interrupted(step: int, monitor, signal_name: str = "") -> RunInterrupted:
+def interrupted(step: int, monitor) -> RunInterrupted:
     """Say once, on a line of its own, that the run stopped with a checkpoint at ``step``; the exception to raise."""
     if monitor is not None:
         monitor.bar.close()  # the bar's line ends here, not inside the message
-    log_line(f"interrupted{f' ({signal_name})' if signal_name else ''}: checkpoint written at step {step}; "
-             "run the same command again to resume")
+    log_line(f"interrupted: checkpoint written at step {step}; run the same command again to resume")
     return RunInterrupted()
 
 

@@ -152,9 +152,9 @@ def training_pairs(trainer) -> int:
 
 def plan_run(trainer):
     """``(cfg, plan)``: ``trainer.cfg`` with its batch, steps and warm-up resolved (validated again), and
-    the :class:`Plan`, printed. Called once the data is open, before the run directory is prepared."""
+    the :class:`Plan` (:func:`announce` prints it). Called once the data is open, before the run directory
+    is prepared."""
     from . import distributed as D
-    from .monitor import log_line
 
     cfg = copy.deepcopy(trainer.cfg)
     pairs = training_pairs(trainer)
@@ -165,10 +165,16 @@ def plan_run(trainer):
     cfg.validate()
     if trainer.use_cache:
         trainer._cache_batches().set_batch(plan.batch)
+    return cfg, plan
+
+
+def announce(plan) -> None:
+    """The plan's line (and its warning, if any), before step 1."""
+    from .monitor import log_line
+
     log_line(plan.line())
     if plan.warning():
         log_line(plan.warning())
-    return cfg, plan
 
 
 def duration(seconds: float) -> str:

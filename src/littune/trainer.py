@@ -38,7 +38,7 @@ from .model import LiTModel, save_trained
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
 from .optim import build_optimizer, build_scheduler, group_lrs, held_groups, lr_mults_line
 from .run_outcome import finished_step, interrupted
-from .run_plan import Timed, plan_run
+from .run_plan import Timed, announce, plan_run
 from .rundir import StopSignals, close_run_dir, ensure_tokenizer, open_run_dir
 from .tower_settings import parse_setting
 from .towers.fingerprint import tower_fingerprint
@@ -281,6 +281,7 @@ class Trainer:
             self.finished = finished_step(self.run_dir, self.cfg)  # a finished run's step (it is not trained again)
             if self.finished is not None:
                 return self.run_dir / "model"
+            announce(self.plan)
             prepare_run_dir(self.run_dir, self.cfg)
             start = self._build_training()
             self._loop(start, Timed(self._batches(start), start, self.cfg.steps))  # prints the measured time a step
@@ -306,7 +307,7 @@ class Trainer:
                 if stop.asked(self.device):
                     if self._saved != self._done:
                         self._checkpoint(self._done)
-                    raise interrupted(self._done, monitor, stop.name) from None  # said once, below the bar
+                    raise interrupted(self._done, monitor) from None  # said once, below the bar
         finally:
             getattr(batches, "close", lambda: None)()
             if monitor:
