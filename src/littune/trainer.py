@@ -32,7 +32,7 @@ from .batches import (CacheBatches, OnTheFlyBatches, Prefetched, WithTextFeature
 from .accumulate import accumulated_backward
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LiTConfig, TrainConfig
-from .errors import ConfigError, LittuneError, TrainingDiverged, UntrustedCodeError  # noqa: F401 (TrainingDiverged: re-exported)
+from .errors import ConfigError, LittuneError, TrainingDiverged  # noqa: F401 (TrainingDiverged: re-exported)
 from .losses import ContrastiveLoss
 from .model import LiTModel, save_trained
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
@@ -44,7 +44,7 @@ from .tower_settings import parse_setting
 from .towers.fingerprint import tower_fingerprint
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
 from .towers.text import build_text_tower
-from .towers.trust import code_named
+from .towers.trust import refuse_cache_code
 
 
 def model_config(cfg: TrainConfig) -> LiTConfig:
@@ -124,12 +124,8 @@ class Trainer:
     def _image_tower(self, mcfg: LiTConfig):
         if self.use_cache:
             m = self.cache.manifest
-            spec = m.get("tower_spec", mcfg.image_tower)
-            named = code_named(spec)  # the spec _export builds: the cache's code only where the config names it
-            if named is not None and named != code_named(parse_image_tower(mcfg.image_tower)):
-                raise UntrustedCodeError(f"{Path(self.cfg.data.cache) / 'manifest.json'} names code to run ({named}) "
-                                         "that model.image_tower does not name: littune will not build it; embed "
-                                         "the cache again with the configured tower")
+            spec = m.get("tower_spec", mcfg.image_tower)  # the spec _export builds: no code the config does not name
+            refuse_cache_code(spec, parse_image_tower(mcfg.image_tower), Path(self.cfg.data.cache) / "manifest.json")
             return CachedFeaturesTower(spec, self.cache.tower_fingerprint, self.cache.dim, m.get("preprocess", {}))
         return build_image_tower(mcfg.image_tower, pretrained=self.setting.image.pretrained)
 

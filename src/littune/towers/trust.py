@@ -48,6 +48,15 @@ def refuse_code(spec, where: str | Path, trust_code: bool = False) -> None:
         "(command line)")
 
 
+def refuse_cache_code(spec, configured, manifest: Path) -> None:
+    """An embedding cache's manifest names the tower spec a trained model is exported with: refuse one
+    that names code to run which the configured tower (``configured``) does not name."""
+    named = code_named(spec)
+    if named is not None and named != code_named(configured):
+        raise UntrustedCodeError(f"{manifest} names code to run ({named}) that model.image_tower does not name: "
+                                 "littune will not build it; embed the cache again with the configured tower")
+
+
 def remote_code_refusal(what: str, error: Exception) -> LittuneError | None:
     """One line for transformers' refusal to run a folder's own Python (None for any other error)."""
     text = str(error)
