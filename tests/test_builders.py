@@ -193,6 +193,19 @@ def test_render_square_on_white_keeps_aspect_and_is_deterministic():
     assert (t[:, 0] == 255).all() and (t[:, -1] == 255).all() and (t[:, SIZE // 2, 0] > 200).all()  # fitted by height
 
 
+def test_render_draws_with_resvg_from_any_thread():
+    # the binding's options belong to the thread that made them: one set shared by threads panicked, and
+    # the drawing fell back to cairosvg without a word
+    from concurrent.futures import ThreadPoolExecutor
+
+    page = ('<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20"><rect width="20" height="20" '
+            'fill="#ff0000"/><circle cx="30" cy="10" r="6" fill="#0000ff"/></svg>')
+    alone = render_png(page, size=SIZE)
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda _: render_png(page, size=SIZE), range(6)))
+    assert alone[1] == "resvg" and all(t == alone for t in together)
+
+
 def test_render_png_on_white_matches_compositing_a_transparent_page():
     svg = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 36 36"><circle cx="18" cy="18" r="15" '
            'fill="#3366cc" fill-opacity="0.6" stroke="#aa2200" stroke-width="2"/></svg>')

@@ -29,9 +29,9 @@ Install the renderers with ``pip install resvg cairosvg`` (either one is enough)
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import math
+import threading
 from xml.parsers import expat
 
 import numpy as np
@@ -94,16 +94,21 @@ def _png_to_image(png: bytes) -> Image.Image:
     return img.convert("RGBA")
 
 
-@functools.lru_cache(maxsize=2)
+_THREAD = threading.local()
+
+
 def _resvg_options(fonts: bool):
-    """resvg's options: CSS pixels (dpi 96, so mm/pt/in sizes draw), system fonts read once if asked."""
+    """resvg's options: CSS pixels (dpi 96, so mm/pt/in sizes draw), system fonts read once if asked. One
+    per thread: the binding's options belong to the thread that made them (used in another, they panic)."""
     from resvg import usvg
 
-    opts = usvg.Options.default()
-    opts.dpi = 96.0
-    if fonts:
-        opts.load_system_fonts()
-    return opts
+    made = _THREAD.__dict__
+    if fonts not in made:
+        made[fonts] = opts = usvg.Options.default()
+        opts.dpi = 96.0
+        if fonts:
+            opts.load_system_fonts()
+    return made[fonts]
 
 
 def _fit_size(w: int, h: int, width: int | None, height: int | None) -> tuple[int, int, float, float]:
