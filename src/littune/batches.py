@@ -221,7 +221,8 @@ class OnTheFlyBatches(torch.utils.data.Dataset):
         for k in range(len(self.records)):
             rec = self.records[(i + k) % len(self.records)]
             try:
-                img = rec.open(reduce_to=None if self.augment else self.preprocess.draft_to)
+                img = rec.open(reduce_to=None if self.augment else self.preprocess.draft_to,
+                               render_to=self.preprocess.resize_to)
             except BadImage as e:
                 self.skipped.append(f"{rec.key}\t{e}")
                 continue

@@ -88,9 +88,10 @@ def describe(item: Any) -> str:
     return f"<{type(item).__name__}>"
 
 
-def load_rgb(item: ImageLike, reduce_to: int | None = None):
+def load_rgb(item: ImageLike, reduce_to: int | None = None, render_to: int | None = None):
     """An RGB Pillow image from a path, a Pillow image or a :class:`Record`; ``reduce_to``: a JPEG
-    file may be draft-decoded down to this shorter side (:attr:`Preprocess.draft_to`).
+    file may be draft-decoded down to this shorter side (:attr:`Preprocess.draft_to`); ``render_to``: an
+    SVG is drawn with this shorter side (:attr:`Preprocess.resize_to`).
 
     Raises :class:`littune.data.decode.BadImage` when the image cannot be decoded.
     """
@@ -101,9 +102,9 @@ def load_rgb(item: ImageLike, reduce_to: int | None = None):
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if isinstance(item, (str, Path)):
-        return load_image(item, reduce_to=reduce_to)
+        return load_image(item, reduce_to=reduce_to, render_to=render_to)
     if hasattr(item, "open") and hasattr(item, "key"):
-        return item.open(reduce_to=reduce_to)
+        return item.open(reduce_to=reduce_to, render_to=render_to)
     raise TypeError(f"cannot read an image from {type(item).__name__}; give a path, a PIL image or a Record")
 
 
@@ -138,7 +139,7 @@ def _decoded_batches(items: list, preprocess, batch_size: int, workers: int | No
         from .data.decode import BadImage
 
         try:
-            return preprocess.eval(load_rgb(items[i], preprocess.draft_to)), None
+            return preprocess.eval(load_rgb(items[i], preprocess.draft_to, preprocess.resize_to)), None
         except BadImage as e:
             return None, e.reason + (f": {e.detail}" if e.detail else "")
 

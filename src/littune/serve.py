@@ -16,7 +16,9 @@ into a FastAPI application::
 Safe by default. An upload is capped in bytes (the request body is counted as it arrives, so a
 huge or chunked body is refused with 413 before it is stored) and in pixels (checked from the image
 header before any pixel is decoded: a decompression bomb costs nothing); a file that is not an image
-gets 415, a truncated one 400. Labels are bounded in count and length, prompts (labels x templates)
+gets 415, a truncated one 400. An SVG is drawn at the model's resize size, as ``littune embed`` draws
+it; one with an external entity gets 400 and no file it names is read (:mod:`littune.data.svg`).
+Labels are bounded in count and length, prompts (labels x templates)
 per request so that one request holds the model for about a second at most (422 before any prompt
 is embedded), ``k`` in range, and the template set must be one of the built-in names (never a
 path). Only the host names it was started for are answered, and other sites' pages are refused
@@ -297,9 +299,10 @@ def _upload_image(image, svc: Service):
     if len(data) > max_bytes:
         fail(413, svc.too_large)
     try:  # a model embedded with fast decoding (a JPEG drafted to its resize size) sees the same pixels here
-        return load_image(data, max_pixels=svc.limits["max_pixels"], reduce_to=svc.model.preprocess.draft_to)
+        p = svc.model.preprocess  # an SVG is drawn at the resize size, as littune embed draws it
+        return load_image(data, max_pixels=svc.limits["max_pixels"], reduce_to=p.draft_to, render_to=p.resize_to)
     except BadImage as e:
-        status = {"not an image": 415, "too many pixels": 413}.get(e.reason, 400)
+        status = {"not an image": 415, "no renderer": 415, "too many pixels": 413, "too large": 413}.get(e.reason, 400)
         fail(status, f"{e.reason}: {e.detail}" if e.detail else e.reason)
 
 
@@ -309,7 +312,7 @@ def _add_classify(app, svc: Service) -> None:
     sets = svc.template_sets
 
     @app.post("/api/classify", summary="Zero-shot classify one image against your labels")
-    def classify(image: UploadFile = File(..., description="an image file (JPEG, PNG, WebP, GIF, BMP, TIFF)"),
+    def classify(image: UploadFile = File(..., description="an image file (JPEG, PNG, WebP, GIF, BMP, TIFF, SVG)"),
                  labels: str = Form("", description='comma separated, e.g. "cat, dog, horse"'),
                  templates: str = Form("short", description="a template set: " + ", ".join(sets))) -> dict:
         t0 = time.perf_counter()

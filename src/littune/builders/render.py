@@ -346,6 +346,49 @@ def render_png(svg: str | bytes, size: int = 224, fonts: bool = False, renderers
     raise RenderError("; ".join(errors) or "no renderer")
 
 
+def _fitted_size(w: float, h: float, shorter: int, longest: int) -> tuple[int, int, float, float]:
+    """:func:`_fit_size` with the shorter side at ``shorter``, or the longer at ``longest`` if it would pass it."""
+    W, H, sx, sy = _fit_size(w, h, shorter, None) if w <= h else _fit_size(w, h, None, shorter)
+    if max(W, H) > longest:
+        W, H, sx, sy = _fit_size(w, h, longest, None) if w >= h else _fit_size(w, h, None, longest)
+    return W, H, sx, sy
+
+
+def _drawn_fitted(name: str, svg: str, shorter: int, longest: int, fonts: bool, aspect: float | None) -> Image.Image:
+    if name == "resvg":  # resvg measures the drawing and draws it straight onto white
+        from resvg import render
+
+        tree = _tree(svg, fonts)
+        with _rust_panics():
+            W, H, sx, sy = _fitted_size(*tree.int_size(), shorter, longest)
+            png = render(tree, (sx, 0.0, 0.0, 0.0, sy, 0.0), bg_size=(W, H), bg_color=(255, 255, 255, 255))
+        return Image.open(io.BytesIO(bytes(png))).convert("RGB")
+    import cairosvg  # draws at the size it is told, on a transparent page
+
+    W, H, _, _ = _fitted_size(aspect or 1.0, 1.0, shorter, longest)
+    img = _png_to_image(cairosvg.svg2png(bytestring=svg.encode("utf-8"), output_width=W, output_height=H, unsafe=False))
+    canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    canvas.alpha_composite(img)
+    return canvas.convert("RGB")
+
+
+def render_fitted(svg: str, shorter: int, longest: int, fonts: bool = False, aspect: float | None = None,
+                  renderers: list[str] | None = None) -> tuple[Image.Image, str]:
+    """An SVG drawn at its own aspect ratio on white, for reading a user's drawing as an image:
+    ``(Pillow RGB image, renderer name)``, its shorter side ``shorter`` px (a drawing so thin that its longer
+    side would pass ``longest`` gets that instead). resvg first, then cairosvg, as :func:`render_png`;
+    ``aspect`` (width / height, default square) sizes cairosvg's page (resvg measures the drawing itself).
+    A blank drawing is a white picture here. Raises :class:`RenderError` naming every renderer's failure."""
+    errors = []
+    for name in renderers or available_renderers():
+        try:
+            return _drawn_fitted(name, svg, shorter, longest, fonts, aspect), name
+        except Exception as e:  # each renderer raises its own exception types
+            text = str(e).strip()
+            errors.append(f"{name}: {text.splitlines()[0][:200] if text else type(e).__name__}")
+    raise RenderError("; ".join(errors) or "no renderer installed")
+
+
 def render_svg(svg: str | bytes, size: int = 224, fonts: bool = False,
                renderers: list[str] | None = None, crop: bool = False,
                margin: float = 0.04) -> tuple[Image.Image, str]:

@@ -102,7 +102,8 @@ class _Decode(torch.utils.data.Dataset):
         rec = self.records[i]
         try:
             # fast decoding drafts a JPEG for the eval view alone: augmented crops keep full resolution
-            img = rec.open(max_pixels=self.max_pixels, reduce_to=None if self.views else self.preprocess.draft_to)
+            img = rec.open(max_pixels=self.max_pixels, reduce_to=None if self.views else self.preprocess.draft_to,
+                           render_to=self.preprocess.resize_to)
             px = [self.preprocess.eval_uint8(img)]
             for v in range(self.views):
                 px.append(self.preprocess.train_uint8(img, augment_rng(self.seed, rec.key, v)))

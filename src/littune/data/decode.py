@@ -6,10 +6,15 @@ Pillow can open to RGB: palette images (with or without a transparent colour), `
 ``RGBA`` (composited on white, the usual background of clip art and emoji), ``CMYK`` (Adobe
 inverted JPEGs included), 16-bit and 32-bit integer greyscale (scaled, not clipped), float images,
 1-bit and ``YCbCr``/``LAB``/``HSV``. Multi-frame files (GIF, animated WebP) give their first frame.
+SVG drawings (``.svg``, gzip'd ``.svgz``; known by their content) are drawn by :mod:`littune.data.svg`
+through the dataset builders' renderer, on white, their shorter side at ``render_to`` pixels (the
+pre-processing's :attr:`~littune.preprocess.Preprocess.resize_to`; default 256); an SVG's
+``info[SIZE_INFO]`` is the size it was drawn at.
 
 Anything that cannot be decoded raises :class:`BadImage` with a short ``reason`` that reports can
 count -- ``missing``, ``empty file``, ``not an image``, ``truncated``, ``too many pixels``,
-``corrupt`` or ``remote url`` -- and a ``detail`` for the human. The pixel limit (default
+``corrupt`` or ``remote url``, and for SVG ``unsafe`` (an external entity...), ``too large`` and ``no renderer``
+(the ``data`` extra is missing) -- and a ``detail`` for the human. The pixel limit (default
 Pillow's own 89,478,485, about 9459 x 9459) is checked from the header before any pixel is
 decoded, so a decompression bomb costs nothing.
 
@@ -43,7 +48,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .sniff import HEAD_BYTES, TAIL_BYTES, UNKNOWN_MAX_BYTES, ends_early, identify
+from .sniff import HEAD_BYTES, SVG_FORMATS, TAIL_BYTES, UNKNOWN_MAX_BYTES, ends_early, identify
 
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -54,10 +59,11 @@ JPEG_INFO = "littune_jpeg_scale"
 SIZE_INFO = "littune_size"
 
 #: File extensions littune treats as images when it lists a folder or a tar shard.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".svg", ".svgz")
 
 #: The reasons :class:`BadImage` may carry, in the order reports list them.
-REASONS = ("missing", "empty file", "not an image", "truncated", "too many pixels", "corrupt", "remote url")
+REASONS = ("missing", "empty file", "not an image", "truncated", "too many pixels", "corrupt", "remote url",
+           "unsafe", "too large", "no renderer")
 
 
 class BadImage(Exception):
@@ -219,17 +225,20 @@ def _draft(img: Image.Image, reduce_to: int | None) -> None:
 
 
 def load_image(src: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               reduce_to: int | None = None) -> Image.Image:
+               reduce_to: int | None = None, render_to: int | None = None) -> Image.Image:
     """Decode ``src`` (a path or encoded bytes) into an upright RGB image.
 
     Raises :class:`BadImage` for a missing or empty file, one that is no regular file (a directory,
     a FIFO), a file that is not an image, a truncated or corrupt one, or one with more than
     ``max_pixels`` pixels (``None``: Pillow's own limit only). A file is identified from its first
     bytes and decoded from the file (never read whole first). ``reduce_to``: a JPEG may be decoded
-    at a DCT scale down to this shorter side (module doc).
+    at a DCT scale down to this shorter side (module doc). ``render_to``: the shorter side an SVG is
+    drawn at (:attr:`Preprocess.resize_to <littune.preprocess.Preprocess.resize_to>`; None: 256).
     """
     with _opened(src) as (f, size, name):
         fmt, head = _sniffed(f, size, name)
+        if fmt in SVG_FORMATS:
+            return _svg(f, size, fmt, name, render_to, max_pixels)
         try:
             return _decode(f, max_pixels, reduce_to)
         except BadImage as e:
@@ -241,6 +250,21 @@ def load_image(src: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIX
         except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, MemoryError,
                 UnidentifiedImageError) as e:
             raise _failure(e, fmt, head, _tail(f, size), size, name) from None
+
+
+def _svg(f: BinaryIO, size: int, fmt: str, name: str | None, render_to: int | None,
+         max_pixels: int | None) -> Image.Image:
+    """An SVG drawn by :mod:`littune.data.svg`; its refusals as :class:`BadImage`."""
+    from .svg import SvgError, read_svg
+
+    try:
+        img = read_svg(f, size, fmt, render_to, max_pixels)
+    except SvgError as e:
+        raise BadImage(e.reason, e.detail, name) from None
+    except OSError as e:  # an I/O error reading the file
+        raise BadImage("missing", f"cannot read: {os_reason(e)}", name) from None
+    img.info[SIZE_INFO] = img.size
+    return img
 
 
 def _decode(f: BinaryIO, max_pixels: int | None, reduce_to: int | None) -> Image.Image:
@@ -276,9 +300,12 @@ def _failure(e: Exception, fmt: str | None, head: bytes, tail: bytes, size: int,
 
 
 def image_size(src: str | Path | bytes) -> tuple[int, int]:
-    """Width and height from the header only (no decoding); raises :class:`BadImage`."""
+    """Width and height from the header only (no decoding; an SVG: the size :func:`load_image` draws it at
+    by default); raises :class:`BadImage`."""
     with _opened(src) as (f, size, name):
         fmt, head = _sniffed(f, size, name)
+        if fmt in SVG_FORMATS:
+            return _svg(f, size, fmt, name, None, DEFAULT_MAX_PIXELS).size
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)

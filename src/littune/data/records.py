@@ -56,13 +56,15 @@ class Record:
         with open(self.path, "rb") as f:
             return f.read()
 
-    def open(self, max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None) -> Image.Image:
+    def open(self, max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None,
+             render_to: int | None = None) -> Image.Image:
         """Decode the image to RGB (EXIF-upright, alpha on white); raises :class:`BadImage`.
-        ``reduce_to``: a JPEG may be draft-decoded down to this shorter side (:func:`load_image`)."""
+        ``reduce_to``: a JPEG may be draft-decoded down to this shorter side; ``render_to``: the shorter
+        side an SVG is drawn at (:func:`load_image`)."""
         if self.path is not None and self.data is None and self.shard is None:
-            return load_image(self.path, max_pixels=max_pixels, reduce_to=reduce_to)
+            return load_image(self.path, max_pixels=max_pixels, reduce_to=reduce_to, render_to=render_to)
         try:
-            return load_image(self.read_bytes(), max_pixels=max_pixels, reduce_to=reduce_to)
+            return load_image(self.read_bytes(), max_pixels=max_pixels, reduce_to=reduce_to, render_to=render_to)
         except BadImage as e:
             if e.source is None:
                 raise BadImage(e.reason, e.detail, self.where) from None

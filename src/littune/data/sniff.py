@@ -1,13 +1,16 @@
 """What an image file is from its first bytes, and whether it visibly stops before its end.
 
-:func:`identify` names the format of a file from its signature (the first :data:`HEAD_BYTES` bytes):
-the formats littune lists as images (JPEG, PNG, GIF, WebP, BMP, TIFF) and a few more that Pillow
-opens. :func:`load_image <littune.data.decode.load_image>` reads that head before anything else, so
-that a file with no image signature and more than :data:`UNKNOWN_MAX_BYTES` bytes is refused without
-being read, and a file that Pillow fails on is reported ``truncated`` when :func:`ends_early` sees
-that it stops before its format's end (a JPEG without its end-of-image marker, a PNG without
-``IEND``, a GIF without its trailer, a WebP or BMP shorter than its header says) -- whatever words
-Pillow chose for the error.
+:func:`identify` names the format of a file from its signature (the first :data:`HEAD_BYTES` bytes): the
+formats littune lists as images (JPEG, PNG, GIF, WebP, BMP, TIFF) and a few more that Pillow opens, and
+SVG: ``SVG`` for a file that starts (after a byte order mark and white space) with XML markup --
+``<?xml``, ``<svg``, a comment or a DOCTYPE; whether its root element is ``<svg>`` is seen when it is
+parsed -- and ``SVGZ`` for gzip data (a ``.svgz``; what it holds is checked when it is unpacked), both
+in :data:`SVG_FORMATS`, read by :mod:`littune.data.svg`. :func:`load_image
+<littune.data.decode.load_image>` reads that head before anything else, so that a file with no image
+signature and more than :data:`UNKNOWN_MAX_BYTES` bytes is refused without being read, and a file that
+Pillow fails on is reported ``truncated`` when :func:`ends_early` sees that it stops before its format's
+end (a JPEG without its end-of-image marker, a PNG without ``IEND``, a GIF without its trailer, a WebP
+or BMP shorter than its header says) -- whatever words Pillow chose for the error.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ TAIL_BYTES = 32
 #: format littune reads lacks a signature, bar TGA; an uncompressed 9459 x 9459 RGBA image is 358 MB,
 #: but that has one)
 UNKNOWN_MAX_BYTES = 64 * 2**20
+
+#: the formats :func:`identify` names that are drawn by :mod:`littune.data.svg`, not decoded by Pillow
+SVG_FORMATS = ("SVG", "SVGZ")
+_MARKUP = (b"<?xml", b"<svg", b"<!--", b"<!doctype")
 
 _SIGNATURES = (
     (b"\xff\xd8\xff", "JPEG"),
@@ -53,7 +60,17 @@ def identify(head: bytes) -> str | None:
     for sig, fmt in _SIGNATURES:
         if head.startswith(sig):
             return fmt
-    return None
+    if head.startswith(b"\x1f\x8b"):
+        return "SVGZ"
+    return "SVG" if _markup(head) else None
+
+
+def _markup(head: bytes) -> bool:
+    """Does ``head`` start with XML markup (UTF-8, or UTF-16 after its byte order mark)?"""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        head = head[2:].decode("utf-16-le" if head[:1] == b"\xff" else "utf-16-be", "ignore").encode("ascii", "ignore")
+    head = head.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n").lower()
+    return head.startswith(_MARKUP)
 
 
 def ends_early(fmt: str | None, head: bytes, tail: bytes, size: int) -> bool:
