@@ -224,6 +224,37 @@ def test_a_huge_declared_size_allocates_nothing(tmp_path):
     assert e.value.reason == "corrupt"
 
 
+def test_a_drawing_that_kills_the_renderer_is_too_large_and_the_next_one_draws():
+    # resvg allocates a pattern tile / a filter region at its size on the page: 262 GB / 1e18 bytes here,
+    # and Rust aborts the process when that fails
+    pattern = (f'<svg {NS} width="10" height="10"><defs><pattern id="p" width="1" height="1" '
+               'patternUnits="userSpaceOnUse" patternTransform="scale(10000)"><rect width="0.5" height="0.5"/>'
+               '</pattern></defs><rect width="10" height="10" fill="url(#p)"/></svg>')
+    region = (f'<svg {NS} width="10" height="10"><filter id="f" filterUnits="userSpaceOnUse" x="-1e7" y="-1e7" '
+              'width="2e7" height="2e7"><feFlood flood-color="red"/></filter><rect width="10" height="10" '
+              'filter="url(#f)"/></svg>')
+    for doc in (pattern, region):
+        with pytest.raises(BadImage) as e:
+            load_image(doc.encode())
+        assert e.value.reason == "too large" and "the renderer ended while drawing it" in e.value.detail
+        assert load_image(WIDE.encode(), render_to=64).size == (128, 64)  # a new helper draws the next one
+
+
+def test_a_drawing_that_takes_too_long_is_stopped(monkeypatch):
+    from littune.builders import render_sandbox
+
+    monkeypatch.setattr(render_sandbox, "SECONDS", 2.0)
+    uses = "".join(f'<g id="a{i}"><use xlink:href="#a{i - 1}"/><use xlink:href="#a{i - 1}"/></g>' for i in range(1, 30))
+    bomb = f'<svg {NS} width="9" height="9"><defs><rect id="a0" width="1" height="1"/>{uses}</defs>'
+    bomb += '<use xlink:href="#a29"/></svg>'  # 2**29 rectangles: resvg refuses it, cairosvg works on for minutes
+    t0 = time.perf_counter()
+    with pytest.raises(BadImage) as e:
+        load_image(bomb.encode())
+    assert e.value.reason == "too large" and e.value.detail == "drawing it took longer than 2 s"
+    assert time.perf_counter() - t0 < 15
+    assert load_image(WIDE.encode(), render_to=64).size == (128, 64)
+
+
 def test_threads_draw_at_once_what_one_thread_draws():
     from concurrent.futures import ThreadPoolExecutor
 

@@ -25,11 +25,16 @@ A file is untrusted. Before a renderer sees it, the document is parsed here (exp
 * a file (or a ``.svgz``'s content) over :data:`MAX_SVG_BYTES` is refused unread (``too large``). The
   drawing's declared size (``width="1e9"``) allocates nothing: it is drawn at ``render_to``, its longer side
   at most :data:`MAX_SIDE` pixels (and the pixel limit).
+* the renderers run in a helper process with a memory and a time limit
+  (:mod:`littune.builders.render_sandbox`): a drawing that would make resvg abort (a pattern or a filter
+  region scaled to hundreds of gigabytes) or keep cairosvg busy for minutes (``<use>`` chains) is
+  ``too large``, and the caller goes on.
 
 Reasons (:class:`SvgError`, a :class:`~littune.data.decode.BadImage` for the caller): ``no renderer`` (neither
-resvg nor cairosvg installed), ``unsafe``, ``too large``, ``too many pixels`` (an embedded raster),
-``not an image`` (XML whose root is not ``<svg>``, gzip data holding no SVG), ``truncated`` (the document
-stops early) and ``corrupt`` (not well-formed, or no renderer can draw it).
+resvg nor cairosvg installed), ``unsafe``, ``too large`` (the file, or what drawing it would take),
+``too many pixels`` (an embedded raster), ``not an image`` (XML whose root is not ``<svg>``, gzip data
+holding no SVG), ``truncated`` (the document stops early) and ``corrupt`` (not well-formed, or no renderer
+can draw it).
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ class SvgError(Exception):
 def read_svg(f: BinaryIO, size: int, fmt: str, render_to: int | None, max_pixels: int | None):
     """The drawing in the file ``f`` (``size`` bytes, :func:`~littune.data.sniff.identify`'s ``fmt``) as a
     Pillow RGB image, its shorter side ``render_to`` px (None: :data:`DEFAULT_RENDER_TO`); raises :class:`SvgError`."""
-    from ..builders import render
+    from ..builders import render, render_sandbox
 
     if size > MAX_SVG_BYTES:
         raise SvgError("too large", f"{size:,} bytes of {'gzip data' if fmt == 'SVGZ' else 'SVG'} "
@@ -97,14 +102,16 @@ def read_svg(f: BinaryIO, size: int, fmt: str, render_to: int | None, max_pixels
     shorter = int(render_to or DEFAULT_RENDER_TO)
     longest = max(shorter, min(MAX_SIDE, max_pixels // shorter if max_pixels else MAX_SIDE))
     try:
-        img, _ = render.render_fitted(doc.text, shorter, longest, doc.has_text, doc.aspect, names)
+        img, _ = render_sandbox.render_fitted(doc.text, shorter, longest, doc.has_text, doc.aspect, names)
+    except render_sandbox.RenderLimit as e:
+        raise SvgError("too large", e.why) from None
     except render.RenderError as e:
         raise SvgError("corrupt", f"no renderer could draw it ({e})") from None
     return img
 
 
 def _installed() -> list[str]:
-    """The renderers installed (resvg, cairosvg), found without importing them."""
+    """The renderers installed (resvg, cairosvg), found without importing them: the helper does that."""
     import importlib.util
 
     names = []
