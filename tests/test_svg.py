@@ -401,6 +401,34 @@ def test_classify_reads_svgs_and_names_the_refused_ones_in_one_line(tmp_path, ti
     assert MARKER not in cap.err and MARKER not in cap.out
 
 
+def test_eval_and_index_read_svgs_and_search_shows_them(tmp_path, tiny_model, one_thread, capsys):
+    tiny_model().save_pretrained(tmp_path / "model")
+    root = tmp_path / "classes"
+    for name, colour in (("red", "#e02020"), ("blue", "#2040e0")):
+        (root / name).mkdir(parents=True)
+        for k in range(2):
+            drawing = SQUARE.replace("#e03020", colour).replace('r="12"', f'r="{8 + 4 * k}"')
+            (root / name / f"drawing{k}.svg").write_text(drawing)
+        red_png(root / name / "square.png")
+    rc = main(["eval", "zeroshot", str(root), "--model", str(tmp_path / "model"), "-q", "--out",
+               str(tmp_path / "zs.json")])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "zs.json").read_text())["littune"]["n_images"] == 6
+    rc = main(["index", str(root), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "idx"), "-q",
+               "--workers", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "indexed 6 images" in out
+    query = root / "blue" / "drawing1.svg"
+    assert main(["search", "--index", str(tmp_path / "idx"), "--image", str(query), "-k", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"image: {query}" and lines[1].split(maxsplit=2)[2] == str(query)  # finds itself first
+    from littune.search import SearchIndex
+
+    index = SearchIndex.open(tmp_path / "idx")
+    shown = index.open_image(index.keys.index("blue/drawing1.svg"))  # what serve's preview re-encodes
+    assert shown.size == (256, 256) and (pixels(shown)[128, 40] == (0x20, 0x40, 0xe0)).all()
+
+
 def test_serve_classifies_an_uploaded_svg_and_refuses_an_external_entity(tmp_path, tiny_model, one_thread):
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
