@@ -79,8 +79,15 @@ class _Helper:
         root = str(Path(littune.__file__).resolve().parent.parent)  # the caller's littune, wherever it is
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         code = f"from littune.builders.render_sandbox import _serve; _serve({MEMORY_BYTES})"
+        self.buf = bytearray()  # what the helper sent and was not taken yet
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, env=env, bufsize=0)
+        try:  # a picture in one piece (224 x 224 RGB is 147 kB; a pipe holds 64 kB by default)
+            import fcntl
+
+            fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+        except (ImportError, AttributeError, OSError):
+            pass
         try:
             ready = self._line(time.monotonic() + _START_SECONDS) == {"ready": True}
         except (RenderError, ValueError):
@@ -96,26 +103,27 @@ class _Helper:
             raise self._ended() from None
         deadline = time.monotonic() + SECONDS
         reply = self._line(deadline)
-        return reply, (self._read(reply.get("n", 0), deadline) if reply.get("ok") else b"")
+        return reply, (self._take(reply.get("n", 0), deadline) if reply.get("ok") else b"")
 
     def _line(self, deadline: float) -> dict:
-        data = b""
-        while not data.endswith(b"\n"):
-            data += self._read(1, deadline)
-        return json.loads(data)
+        return json.loads(self._take(None, deadline))
 
-    def _read(self, n: int, deadline: float) -> bytes:
-        out, fd = bytearray(), self.proc.stdout.fileno()
-        while len(out) < n:
-            left = deadline - time.monotonic()
+    def _take(self, n: int | None, deadline: float) -> bytes:
+        """The next ``n`` bytes the helper sends (None: its next line), waiting until ``deadline``."""
+        while True:
+            end = self.buf.find(b"\n") + 1 if n is None else (n if len(self.buf) >= n else 0)
+            if end or n == 0:
+                out = bytes(self.buf[:end])
+                del self.buf[:end]
+                return out
+            left, fd = deadline - time.monotonic(), self.proc.stdout.fileno()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 self.close()
                 raise RenderLimit(f"drawing it took longer than {SECONDS:.0f} s")
-            chunk = os.read(fd, min(n - len(out), 1 << 20))
+            chunk = os.read(fd, 1 << 20)
             if not chunk:
                 raise self._ended()
-            out += chunk
-        return bytes(out)
+            self.buf += chunk
 
     def _ended(self) -> RenderLimit:
         code = self.proc.wait()
