@@ -255,6 +255,18 @@ def test_a_drawing_that_takes_too_long_is_stopped(monkeypatch):
     assert load_image(WIDE.encode(), render_to=64).size == (128, 64)
 
 
+def test_a_renderer_process_that_cannot_start_is_one_line(monkeypatch, tmp_path):
+    import sys
+
+    from littune.builders import render_sandbox
+
+    render_sandbox._POOL.close()  # the helpers of the tests before
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(BadImage) as e:
+        load_image(WIDE.encode())
+    assert e.value.reason == "no renderer" and "the SVG renderer process did not start" in e.value.detail
+
+
 def test_threads_draw_at_once_what_one_thread_draws():
     from concurrent.futures import ThreadPoolExecutor
 

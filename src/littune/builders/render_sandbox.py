@@ -48,6 +48,10 @@ class RenderLimit(RenderError):
         super().__init__(why)
 
 
+class NoHelper(RenderError):
+    """The helper process could not be started (the message says why)."""
+
+
 def render_fitted(svg: str, shorter: int, longest: int, fonts: bool, aspect: float | None,
                   renderers: list[str]) -> tuple[Image.Image, str]:
     """:func:`littune.builders.render.render_fitted` in a helper process (module doc)."""
@@ -80,8 +84,11 @@ class _Helper:
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         code = f"from littune.builders.render_sandbox import _serve; _serve({MEMORY_BYTES})"
         self.buf = bytearray()  # what the helper sent and was not taken yet
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env=env, bufsize=0)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, env=env, bufsize=0)
+        except OSError as e:
+            raise NoHelper(f"the SVG renderer process did not start ({sys.executable!r}: {e.strerror or e})") from None
         try:  # a picture in one piece (224 x 224 RGB is 147 kB; a pipe holds 64 kB by default)
             import fcntl
 
@@ -94,7 +101,8 @@ class _Helper:
             ready = False
         if not ready:
             self.close()
-            raise RenderError("the SVG renderer process did not start")
+            raise NoHelper(f"the SVG renderer process did not start ({sys.executable} -c ...; exit status "
+                           f"{self.proc.returncode})")
 
     def ask(self, job: dict, svg: bytes) -> tuple[dict, bytes]:
         try:
@@ -176,10 +184,13 @@ class _Pool:
             self.lock.notify()
 
     def close(self) -> None:
+        """End the idle helpers (at exit; a later drawing starts a new one)."""
         with self.lock:
             for helper in self.idle:
                 helper.close()
+            self.count -= len(self.idle)
             self.idle = []
+            self.lock.notify_all()
 
 
 _POOL = _Pool()

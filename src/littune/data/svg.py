@@ -105,6 +105,8 @@ def read_svg(f: BinaryIO, size: int, fmt: str, render_to: int | None, max_pixels
         img, _ = render_sandbox.render_fitted(doc.text, shorter, longest, doc.has_text, doc.aspect, names)
     except render_sandbox.RenderLimit as e:
         raise SvgError("too large", e.why) from None
+    except render_sandbox.NoHelper as e:
+        raise SvgError("no renderer", str(e)) from None
     except render.RenderError as e:
         raise SvgError("corrupt", f"no renderer could draw it ({e})") from None
     return img
