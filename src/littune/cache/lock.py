@@ -17,8 +17,11 @@ from pathlib import Path
 from ..errors import LittuneError
 from ..fileio import write_json
 from .format import LOCK, MANIFEST, OUR_FILES, PLAN, SHARD_DIR, plan_differences, plan_hash
+from .registry import FeatureIndex
 from .stale import OLD_RULE, old_fingerprint_rule
 
+#: where the shards of a cache being replaced wait, readable, until the new one is complete
+PREVIOUS = "shards-previous"
 #: file descriptors of the cache locks this process holds (closed in forked decoding workers)
 _LOCK_FDS: set[int] = set()
 
@@ -66,15 +69,39 @@ def close_inherited_locks() -> None:
     _LOCK_FDS.clear()
 
 
-def clear(out: Path) -> None:
-    """Remove a previous cache's files (only littune's own) from ``out``."""
+def clear(out: Path, keep_previous: bool = False) -> None:
+    """Remove a previous cache's files (only littune's own) from ``out``. ``keep_previous``: its shards are
+    set aside in ``shards-previous/`` instead, for the run that replaces it to copy the rows it can reuse
+    (:mod:`.reuse`); :func:`drop_previous` removes them once the new cache is complete."""
     for name in OUR_FILES:
         (out / name).unlink(missing_ok=True)
     sd = out / SHARD_DIR
+    if keep_previous and not (out / PREVIOUS).exists() and sd.is_dir() and any(sd.glob("*.npy")):
+        old = os.path.realpath(sd)
+        os.rename(sd, out / PREVIOUS)
+        FeatureIndex().moved(old, os.path.realpath(out / PREVIOUS))
+    elif not keep_previous:
+        drop_previous(out)
     if sd.is_dir():
-        for p in sd.iterdir():
-            if p.suffix in (".npy", ".json") or ".tmp-" in p.name:
-                p.unlink(missing_ok=True)
+        _remove_shard_files(sd)
+
+
+def _remove_shard_files(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.suffix in (".npy", ".json", ".reuse") or ".tmp-" in p.name:
+            p.unlink(missing_ok=True)
+
+
+def drop_previous(out: Path) -> None:
+    """Remove the shards a replaced cache left in ``shards-previous/`` (and their feature index entries)."""
+    prev = out / PREVIOUS
+    if prev.is_dir():
+        FeatureIndex().moved(os.path.realpath(prev), None)
+        _remove_shard_files(prev)
+        try:
+            prev.rmdir()
+        except OSError:  # something that is not littune's: left alone
+            pass
 
 
 def _previous_plan(out: Path) -> dict | None:
@@ -89,8 +116,8 @@ def _previous_plan(out: Path) -> dict | None:
     return None
 
 
-def prepare(out: Path, plan: dict, resume: bool) -> None:
-    """Rank 0: check or reset the directory for ``plan`` and write plan.json."""
+def prepare(out: Path, plan: dict, resume: bool, keep_previous: bool = False) -> None:
+    """Rank 0: check or reset the directory for ``plan`` and write plan.json (``keep_previous``: see :func:`clear`)."""
     if out.exists() and not out.is_dir():
         raise LittuneError(f"cache directory {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
@@ -101,9 +128,10 @@ def prepare(out: Path, plan: dict, resume: bool) -> None:
                 old.get("tower_fingerprint"), old.get("fingerprint_scheme", 1)):
             why = f" (it was made {OLD_RULE})"
         raise LittuneError(f"cache {out} was started with other settings ({'; '.join(plan_differences(old, plan))})"
-                           f"{why}; choose another --out, or pass --no-resume to overwrite it")
+                           f"{why}; choose another --out, or pass --no-resume to overwrite it (the images it holds "
+                           "are copied, not embedded again, where the tower and pre-processing are the same)")
     if not resume or old is None:
-        clear(out)
+        clear(out, keep_previous)
     (out / SHARD_DIR).mkdir(exist_ok=True)
     for p in (out / SHARD_DIR).iterdir():  # leftovers of a killed run are never trusted
         if ".tmp-" in p.name:

@@ -210,6 +210,9 @@ class EmbeddingCache:
         #: the caption languages the source named (``None``: it named none); see :meth:`caption_languages`
         self.languages: list[str] | None = manifest.get("languages")
         self._caption_langs = _Npy(d / LANGS_FILE) if self.languages is not None else None
+        #: set by :func:`~littune.cache.embed_source`: what that call embedded and what it copied from other
+        #: caches (a :class:`~littune.cache.reuse.Report`); None for a cache opened otherwise
+        self.reuse = None
 
     @classmethod
     def open(cls, directory: str | Path, verify: bool = True, max_open: int | None = None) -> "EmbeddingCache":

@@ -72,14 +72,15 @@ class _Shard:
     good: list[int] = field(default_factory=list)
     skipped: list[list] = field(default_factory=list)
     jobs: list = field(default_factory=list)
+    copied: list[int] = field(default_factory=list)  # positions in ``good`` of the rows copied from other caches
 
 
 class _Writer:
-    """Shards waiting for their forward jobs, written in order."""
+    """Shards waiting for their forward jobs, written in order (with the rows ``reuse`` copies in their places)."""
 
-    def __init__(self, out: Path, plan: dict, phash: str, runtime: str | None):
+    def __init__(self, out: Path, plan: dict, phash: str, runtime: str | None, reuse=None):
         self.out, self.phash, self.views, self.dim = out, phash, plan["views"], plan["dim"]
-        self.runtime = runtime
+        self.runtime, self.reuse = runtime, reuse
         self.np_dtype = np.float16 if plan["dtype"] == "float16" else np.float32
         self.queue: deque[_Shard] = deque()
 
@@ -88,16 +89,35 @@ class _Writer:
             job = self.queue.popleft()
             feats = [f.result() for f in job.jobs]
             arr = np.concatenate(feats) if feats else np.zeros((0, self.dim), np.float32)
-            write_shard(self.out, job.shard, arr.reshape(len(job.good), 1 + self.views, self.dim), self.np_dtype,
-                        self.phash, [job.lo, job.hi], job.good, job.skipped,
-                        overflow="tower features exceed the float16 range", fix="use --dtype float32",
-                        runtime=self.runtime)
+            arr = arr.reshape(len(job.good) - len(job.copied), 1 + self.views, self.dim)
+            if job.copied:
+                arr = self._with_copied(job, arr)
+            meta = write_shard(self.out, job.shard, arr, self.np_dtype, self.phash, [job.lo, job.hi], job.good,
+                               job.skipped, overflow="tower features exceed the float16 range",
+                               fix="use --dtype float32", runtime=self.runtime)
+            if self.reuse is not None:
+                self.reuse.written(job.shard, meta, job.lo)
+
+    def _with_copied(self, job: _Shard, computed: np.ndarray) -> np.ndarray:
+        """The shard's rows in order: the computed ones, and the copied ones in their places."""
+        arr = np.empty((len(job.good), 1 + self.views, self.dim), dtype=np.float32)
+        mine = np.ones(len(job.good), dtype=bool)
+        mine[job.copied] = False
+        arr[mine] = computed
+        arr[job.copied] = self.reuse.rows(job.shard, [job.good[p] for p in job.copied])
+        return arr
 
 
-def _embed_shard(job: _Shard, items, lanes: Lanes, per_batch: int, bar) -> _Shard:
-    """Take the shard's records from ``items`` and submit its good images in batches of ``per_batch``."""
+def _embed_shard(job: _Shard, items, lanes: Lanes, per_batch: int, bar, copy: frozenset = frozenset()) -> _Shard:
+    """Take the shard's records from ``items`` and submit its good images in batches of ``per_batch``; the
+    images at the offsets ``copy`` are not in ``items``: their rows are copied."""
     pending: list[torch.Tensor] = []  # (1 + views, 3, S, S) per good image, in order
-    for _ in range(job.hi - job.lo):
+    for offset in range(job.hi - job.lo):
+        if offset in copy:
+            job.copied.append(len(job.good))
+            job.good.append(offset)
+            bar.update(1)
+            continue
         i, px, bad = next(items)
         if px is None:
             job.skipped.append(list(bad))
@@ -124,20 +144,28 @@ def _progress(total: int, done: int, show: bool):
     return bar
 
 
+def _nothing():
+    yield from ()
+
+
 def run_shards(out: Path, records, todo: list[int], forward: Forward, preprocess, plan: dict, phash: str, *,
-               batch_size: int, workers: int, lanes: int, progress: bool, done: int, total: int) -> None:
+               batch_size: int, workers: int, lanes: int, progress: bool, done: int, total: int, reuse=None) -> None:
     """Decode the records of shards ``todo`` (worker processes), embed them batch by batch on
-    ``lanes`` concurrent calls of ``forward`` (each normalising its uint8 batch first), and write each shard, in order, once its batches are done."""
+    ``lanes`` concurrent calls of ``forward`` (each normalising its uint8 batch first), and write each shard, in
+    order, once its batches are done. ``reuse`` (a :class:`.reuse.RunReuse`): the images whose rows are copied
+    from other caches instead (neither decoded nor embedded)."""
     size, n = plan["shard_size"], len(records)
     spans = [(s, s * size, min(n, (s + 1) * size)) for s in todo]
-    items = decoded(records, [i for _, lo, hi in spans for i in range(lo, hi)], preprocess, plan, batch_size, workers)
-    writer = _Writer(out, plan, phash, getattr(forward, "runtime", None))
+    copy = {s: reuse.skip(s) if reuse is not None else frozenset() for s in todo}
+    order = [i for s, lo, hi in spans for i in range(lo, hi) if i - lo not in copy[s]]
+    items = decoded(records, order, preprocess, plan, batch_size, workers) if order else _nothing()
+    writer = _Writer(out, plan, phash, getattr(forward, "runtime", None), reuse)
     pool = Lanes(lambda px: forward(preprocess.normalize(px)), lanes, after=writer.write_ready)
     bar = _progress(total, done, progress)
     per_batch = max(1, batch_size // (1 + plan["views"]))
     try:
         for s, lo, hi in spans:
-            writer.queue.append(_embed_shard(_Shard(s, lo, hi), items, pool, per_batch, bar))
+            writer.queue.append(_embed_shard(_Shard(s, lo, hi), items, pool, per_batch, bar, copy.pop(s)))
             writer.write_ready()
         writer.write_ready(block=True)
     finally:

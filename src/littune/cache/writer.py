@@ -25,8 +25,10 @@ from ..runtime import check_runtime, module_device
 from .format import (DTYPES, MANIFEST, SHARD_DIR, make_plan, manifest_entry, plan_hash, shard_complete,
                      write_shard, write_tables)
 from .forward import tower_forward
-from .lock import clear, lock, prepare, unlock
+from .lock import clear, drop_previous, lock, prepare, unlock
 from .reader import EmbeddingCache
+from .reuse import Report, remove_decisions
+from .reuse import start as start_reuse
 from .shards import run_shards
 from .workers import default_batch_size, default_lanes, default_threads, default_workers
 
@@ -35,7 +37,8 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
                  batch_size: int | None = None, workers: int | None = None, shard_size: int = 2048,
                  resume: bool = True, progress: bool = True, seed: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  device: str | torch.device | None = None, distributed: bool = False,
-                 lanes: int | None = None, threads: int | None = None, runtime: str = "auto") -> EmbeddingCache:
+                 lanes: int | None = None, threads: int | None = None, runtime: str = "auto",
+                 reuse: bool = True) -> EmbeddingCache:
     """Run the locked ``tower`` over every image of ``source`` and write the cache in ``out_dir``.
 
     ``source``: a :class:`~littune.data.sources.Source` or anything :func:`open_source` takes;
@@ -51,7 +54,10 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
     each shard records its runtime, the manifest all of them.
     ``resume`` continues an interrupted run (``False`` starts over). With ``distributed=True`` every
     rank of the initialised process group must call this; the shards are split over the ranks.
-    Returns the opened cache.
+    ``reuse``: copy the rows that earlier caches hold for the same image files, computed the same way,
+    instead of embedding them again (:mod:`.reuse`); every shard written is entered in the feature index
+    either way. Returns the opened cache; its ``reuse`` (a :class:`.reuse.Report`) says what this call
+    embedded and what it copied from where.
     """
     _check_options(dtype, views, batch_size, shard_size, workers)
     check_runtime(runtime)
@@ -68,17 +74,16 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
                          max_pixels=max_pixels)
         phash = plan_hash(plan)
         with _disk_full_is_one_line(out, plan, phash):
-            held = _claim(out, plan, resume, rank, world)
+            held = _claim(out, plan, resume, rank, world, reuse)
         try:
             with _disk_full_is_one_line(out, plan, phash):
                 mine, todo, pending = _shards_to_do(out, plan, phash, rank, world)
                 if pending and rank == 0:
                     (out / MANIFEST).unlink(missing_ok=True)  # the cache is incomplete until _finalize
                 _barrier(world)
-                if todo:
-                    _embed_shards(out, records, todo, tower, plan, phash, device, runtime,
-                                  _record_counts(plan, mine, todo), progress=progress and rank == 0,
-                                  speed=(batch_size, workers, lanes, threads))
+                report = Report() if not todo else _embed_shards(
+                    out, records, todo, tower, plan, phash, device, runtime, _record_counts(plan, mine, todo),
+                    progress=progress and rank == 0, speed=(batch_size, workers, lanes, threads), reuse=(reuse, rank))
                 _barrier(world)
                 if rank == 0 and (pending or not (out / MANIFEST).exists()):
                     _finalize(out, source, records, plan, phash)
@@ -86,7 +91,7 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
             if held is not None:
                 unlock(held)
     _barrier(world)
-    return EmbeddingCache.open(out, verify=False)
+    return _opened(out, _gathered(report, world))
 
 
 @contextmanager
@@ -108,16 +113,43 @@ def _disk_full_is_one_line(out: Path, plan: dict, phash: str):
 
 
 def _embed_shards(out: Path, records, todo: list[int], tower, plan: dict, phash: str, device, runtime: str,
-                  counts: tuple[int, int], progress: bool, speed: tuple) -> None:
-    """Embed shards ``todo`` with the tower on ``runtime`` (threads set first: onnxruntime takes them)."""
+                  counts: tuple[int, int], progress: bool, speed: tuple, reuse: tuple[bool, int]) -> Report:
+    """Embed shards ``todo`` with the tower on ``runtime`` (threads set first: onnxruntime takes them), copying
+    the rows of earlier caches where the feature index has them (``reuse``: whether to look, and this process's
+    rank). Returns what was embedded and copied."""
     dev = torch.device(device) if device is not None else module_device(tower)
     settings = _speed(dev, *speed)
     forward = tower_forward(tower, dev, runtime, threads=torch.get_num_threads())
+    size, n = plan["shard_size"], len(records)
+    run = None
     try:
+        run = start_reuse(out, records, [(s, s * size, min(n, (s + 1) * size)) for s in todo], plan, phash,
+                          tower.preprocess, f"{forward.runtime}/{dev.type}", look=reuse[0], rank=reuse[1])
         run_shards(out, records, todo, forward, tower.preprocess, plan, phash, **settings, progress=progress,
-                   done=counts[0], total=counts[1])
+                   done=counts[0], total=counts[1], reuse=run)
+        return run.report
     finally:
         forward.close()
+        if run is not None:
+            run.close()
+
+
+def _opened(out: Path, report: Report) -> EmbeddingCache:
+    cache = EmbeddingCache.open(out, verify=False)
+    cache.reuse = report
+    return cache
+
+
+def _gathered(report: Report, world: int) -> Report:
+    """The reports of every rank, added up."""
+    if world == 1:
+        return report
+    reports: list = [None] * world
+    torch.distributed.all_gather_object(reports, report)
+    total = Report()
+    for r in reports:
+        total.add(r)
+    return total
 
 
 def _check_options(dtype: str, views: int, batch_size: int | None, shard_size: int, workers: int | None) -> None:
@@ -166,14 +198,15 @@ def _embedding(tower):
         tower.train(was_training)
 
 
-def _claim(out: Path, plan: dict, resume: bool, rank: int, world: int):
-    """Rank 0 locks ``out`` and prepares it for ``plan``; every rank learns whether it could (and raises
-    the same error if not). Returns rank 0's lock (None on the other ranks)."""
+def _claim(out: Path, plan: dict, resume: bool, rank: int, world: int, reuse: bool = True):
+    """Rank 0 locks ``out`` and prepares it for ``plan`` (a cache it replaces kept readable, with ``reuse``);
+    every rank learns whether it could (and raises the same error if not). Returns rank 0's lock (None on the
+    other ranks)."""
     held, error = None, None
     if rank == 0:
         try:
             held = lock(out)
-            prepare(out, plan, resume)
+            prepare(out, plan, resume, keep_previous=reuse)
         except LittuneError as e:
             error = e
     if world > 1:
@@ -235,6 +268,8 @@ def _finalize(out: Path, source, records, plan: dict, phash: str) -> None:
     langs = [lang for r in good for lang in (r.langs or [""] * len(r.captions))] if any(r.langs for r in good) else None
     write_tables(out, plan, shards, [r.key for r in good], [r.where for r in good], caps,
                  [len(r.captions) for r in good], source_index, skipped, problems, caption_langs=langs)
+    remove_decisions(out)
+    drop_previous(out)
 
 
 # -- features computed elsewhere ---------------------------------------------------------------

@@ -12,6 +12,13 @@ them) but never trained on, and listed there too. --views K also stores K augmen
 The run is resumable: if it is interrupted (even killed), run the same command again and it
 continues from the last complete shard; the result is identical to an uninterrupted run
 with the same options.
+
+One embedding per image: an image file that an earlier cache embedded (the same resolved path, size,
+mtime and inode; the same tower, pre-processing, runtime and pixel limit; for --views K the same seed)
+is not embedded again: its row is copied from that cache (found through littune's feature index,
+$LITTUNE_CACHE/features or ~/.cache/littune/features), so a second caption file over the same images,
+`littune index` and `littune eval` embed only what is new. The cache written is complete on its own.
+--no-reuse embeds everything.
 Several processes: torchrun --nproc_per_node 2 -m littune embed SOURCE --out CACHE
 (each rank embeds every N-th shard; rank 0 writes the manifest).
 """
@@ -50,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=2048, help="images per shard, the unit of resuming (default 2048)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over even if CACHE holds an interrupted run")
+    p.add_argument("--no-reuse", dest="reuse", action="store_false",
+                   help="embed every image, even those whose features another cache holds (by default an image "
+                        "file that an earlier cache embedded with the same tower, pre-processing and runtime, "
+                        "unchanged since, is copied from it, not embedded again)")
     p.add_argument("--seed", type=int, default=0, help="seed of the augmented views (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
@@ -127,7 +138,7 @@ def run(args) -> int:
             source, tower, args.out, dtype=args.dtype, views=args.views, batch_size=args.batch_size,
             workers=args.workers, shard_size=args.shard_size, resume=args.resume, progress=not args.quiet,
             seed=args.seed, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, device=device,
-            distributed=world > 1, lanes=args.lanes, threads=args.threads, runtime=args.runtime)
+            distributed=world > 1, lanes=args.lanes, threads=args.threads, runtime=args.runtime, reuse=args.reuse)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -136,6 +147,8 @@ def run(args) -> int:
         if note:
             print(f"littune embed: {note}", file=sys.stderr)
         print(summary(cache))
+        if cache.reuse.line():
+            print(cache.reuse.line())
     if len(cache) == 0:
         from ..errors import LittuneError
 
