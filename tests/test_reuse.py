@@ -120,6 +120,33 @@ def test_a_second_caption_file_embeds_no_image_and_writes_what_a_fresh_embed_wri
     assert cache.captions(0) == [f"eine Zeichnung von {names[-1]}"] and cache.caption_languages(0) == ["de"]
 
 
+def test_index_after_embed_runs_the_tower_on_nothing_and_on_ten_added_images_ten_times(tmp_path, capsys, computed,
+                                                                                       tiny_model):
+    from littune.search import SearchIndex
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    names = _images(tmp_path, 15, sub="img/apple") + _images(tmp_path, 15, start=15, sub="img/pear")
+    _embed(capsys, _csv(tmp_path / "en.csv", names, "a drawing of"), tmp_path / "cache")
+    assert computed.take() == 30
+    index = ["index", str(tmp_path / "img"), "--model", str(tmp_path / "model"), "--workers", "0", "-q"]
+    assert main([*index, "--out", str(tmp_path / "idx")]) == 0
+    assert computed.take() == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"embedded 0 new images, reused 30 from {tmp_path / 'cache'}"
+    assert main([*index, "--out", str(tmp_path / "plain"), "--no-reuse"]) == 0
+    assert computed.take() == 30
+    assert np.array_equal(SearchIndex.open(tmp_path / "idx").embeddings,
+                          SearchIndex.open(tmp_path / "plain").embeddings)
+    # 10 new images in the folder: the index made again embeds those 10
+    _images(tmp_path, 5, start=30, sub="img/apple")
+    _images(tmp_path, 5, start=35, sub="img/pear")
+    assert main([*index, "--out", str(tmp_path / "idx"), "--overwrite"]) == 0
+    assert computed.take() == 10
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("embedded 10 new images, reused 30 from ")
+    assert not (tmp_path / "idx" / "features" / "shards-previous").exists()
+    assert len(SearchIndex.open(tmp_path / "idx")) == 40
+
+
 def test_adding_ten_images_embeds_ten_in_the_same_cache_or_a_new_one(tmp_path, capsys, computed):
     names = _images(tmp_path, 30)
     _embed(capsys, _csv(tmp_path / "pairs.csv", names, "a drawing of"), tmp_path / "c", "--shard-size", 8)

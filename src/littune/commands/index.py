@@ -6,7 +6,9 @@ JSONL, COCO captions, tar shards). The image tower's features go through the emb
 a model with the same locked image tower re-uses them; a --cache of another source (other images,
 even under the same names) or tower is refused unless --allow-stale-cache. The index holds the model's normalised image
 embeddings (float16), the image paths and the model's embedding fingerprint; images that cannot be
-decoded are skipped and listed in INDEX/skipped.tsv. --faiss FACTORY also builds an approximate
+decoded are skipped and listed in INDEX/skipped.tsv. Images that an earlier cache embedded with the same
+locked tower (a `littune embed` of a caption file over the same files, say) are copied from it, not
+embedded again (--no-reuse embeds everything). --faiss FACTORY also builds an approximate
 FAISS index (needs faiss-cpu) for collections beyond a few million images.
 """
 
@@ -32,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="image decoding workers")
     p.add_argument("--faiss", metavar="FACTORY", help='also build a FAISS index, e.g. "Flat", "IVF1024,Flat", "HNSW32"')
     p.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
+    p.add_argument("--no-reuse", dest="reuse", action="store_false",
+                   help="embed every image, even those whose tower features another cache holds (by default they "
+                        "are copied from it, as `littune embed` does)")
     p.add_argument("--image-column", help="CSV: the image column (default: found by name)")
     p.add_argument("--image-root", metavar="DIR", help="CSV: base folder of relative image paths")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -64,7 +69,7 @@ def run(args) -> int:
     index = build_index(model, source, args.out, model_dir=args.model, cache_dir=args.cache,
                         batch_size=args.batch_size, workers=args.workers, progress=not args.quiet,
                         faiss_factory=args.faiss, overwrite=args.overwrite,
-                        allow_stale_cache=args.allow_stale_cache)
+                        allow_stale_cache=args.allow_stale_cache, reuse=args.reuse)
     skipped = index.meta.get("skipped", 0)
     tail = f"; skipped {skipped:,} (see {index.directory / SKIPPED_NAME})" if skipped else ""
     extra = f", FAISS {args.faiss}" if args.faiss else ""
@@ -72,4 +77,6 @@ def run(args) -> int:
     if note:
         print(f"littune index: {note}", file=sys.stderr)
     print(f"indexed {len(index):,} images ({index.dim}-d float16{extra}) into {index.directory}{tail}")
+    if index.reuse is not None and index.reuse.line():
+        print(index.reuse.line())
     return 0

@@ -35,12 +35,13 @@ class _Embedded:
     where: list[str]
     skipped: list[tuple] = field(default_factory=list)
     features: str | None = None
+    reuse: Any = None  # what embedding the features reused (a littune.cache.reuse.Report), when they were embedded
 
 
 def build_index(model, source, out_dir: str | Path, *, model_dir: str | Path | None = None,
                 cache_dir: str | Path | None = None, batch_size: int = 64, workers: int | None = None,
                 progress: bool = True, faiss_factory: str | None = None, overwrite: bool = False,
-                allow_stale_cache: bool = False) -> SearchIndex:
+                allow_stale_cache: bool = False, reuse: bool = True) -> SearchIndex:
     """Embed every image of ``source`` (a path / spec for :func:`open_source`, or a Source) with
     ``model`` and write an index directory ``out_dir``; returns it opened.
 
@@ -51,6 +52,8 @@ def build_index(model, source, out_dir: str | Path, *, model_dir: str | Path | N
     ``cache_dir`` must hold the model's image tower's features of this source (other images under the same
     names are another source) and is then used as it is: :class:`~littune.errors.StaleCacheError` otherwise,
     or, with ``allow_stale_cache``, a warning and the cached features of the source's images, by key.
+    ``reuse``: images whose features another cache holds (the same files, tower and runtime) are copied from
+    it, not embedded again (see :mod:`littune.cache.reuse`); the returned index's ``reuse`` says what was.
     """
     from ..data.sources import open_source
 
@@ -66,7 +69,7 @@ def build_index(model, source, out_dir: str | Path, *, model_dir: str | Path | N
         feats_dir = Path(cache_dir) if cache_dir else out / "features"
         done = _embed_through_cache(model, src, feats_dir, emb_path, batch_size, workers, progress,
                                     fresh=overwrite and cache_dir is None,
-                                    allow_stale=allow_stale_cache if cache_dir else None)
+                                    allow_stale=allow_stale_cache if cache_dir else None, reuse=reuse)
     else:
         done = _embed_directly(model, src, emb_path, batch_size, workers, progress)
     _write_items(out, done, record_positions(records, done.keys))
@@ -76,7 +79,9 @@ def build_index(model, source, out_dir: str | Path, *, model_dir: str | Path | N
     else:
         (out / FAISS_NAME).unlink(missing_ok=True)
     write_json(out / META_NAME, _index_meta(model, model_dir, src, done, faiss_factory))  # last: marks it complete
-    return SearchIndex.open(out)
+    index = SearchIndex.open(out)
+    index.reuse = done.reuse
+    return index
 
 
 def _prepare_out(out_dir: str | Path, overwrite: bool, faiss_factory: str | None, dim: int) -> Path:
@@ -100,11 +105,11 @@ def _cache_available() -> bool:
 
 
 def _features_from_cache(model, source, cache_dir: Path, batch_size: int, workers: int | None, progress: bool,
-                         fresh: bool = False):
+                         fresh: bool = False, reuse: bool = True):
     """Run (or resume) the embedding cache of ``source`` with the model's image tower; returns it open."""
     from ..cache import embed_source
 
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress}
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "reuse": reuse}
     if workers is not None:
         kwargs["workers"] = workers
     try:
@@ -131,16 +136,17 @@ def _named_cache(model, src, cache_dir: Path, allow_stale: bool | None):
 
 
 def _embed_through_cache(model, src, feats_dir: Path, emb_path: Path, batch_size: int, workers: int | None,
-                         progress: bool, fresh: bool, allow_stale: bool | None = None) -> _Embedded:
+                         progress: bool, fresh: bool, allow_stale: bool | None = None, reuse: bool = True) -> _Embedded:
     """The tower's features from the cache, through the image head, streamed into ``embeddings.npy``."""
     from ..embeddings import cached_image_embedding_batches
 
     cache, stale = _named_cache(model, src, feats_dir, allow_stale) or (None, False)
     if not stale:
-        cache = cache or _features_from_cache(model, src, feats_dir, batch_size, workers, progress, fresh=fresh)
-        rows = list(range(len(cache)))
+        cache = cache or _features_from_cache(model, src, feats_dir, batch_size, workers, progress, fresh=fresh,
+                                              reuse=reuse)
+        rows = list(range(len(cache)))  # the cache's report (skipped) includes the source's problems
         done = _Embedded([cache.key(i) for i in rows], [cache.path(i) for i in rows],
-                         list(cache.skipped()), str(feats_dir))  # the cache's report includes the source's problems
+                         list(cache.skipped()), str(feats_dir), cache.reuse)
     else:  # a stale cache used anyway: the source's images it holds a row for, by key
         by_key = {r.key: r for r in src.records()}
         rows = [i for i in range(len(cache)) if cache.key(i) in by_key]

@@ -109,6 +109,8 @@ class SearchIndex:
         self.meta = meta
         self.originals = Originals(keys, where, (meta.get("source") or {}).get("spec"), positions)
         self._faiss = None
+        #: set by :func:`~littune.search.build_index`: what embedding the features reused from other caches
+        self.reuse = None
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
