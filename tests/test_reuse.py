@@ -147,6 +147,33 @@ def test_index_after_embed_runs_the_tower_on_nothing_and_on_ten_added_images_ten
     assert len(SearchIndex.open(tmp_path / "idx")) == 40
 
 
+def test_eval_runs_the_tower_only_on_images_no_cache_holds(tmp_path, capsys, computed, tiny_model):
+    from littune.embeddings import image_embeddings
+    from littune.eval.sets import open_labeled
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    names = _images(tmp_path, 10, sub="img/apple") + _images(tmp_path, 10, start=10, sub="img/pear")
+    _embed(capsys, _csv(tmp_path / "en.csv", names, "a drawing of"), tmp_path / "cache")
+    assert computed.take() == 20
+    colour_image(99).save(tmp_path / "img" / "pear" / "new.png")  # one image no cache holds
+    _age([tmp_path / "img" / "pear" / "new.png"])
+    records = open_labeled(str(tmp_path / "img")).records
+    assert len(records) == 21
+    emb, kept, _ = image_embeddings(model, records, reuse=True)
+    assert computed.take() == 1 and kept == list(range(21))
+    assert "image features: embedded 1 new image, reused 20 from " in capsys.readouterr().err
+    plain, _, _ = image_embeddings(model, records)
+    assert computed.take() == 21
+    assert float((emb - plain).abs().max()) < 2e-3  # the cached features are float16
+    assert main(["eval", "zeroshot", str(tmp_path / "img"), "--model", str(tmp_path / "model"), "-q"]) == 0
+    assert computed.take() == 1
+    assert f"image features: embedded 1 new image, reused 20 from {tmp_path / 'cache'}" in capsys.readouterr().err
+    assert main(["eval", "zeroshot", str(tmp_path / "img"), "--model", str(tmp_path / "model"), "-q",
+                 "--no-reuse"]) == 0
+    assert computed.take() == 21
+
+
 def test_adding_ten_images_embeds_ten_in_the_same_cache_or_a_new_one(tmp_path, capsys, computed):
     names = _images(tmp_path, 30)
     _embed(capsys, _csv(tmp_path / "pairs.csv", names, "a drawing of"), tmp_path / "c", "--shard-size", 8)

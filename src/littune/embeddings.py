@@ -111,7 +111,7 @@ def load_rgb(item: ImageLike, reduce_to: int | None = None, render_to: int | Non
 # -- images ----------------------------------------------------------------------------------------
 def image_embeddings(model, images: Sequence[ImageLike], cache: str | Path | None = None, batch_size: int = 64,
                      workers: int | None = None, progress: bool = False, skip_bad: bool = False,
-                     runtime: str = "auto") -> tuple[torch.Tensor, list[int], Skipped]:
+                     runtime: str = "auto", reuse: bool = False) -> tuple[torch.Tensor, list[int], Skipped]:
     """Image embeddings of ``images``: ``(embeddings (len(kept), D), kept, skipped)``.
 
     ``kept`` are the indices of ``images`` that were embedded, ``skipped`` the ``(where, reason)`` of
@@ -123,12 +123,42 @@ def image_embeddings(model, images: Sequence[ImageLike], cache: str | Path | Non
     ``runtime`` runs a locked tower (``auto``, ``torch``, ``onnxruntime``; ``model``: the torch model itself,
     bit for bit what ``model.encode_image`` gives). An image that fails to decode
     or is not in the cache raises :class:`~littune.errors.LittuneError` naming it, or with
-    ``skip_bad=True`` is skipped and listed.
+    ``skip_bad=True`` is skipped and listed. ``reuse`` (a locked tower, no ``cache``): the tower features that
+    embedding caches hold for the same image files, computed the same way, are read from them (only the
+    head runs; :func:`littune.cache.reuse.find_reused`) and one line on stderr says how many.
     """
     _check_batch_size(batch_size)
     if cache is not None:
         return _embed_by_key(model, list(images), cache, batch_size, progress, skip_bad)
+    if reuse and model.setting.image.locked and runtime != "model":
+        return _embed_reusing(model, list(images), batch_size, workers, progress, skip_bad, runtime)
     return _embed_decoded(model, list(images), batch_size, workers, progress, skip_bad, runtime)
+
+
+def _embed_reusing(model, items: list, batch_size: int, workers: int | None, progress: bool, skip_bad: bool,
+                   runtime: str) -> tuple[torch.Tensor, list[int], Skipped]:
+    """:func:`_embed_decoded` of the images no cache holds; the others' cached features through the head."""
+    from .cache.reuse import find_reused
+
+    _image_encoder(model, runtime)  # opens the runner: what computes the features is part of what is looked up
+    name = _RUNNERS[model.image_tower][runtime].name
+    found = find_reused(model.image_tower, f"{name}/{model_device(model).type}", items)
+    try:
+        emb, kept, skipped = _embed_decoded(model, [items[i] for i in found.rest], batch_size, workers, progress,
+                                            skip_bad, runtime)
+        kept, parts = [found.rest[k] for k in kept], [emb]
+        with evaluating(model):
+            for lo in range(0, len(found.indices), 4096):
+                feats = torch.from_numpy(found.features(lo, lo + 4096)).to(model_device(model))
+                parts.append(model.embed_image_features(feats).float().cpu())
+    finally:
+        found.close()
+    found.report.embedded = len(kept)
+    if found.report.line():
+        print(f"littune: image features: {found.report.line()}", file=sys.stderr)
+    both = kept + found.indices
+    order = np.argsort(np.asarray(both, dtype=np.int64), kind="stable")
+    return torch.cat(parts)[torch.from_numpy(order)], [both[k] for k in order.tolist()], skipped
 
 
 def _decoded_batches(items: list, preprocess, batch_size: int, workers: int | None):

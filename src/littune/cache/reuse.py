@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.decode import DEFAULT_MAX_PIXELS
 from ..fileio import atomic_write
-from .format import SHARD_DIR
+from .format import FINGERPRINT_SCHEME, SHARD_DIR
 from .registry import FeatureIndex, Found, Rows, computation_key, eval_decode, file_identity
 
 #: a shard's decision (the rows it copies, from which files), when it copies any
@@ -221,3 +222,45 @@ def remove_decisions(out: Path) -> None:
     for p in (out / SHARD_DIR).glob("*.reuse"):
         p.unlink(missing_ok=True)
 
+
+class Reused:
+    """The images of a list (records or paths) whose eval-view features a cache holds: :attr:`indices` (in
+    order), their features read batch by batch (:meth:`features`), what is left to embed (:attr:`rest`)."""
+
+    def __init__(self, n: int, indices: list[int], found: list[Found], rows: Rows):
+        self.indices, self._found, self._rows = indices, found, rows
+        held = set(indices)
+        self.rest = [i for i in range(n) if i not in held]
+        self.report = Report(0, len(found), Counter(f.cache for f in found))
+
+    def features(self, lo: int, hi: int) -> np.ndarray:
+        """Features ``(hi - lo, dim)`` float32 of ``indices[lo:hi]``."""
+        return self._rows.read(self._found[lo:hi], 0)[:, 0]
+
+    def close(self) -> None:
+        self._rows.close()
+
+
+def find_reused(tower, runtime: str, items, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                index: FeatureIndex | None = None) -> Reused:
+    """The eval-view features that caches hold for ``items`` (records or paths), computed by ``tower`` on
+    ``runtime`` (``name/device``) from the same files, decoded as :func:`~littune.data.decode.load_image`
+    does; stored as float16 or float32 (evaluation with ``--cache`` reads them the same way)."""
+    comp = computation_key(tower_fingerprint=tower.fingerprint(), scheme=FINGERPRINT_SCHEME,
+                           preprocess=tower.preprocess.to_dict(), dim=tower.dim, max_pixels=max_pixels,
+                           decode=eval_decode(tower.preprocess, 0), runtime=runtime)
+    index = index or FeatureIndex()
+    rows = Rows(int(tower.dim))
+    now = time.time()
+    wants = [(i, ident) for i, item in enumerate(items) if (ident := file_identity(item, now)) is not None]
+    indices, found, gone = [], [], set()
+    for (i, _), candidates in zip(wants, index.lookup(comp, ((ident, "") for _, ident in wants), int(tower.dim),
+                                                       "float16", 0, 0)):
+        for f in candidates:
+            if rows.check(f):
+                indices.append(i)
+                found.append(f)
+                break
+            gone.add((f.path, f.sha256))
+    index.forget(sorted(gone))
+    return Reused(len(items), indices, found, rows)

@@ -18,7 +18,10 @@ the centre and at a random cell; --out writes the numbers and every trial, --fig
 
 With a locked image tower, --cache CACHE_DIR (from `littune embed` over the same folder or file)
 reads the image features instead of running the image model; a cache of another source (other
-images, even under the same names) or tower is refused unless --allow-stale-cache. --out writes the results as JSON in
+images, even under the same names) or tower is refused unless --allow-stale-cache. Without --cache, a
+locked tower's features that embedding caches hold for the same image files (computed with the same
+tower, pre-processing and runtime, files unchanged since) are read from them, as --cache would, and only
+the other images go through the tower (--no-reuse runs it on every image). --out writes the results as JSON in
 CLIP_benchmark's layout ({"dataset", "model", "task", "metrics": {...}}).
 """
 
@@ -47,6 +50,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", metavar="DIR", help="read image features from this embedding cache (locked image tower)")
     p.add_argument("--allow-stale-cache", action="store_true",
                    help="use --cache even if it was built from another source or tower (a warning says which)")
+    p.add_argument("--no-reuse", dest="reuse", action="store_false",
+                   help="run the image tower on every image (by default a locked tower's features that embedding "
+                        "caches hold for the same image files, computed the same way, are read from them)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--out", "-o", metavar="FILE", help="write the results JSON here")
     p.add_argument("--image-column", help="CSV: the image column (default: found by name)")
@@ -188,7 +194,7 @@ def _zeroshot(args, model) -> int:
     opts = {"image_column": args.image_column, "label_column": args.label_column, "image_root": args.image_root}
     dataset = open_labeled(args.dataset, args.classnames, **{k: v for k, v in opts.items() if v})
     res = evaluate_zeroshot(model, dataset, templates, cache=_cache(args, model, dataset), batch_size=args.batch_size,
-                            progress=not args.quiet)
+                            progress=not args.quiet, reuse=args.reuse)
     _report_skipped(res.skipped, dataset.problems)
     print(f"zero-shot on {dataset.description}: {len(res.labels):,} images, {len(dataset.classnames)} classes, "
           f"templates {args.templates} ({len(templates)})")
@@ -223,7 +229,7 @@ def _retrieval(args, model) -> int:
     opts = {"image_column": args.image_column, "caption_column": args.caption_column, "image_root": args.image_root}
     dataset = open_retrieval(args.dataset, **{k: v for k, v in opts.items() if v})
     res = evaluate_retrieval(model, dataset, cache=_cache(args, model, dataset), batch_size=args.batch_size, ks=ks,
-                             progress=not args.quiet)
+                             progress=not args.quiet, reuse=args.reuse)
     _report_skipped(res.skipped, dataset.problems)
     print(f"retrieval on {dataset.description}: {res.n_images:,} images, {res.n_texts:,} captions")
     _print_metrics(res.metrics)

@@ -136,14 +136,14 @@ class RetrievalResult:
 
 
 def evaluate_retrieval(model, dataset, cache: str | Path | None = None, batch_size: int = 64,
-                       ks: Sequence[int] = (1, 5, 10), progress: bool = False) -> RetrievalResult:
+                       ks: Sequence[int] = (1, 5, 10), progress: bool = False, reuse: bool = False) -> RetrievalResult:
     """Recall@K both ways of ``model`` on a :class:`~littune.eval.sets.RetrievalSet`.
 
     Images that cannot be decoded (or are missing from the cache) are dropped with their captions
-    and listed in ``skipped``.
+    and listed in ``skipped``. ``reuse``: see :func:`~littune.embeddings.image_embeddings`.
     """
     img, kept, skipped = image_embeddings(model, dataset.records, cache=cache, batch_size=batch_size,
-                                          progress=progress, skip_bad=True)
+                                          progress=progress, skip_bad=True, reuse=reuse)
     if not kept:
         first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise LittuneError(f"no image of {dataset.description} could be embedded ({len(skipped)} skipped{first})")

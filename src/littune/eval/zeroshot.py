@@ -217,14 +217,17 @@ class ZeroShotResult:
 
 
 def evaluate_zeroshot(model, dataset, templates: list[str], cache: str | Path | None = None,
-                      batch_size: int = 64, progress: bool = False, topk: Sequence[int] = (1, 5)) -> ZeroShotResult:
+                      batch_size: int = 64, progress: bool = False, topk: Sequence[int] = (1, 5),
+                      reuse: bool = False) -> ZeroShotResult:
     """Zero-shot metrics of ``model`` on a :class:`~littune.eval.sets.LabeledImages` set.
 
     Image embeddings come from the embedding cache ``cache`` (locked image tower only) or are
-    computed from the images; images that cannot be decoded are skipped and listed in ``skipped``.
+    computed from the images (``reuse``: a locked tower's features that embedding caches hold for the same
+    files are read from them, see :func:`~littune.embeddings.image_embeddings`); images that cannot be decoded
+    are skipped and listed in ``skipped``.
     """
     emb, kept, skipped = image_embeddings(model, dataset.records, cache=cache, batch_size=batch_size,
-                                          progress=progress, skip_bad=True)
+                                          progress=progress, skip_bad=True, reuse=reuse)
     if not kept:
         first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise LittuneError(f"no image of {dataset.description} could be embedded ({len(skipped)} skipped{first})")
