@@ -156,8 +156,11 @@ def run_shards(out: Path, records, todo: list[int], forward: Forward, preprocess
     from other caches instead (neither decoded nor embedded)."""
     size, n = plan["shard_size"], len(records)
     spans = [(s, s * size, min(n, (s + 1) * size)) for s in todo]
-    copy = {s: reuse.skip(s) if reuse is not None else frozenset() for s in todo}
-    order = [i for s, lo, hi in spans for i in range(lo, hi) if i - lo not in copy[s]]
+
+    def copied(s: int) -> frozenset:  # made again where needed: no set of every copied image is kept
+        return reuse.skip(s) if reuse is not None else frozenset()
+
+    order = [i for s, lo, hi in spans for skip in (copied(s),) for i in range(lo, hi) if i - lo not in skip]
     items = decoded(records, order, preprocess, plan, batch_size, workers) if order else _nothing()
     writer = _Writer(out, plan, phash, getattr(forward, "runtime", None), reuse)
     pool = Lanes(lambda px: forward(preprocess.normalize(px)), lanes, after=writer.write_ready)
@@ -165,7 +168,7 @@ def run_shards(out: Path, records, todo: list[int], forward: Forward, preprocess
     per_batch = max(1, batch_size // (1 + plan["views"]))
     try:
         for s, lo, hi in spans:
-            writer.queue.append(_embed_shard(_Shard(s, lo, hi), items, pool, per_batch, bar, copy.pop(s)))
+            writer.queue.append(_embed_shard(_Shard(s, lo, hi), items, pool, per_batch, bar, copied(s)))
             writer.write_ready()
         writer.write_ready(block=True)
     finally:
