@@ -289,8 +289,8 @@ def _env() -> dict:
 
 
 def test_kill_minus_9_during_a_reusing_embed_resumes_to_the_bytes_of_an_uninterrupted_run(tmp_path):
-    """Every shard mixes copied and computed rows; SIGKILL twice, resume: the cache an uninterrupted run writes,
-    with reuse or without it."""
+    """Every shard mixes copied and computed rows; SIGKILL twice, resume (with the feature index gone: the
+    decisions pinned on disk are followed): the cache an uninterrupted run writes, with reuse or without it."""
     n = 480
     names = _images(tmp_path, n, ext="jpg", size=(320, 240))
     args = ["--tower", tiny_tower_arg(), "--shard-size", "16", "--batch-size", "5", "--threads", "1",
@@ -312,9 +312,11 @@ def test_kill_minus_9_during_a_reusing_embed_resumes_to_the_bytes_of_an_uninterr
         proc.wait()
         assert not (out / "manifest.json").exists()
         assert list((out / "shards").glob("?????.reuse"))  # the decisions of the shards still to write
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    # resumed with an empty feature index: the pinned decisions still copy what the killed runs chose to copy
+    empty = {**_env(), "LITTUNE_CACHE": str(tmp_path / "empty")}
+    res = subprocess.run(cmd, env=empty, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines()[-1].startswith("embedded ") and "reused" in res.stdout
+    assert res.stdout.splitlines()[-1].startswith("embedded ") and " new images, reused " in res.stdout
     assert main(["embed", source, *args, "--out", str(tmp_path / "plain"), "--no-reuse"]) == 0
     assert main(["embed", source, *args, "--out", str(tmp_path / "reusing")]) == 0
     killed = _tree(out)
