@@ -58,9 +58,8 @@ class Report:
         """``embedded 10 new images, reused 950 from CACHE`` (None when nothing was reused)."""
         if not self.reused:
             return None
-        where = ", ".join(f"{n:,} from {d}" for d, n in self.sources.most_common())
-        if len(self.sources) == 1:
-            where = f"from {next(iter(self.sources))}"
+        where = f"from {next(iter(self.sources))}" if len(self.sources) == 1 else (
+            "(" + ", ".join(f"{n:,} from {d}" for d, n in self.sources.most_common()) + ")")
         s = "" if self.embedded == 1 else "s"
         return f"embedded {self.embedded:,} new image{s}, reused {self.reused:,} {where}"
 
@@ -105,6 +104,8 @@ class RunReuse:
         """Copy the rows ``decided`` (offset -> row) into ``shard``; ``write``: pin the decision on disk."""
         if write and decided:
             _write_decision(self.out, shard, self.phash, decided)
+        elif write:  # copies nothing: a decision an earlier run left for the shard is not this one
+            (self.out / SHARD_DIR / DECISION.format(shard)).unlink(missing_ok=True)
         self.skips[shard] = np.asarray(sorted(decided), dtype=np.int64)
 
     def written(self, shard: int, meta: dict, lo: int) -> None:

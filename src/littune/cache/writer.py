@@ -262,14 +262,14 @@ def _finalize(out: Path, source, records, plan: dict, phash: str) -> None:
         skipped.extend(meta["skipped"])
         shards.append(manifest_entry(s, start, meta))
         start += meta["count"]
+    remove_decisions(out)  # before the manifest: every shard is complete, nothing is decided any more
+    drop_previous(out)
     problems = [[w, "index", r] for w, r in getattr(source, "problems", [])]
     good = [records[i] for i in source_index]
     caps = [c for r in good for c in r.captions]
     langs = [lang for r in good for lang in (r.langs or [""] * len(r.captions))] if any(r.langs for r in good) else None
     write_tables(out, plan, shards, [r.key for r in good], [r.where for r in good], caps,
                  [len(r.captions) for r in good], source_index, skipped, problems, caption_langs=langs)
-    remove_decisions(out)
-    drop_previous(out)
 
 
 # -- features computed elsewhere ---------------------------------------------------------------
