@@ -41,7 +41,14 @@ The package: :mod:`.format` (names, plan, shard commit records, tables, manifest
 (decoding processes, speed defaults), :mod:`.lock` (one writer per directory), :mod:`.forward` (the
 tower as one function), :mod:`.shards` (the shard loop), :mod:`.writer` (:func:`embed_source`,
 :func:`write_cache`), :mod:`.reader` (:class:`EmbeddingCache`), :mod:`.stale` (is a cache the
-configuration's: tower and source fingerprints, and the rule they were made by).
+configuration's: tower and source fingerprints, and the rule they were made by), :mod:`.registry` (the
+feature index: which cached row holds which image file's features) and :mod:`.reuse` (a run copies those
+rows instead of embedding the same files again).
+
+One embedding per image: an image file that an earlier cache embedded with the same tower, pre-processing
+and runtime (and is unchanged since: resolved path, size, mtime, inode) is not embedded again by
+``embed_source``, ``littune index`` or ``littune eval``: its row is copied from that cache, which leaves
+the new cache complete on its own and byte-identical to one made without reuse (see :mod:`.reuse`).
 """
 
 from __future__ import annotations
