@@ -62,6 +62,7 @@ class Recipe:
     #: the projection heads (``linear``: LiT's; ``mlp``: see littune.model)
     image_head: str = "linear"
     text_head: str = "linear"
+    embed_dim: int = 256
     quick_steps: int = 100
     quick_batch: int = 128
 
@@ -222,7 +223,7 @@ def get_recipe(recipe: "str | Recipe", text_tower: dict | None = None, language_
 
 
 def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = None, batch: int | None = None,
-                   image_tower: str | dict = IMAGE_TOWER, text_tower: dict | None = None, embed_dim: int = 256,
+                   image_tower: str | dict = IMAGE_TOWER, text_tower: dict | None = None, embed_dim: int | None = None,
                    progress: bool = True, language_share: dict | None = None, clipart: dict | None = None,
                    recipe: "str | Recipe" = DEFAULT_RECIPE, run_name: str = "run", **build_options) -> dict:
     """Data, caches, the recipe's run (reused when finished) and the tables; writes ``results.md`` and
@@ -246,7 +247,8 @@ def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = Non
     bench.say(f"train: littune train --set model.setting={r.setting} --set data.cache={paths['train']} "
               f"--set steps={steps} --set run_dir={run_dir} ... (resolved configuration: {run_dir / 'config.yaml'})")
     cfg = load_config(overrides=train_overrides(
-        paths, run_dir, steps, batch=batch, text_tower=r.text_tower, embed_dim=embed_dim, image_tower=image_tower,
+        paths, run_dir, steps, batch=batch, text_tower=r.text_tower, embed_dim=embed_dim or r.embed_dim,
+        image_tower=image_tower,
         validations=2, language_share=r.language_share, setting=r.setting, lr=r.lr,
         caption_budget=r.caption_budget, text_cache=text_cache if r.setting[1] == "L" else None,
         lr_mults=r.lr_mults, heads=(r.image_head, r.text_head)))
