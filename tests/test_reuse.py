@@ -30,7 +30,8 @@ HOUR = 3600
 
 
 def _tree(d: Path) -> dict[str, bytes]:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    # .lock names whoever last held the directory (pid, host, time): not the cache's content
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def _age(paths, seconds: float = HOUR) -> None:
