@@ -17,7 +17,8 @@ def test_model_section_is_the_model_config_with_one_set_of_defaults():
     assert dataclasses.asdict(TrainConfig().model) == dataclasses.asdict(LiTConfig())
     # The library's default model is what `littune train` trains by default.
     assert LiTConfig().image_tower == "efficientnet-lite0"
-    assert LiTConfig().text_tower["width"] == 384 and LiTConfig().text_tower["pooling"] == "last"
+    assert LiTConfig().setting == "LL" and LiTConfig().text_tower == {"type": "hf", "path": "e5-small",
+                                                                     "pooling": "mean", "context_length": 64}
 
 
 

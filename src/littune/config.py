@@ -57,11 +57,13 @@ class LiTConfig:
     """Everything that defines a LiT model (not how it is trained): the ``model`` section of a
     training configuration, and what a model directory's ``config.json`` stores."""
 
-    setting: str = "Lu"  # see littune.tower_settings
+    #: see littune.tower_settings; LL: both towers pre-trained and locked, only the heads train (from two
+    #: caches), the main job's recipe (docs/studies.md). LU: fine-tune the text tower too
+    setting: str = "LL"
     image_tower: str | dict = "efficientnet-lite0"  # short string or dict spec (see littune.towers.image)
+    #: multilingual-e5-small (littune[e5]); {type: transformer, ...}: a text tower trained from scratch
     text_tower: dict = field(default_factory=lambda: {
-        "type": "transformer", "width": 384, "depth": 6, "heads": 6, "context_length": 32,
-        "vocab_size": 8000, "tokenizer": "bpe", "pooling": "last"})
+        "type": "hf", "path": "e5-small", "pooling": "mean", "context_length": 64})
     embed_dim: int = 512
     image_head: str = "linear"  # linear | identity | mlp
     text_head: str = "linear"

@@ -75,9 +75,9 @@ RECIPES = {
     #: the main job until issue 22: a text transformer from scratch, every language at once
     "Lu-scratch": Recipe("Lu", SCRATCH_TEXT_TOWER, steps=400, batch=256),
     #: the default: multilingual-e5-small locked too, each caption's features computed once; only the
-    #: two linear heads train, from two caches
-    "LL-e5": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.5},
-                    caption_budget={"en": 8, "*": 2}, quick_steps=300, quick_batch=512),
+    #: two linear heads train, from two caches (chosen by littune.text_study: docs/studies.md)
+    "LL-e5": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.9},
+                    caption_budget={"en": 8, "*": 2}, embed_dim=512, quick_steps=300, quick_batch=512),
 }
 DEFAULT_RECIPE = "LL-e5"
 #: the default recipe's English share (kept for the callers that read it)
@@ -263,6 +263,12 @@ def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = Non
     record = json.loads((run_dir / RUN_RECORD).read_text()) if (run_dir / RUN_RECORD).is_file() else {}
     t_train = record.get("train_seconds")
     report = out if run_name == "run" else run_dir
+    done = report / "results.json"
+    if done.is_file() and done.stat().st_mtime > (run_dir / "model" / "config.json").stat().st_mtime:
+        bench.say(f"report: {done} is newer than the model; reusing it (delete it to evaluate again)")
+        if (report / "results.md").is_file():
+            print("\n" + (report / "results.md").read_text(encoding="utf-8"))
+        return json.loads(done.read_text(encoding="utf-8"))
     return _report(report, paths, r, steps, batch, image_tower, run_dir, text_cache, t0,
                    {"data": t_data, "train": t_train, "trained_at": record.get("commit")})
 
@@ -272,15 +278,16 @@ RUN_RECORD = "quickstart.json"
 
 
 def _check_finished(run_dir: Path, cfg) -> None:
-    """A finished run is reused only for the same recipe: another setting or text tower is an error."""
+    """A finished run is reused only for the same recipe: any other configuration is an error."""
     from .config import load_config
     from .errors import LittuneError
+    from .monitor import RESUMABLE_CHANGES
 
-    done = load_config(run_dir / "config.yaml")
-    if (done.model.setting, done.model.text_tower) != (cfg.model.setting, cfg.model.text_tower):
-        raise LittuneError(f"{run_dir} holds a finished {done.model.setting} run with text tower "
-                           f"{done.model.text_tower.get('path') or done.model.text_tower.get('type')}, not this "
-                           f"recipe's {cfg.model.setting}: move or delete it, or give another --out")
+    old, new = load_config(run_dir / "config.yaml").to_dict(), cfg.to_dict()
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if diff:
+        raise LittuneError(f"{run_dir} holds a finished run of another recipe ({', '.join(diff)} differ): move or "
+                           "delete it, or give another --out")
 
 
 def _report(out: Path, paths: dict, recipe: Recipe, steps: int, batch: int, image_tower, run_dir: Path,

@@ -32,16 +32,18 @@ MINILM_TEXT_TOWER = {"type": "hf", "path": "minilm", "pooling": "mean", "context
 #: wall time of the LL row
 ROWS = {
     **RECIPES,
-    "LU-minilm": Recipe("LU", MINILM_TEXT_TOWER, steps=480, batch=64, lr_mults={"text": 0.1}),
-    "LU-e5": Recipe("LU", E5_TEXT_TOWER, steps=60, batch=64, lr_mults={"text": 0.1}, language_share={"en": 0.5}),
-    "LL-e5-en0.9": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.9},
-                          caption_budget={"en": 8, "*": 2}),
-    "LL-e5-en0.95": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.95},
-                           caption_budget={"en": 8, "*": 2}),
+    "LL-e5-en0.5-d256": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.5},
+                               caption_budget={"en": 8, "*": 2}),
+    "LL-e5-en0.5-d256-mlp": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.5},
+                                   caption_budget={"en": 8, "*": 2}, text_head="mlp"),
+    "LL-e5-en0.9-d256": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.9},
+                               caption_budget={"en": 8, "*": 2}),
+    "LL-e5-en0.95-d256": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.95},
+                                caption_budget={"en": 8, "*": 2}),
     "LL-e5-en0.9-d384": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.9},
                                caption_budget={"en": 8, "*": 2}, embed_dim=384),
-    "LL-e5-mlp": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.5},
-                        caption_budget={"en": 8, "*": 2}, text_head="mlp"),
+    "LU-minilm": Recipe("LU", MINILM_TEXT_TOWER, steps=480, batch=64, lr_mults={"text": 0.1}),
+    "LU-e5": Recipe("LU", E5_TEXT_TOWER, steps=60, batch=64, lr_mults={"text": 0.1}, language_share={"en": 0.5}),
 }
 COLUMNS = ("heldout_designs_acc1", "heldout_concepts_acc1", "heldout_concepts_t2i_r1")
 

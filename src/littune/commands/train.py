@@ -9,6 +9,14 @@ again resumes from the last checkpoint exactly (the same configuration, steps in
 have moved); on a finished run it says so and does nothing. Ctrl-C or SIGTERM stops after the step
 under way, with a checkpoint of it; a second one stops at once. One run at a time per run directory.
 
+Which text tower (model.text_tower, model.setting):
+  default            LL with multilingual-e5-small (littune[e5]): about 100 languages; both towers locked,
+                     each caption's features computed once, only the two heads train (minutes on a CPU)
+  English, fine-tune --set model.setting=LU --set 'model.text_tower={type: hf, path: minilm}' (littune[minilm]):
+                     all-MiniLM-L6-v2 trained at 0.1x the learning rate, its word embeddings frozen
+  multilingual, fine-tune  --set model.setting=LU (e5-small unlocked: far slower on a CPU)
+  from scratch       --set model.setting=Lu --set 'model.text_tower={type: transformer}': millions of pairs only
+
 Several processes: torchrun --nproc_per_node 2 -m littune train --config cfg.yaml
 """
 
