@@ -107,11 +107,22 @@ def test_allowed_hosts_let_a_named_host_in(served):
 # -- the command line -----------------------------------------------------------------------------
 @pytest.fixture
 def started(monkeypatch):
-    """What `littune serve` hands uvicorn.run (nothing listens)."""
+    """What `littune serve` hands uvicorn (nothing listens: no port is bound, the server does not run)."""
+    import socket
+
     import uvicorn
 
+    from littune.commands import serve as serve_command
+
     got = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: got.update(app=app, **kw))
+
+    def run(server, sockets=None):
+        got.update(app=server.config.app, host=server.config.host, port=server.config.port)
+        for s in sockets or ():
+            s.close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setattr(serve_command, "listening_socket", lambda host, port: socket.socket())
     return got
 
 
