@@ -101,7 +101,8 @@ def test_lr_mults_keys_and_values_are_one_line_config_errors(folder, mults, mess
                                f"optim.lr_mults={mults}"])
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="^optim.lr_mults.text_embeddings: only an hf text tower"):
-        load_config(overrides=["data.cache=x", "optim.lr_mults={text_embeddings: 1}"])  # a transformer tower
+        load_config(overrides=["data.cache=x", "model.setting=Lu", "model.text_tower={type: transformer}",
+                               "optim.lr_mults={text_embeddings: 1}"])  # a transformer tower
 
 
 def test_lu_training_says_which_multipliers_apply_and_leaves_the_word_embeddings_as_they_were(folder, tmp_path, capsys):
