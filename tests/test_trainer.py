@@ -45,7 +45,8 @@ def make_source(root: Path, per_class: int = 4) -> Path:
     return root / "pairs.csv"
 
 
-TINY = ["model.image_tower={type: torch, factory: 'littune.towers.tiny:tiny_cnn', "
+TINY = ["model.setting=Lu",  # a text tower from scratch (the default is LL with e5-small)
+        "model.image_tower={type: torch, factory: 'littune.towers.tiny:tiny_cnn', "
         "preprocess: {size: 32, resize: 32, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}}",
         "model.text_tower={type: transformer, width: 32, depth: 1, heads: 2, context_length: 12, vocab_size: 200}",
         "model.embed_dim=16", "data.batch_size=16", "optim.lr=3e-3", "schedule.warmup_steps=5",

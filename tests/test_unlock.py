@@ -100,7 +100,7 @@ def test_resume_while_held_and_mid_ramp_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["optim.unlock={image: {after: 3}}"], "optim.unlock.image: the image tower is locked in setting Lu"),
+    (["model.setting=Lu", "optim.unlock={image: {after: 3}}"], "optim.unlock.image: the image tower is locked in setting Lu"),
     (["optim.unlock={imag: {after: 3}}"], "optim.unlock.imag: unknown group; use image, text, head"),
     (["model.setting=Uu", "optim.unlock={image: 3}"], "optim.unlock.image: expected a mapping"),
     (["model.setting=Uu", "optim.unlock={image: {aftr: 3}}"], "optim.unlock.image.aftr: unknown key"),
