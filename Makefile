@@ -42,8 +42,10 @@ setup-run: $(RUN_STAMP)
 
 setup: $(ALL_STAMP)
 
+# Two worker processes, each test file in one of them (its module fixtures built once): most tests run one
+# thread, so the 2 cores each take a file.
 test: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # QUICK=1 make quickstart: the 200-concept subset, a few minutes.
 quickstart: setup-run

@@ -328,7 +328,7 @@ def test_the_default_ll_recipe_trains_heads_from_two_caches_and_evaluates_every_
     store = TextFeatureCache.open(folder, json.loads((folder / "manifest.json").read_text())["tower"], 24)
     names = read_classnames(paths["eval"]["heldout_designs"]["classnames"])
     assert all(n in store for n in names)  # the bare-name prompts of the per-language evaluation
-    assert (out / "ll" / "results.md").is_file() and [r["lang"] for r in result["languages"]] == ["en", "de"]
+    assert (out / "ll" / "report" / "results.md").is_file() and [r["lang"] for r in result["languages"]] == ["en", "de"]
 
 
 def test_text_study_rows_report_english_and_the_other_languages_with_their_ratio(quickstart):

@@ -227,7 +227,7 @@ def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = Non
                    progress: bool = True, language_share: dict | None = None, clipart: dict | None = None,
                    recipe: "str | Recipe" = DEFAULT_RECIPE, run_name: str = "run", **build_options) -> dict:
     """Data, caches, the recipe's run (reused when finished) and the tables; writes ``results.md`` and
-    ``results.json`` (in ``out``, or ``out/run_name`` for another run name) and returns what the latter
+    ``results.json`` (in ``out``, or ``out/run_name/report`` for another run name) and returns what the latter
     holds. ``recipe`` names one of :data:`RECIPES` (default :data:`DEFAULT_RECIPE`); ``steps``,
     ``batch``, ``text_tower`` and ``language_share`` replace its own; the towers, ``clipart`` and
     ``build_options`` (see :func:`littune.quickstart_data.prepare_mix`) let a test run it small."""
@@ -262,7 +262,8 @@ def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = Non
                                                       "commit": bench.code_commit()}))
     record = json.loads((run_dir / RUN_RECORD).read_text()) if (run_dir / RUN_RECORD).is_file() else {}
     t_train = record.get("train_seconds")
-    report = out if run_name == "run" else run_dir
+    report = out if run_name == "run" else run_dir / "report"  # beside, not over, the run's own results.json
+    report.mkdir(parents=True, exist_ok=True)
     done = report / "results.json"
     if done.is_file() and done.stat().st_mtime > (run_dir / "model" / "config.json").stat().st_mtime:
         bench.say(f"report: {done} is newer than the model; reusing it (delete it to evaluate again)")

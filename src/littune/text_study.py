@@ -58,6 +58,8 @@ def study_row(key: str, result: dict) -> dict:
            "train_seconds": (result.get("phases") or {}).get("train"), "language_share": result["language_share"],
            "caption_budget": result.get("caption_budget") or {},
            "openclipart_t2i_r1": result["openclipart_test"].get("image_retrieval_recall@1")}
+    main = {r["split"]: r for r in result.get("rows", [])}
+    row["designs_acc1_ensemble"] = main.get("heldout_designs", {}).get("acc1")  # the main table's, 'emoji' prompts
     for col in COLUMNS:
         row[f"en_{col}"] = en.get(col)
         row[f"others_{col}"] = s.get(f"mean_other_{col}")
@@ -67,7 +69,8 @@ def study_row(key: str, result: dict) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["row", "setting", "text tower", "steps x batch", "train s", "commit", "en designs top-1",
+    head = ["row", "setting", "text tower", "steps x batch", "train s", "commit", "designs top-1 (prompt ensemble)",
+            "en designs top-1",
             "en concepts top-1", "en concepts text→image R@1", "Openclipart text→image R@1", "others designs top-1",
             "others concepts top-1", "others concepts text→image R@1", "others / en (text→image R@1)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -76,6 +79,7 @@ def markdown(rows: list[dict]) -> str:
         name = tower.get("path") or f"scratch {tower.get('depth')}x{tower.get('width')}"
         secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "?"
         cells = [f"**{r['row']}**", r["setting"], str(name), f"{r['steps']} x {r['batch']}", secs, r["commit"],
+                 bench.fmt(r.get("designs_acc1_ensemble")),
                  bench.fmt(r["en_heldout_designs_acc1"]), bench.fmt(r["en_heldout_concepts_acc1"]),
                  bench.fmt(r["en_heldout_concepts_t2i_r1"]), bench.fmt(r["openclipart_t2i_r1"]),
                  bench.fmt(r["others_heldout_designs_acc1"]), bench.fmt(r["others_heldout_concepts_acc1"]),
