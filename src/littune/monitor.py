@@ -45,18 +45,24 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
     D.barrier()
 
 
+def read_run_config(path: Path) -> dict:
+    """A run directory's ``config.yaml`` as saved (a mapping), or a one-line ConfigError."""
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not readable YAML ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a run's configuration (not a mapping)")
+    return saved
+
+
 def _check_resumable(run_dir: Path, cfg: TrainConfig, step: int) -> None:
     """A run resumed from its checkpoint of ``step`` must be configured as it was, ``steps`` included:
     the learning-rate schedule runs to ``steps``, so another value changes the steps still to come."""
     saved, new = run_dir / "config.yaml", cfg.to_dict()
     old = None
     if saved.exists():
-        try:
-            old = yaml.safe_load(saved.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{saved} is not readable YAML ({' '.join(str(e).split())[:120]})") from None
-        if not isinstance(old, dict):
-            raise ConfigError(f"{saved} is not a run's configuration (not a mapping)")
+        old = read_run_config(saved)
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
         if diff and diff != ["steps"]:
             raise ConfigError(f"{run_dir} holds a run with a different configuration ({', '.join(diff)} differ): "

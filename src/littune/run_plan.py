@@ -27,8 +27,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
-
 BATCH = 256  # the batch of a set big enough for it
 STEPS_PER_EPOCH = 8  # the fewest steps an epoch of a sized batch takes
 DEFAULT_EPOCHS = 15
@@ -124,19 +122,14 @@ def make_plan(cfg, pairs: int, unit: int = 1, saved: dict | None = None) -> Plan
 
 def saved_plan(run_dir: Path) -> dict:
     """The sized values in ``run_dir/config.yaml`` when the run has a checkpoint to resume from, else {}."""
-    import yaml
-
     from .checkpoint import latest_checkpoint
 
     path = Path(run_dir) / "config.yaml"
     if not path.exists() or latest_checkpoint(Path(run_dir)) is None:
         return {}
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not readable YAML ({' '.join(str(e).split())[:120]})") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path} is not a run's configuration (not a mapping)")
+    from .monitor import read_run_config
+
+    saved = read_run_config(path)
     found = {"steps": saved.get("steps"), "data.batch_size": (saved.get("data") or {}).get("batch_size"),
              "schedule.warmup_steps": (saved.get("schedule") or {}).get("warmup_steps")}
     return {k: v for k, v in found.items() if isinstance(v, int) and not isinstance(v, bool)}
