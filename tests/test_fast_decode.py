@@ -178,7 +178,8 @@ def test_training_takes_a_fast_cache_only_from_a_config_whose_tower_says_fast(tm
     src, cache = make_source(tmp_path / "data", per_class=1), tmp_path / "cache"
     assert main(["embed", str(src), "--out", str(cache), "--tower", tiny_tower_arg(), "--workers", "0", "-q",
                  "--fast-decode"]) == 0
-    fast_tower = TINY[0][:-1] + ", decode: fast}"
+    image = next(o for o in TINY if o.startswith("model.image_tower="))
+    fast_tower = image[:-1] + ", decode: fast}"
     common = [f"data.cache={cache}", "steps=2", "data.batch_size=8"]
     with pytest.raises(StaleCacheError, match="image tower fingerprint"):
         Trainer(load_config(overrides=TINY + [f"run_dir={tmp_path / 'exact'}", *common])).run()
