@@ -96,6 +96,18 @@ def pyplot(what: str):
     return plt
 
 
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Lay ``fig`` out, write it to ``path`` (its folder made) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def draw_heat(ax, image, heat, crop: Sequence[float], size: Sequence[int], title: str = "",
               limits: tuple[float, float] | None = None, point=None, hit: bool | None = None, boxes=()):
     """On ``ax``: ``image`` (``size`` = its ``(width, height)``) with the map ``heat`` ``(h, w)`` over the area
@@ -139,9 +151,4 @@ def save_heatmap_figure(hm, path: str | Path, titles: Sequence[str], columns: in
     note = "" if hm.exact else " (approximate: the tower is not mean-pooled)"
     fig.suptitle(f"cosine of each location with each label, {limits[0]:.2f} (blue) to {limits[1]:.2f} (red){note}",
                  fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

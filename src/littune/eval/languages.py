@@ -134,6 +134,8 @@ def language_plot(rows: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    from ..plots import save_figure
+
     labels = [r["lang"] for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(rows)), 3.8))
@@ -145,8 +147,4 @@ def language_plot(rows: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("score")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("One text tower, every language: held-out emoji asked about in each")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -201,9 +201,7 @@ def play(model, dataset, collages: int = 200, seed: int = 0, canvas: int = 448, 
 def save_pointing_figure(result: PointingResult, path, canvas: int):
     """``path``: a row per shown collage -- the collage with its boxes, then each name's map over it (its peak
     green on a hit, red on a miss)."""
-    from pathlib import Path
-
-    from ..plots import draw_heat, pyplot
+    from ..plots import draw_heat, pyplot, save_figure
 
     plt = pyplot("the pointing game's figure")
     rows = max(1, len(result.shown))
@@ -221,9 +219,4 @@ def save_pointing_figure(result: PointingResult, path, canvas: int):
     m = result.metrics
     fig.suptitle(f"pointing game: {m['pointing_accuracy']:.1%} of {m['trials']} names hit (centre "
                  f"{m['centre_baseline']:.1%}, random cell {m['random_baseline']:.1%})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

@@ -166,13 +166,9 @@ def per_class_table(logits, labels, classnames: Sequence[str], topk: int = 5) ->
 
 def save_confusion_png(cm: np.ndarray, classnames: Sequence[str], path: str | Path, title: str = "") -> Path:
     """Draw a row-normalised confusion matrix (true class down, prediction across) to ``path``."""
-    try:
-        import matplotlib
+    from ..plots import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LittuneError("drawing the confusion matrix needs matplotlib: pip install 'littune[plot]'") from None
+    plt = pyplot("drawing the confusion matrix")
     cm = np.asarray(cm)
     c = cm.shape[0]
     rows = cm.sum(1, keepdims=True)
@@ -191,12 +187,7 @@ def save_confusion_png(cm: np.ndarray, classnames: Sequence[str], path: str | Pa
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if norm[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title or "zero-shot confusion matrix")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 @dataclass
