@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 # OpenMP threads that wait for work sleep instead of spinning (unless the user chose): on a machine whose
 # cores are busy with other work, spinning threads starve the ones doing work. Measured on 2 loaded cores
@@ -28,16 +29,25 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'littune' has no attribute {name!r}")
+def _lazy_exports(package: str, table: dict[str, str]):
+    """PEP 562 ``__getattr__`` and ``__dir__`` for ``package``: each name of ``table`` (name -> the package's
+    module defining it) is imported on first use and kept."""
+    module = sys.modules[package]
+
+    def __getattr__(name: str):
+        if name in table:
+            value = getattr(importlib.import_module(f".{table[name]}", package), name)
+            setattr(module, name, value)
+            return value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(module)) | set(table))
+
+    return __getattr__, __dir__
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy_exports(__name__, _LAZY)
 
 
 def load(directory: str, map_location: str = "cpu", trust_code: bool = False) -> "LiTModel":  # noqa: F821

@@ -21,22 +21,11 @@ from :mod:`littune.eval.templates` without importing torch.
 
 from __future__ import annotations
 
-import importlib
+from .. import _lazy_exports
 
 #: public name -> the module that defines it
 _LAZY = {"load_templates": "templates", "retrieval_metrics": "retrieval", "zeroshot_classifier": "zeroshot",
          "zeroshot_metrics": "zeroshot"}
 
 __all__ = ["load_templates", "retrieval_metrics", "zeroshot_classifier", "zeroshot_metrics"]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'littune.eval' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy_exports(__name__, _LAZY)
