@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from test_trainer import COLOURS, SHAPES
+from test_cli_eval import COLOURS, SHAPES, _image
 
 pytestmark = pytest.mark.real
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -29,16 +28,6 @@ def readme_commands() -> list[str]:
     section = text.split("## Your data in five commands", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
     return [ln for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-
-
-def _image(path: Path, colour, shape: str, rng) -> None:
-    arr = np.full((64, 64, 3), 235, np.uint8)
-    c = np.clip(np.array(colour) + rng.integers(-15, 15, size=3), 0, 255)
-    if shape == "square":
-        arr[14:50, 14:50] = c
-    else:
-        arr[:, 24:40] = c
-    Image.fromarray(arr).save(path)
 
 
 def make_own_data(root: Path) -> None:
@@ -52,9 +41,9 @@ def make_own_data(root: Path) -> None:
         for shape in SHAPES:
             for k in range(6):
                 f = f"images/{name}_{shape}_{k}.png"
-                _image(root / f, rgb, shape, rng)
+                _image(rgb, shape, rng).save(root / f)
                 rows += [f"{f},a {name} {shape}", f"{f},{shape} in {name}"]
-            _image(root / "val" / name / f"{shape}.png", rgb, shape, rng)
+            _image(rgb, shape, rng).save(root / "val" / name / f"{shape}.png")
             val_rows.append(f"val/{name}/{shape}.png,a {name} {shape}")
             shutil.copy(root / "val" / name / f"{shape}.png", root / "photos" / f"{name}_{shape}.png")
     (root / "pairs.csv").write_text("\n".join(rows) + "\n")
