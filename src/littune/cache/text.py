@@ -63,8 +63,9 @@ class TextFeatureCache:
         self.directory, self.manifest = Path(directory), manifest
         self.fingerprint, self.dim = manifest["tower"], int(manifest["dim"])
         self._index: dict[str, int] = {}
-        self._blocks: list[np.ndarray] = []
-        self._all: np.ndarray | None = None
+        # every shard's rows one after another; the capacity doubles when full, so adding n rows costs O(n)
+        self._rows = np.empty((0, self.dim), np.float32)
+        self._count = 0
         self._shards: set[str] = set()
 
     @classmethod
@@ -119,12 +120,16 @@ class TextFeatureCache:
             self._add(rec_path.stem, rec["texts"], feats)
 
     def _add(self, name: str, texts: list[str], feats: np.ndarray) -> None:
-        base = sum(len(b) for b in self._blocks)
+        base, end = self._count, self._count + len(feats)
+        if end > len(self._rows):
+            grown = np.empty((max(end, 2 * len(self._rows)), self.dim), np.float32)
+            grown[:base] = self._rows[:base]
+            self._rows = grown
+        self._rows[base:end] = feats
         for k, t in enumerate(texts):
             self._index.setdefault(t, base + k)
-        self._blocks.append(np.asarray(feats, dtype=np.float32))
+        self._count = end
         self._shards.add(name)
-        self._all = None
 
     def missing(self, texts: Iterable[str]) -> list[str]:
         """The distinct texts not in the cache, in first-seen order."""
@@ -136,9 +141,7 @@ class TextFeatureCache:
             rows = np.fromiter((self._index[t] for t in texts), dtype=np.int64, count=len(texts))
         except KeyError as e:
             raise LittuneError(f"text cache {self.directory} has no features for {e.args[0]!r}: fill it first") from None
-        if self._all is None:
-            self._all = np.concatenate(self._blocks) if self._blocks else np.empty((0, self.dim), np.float32)
-        return self._all[rows]
+        return self._rows[rows]
 
     def fill(self, texts: Iterable[str], encode: Callable[[list[str]], np.ndarray], progress: bool = False,
              shard_texts: int = SHARD_TEXTS) -> int:
