@@ -45,6 +45,11 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
     D.barrier()
 
 
+def config_differences(old: dict, new: dict) -> list[str]:
+    """The top-level keys of two configurations (as dicts) that differ in what they compute."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+
+
 def read_run_config(path: Path) -> dict:
     """A run directory's ``config.yaml`` as saved (a mapping), or a one-line ConfigError."""
     try:
@@ -63,7 +68,7 @@ def _check_resumable(run_dir: Path, cfg: TrainConfig, step: int) -> None:
     old = None
     if saved.exists():
         old = read_run_config(saved)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        diff = config_differences(old, new)
         if diff and diff != ["steps"]:
             raise ConfigError(f"{run_dir} holds a run with a different configuration ({', '.join(diff)} differ): "
                               "use another run_dir, or delete its checkpoints/ to start over")

@@ -282,10 +282,10 @@ def _check_finished(run_dir: Path, cfg) -> None:
     """A finished run is reused only for the same recipe: any other configuration is an error."""
     from .config import load_config
     from .errors import LittuneError
-    from .monitor import RESUMABLE_CHANGES
+    from .monitor import config_differences
 
     old, new = load_config(run_dir / "config.yaml").to_dict(), cfg.to_dict()
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    diff = config_differences(old, new)
     if diff:
         raise LittuneError(f"{run_dir} holds a finished run of another recipe ({', '.join(diff)} differ): move or "
                            "delete it, or give another --out")
