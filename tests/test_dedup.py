@@ -7,7 +7,7 @@ import pytest
 from littune.batches import CacheBatches
 from littune.cache import write_cache
 from littune.cli import main
-from littune.dedup import HEADER, excluded_rows, near_duplicates, read_keys, write_list
+from littune.data.dedup import HEADER, excluded_rows, near_duplicates, read_keys, write_list
 from littune.errors import ConfigError, LittuneError
 from littune.towers.tiny import SPEC
 

@@ -32,7 +32,7 @@ def tower(cut):
 
 @pytest.fixture(scope="module")
 def pixels(cut):
-    from littune.preprocess import Preprocess
+    from littune.data.preprocess import Preprocess
 
     pre = Preprocess.from_dict(cut[0]["preprocess"])
     return torch.stack([pre.eval(Image.open(DATA / f).convert("RGB")) for f in ("chelsea.jpg", "coffee.jpg")])

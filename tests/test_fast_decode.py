@@ -19,7 +19,7 @@ from data_fixtures import encode, tiny_tower_arg
 from littune.cache import EmbeddingCache
 from littune.cli import main
 from littune.data.decode import JPEG_INFO, load_image
-from littune.preprocess import Preprocess
+from littune.data.preprocess import Preprocess
 from littune.towers.image import build_image_tower
 
 DATA = Path(__file__).parent / "data"
@@ -115,7 +115,7 @@ def test_a_fast_spec_changes_the_tower_fingerprint_and_rebuilds_from_its_own_spe
 def test_a_training_config_names_the_decoding_of_its_tower_and_a_bad_one_is_one_line():
     from littune.config import CHOICES, LiTConfig
     from littune.errors import ConfigError
-    from littune.preprocess import DECODES
+    from littune.data.preprocess import DECODES
 
     assert CHOICES["model.image_tower.decode"] == DECODES
     LiTConfig(image_tower={"type": "efficientnet-lite", "name": "efficientnet-lite0", "decode": "fast"}).validate()

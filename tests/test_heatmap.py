@@ -119,7 +119,7 @@ def test_map_geometry_over_a_wide_image(tiny):
 
 
 def test_eval_box_is_the_area_the_eval_view_keeps():
-    from littune.preprocess import Preprocess
+    from littune.data.preprocess import Preprocess
 
     ramp = np.linspace(0, 255, 300)[None].repeat(150, 0)
     wide = Image.fromarray(np.stack([ramp] * 3, -1).astype(np.uint8))  # a ramp along the long side

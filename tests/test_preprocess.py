@@ -1,4 +1,4 @@
-"""littune.preprocess: the eval/train transforms, their uint8 halves, and the key that fingerprints them."""
+"""littune.data.preprocess: the eval/train transforms, their uint8 halves, and the key that fingerprints them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from data_fixtures import colour_image
-from littune.preprocess import Preprocess
+from littune.data.preprocess import Preprocess
 
 # one other value for every field: each changes the pixels a tower sees
 OTHER = {"size": 96, "resize": 300, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
@@ -80,7 +80,7 @@ def test_uint8_halves_match_eval_and_train_on_real_images():
 def _eval_before_the_bound(p: Preprocess, img: Image.Image) -> Image.Image:
     """The exact eval view as littune computed it at 7664144 (resize the whole image, then crop): the
     reference every ordinary image must keep, bit for bit."""
-    from littune.preprocess import _RESAMPLE
+    from littune.data.preprocess import _RESAMPLE
 
     w, h = img.size
     scale = p.resize_to / min(w, h)
@@ -108,7 +108,7 @@ def test_eval_view_of_ordinary_images_is_bit_identical_to_resize_then_crop(inter
 THIN = """
 import resource, sys, time
 from PIL import Image
-from littune.preprocess import Preprocess
+from littune.data.preprocess import Preprocess
 w, h = int(sys.argv[1]), int(sys.argv[2])
 img = Image.new("RGB", (w, h), (200, 30, 30))
 img.putpixel((0, h // 2), (0, 0, 255))

@@ -215,7 +215,7 @@ def test_study_settings_train_the_right_towers(prepared, quickstart):
 def test_quickstart_trains_on_both_sources_in_every_language_without_duplicates(quickstart):
     import csv
 
-    from littune.dedup import read_keys
+    from littune.data.dedup import read_keys
 
     out, paths, result, _ = quickstart
     with open(paths["source"], newline="", encoding="utf-8") as f:

@@ -62,7 +62,7 @@ def computed(monkeypatch):
     """How many pixel rows the locked tower ran on since the last ``take()``: every runner that computes image
     features (embed, index, eval; torch or onnxruntime) is wrapped by one that counts its batches."""
     import littune.cache.forward as forward_module
-    import littune.runtime as runtime_module
+    import littune.towers.runtime as runtime_module
 
     seen: list[int] = []
     real = runtime_module.open_runner

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from littune.errors import LittuneError
-from littune.runtime import ONNXRunner, TorchRunner, export_dir, export_onnx, open_runner
+from littune.towers.runtime import ONNXRunner, TorchRunner, export_dir, export_onnx, open_runner
 from littune.towers.image import build_image_tower
 from littune.towers.tiny import SPEC
 

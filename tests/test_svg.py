@@ -385,7 +385,7 @@ def test_training_on_the_fly_draws_an_svg_at_the_resize_size(tmp_path):
 
     from littune.batches import OnTheFlyBatches
     from littune.data.records import Record
-    from littune.preprocess import Preprocess
+    from littune.data.preprocess import Preprocess
 
     (tmp_path / "square.svg").write_text(SQUARE)
     p = Preprocess(**TOWER["preprocess"])

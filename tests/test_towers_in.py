@@ -147,7 +147,7 @@ def test_onnx_inner_output_is_the_tower_with_cls_and_mean_pooling(token_onnx):
 
 
 def test_onnx_inner_output_runs_through_its_own_session(token_onnx):
-    from littune.runtime import open_runner
+    from littune.towers.runtime import open_runner
 
     net, path, inner = token_onnx
     tower = build_image_tower({"type": "onnx", "path": str(path), "output": inner, "pooling": "cls",

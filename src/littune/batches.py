@@ -82,7 +82,7 @@ class CacheBatches:
         rows = cache.trainable()  # images with a caption; None below: all of them (no index array kept)
         self.excluded = 0
         if exclude is not None:
-            from .dedup import excluded_rows
+            from .data.dedup import excluded_rows
 
             kept = np.setdiff1d(rows, excluded_rows(cache, exclude))  # sorted, as trainable() is
             self.excluded, rows = len(rows) - len(kept), kept

@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.text_head": ("linear", "identity", "mlp"),
     "model.loss": ("softmax", "sigmoid"),
     "model.image_tower.type": ("efficientnet-lite", "hf", "onnx", "timm", "torch"),
-    "model.image_tower.decode": ("exact", "fast"),  # littune.preprocess.DECODES
+    "model.image_tower.decode": ("exact", "fast"),  # littune.data.preprocess.DECODES
     "model.text_tower.type": ("transformer", "hf"),
     "model.text_tower.tokenizer": ("bpe", "unigram"),
     "optim.name": ("adamw", "adam", "adafactor"),
@@ -146,7 +146,7 @@ class DataSection:
     language_share: dict = field(default_factory=dict)
     #: the locked tower's own classifier rows as extra training rows captioned with their class names
     #: (the cache path, a tower with a head: efficientnet-lite, a Hugging Face image-classification
-    #: folder): {repeat: 2, placement: row|confident|class-mean} (see littune.anchors); None: off
+    #: folder): {repeat: 2, placement: row|confident|class-mean} (see littune.data.anchors); None: off
     anchors: dict | None = None
     #: at most so many captions of each image take part, by language ({en: 2, "*": 2}: 2 English and 2
     #: of the image's other languages together; see littune.cache.budget); {}: every caption (the cache path)
@@ -227,7 +227,7 @@ class TrainConfig:
         if self.data.exclude is not None and (self.data.on_the_fly or not locked):
             raise ConfigError("data.exclude: only training from the embedding cache (a locked image tower, "
                               "data.on_the_fly=false) can exclude images")
-        from .anchors import check_anchors
+        from .data.anchors import check_anchors
 
         self.data.anchors = check_anchors(self.data.anchors)
         if self.data.anchors is not None and (self.data.on_the_fly or not locked):

@@ -12,7 +12,7 @@ The functions here are what evaluation, validation, the study, the search index 
 * :func:`image_embeddings` -- image embeddings of images given as paths, Pillow images or
   :class:`~littune.data.records.Record` objects. The images are decoded (a few threads, one batch
   ahead of the model) and run through the whole model -- a locked tower on the fastest runtime
-  (:mod:`littune.runtime`: onnxruntime on a CPU when it exports, opened once per tower) -- or, with
+  (:mod:`littune.towers.runtime`: onnxruntime on a CPU when it exports, opened once per tower) -- or, with
   ``cache=``, looked up by key in an embedding cache whose features only go through the head (the
   image tower is not run).
 * :func:`cached_image_embeddings` -- image embeddings of the rows of an opened embedding cache;
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .errors import LittuneError, StaleCacheError
-from .runtime import module_device as model_device  # where the model's weights are
+from .towers.runtime import module_device as model_device  # where the model's weights are
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -190,7 +190,7 @@ _RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _image_encoder(model, runtime: str):
-    """``pixels -> image embeddings``: a locked tower through its :mod:`littune.runtime` runner (kept
+    """``pixels -> image embeddings``: a locked tower through its :mod:`littune.towers.runtime` runner (kept
     with the tower, so a server opens it once), then the head; a trained tower through the model."""
     device = model_device(model)
     if not model.setting.image.locked or runtime == "model":
@@ -198,7 +198,7 @@ def _image_encoder(model, runtime: str):
     runners = _RUNNERS.setdefault(model.image_tower, {})
     runner = runners.get(runtime)
     if runner is None:
-        from .runtime import open_runner
+        from .towers.runtime import open_runner
 
         runner = runners[runtime] = open_runner(model.image_tower, runtime, device=device, quiet=runtime == "auto")
     return lambda px: model.embed_image_features(torch.from_numpy(runner(px)).to(device))

@@ -13,7 +13,7 @@
   truncation (at the context length) and padding (to the batch's longest text) built in, so
   ``Tokenizer.from_file(...).encode_batch(texts)`` gives exactly the ids littune feeds the tower
   (a text tower's ``prefix`` too: its normaliser puts it before every text);
-* ``littune_onnx.json`` -- the image preprocessing (:meth:`~littune.preprocess.Preprocess.eval`:
+* ``littune_onnx.json`` -- the image preprocessing (:meth:`~littune.data.preprocess.Preprocess.eval`:
   shorter side resized to ``resize_to`` with ``interpolation``, centre crop ``size``, ``/255``,
   minus ``mean``, over ``std``; ``jpeg``: ``exact``, or the fast JPEG decoding the model was embedded
   with), the temperature (``exp(logit_scale)``), the sigmoid loss's logit
@@ -21,7 +21,7 @@
   tokenizer puts before every text, for the record: do not add it again; null: none), littune's
   version and the model's fingerprints (the text side's covers the tokenizer, prefix included).
 
-Each graph is exported as :mod:`littune.runtime` exports locked towers (``torch.onnx.export``, the
+Each graph is exported as :mod:`littune.towers.runtime` exports locked towers (``torch.onnx.export``, the
 TorchScript exporter, its warnings silenced) and compared with littune's own embeddings right after
 (torch; an ``onnx:`` tower through its onnxruntime session), on inputs of two batch sizes (and, for text, two sequence lengths); an export that disagrees is refused. The folder
 is written beside ``out`` under a temporary name and renamed into place, so a failed export leaves
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .errors import LittuneError
 from .fileio import replace_dir as move_into_place
 from .fileio import write_json
-from .runtime import EXPORT_TOLERANCE, first_line, onnx_bytes
+from .towers.runtime import EXPORT_TOLERANCE, first_line, onnx_bytes
 
 FORMAT = "littune-onnx"
 FORMAT_VERSION = 1
@@ -79,7 +79,7 @@ class _ImageGraph(nn.Module):
 
 # -- one graph: export, then check against torch -------------------------------------------------
 def _export(module: nn.Module, example: tuple, path: Path, inputs: list[str], output: str, axes: dict) -> None:
-    """``module`` on ``example`` as an ONNX file (:func:`littune.runtime.onnx_bytes`)."""
+    """``module`` on ``example`` as an ONNX file (:func:`littune.towers.runtime.onnx_bytes`)."""
     path.write_bytes(onnx_bytes(module, example, inputs, output, axes))
 
 
@@ -210,7 +210,7 @@ def onnx_record(model, text_err: float, image: dict) -> dict:
 
 def _jpeg(p) -> dict:
     """How the model's images were decoded from JPEG: ``exact``, or ``fast`` with its draft size and gap."""
-    from .preprocess import REDUCING_GAP
+    from .data.preprocess import REDUCING_GAP
 
     if p.decode != "fast":
         return {"mode": "exact"}

@@ -5,7 +5,7 @@ two graphs joined at the output the tower reads (``onnx.compose.merge_models``):
 
 * the tower's graph cut down to its input and that output (:meth:`~littune.towers.onnx.ONNXTower.graph`:
   what a feature layer inside a larger graph does not need, such as the classifier after it, is left out);
-* what littune computes on that output, exported from torch on its own (:func:`littune.runtime.onnx_bytes`)
+* what littune computes on that output, exported from torch on its own (:func:`littune.towers.runtime.onnx_bytes`)
   at the tower graph's opset: the tower's pooling (:meth:`~littune.towers.onnx.ONNXTower.pool`), the
   image head and the L2 normalisation -- what ``LiTModel.encode_image`` does after the tower.
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .runtime import onnx_bytes
+from .towers.runtime import onnx_bytes
 
 PREFIX = "littune_head/"
 

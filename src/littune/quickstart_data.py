@@ -58,7 +58,7 @@ def write_mix(path: Path, parts: list[Path]) -> int:
 def dedup(train: Path, evals: list[Path], out: Path) -> tuple[Path, int]:
     """``littune dedup TRAIN --against EVAL... --threshold DEDUP_THRESHOLD --out out``: the list and its count."""
     from .cache import EmbeddingCache
-    from .dedup import near_duplicates, write_list
+    from .data.dedup import near_duplicates, write_list
 
     found = near_duplicates(EmbeddingCache.open(train), [EmbeddingCache.open(e) for e in evals], DEDUP_THRESHOLD)
     fresh = write_list(out.with_name(out.name + ".new"), found)

@@ -72,7 +72,7 @@ class Trainer:
         if self.use_cache:
             self.cache = self._open_cache()
             if self.cfg.data.anchors is not None:  # the tower's own classes, read from its weights file
-                from .anchors import cache_head
+                from .data.anchors import cache_head
 
                 self.anchor_head = cache_head(self.cache)
             return
@@ -201,10 +201,10 @@ class Trainer:
         return iter(step_loader(ds, start, cfg.steps, cfg.data.workers))
 
     def _anchors(self):
-        """``data.anchors``: the tower's classes as extra rows (littune.anchors), or None."""
+        """``data.anchors``: the tower's classes as extra rows (littune.data.anchors), or None."""
         if self.cfg.data.anchors is None:
             return None
-        from .anchors import anchor_rows
+        from .data.anchors import anchor_rows
 
         return anchor_rows(self.cache, self.cfg.data.anchors, self.anchor_head, self.cfg.data.exclude, log_line)
 

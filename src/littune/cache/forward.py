@@ -1,7 +1,7 @@
 """The locked tower as one function: a batch of pixels in, a float32 feature matrix out.
 
 The cache writer calls the tower only through :func:`tower_forward`'s result, from one or more
-forward lanes (threads) at once. What computes it is a :mod:`littune.runtime` runner: onnxruntime
+forward lanes (threads) at once. What computes it is a :mod:`littune.towers.runtime` runner: onnxruntime
 on a CPU when the tower exports, torch otherwise (``runtime``: auto, torch or onnxruntime).
 ``forward(pixels: torch.Tensor (B, 3, S, S)) -> np.ndarray (B, dim) float32``.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import LittuneError
-from ..runtime import module_device, open_runner
+from ..towers.runtime import module_device, open_runner
 
 
 class TowerForward:

@@ -21,7 +21,7 @@ import torch
 
 from ..data.decode import DEFAULT_MAX_PIXELS
 from ..errors import LittuneError
-from ..runtime import check_runtime, module_device
+from ..towers.runtime import check_runtime, module_device
 from .format import (DTYPES, MANIFEST, SHARD_DIR, make_plan, manifest_entry, plan_hash, shard_complete,
                      write_shard, write_tables)
 from .forward import tower_forward
@@ -49,7 +49,7 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
     :func:`default_workers`, :func:`default_batch_size`, :func:`default_lanes`, :func:`default_threads`;
     on 2 cores: 1 worker, batches of 16, 2 single-threaded lanes). Workers and lanes never change
     the cache's bytes; the thread count can change the last bits of a float32 feature. ``runtime``
-    (:mod:`littune.runtime`: ``auto``, ``torch`` or ``onnxruntime``) says what computes the features;
+    (:mod:`littune.towers.runtime`: ``auto``, ``torch`` or ``onnxruntime``) says what computes the features;
     it does not change the tower's fingerprint (the runtimes agree far inside float16 rounding) and
     each shard records its runtime, the manifest all of them.
     ``resume`` continues an interrupted run (``False`` starts over). With ``distributed=True`` every

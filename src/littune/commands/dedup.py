@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..cache import EmbeddingCache
-    from ..dedup import DEFAULT_CHUNK_ROWS, near_duplicates, write_list
+    from ..data.dedup import DEFAULT_CHUNK_ROWS, near_duplicates, write_list
 
     train = EmbeddingCache.open(args.train)
     evals = [EmbeddingCache.open(d) for d in args.against]

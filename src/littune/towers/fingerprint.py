@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..hashing import hash_file, hash_state_dict, hash_text
-from ..preprocess import Preprocess
+from ..data.preprocess import Preprocess
 from .image import EFFICIENTNET_LITE, parse_image_tower, with_decode
 from .onnx import ONNX_POOLING, onnx_tower_name
 

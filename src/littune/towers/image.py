@@ -1,7 +1,7 @@
 """Image towers: embed a batch of preprocessed images to ``(B, D)``.
 
 Every tower exposes the same small interface, :class:`~littune.towers.base.ImageTower` --
-``forward(pixels) -> (B, D)``, ``dim``, its :class:`~littune.preprocess.Preprocess` spec, a JSON-able
+``forward(pixels) -> (B, D)``, ``dim``, its :class:`~littune.data.preprocess.Preprocess` spec, a JSON-able
 ``spec`` that rebuilds it, and a ``fingerprint()`` (name + weights hash + preprocessing) that keys the
 embedding cache and the ONNX export cache. Everything else that changes a tower's output is in its name:
 an ``hf:`` tower's pooling (``hf:DIR#mean``), a ``torch:`` tower's pooling and factory arguments
@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, LittuneError
 from ..hashing import hash_text
-from ..preprocess import Preprocess
+from ..data.preprocess import Preprocess
 from .base import ImageTower, _pool, _reinit
 from .onnx import ONNXTower
 from .timm_tower import TimmTower
@@ -326,7 +326,7 @@ def _parse_onnx(rest: str) -> dict:
 def build_image_tower(spec: str | dict, pretrained: bool = True, base_dir: Path | None = None) -> ImageTower:
     """Build an image tower from a spec (dict or short string). ``pretrained=False``: random init.
 
-    Any spec may say ``"decode": "fast"`` (:class:`~littune.preprocess.Preprocess`'s fast JPEG decoding;
+    Any spec may say ``"decode": "fast"`` (:class:`~littune.data.preprocess.Preprocess`'s fast JPEG decoding;
     it changes the tower's fingerprint); the tower's spec keeps it."""
     spec = parse_image_tower(spec)
     tower = _build(spec, pretrained, base_dir)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import LittuneError
 from ..hashing import hash_file, hash_text
-from ..preprocess import Preprocess
+from ..data.preprocess import Preprocess
 from .base import ImageTower, _pool
 
 ONNX_POOLING = ("cls", "mean", "none")

@@ -25,8 +25,8 @@ from types import ModuleType
 import torch
 
 from ..errors import LittuneError
-from ..preprocess import Preprocess
-from ..runtime import first_line
+from ..data.preprocess import Preprocess
+from .runtime import first_line
 from .base import ImageTower, _pool
 
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")

@@ -218,7 +218,7 @@ _DEFAULTS = Preprocess().to_dict()
 def _from_jpeg(img: Image.Image) -> bool:
     """Was ``img`` decoded from a JPEG? (:func:`littune.data.decode.load_image` marks the images it
     decodes from one; a Pillow image opened directly says so in its ``format``.)"""
-    from .data.decode import JPEG_INFO
+    from .decode import JPEG_INFO
 
     return JPEG_INFO in img.info or img.format == "JPEG"
 

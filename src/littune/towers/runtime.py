@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import LittuneError
-from .fileio import atomic_write, cache_home, write_json
-from .hashing import hash_file, hash_text
+from ..errors import LittuneError
+from ..fileio import atomic_write, cache_home, write_json
+from ..hashing import hash_file, hash_text
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 OPSET = 17
@@ -232,7 +232,7 @@ def open_runner(tower, runtime: str = "auto", device=None, threads: int | None =
     a tower that cannot take onnxruntime falls back to torch, saying why in one line (``quiet``: not)."""
     check_runtime(runtime)
     dev = _device(tower, device)
-    from .towers.onnx import ONNXTower
+    from .onnx import ONNXTower
 
     if isinstance(tower, ONNXTower):
         if runtime == "torch":

@@ -28,9 +28,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import LittuneError
-from .fileio import atomic_write
-from .search.topk import topk_search
+from ..errors import LittuneError
+from ..fileio import atomic_write
+from ..search.topk import topk_search
 
 HEADER = ("train_row", "train_key", "cosine", "eval_cache", "eval_key")
 DEFAULT_CHUNK_ROWS = 2048  # training rows per search: 2048 x 8192 float32 scores = 64 MB at most

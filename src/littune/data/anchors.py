@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError, LittuneError
+from ..errors import ConfigError, LittuneError
 
 PLACEMENTS = ("row", "confident", "class-mean")
 DEFAULT = {"repeat": 1, "placement": "row"}
@@ -168,7 +168,7 @@ class AnchorRows:
 def cache_head(cache):
     """The classifier head of the tower that made ``cache`` (a one-line error if it has none, or if
     the head does not read the cache's features)."""
-    from .towers.heads import read_head
+    from ..towers.heads import read_head
 
     head = read_head(cache.manifest.get("tower_spec") or cache.manifest.get("tower_name"))
     if head.weight.shape[1] != cache.dim:
