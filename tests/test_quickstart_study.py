@@ -107,7 +107,7 @@ def test_prototype_baseline_by_hand(prepared):
 
 
 def test_quickstart_model_beats_chance_on_its_training_pairs(quickstart):
-    from littune.model import LiTModel
+    from littune.model.two_towers import LiTModel
     from littune.validation import retrieval_on_cache
 
     out, paths, _, _ = quickstart
@@ -156,7 +156,7 @@ def test_quickstart_table_shows_the_numbers_of_results_json(quickstart):
 
 
 def test_quickstart_and_study_evaluation_give_the_trainers_numbers(quickstart):
-    from littune.model import LiTModel
+    from littune.model.two_towers import LiTModel
 
     out, paths, _, _ = quickstart
     validated = json.loads((out / "run" / "results.json").read_text())
@@ -180,7 +180,7 @@ def test_quickstart_second_run_reuses_data_caches_and_model(quickstart):
 
 
 def test_study_settings_train_the_right_towers(prepared, quickstart):
-    from littune.model import LiTModel
+    from littune.model.two_towers import LiTModel
     from littune.towers.image import build_image_tower
 
     root, paths, _ = prepared
@@ -272,7 +272,7 @@ def test_study_lu_trains_a_pretrained_text_tower_at_0_1_with_its_word_embeddings
     default), and the trainable parameters it reports are the ones that trained."""
     from tiny_bert import hf_model, tiny_bert
 
-    from littune.model import LiTModel
+    from littune.model.two_towers import LiTModel
 
     root, paths, _ = prepared
     folder = tiny_bert(tmp_path / "bert")

@@ -1,6 +1,6 @@
 import pytest
 
-from littune.tower_settings import VALID_SETTINGS, parse_setting
+from littune.model.settings import VALID_SETTINGS, parse_setting
 
 
 @pytest.mark.parametrize("s,img,txt", [("Lu", (True, True), (False, False)), ("LU", (True, True), (True, False)),

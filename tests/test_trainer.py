@@ -251,7 +251,7 @@ def test_text_buckets_change_nothing_but_padding(tmp_path):
     # The trained models agree. (Their weights agree too except the attention's key bias: it adds the
     # same number to every logit of a query, so its gradient is zero up to rounding noise, which Adam
     # scales up to lr-sized steps either way. It changes no output.)
-    from littune.model import LiTModel
+    from littune.model.two_towers import LiTModel
 
     ma = LiTModel.from_pretrained(tmp_path / "a" / "model")
     mb = LiTModel.from_pretrained(tmp_path / "b" / "model")

@@ -21,11 +21,11 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it
 _LAZY = {
     "LiTConfig": "config",
-    "LiTModel": "model",
+    "LiTModel": "model.two_towers",
     "create_model_and_transforms": "openclip",
     "create_model_from_pretrained": "openclip",
     "get_tokenizer": "openclip",
-    "parse_setting": "tower_settings",
+    "parse_setting": "model.settings",
 }
 
 
@@ -53,7 +53,7 @@ __getattr__, __dir__ = _lazy_exports(__name__, _LAZY)
 def load(directory: str, map_location: str = "cpu", trust_code: bool = False) -> "LiTModel":  # noqa: F821
     """Shortcut for :meth:`LiTModel.from_pretrained` (``trust_code=True``: let the folder's config name a
     torch factory to import and call; only for a folder you trust)."""
-    from .model import LiTModel
+    from .model.two_towers import LiTModel
 
     return LiTModel.from_pretrained(directory, map_location=map_location, trust_code=trust_code)
 

@@ -23,7 +23,7 @@ from .config_checks import (LOWER_BOUNDS, at_least, check_keys, check_sizing, ch
                             text_tower_keys)
 from .errors import ConfigError
 from .language_sampling import check_share
-from .tower_settings import VALID_SETTINGS, check_lr_mults, parse_setting
+from .model.settings import VALID_SETTINGS, check_lr_mults, parse_setting
 
 
 #: Every enumerated option and its allowed values, checked in one place (:func:`check_choice`).
@@ -57,7 +57,7 @@ class LiTConfig:
     """Everything that defines a LiT model (not how it is trained): the ``model`` section of a
     training configuration, and what a model directory's ``config.json`` stores."""
 
-    #: see littune.tower_settings; LL: both towers pre-trained and locked, only the heads train (from two
+    #: see littune.model.settings; LL: both towers pre-trained and locked, only the heads train (from two
     #: caches), the main job's recipe (docs/studies.md). LU: fine-tune the text tower too
     setting: str = "LL"
     image_tower: str | dict = "efficientnet-lite0"  # short string or dict spec (see littune.towers.image)

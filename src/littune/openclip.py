@@ -202,7 +202,7 @@ def create_model(model_name: str | Path, pretrained: str | None = None, precisio
     """open_clip's ``create_model``: the model of the littune directory ``model_name``, in eval mode on
     ``device`` (``None``: CPU). Only ``precision="fp32"``; open_clip's other keywords are ignored.
     ``trust_code``: as :meth:`littune.LiTModel.from_pretrained`'s (refused by default)."""
-    from .model import LiTModel
+    from .model.two_towers import LiTModel
 
     path = _model_dir(model_name, pretrained)
     if precision != "fp32":

@@ -59,7 +59,7 @@ class Recipe:
     #: captions of each image that take part (a locked text tower computes each of them once)
     caption_budget: dict = field(default_factory=dict)
     lr_mults: dict = field(default_factory=dict)
-    #: the projection heads (``linear``: LiT's; ``mlp``: see littune.model)
+    #: the projection heads (``linear``: LiT's; ``mlp``: see littune.model.two_towers)
     image_head: str = "linear"
     text_head: str = "linear"
     embed_dim: int = 256
@@ -200,7 +200,7 @@ def _evaluate_languages(paths: dict, run_dir: Path, out: Path, text_cache: Path 
     """The per-language rows and table of the trained model; its plot goes to ``out/languages.png``.
     A locked text tower reads (and adds to) the run's text cache."""
     from .eval.languages import language_plot, language_scores, language_table
-    from .model import LiTModel
+    from .model.two_towers import LiTModel
 
     model = LiTModel.from_pretrained(run_dir / "model", trust_code=True)  # trained just now, from our own config
     if text_cache is not None and model.setting.text.locked:

@@ -48,7 +48,7 @@ def study_setting(name: str) -> str:
     """The tower setting a study setting trains (``Lu-Uu`` -> ``Uu``; ``Lu`` -> ``Lu``); a clear error
     for a name that is neither."""
     from .errors import LittuneError
-    from .tower_settings import parse_setting
+    from .model.settings import parse_setting
 
     if name in DELAYED:
         return DELAYED[name]
@@ -96,7 +96,7 @@ def run_setting(setting: str, paths: dict, out: Path, steps: int, batch: int, im
                 progress: bool = True, **tower_options) -> dict:
     """Train one setting (or reuse a finished run) and evaluate it; returns its row of the table."""
     from .config import load_config
-    from .model import LiTModel
+    from .model.two_towers import LiTModel
     from .trainer import Trainer
 
     run_dir = out / "runs" / setting

@@ -34,13 +34,13 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LiTConfig, TrainConfig
 from .errors import ConfigError, LittuneError, TrainingDiverged  # noqa: F401 (TrainingDiverged: re-exported)
 from .losses import ContrastiveLoss
-from .model import LiTModel, save_trained
+from .model.two_towers import LiTModel, save_trained
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
 from .optim import build_optimizer, build_scheduler, group_lrs, held_groups, lr_mults_line
 from .run_outcome import finished_step, interrupted
 from .run_plan import Timed, announce, plan_run
 from .rundir import StopSignals, close_run_dir, ensure_tokenizer, open_run_dir
-from .tower_settings import parse_setting
+from .model.settings import parse_setting
 from .towers.fingerprint import tower_fingerprint
 from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
 from .towers.text import build_text_tower

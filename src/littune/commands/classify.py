@@ -75,7 +75,7 @@ def run(args) -> int:
     from ..errors import LittuneError
     from ..eval.templates import load_templates
     from ..embeddings import image_embeddings
-    from ..model import LiTModel
+    from ..model.two_towers import LiTModel
 
     labels = parse_labels(args.labels, args.labels_file)
     templates = load_templates(args.templates)

@@ -160,7 +160,7 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def run(args) -> int:
-    from ..model import LiTModel
+    from ..model.two_towers import LiTModel
 
     if getattr(args, "figure", None):
         from ..plots import pyplot

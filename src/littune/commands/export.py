@@ -57,7 +57,7 @@ def _run_web(args, model) -> int:
 def run(args) -> int:
     from ..errors import LittuneError
     from ..export import export_onnx_model
-    from ..model import LiTModel
+    from ..model.two_towers import LiTModel
 
     if args.format == "web" and not args.index:
         raise LittuneError("--format web needs --index INDEX (an index of this model's images, from `littune index`)")

@@ -61,7 +61,7 @@ def source_spec(path: str, image_column: str | None = None, image_root: str | No
 
 def run(args) -> int:
     from ..data.sources import open_source
-    from ..model import LiTModel
+    from ..model.two_towers import LiTModel
     from ..search import SKIPPED_NAME, build_index
 
     model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)

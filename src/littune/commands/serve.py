@@ -156,7 +156,7 @@ def _app(args, allowed: list[str]):
         model = index.load_model(args.model, trust_code=args.trust_code)
         name = Path(args.model or index.model_dir).name
     else:
-        from ..model import LiTModel
+        from ..model.two_towers import LiTModel
 
         model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
         name = Path(args.model).name

@@ -151,7 +151,7 @@ class SearchIndex:
     def load_model(self, model_dir: str | Path | None = None, trust_code: bool = False):
         """The model to embed queries with (``model_dir`` or the recorded one), checked against the index.
         ``trust_code``: as :meth:`~littune.model.LiTModel.from_pretrained`'s (the recorded folder is data too)."""
-        from ..model import LiTModel
+        from ..model.two_towers import LiTModel
 
         path = model_dir or self.model_dir
         if not path:

@@ -89,7 +89,7 @@ def check_lr_mults(lr_mults, text_kind: str) -> None:
     for an ``hf`` text tower. A one-line :class:`~littune.errors.ConfigError` naming the key."""
     import difflib
 
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     if not isinstance(lr_mults, dict):
         raise ConfigError(f"optim.lr_mults: expected a mapping like {{text: 0.1}}, got {lr_mults!r}")

