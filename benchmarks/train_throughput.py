@@ -133,7 +133,7 @@ WARMUP = 2  # steps left out of every rate: (c) runs them before its clock start
 
 def child_train(source: str, cache: str, run: str, batch: int, steps: int, on_the_fly: bool) -> dict:
     from littune.config import load_config
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     overrides = [f"data.source={source}", f"data.cache={cache}", f"run_dir={run}", f"data.batch_size={batch}",
                  f"steps={steps}", "progress=false", "log_every=1", "checkpoint_every=0",
@@ -199,7 +199,7 @@ def current_rss_mb() -> float:
 
 
 def child_memtrain(cache: str, run: str, batch: int, steps: int, dim: int) -> dict:
-    from littune import trainer as T
+    from littune.train import trainer as T
     from littune.config import load_config
 
     rss = []
@@ -279,7 +279,7 @@ def _bare_batches(cache: str, text, batch: int, n: int, buckets: int, device):
     the trainer's dynamic-padding groups, the inverse order; and the token lengths, real and padded."""
     import torch
 
-    from littune.batches import CacheBatches, length_groups
+    from littune.train.batches import CacheBatches, length_groups
     from littune.cache import EmbeddingCache
 
     data, out, real, padded = CacheBatches(EmbeddingCache.open(cache), batch, 0, 1, seed=0), [], [], []
@@ -306,7 +306,7 @@ def child_bare(cache: str, tokenizer: str, batch: int, steps: int, buckets: int)
     import torch
     import yaml
 
-    from littune.losses import ContrastiveLoss
+    from littune.train.losses import ContrastiveLoss
     from littune.towers.text import build_text_tower
 
     device = torch.device(device_name())
@@ -318,7 +318,7 @@ def child_bare(cache: str, tokenizer: str, batch: int, steps: int, buckets: int)
     head_t = torch.nn.Linear(spec["width"], 512).to(device)
     scale = torch.nn.Parameter(torch.tensor(2.3, device=device))
     params = [*text.parameters(), *head_i.parameters(), *head_t.parameters(), scale]
-    opt = torch.optim.AdamW(params, lr=1e-3, fused=device.type in ("cpu", "cuda"))  # as the trainer's (littune.optim)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=device.type in ("cpu", "cuda"))  # as the trainer's (littune.train.optim)
     loss_fn = ContrastiveLoss()
 
     def step(feats, groups, inverse):
@@ -503,7 +503,7 @@ def child_maxtrain(data: list, run: str, batch: int, accum: int, chunk: int, lim
     import torch
 
     from littune.config import load_config
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     if torch.cuda.is_available():  # an allocation past the limit is an out-of-memory error
         total = torch.cuda.get_device_properties(0).total_memory

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from littune.accumulate import accumulated_backward
-from littune.losses import ContrastiveLoss
+from littune.train.accumulate import accumulated_backward
+from littune.train.losses import ContrastiveLoss
 
 
 def _towers():

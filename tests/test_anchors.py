@@ -116,7 +116,7 @@ def test_the_row_placement_recovers_all_1000_efficientnet_classes_with_their_ima
 
 def test_a_tower_without_a_head_is_a_one_line_error_naming_it(tmp_path):
     src = make_source(tmp_path / "data", per_class=1)
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     cfg = load_config(overrides=TINY + [f"run_dir={tmp_path / 'run'}", f"data.source={src}",
                                         f"data.cache={tmp_path / 'cache'}", "steps=2", "data.anchors={repeat: 2}"])
@@ -153,7 +153,7 @@ def test_anchors_are_cache_only(tmp_path):
 
 def test_anchors_off_gives_bit_identical_batches_and_on_mixes_each_class_repeat_times(vit_cache):
     from littune.data.anchors import build_anchors
-    from littune.batches import CacheBatches
+    from littune.train.batches import CacheBatches
     from littune.cache import EmbeddingCache
 
     cache = EmbeddingCache.open(vit_cache["cache"])

@@ -252,7 +252,7 @@ def _half_captioned(root: Path) -> Path:
 
 
 def test_images_without_a_caption_are_cached_reported_and_never_trained_on(tmp_path, tower):
-    from littune.batches import CacheBatches
+    from littune.train.batches import CacheBatches
 
     src = open_source(_half_captioned(tmp_path / "data"))
     cache = embed_source(src, tower, tmp_path / "c", shard_size=4, batch_size=2, workers=0, progress=False)
@@ -278,7 +278,7 @@ def test_images_without_a_caption_are_cached_reported_and_never_trained_on(tmp_p
 
 
 def test_prefetched_batches_are_the_plain_loops_and_an_error_reaches_the_step_that_wants_it(tmp_path, tower):
-    from littune.batches import CacheBatches, Prefetched
+    from littune.train.batches import CacheBatches, Prefetched
 
     cache = embed_source(open_source(_half_captioned(tmp_path / "data")), tower, tmp_path / "c", workers=0,
                          progress=False)
@@ -300,7 +300,7 @@ def test_prefetched_batches_are_the_plain_loops_and_an_error_reaches_the_step_th
 
 
 def test_a_cache_without_any_caption_is_refused_for_training(tmp_path, tower):
-    from littune.batches import CacheBatches
+    from littune.train.batches import CacheBatches
 
     names = write_images(tmp_path / "img", 3)
     (tmp_path / "list.csv").write_text("image,caption\n" + "".join(f"img/{n},\n" for n in names))
@@ -320,7 +320,7 @@ def test_write_cache_rows_without_captions_are_not_trainable(tmp_path, tower):
 
 
 def test_on_the_fly_batches_skip_records_without_captions(tmp_path, tower):
-    from littune.batches import OnTheFlyBatches
+    from littune.train.batches import OnTheFlyBatches
 
     src = open_source(_half_captioned(tmp_path / "data"))
     ds = OnTheFlyBatches(src.records(), tower.preprocess, 4, 0, 1, seed=0)

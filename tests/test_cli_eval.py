@@ -38,7 +38,7 @@ def _image(rgb, shape, rng) -> Image.Image:
 def world(tmp_path_factory):
     """Data (class folder, label CSV, caption CSV, templates) and a tiny trained model directory."""
     from littune import LiTConfig, LiTModel
-    from littune.losses import ContrastiveLoss
+    from littune.train.losses import ContrastiveLoss
     from littune.towers.tiny import SPEC
 
     threads = torch.get_num_threads()

@@ -60,7 +60,7 @@ def test_library_config_uses_the_same_checks():
 
 def test_optimiser_and_schedule_refuse_unknown_names_with_the_same_message(tiny_model):
     from littune.config import OptimSection
-    from littune.optim import build_optimizer, schedule_factor
+    from littune.train.optim import build_optimizer, schedule_factor
 
     with pytest.raises(ConfigError, match="^optim.name: 'sgd' is not one of adamw, adam, adafactor$"):
         build_optimizer(tiny_model("Lu"), OptimSection(name="sgd"))

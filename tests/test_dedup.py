@@ -4,7 +4,7 @@ writes the list, and training from the cache never samples a listed image."""
 import numpy as np
 import pytest
 
-from littune.batches import CacheBatches
+from littune.train.batches import CacheBatches
 from littune.cache import write_cache
 from littune.cli import main
 from littune.data.dedup import HEADER, excluded_rows, near_duplicates, read_keys, write_list
@@ -135,7 +135,7 @@ def test_a_list_with_unknown_keys_or_no_header_is_refused(caches, tmp_path):
 
 def test_trainer_excludes_the_list_and_logs_the_count(caches, tmp_path, capsys):
     from littune.config import load_config
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     lst = write_list(tmp_path / "dups.tsv", near_duplicates(caches["train"], [caches["a"], caches["b"]], 0.9))
     base = ["model.image_tower={type: torch, factory: 'littune.towers.tiny:tiny_cnn', "

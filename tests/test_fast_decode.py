@@ -173,7 +173,7 @@ def test_training_takes_a_fast_cache_only_from_a_config_whose_tower_says_fast(tm
     from littune import load
     from littune.config import load_config
     from littune.errors import StaleCacheError
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     src, cache = make_source(tmp_path / "data", per_class=1), tmp_path / "cache"
     assert main(["embed", str(src), "--out", str(cache), "--tower", tiny_tower_arg(), "--workers", "0", "-q",

@@ -329,7 +329,7 @@ def test_validation_and_eval_zeroshot_label_nested_class_folders_alike(tiny_mode
     from littune.cache import embed_source
     from littune.data.sources import open_source
     from littune.eval.sets import folder_labels
-    from littune.validation import class_labels, zeroshot_on_cache
+    from littune.train.validation import class_labels, zeroshot_on_cache
 
     root = tmp_path / "zs"
     for rel, rgb in (("cat/2019/a.png", COLOURS["red"]), ("cat/2020/b.png", COLOURS["red"]),

@@ -7,12 +7,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from littune.batches import CacheBatches
+from littune.train.batches import CacheBatches
 from littune.cache import EmbeddingCache, embed_source, write_cache
 from littune.config import load_config
 from littune.data import open_source
 from littune.errors import ConfigError, LittuneError
-from littune.language_sampling import check_share, language_probabilities, pick_caption
+from littune.train.sampling import check_share, language_probabilities, pick_caption
 from littune.towers.image import build_image_tower
 from littune.towers.tiny import SPEC
 

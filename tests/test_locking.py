@@ -2,7 +2,7 @@
 
 import torch
 
-from littune.losses import ContrastiveLoss
+from littune.train.losses import ContrastiveLoss
 
 
 def _opt(model):

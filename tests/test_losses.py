@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from littune.losses import ContrastiveLoss
+from littune.train.losses import ContrastiveLoss
 
 
 def _pairs(n=8, d=5, seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from littune.config import OptimSection, ScheduleSection
-from littune.optim import build_optimizer, build_scheduler, schedule_factor
+from littune.train.optim import build_optimizer, build_scheduler, schedule_factor
 
 
 def test_warmup_then_cosine_linear_rsqrt():
@@ -47,7 +47,7 @@ def test_adam_runs_fused_on_the_cpu_with_the_unfused_update(tiny_model, monkeypa
         fused = build_optimizer(a, cfg)
         assert all(g["fused"] for g in fused.param_groups)
         with monkeypatch.context() as m:
-            m.setattr("littune.optim._fused", lambda groups: {})
+            m.setattr("littune.train.optim._fused", lambda groups: {})
             plain = build_optimizer(b, cfg)  # the same groups, rates and weight decays
         assert not any(g["fused"] for g in plain.param_groups)
         for _ in range(3):

@@ -17,8 +17,8 @@ from test_trainer import TINY, make_source  # noqa: E402
 
 from littune.config import OptimSection, load_config  # noqa: E402
 from littune.errors import ConfigError  # noqa: E402
-from littune.losses import ContrastiveLoss  # noqa: E402
-from littune.optim import build_optimizer  # noqa: E402
+from littune.train.losses import ContrastiveLoss  # noqa: E402
+from littune.train.optim import build_optimizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,7 +107,7 @@ def test_lr_mults_keys_and_values_are_one_line_config_errors(folder, mults, mess
 
 def test_lu_training_says_which_multipliers_apply_and_leaves_the_word_embeddings_as_they_were(folder, tmp_path, capsys):
     from littune import LiTModel
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     src = make_source(tmp_path / "data", per_class=1)
     cfg = load_config(overrides=TINY + [f"run_dir={tmp_path / 'run'}", f"data.source={src}", "steps=3",

@@ -108,7 +108,7 @@ def test_prototype_baseline_by_hand(prepared):
 
 def test_quickstart_model_beats_chance_on_its_training_pairs(quickstart):
     from littune.model.two_towers import LiTModel
-    from littune.validation import retrieval_on_cache
+    from littune.train.validation import retrieval_on_cache
 
     out, paths, _, _ = quickstart
     model = LiTModel.from_pretrained(out / "run" / "model")

@@ -25,8 +25,8 @@ from test_trainer import TINY, make_source
 from littune.cli import main
 from littune.config import load_config
 from littune.errors import ConfigError, LittuneError
-from littune.monitor import truncate_metrics
-from littune.trainer import Trainer
+from littune.train.monitor import truncate_metrics
+from littune.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +274,7 @@ def _error_line(stderr: str) -> str:
 
 
 def test_a_second_run_into_the_same_run_dir_is_refused_naming_the_first(ref, tmp_path):
-    from littune.rundir import close_run_dir, open_run_dir
+    from littune.train.rundir import close_run_dir, open_run_dir
 
     run = tmp_path / "run"
     Trainer(_cfg(ref, run, steps=4)).run()

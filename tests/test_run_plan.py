@@ -21,13 +21,13 @@ SIZED = [o for o in TINY if not o.startswith(("data.batch_size=", "schedule.warm
 
 
 def _plan(pairs, *overrides, unit=1):
-    from littune import run_plan
+    from littune.train import run_plan
 
     return run_plan.make_plan(load_config(overrides=["data.cache=x", *overrides]), pairs, unit)
 
 
 def _train(tmp_path, name, *overrides, trainer=None):
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     cfg = load_config(overrides=SIZED + [f"run_dir={tmp_path / name}", *overrides])
     (trainer or Trainer)(cfg).run()
@@ -107,8 +107,8 @@ def test_more_than_50_epochs_warns_that_a_small_dataset_overfits(tmp_path, capsy
 
 def test_a_resumed_run_keeps_the_plan_in_its_config_yaml_even_where_the_rule_now_sizes_otherwise(
         tmp_path, capsys, monkeypatch, one_thread):
-    from littune import run_plan
-    from littune.trainer import Trainer
+    from littune.train import run_plan
+    from littune.train.trainer import Trainer
 
     class Crashing(Trainer):  # dies after step 8, as a killed run does: its checkpoint of step 5 is on disk
         def _step(self, step, batch, monitor):

@@ -197,7 +197,7 @@ def test_hf_poolings_have_their_own_fingerprints_exports_and_caches(tmp_path):
     one is refused for the other."""
     from littune.cache import embed_source
     from littune.errors import StaleCacheError
-    from littune.trainer import tower_fingerprint
+    from littune.train.trainer import tower_fingerprint
     from PIL import Image
 
     mean = _tiny_vit_tower(tmp_path)

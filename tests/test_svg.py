@@ -383,7 +383,7 @@ def test_the_python_api_draws_an_svg_at_the_models_resize_size(tmp_path, one_thr
 def test_training_on_the_fly_draws_an_svg_at_the_resize_size(tmp_path):
     import torch
 
-    from littune.batches import OnTheFlyBatches
+    from littune.train.batches import OnTheFlyBatches
     from littune.data.records import Record
     from littune.data.preprocess import Preprocess
 

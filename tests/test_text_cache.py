@@ -46,7 +46,7 @@ def _ll(tmp_path, *extra):
 
 def test_ll_trains_the_heads_from_two_caches_and_never_runs_the_text_tower_per_step(tmp_path, monkeypatch):
     from littune.towers.text import HFTextTower
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     cfg, captions = _ll(tmp_path, "steps=60", "optim.lr=1e-2", f"data.text_cache={tmp_path / 'texts'}")
     calls = []
@@ -139,7 +139,7 @@ def _lang_source(tmp_path):
 
 
 def test_a_caption_budget_keeps_at_most_its_counts_per_image_the_same_each_time(tmp_path):
-    from littune.batches import CacheBatches
+    from littune.train.batches import CacheBatches
     from littune.cache import EmbeddingCache, embed_source
     from littune.data.sources import open_source
     from littune.towers.image import build_image_tower
@@ -174,8 +174,8 @@ def test_a_bad_caption_budget_is_one_line_naming_the_key(tmp_path, budget, match
 
 
 def test_a_small_cache_read_into_memory_gives_the_same_batches_as_reading_each_step(tmp_path, monkeypatch):
-    from littune import batches
-    from littune.batches import CacheBatches
+    from littune.train import batches
+    from littune.train.batches import CacheBatches
     from littune.cache import EmbeddingCache, embed_source
     from littune.data.sources import open_source
     from littune.towers.image import build_image_tower

@@ -117,7 +117,7 @@ def test_what_counts_as_finished(world, finished, tmp_path):
     """More steps, another setting, a val section without results, or a model/ older than the last
     checkpoint (its export did not finish) are not a finished run."""
     from littune.config import load_config
-    from littune.run_outcome import finished_step
+    from littune.train.run_outcome import finished_step
 
     root, sets = world
     run_dir = tmp_path / "run"

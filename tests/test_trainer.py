@@ -71,7 +71,7 @@ def test_lu_from_cache_lowers_loss_and_builds_the_tower_only_for_the_cache_and_t
     import counting_tower
 
     from littune import load
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     src = make_source(tmp_path / "data")
     cfg = _cfg(tmp_path, COUNTED, f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=100")
@@ -92,7 +92,7 @@ def test_lu_from_cache_lowers_loss_and_builds_the_tower_only_for_the_cache_and_t
 NEVER_LOADS = """
 import json, sys
 from littune.config import load_config
-from littune.trainer import Trainer
+from littune.train.trainer import Trainer
 out = Trainer(load_config(overrides=sys.argv[1:])).run()
 print(json.dumps({"imported": sorted(m for m in sys.modules if m.startswith("efficientnet_lite_pytorch")),
                   "model": str(out)}))
@@ -123,7 +123,7 @@ def test_training_from_an_efficientnet_cache_never_loads_the_image_model(tmp_pat
 
 
 def test_uu_on_the_fly_lowers_loss(tmp_path):
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     src = make_source(tmp_path / "data")
     cfg = _cfg(tmp_path, f"data.source={src}", "model.setting=Uu", "steps=40", "data.workers=0")
@@ -224,7 +224,7 @@ def test_two_ranks_match_one_rank(tmp_path):
 
 def test_grad_accumulation_and_chunked_loss_equal_one_big_batch(tmp_path):
     """4 micro-batches, and 2 micro-batches with the loss 5 rows at a time: the losses of one full step."""
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     src = make_source(tmp_path / "data")
     base = (f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=6", "optim.clip_grad_norm=null")
@@ -240,7 +240,7 @@ def test_grad_accumulation_and_chunked_loss_equal_one_big_batch(tmp_path):
 def test_text_buckets_change_nothing_but_padding(tmp_path):
     """Captions encoded in length-sorted buckets (each padded to its own longest) give the same
     embeddings, the same per-step losses and the same weights as one batch padded to the context."""
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     src = make_source(tmp_path / "data")
     base = (f"data.source={src}", f"data.cache={tmp_path / 'cache'}", "steps=6")
@@ -276,7 +276,7 @@ def _length_groups_cut_what_tokenizing_each_group_gives(tokenizer, caps):
     pad the fewest tokens of any split into at most k runs of the length-sorted captions."""
     import itertools
 
-    from littune.batches import length_groups
+    from littune.train.batches import length_groups
 
     for side in ("right", "left"):
         tokenizer.padding_side = side
@@ -301,7 +301,7 @@ def test_grad_accumulation_moves_batchnorm_statistics_once_per_micro_batch(tmp_p
     of one train-mode pass over each micro-batch (the no-grad pre-pass used to move them a second time)."""
     import copy
 
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     seen = {}
 
@@ -327,7 +327,7 @@ def test_grad_accumulation_moves_batchnorm_statistics_once_per_micro_batch(tmp_p
 def test_nan_loss_stops_keeping_the_last_good_checkpoint_and_writing_no_model(tmp_path):
     from safetensors.torch import load_file
 
-    from littune.trainer import Trainer, TrainingDiverged
+    from littune.train.trainer import Trainer, TrainingDiverged
 
     src = make_source(tmp_path / "data")
     # Step 0 is finite; its Adam step of lr 1e30 moves every weight by ~1e30, so step 1 is not.

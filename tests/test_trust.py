@@ -164,7 +164,7 @@ def test_the_trainer_never_builds_code_a_cache_manifest_names(tmp_path, monkeypa
     from test_trainer import TINY, make_source
 
     from littune.config import load_config
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     monkeypatch.chdir(tmp_path)
     src, cache = make_source(tmp_path / "data", per_class=1), tmp_path / "cache"

@@ -11,7 +11,7 @@ from test_trainer import _cfg, _losses, make_source  # noqa: E402
 
 from littune.config import OptimSection, ScheduleSection, load_config  # noqa: E402
 from littune.errors import ConfigError  # noqa: E402
-from littune.optim import build_optimizer, build_scheduler, held_groups  # noqa: E402
+from littune.train.optim import build_optimizer, build_scheduler, held_groups  # noqa: E402
 
 UU = ("model.setting=Uu", "data.workers=0")
 
@@ -40,7 +40,7 @@ def test_set_builds_an_unlock_entry_key_by_key():
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_a_delayed_image_tower_is_bit_identical_in_eval_mode_without_gradients_until_it_unlocks(tmp_path, accum):
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     seen = []
 
@@ -70,7 +70,7 @@ def test_a_delayed_image_tower_is_bit_identical_in_eval_mode_without_gradients_u
 def test_resume_while_held_and_mid_ramp_equals_an_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
 
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     class StopsAt(Trainer):
         stop_at = None
@@ -121,9 +121,9 @@ def test_bad_unlock_configuration_is_a_one_line_error_naming_the_key(overrides, 
 def test_metrics_log_each_parts_lr_and_a_held_image_tower_reads_zero_there(tmp_path):
     import json
 
-    from littune.optim import schedule_factor
+    from littune.train.optim import schedule_factor
     from littune.plots import lr_series
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     src = make_source(tmp_path / "data", per_class=2)
     cfg = _cfg(tmp_path, *UU, f"data.source={src}", "steps=6", "optim.lr_mults={image: 0.1}",
@@ -140,7 +140,7 @@ def test_metrics_log_each_parts_lr_and_a_held_image_tower_reads_zero_there(tmp_p
 
 
 def test_a_locked_part_has_no_lr_entry(tiny_model):
-    from littune.optim import group_lrs
+    from littune.train.optim import group_lrs
 
     opt = build_optimizer(tiny_model("Lu"), OptimSection(lr=1e-3, lr_mults={"text": 0.5}))
     got = group_lrs(opt, 0, 1e-3, ScheduleSection(warmup_steps=0, decay="constant"), 10)

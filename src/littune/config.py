@@ -3,7 +3,7 @@
 ``littune train --config cfg.yaml --set optim.lr=3e-4 --set model.setting=LU``. Unknown keys and
 values of the wrong type are errors that name the key (``optim.lr: expected a number, got 'fast'``).
 The resolved configuration is written to the run directory as ``config.yaml``, with the batch, steps and
-warm-up left null sized from the data (:mod:`littune.run_plan`). Its ``model``
+warm-up left null sized from the data (:mod:`littune.train.run_plan`). Its ``model``
 section is :class:`LiTConfig`, the model's own configuration (a model directory's ``config.json``
 stores the same fields). Every enumerated option is checked against :data:`CHOICES`.
 """
@@ -22,7 +22,7 @@ import yaml
 from .config_checks import (LOWER_BOUNDS, at_least, check_keys, check_sizing, check_val_sets, positive,
                             text_tower_keys)
 from .errors import ConfigError
-from .language_sampling import check_share
+from .train.sampling import check_share
 from .model.settings import VALID_SETTINGS, check_lr_mults, parse_setting
 
 
@@ -142,7 +142,7 @@ class DataSection:
     #: cache path only); None: train on every captioned image
     exclude: str | None = None
     #: each named language's share of an image's caption draws, e.g. {en: 0.5}; the rest is split
-    #: evenly among the image's other languages (see littune.language_sampling); {}: uniform over captions
+    #: evenly among the image's other languages (see littune.train.sampling); {}: uniform over captions
     language_share: dict = field(default_factory=dict)
     #: the locked tower's own classifier rows as extra training rows captioned with their class names
     #: (the cache path, a tower with a head: efficientnet-lite, a Hugging Face image-classification
@@ -170,7 +170,7 @@ class OptimSection:
     clip_grad_norm: float | None = 1.0
     #: delayed unlocking: {image: {after: 1000, ramp: 200}} keeps a group (image, text, head) at
     #: learning rate 0 and held as if locked for its first `after` steps, then ramps it linearly to
-    #: its multiplier over `ramp` steps (see littune.optim)
+    #: its multiplier over `ramp` steps (see littune.train.optim)
     unlock: dict = field(default_factory=dict)
 
 
@@ -198,7 +198,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     val: ValSection = field(default_factory=ValSection)
-    steps: int | None = None  # None: from epochs, or sized from the data (littune.run_plan)
+    steps: int | None = None  # None: from epochs, or sized from the data (littune.train.run_plan)
     epochs: float | None = None
     seed: int = 0
     run_dir: str = "runs/lit"

@@ -16,7 +16,7 @@ from .errors import ConfigError
 #: checkpoint_every only the last, val.every only at the end, data.workers decode in the trainer)
 LOWER_BOUNDS = {"grad_accum": 1, "data.text_buckets": 1, "optim.weight_decay": 0, "keep_checkpoints": 0,
                 "checkpoint_every": 0, "val.every": 0, "data.workers": 0, "log_every": 1}
-#: the smallest value of each key that sizes a run (littune.run_plan), where it is set (not None)
+#: the smallest value of each key that sizes a run (littune.train.run_plan), where it is set (not None)
 SIZING_BOUNDS = {"steps": 1, "data.batch_size": 1, "schedule.warmup_steps": 0}
 #: the keys of a pre-trained (``hf``) text tower spec; a ``transformer`` one takes its config's fields
 HF_TEXT_KEYS = ("type", "path", "pooling", "context_length", "prefix")
@@ -75,7 +75,7 @@ def check_val_sets(val) -> None:
 
 def check_sizing(cfg) -> None:
     """The keys that size a run (``steps``, ``epochs``, ``data.batch_size``, ``schedule.warmup_*``): each
-    None (sized from the data by littune.run_plan) or in range; a batch that grad_accum divides."""
+    None (sized from the data by littune.train.run_plan) or in range; a batch that grad_accum divides."""
     for key, low in SIZING_BOUNDS.items():
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)

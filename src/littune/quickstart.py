@@ -233,7 +233,7 @@ def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = Non
     ``build_options`` (see :func:`littune.quickstart_data.prepare_mix`) let a test run it small."""
     from .config import load_config
     from .quickstart_data import prepare_mix
-    from .trainer import Trainer
+    from .train.trainer import Trainer
 
     t0 = time.time()
     out = Path(out)
@@ -282,7 +282,7 @@ def _check_finished(run_dir: Path, cfg) -> None:
     """A finished run is reused only for the same recipe: any other configuration is an error."""
     from .config import load_config
     from .errors import LittuneError
-    from .monitor import config_differences
+    from .train.monitor import config_differences
 
     old, new = load_config(run_dir / "config.yaml").to_dict(), cfg.to_dict()
     diff = config_differences(old, new)

@@ -8,7 +8,7 @@ all their text signals, mixed into one training source; their caches; held-out n
   split by title, so its test drawings and captions are never trained on.
 * **The mix** ``train-mix.csv``: every training row of both, image paths relative to it. Training
   samples one caption per image per step under ``data.language_share`` (see
-  :mod:`littune.language_sampling`), so an image's title, keywords, description and every language
+  :mod:`littune.train.sampling`), so an image's title, keywords, description and every language
   of its name are all used, jointly.
 * **Caches**: the locked tower over the mix, the three emoji splits and the Openclipart test set.
 * **Dedup** (``littune dedup``): training images whose features are near duplicates (cosine >=

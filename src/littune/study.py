@@ -97,7 +97,7 @@ def run_setting(setting: str, paths: dict, out: Path, steps: int, batch: int, im
     """Train one setting (or reuse a finished run) and evaluate it; returns its row of the table."""
     from .config import load_config
     from .model.two_towers import LiTModel
-    from .trainer import Trainer
+    from .train.trainer import Trainer
 
     run_dir = out / "runs" / setting
     done = run_dir / "study_eval.json"

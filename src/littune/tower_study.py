@@ -76,7 +76,7 @@ def train_tower(key: str, spec, paths: dict, out: Path, steps: int, batch: int, 
     """The quickstart's ``Lu`` run on this tower's cache (reused when finished); its final metrics."""
     from . import quickstart
     from .config import load_config
-    from .trainer import Trainer
+    from .train.trainer import Trainer
 
     run_dir = out / "runs" / key
     if (run_dir / "results.json").is_file() and (run_dir / "model").is_dir():

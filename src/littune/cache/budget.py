@@ -20,7 +20,7 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from ..errors import ConfigError
-from ..language_sampling import pick_caption
+from ..train.sampling import pick_caption
 
 #: the key for every language the budget does not name
 OTHERS = "*"

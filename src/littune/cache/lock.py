@@ -3,7 +3,7 @@
 A writer holds an exclusive ``flock`` on ``CACHE/.lock`` for the whole run; the OS drops it when
 the process ends, even on ``kill -9``. Decoding workers close their inherited copy of the lock's
 file descriptor, so a lingering worker never keeps a killed run's lock. (``littune train`` locks its
-run directory with the same lock: :mod:`littune.rundir`.)
+run directory with the same lock: :mod:`littune.train.rundir`.)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 :class:`MixedRows` lists the chosen rows of each source one after the other, each source's rows
 ``repeat`` times, and reads like an :class:`~littune.cache.EmbeddingCache` (``len``, ``features``,
-``sample_captions``, ``trainable``, ``key``), so :class:`~littune.batches.CacheBatches` samples
+``sample_captions``, ``trainable``, ``key``), so :class:`~littune.train.batches.CacheBatches` samples
 from it as from one cache: position ``p`` of the mix is one row of one source. A source is anything
 with ``features(idx, view=)`` and ``sample_captions(idx, choice, language_share)``; augmented views (``views``) are
 those of the first source, and a source without views gets its single feature for every view.

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import LittuneError
 from ..fileio import read_skipped
-from ..language_sampling import pick_caption
+from ..train.sampling import pick_caption
 from .format import FORMAT, LANGS_FILE, MANIFEST, NO_CAPTION, PLAN, SKIPPED, VERSION, sha256
 
 def default_max_open() -> int:
@@ -337,7 +337,7 @@ class EmbeddingCache:
                         language_share: dict[str, float] | None = None) -> list[str]:
         """One caption per image: caption ``choice[k] % count`` of image ``indices[k]`` ("" if it has none:
         training draws only from :meth:`trainable` images); with ``language_share``, the caption that
-        :func:`littune.language_sampling.pick_caption` picks among its languages."""
+        :func:`littune.train.sampling.pick_caption` picks among its languages."""
         out, share = [], language_share if self.languages else None
         for i, r in zip(np.asarray(indices, dtype=np.int64).tolist(), np.asarray(choice, dtype=np.int64).tolist()):
             a, b = self._image_captions.pair(self._check(i))

@@ -121,7 +121,7 @@ def run(args) -> int:
     from ..cache import embed_source, summary
     from ..data.decode import DEFAULT_MAX_PIXELS
     from ..data.sources import open_source
-    from ..distributed import init_from_env
+    from ..train.distributed import init_from_env
     from ..towers.image import build_image_tower, parse_image_tower
 
     options = {k: getattr(args, k) for k in ("image_column", "caption_column", "caption_sep", "delimiter",

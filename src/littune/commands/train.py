@@ -26,7 +26,7 @@ import sys
 
 import yaml
 
-from ..run_plan import SIZING
+from ..train.run_plan import SIZING
 
 __doc__ += "\n" + SIZING
 
@@ -46,10 +46,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import latest_checkpoint
+    from ..train.checkpoint import latest_checkpoint
     from ..config import load_config
     from ..errors import LittuneError
-    from ..run_plan import annotate
+    from ..train.run_plan import annotate
 
     overrides = list(args.overrides)
     if args.run_dir:
@@ -61,14 +61,14 @@ def run(args) -> int:
     cfg = load_config(args.config, overrides)
     if args.resume and latest_checkpoint(cfg.run_dir) is None:
         raise LittuneError(f"--resume: no checkpoint in {cfg.run_dir}/checkpoints")
-    from ..trainer import Trainer
+    from ..train.trainer import Trainer
 
     trainer = Trainer(cfg)
     out = trainer.run()
-    from .. import distributed as D
+    from ..train import distributed as D
 
     if D.is_main() and trainer.finished is None:  # a finished run said so in one line
-        from ..run_outcome import print_results
+        from ..train.run_outcome import print_results
 
         print_results(cfg.run_dir)
         print(f"model written to {out}")

@@ -11,7 +11,7 @@ A group whose unlocking is delayed (``optim.unlock``) is *held* as if locked unt
 (``optim.lr_mults``; by default a pre-trained text tower's word embeddings,
 :data:`littune.model.settings.PRETRAINED_TEXT_LR_MULTS`) is *frozen* by :meth:`LiTModel.set_lr_mults`:
 no gradient, no optimiser state.
-The loss lives in :mod:`littune.losses`, used by the trainer.
+The loss lives in :mod:`littune.train.losses`, used by the trainer.
 
 Model directories (``save_pretrained`` / ``from_pretrained``): ``config.json``,
 ``model.safetensors``, the text tokenizer and config under ``text/``. A locked image tower that
@@ -38,7 +38,7 @@ from ..config import LiTConfig
 from ..errors import LittuneError
 from ..fileio import clear_leftovers, replace_dir
 from ..inference import InferenceMixin
-from ..optim import unlock_part
+from ..train.optim import unlock_part
 from ..towers.image import ImageTower, build_image_tower, parse_image_tower
 from ..towers.text import TextTower, build_text_tower
 from ..towers.trust import refuse_code

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import latest_checkpoint
-from .eval.names import for_stream, metric_label
+from ..eval.names import for_stream, metric_label
 from .monitor import log_line
 
 #: configuration keys that change nothing a finished run computed (run_dir: the folder, moved, is the run)

@@ -21,9 +21,9 @@ import yaml
 
 from . import distributed as D
 from .checkpoint import latest_checkpoint
-from .config import TrainConfig
-from .errors import ConfigError, LittuneError
-from .fileio import atomic_write
+from ..config import TrainConfig
+from ..errors import ConfigError, LittuneError
+from ..fileio import atomic_write
 
 # Keys that may differ between a run and its resumption (they do not change what is computed). run_dir
 # is the folder itself, wherever it is now and however it is spelled (it may have been moved or copied).

@@ -18,8 +18,8 @@ import random
 import numpy as np
 import torch
 
-from .errors import LittuneError
-from .language_sampling import pick_caption
+from ..errors import LittuneError
+from .sampling import pick_caption
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -69,20 +69,20 @@ class CacheBatches:
     None): rows to mix in beside the cache's (:class:`~littune.cache.mix.MixedRows`, each listed
     ``extra.repeat`` times per epoch), e.g. the tower's own classes (``data.anchors``); None: the
     batches are exactly those without it. ``language_share``: the caption sampling rule of
-    :mod:`littune.language_sampling` (``{}``: uniform).
+    :mod:`littune.train.sampling` (``{}``: uniform).
     """
 
     def __init__(self, cache, global_batch: int | None, rank: int, world: int, seed: int, exclude=None, extra=None,
                  language_share: dict | None = None, budget: dict | None = None):
         if budget:  # data.caption_budget: each image keeps only its budgeted captions (littune.cache.budget)
-            from .cache.budget import CaptionBudget
+            from ..cache.budget import CaptionBudget
 
             cache = CaptionBudget(cache, budget, seed)
         self.cache, self.language_share = cache, language_share or {}
         rows = cache.trainable()  # images with a caption; None below: all of them (no index array kept)
         self.excluded = 0
         if exclude is not None:
-            from .data.dedup import excluded_rows
+            from ..data.dedup import excluded_rows
 
             kept = np.setdiff1d(rows, excluded_rows(cache, exclude))  # sorted, as trainable() is
             self.excluded, rows = len(rows) - len(kept), kept
@@ -93,11 +93,11 @@ class CacheBatches:
         self.rows = None if len(rows) == len(cache) else rows
         self._parts = [(cache, rows), (extra, None)] if extra is not None else [(cache, rows)]
         if extra is not None:  # data.anchors: more rows beside the cache's, listed extra.repeat times
-            from .cache.mix import MixedRows
+            from ..cache.mix import MixedRows
 
             self.cache = MixedRows([(cache, self.rows, 1), (extra, None, extra.repeat)])
             self.rows, rows = None, self.cache.trainable()
-        self.pairs, self._where = len(rows), (rank, world, seed)  # the rows an epoch visits (littune.run_plan)
+        self.pairs, self._where = len(rows), (rank, world, seed)  # the rows an epoch visits (littune.train.run_plan)
         self.plan = None if global_batch is None else StepPlan(len(rows), global_batch, rank, world, seed)
         self._resident = self._read_all()
 
@@ -154,7 +154,7 @@ def fill_text_cache(model, folder, texts, progress: bool) -> None:
     training batch can draw), saying how many and how long."""
     import time
 
-    from .embeddings import text_tower_features
+    from ..embeddings import text_tower_features
     from .monitor import log_line
 
     store, texts = model.use_text_cache(folder), list(dict.fromkeys(texts))
@@ -216,7 +216,7 @@ class OnTheFlyBatches(torch.utils.data.Dataset):
         return 1 << 40
 
     def _image(self, i: int, rng: random.Random):
-        from .data.decode import BadImage
+        from ..data.decode import BadImage
 
         for k in range(len(self.records)):
             rec = self.records[(i + k) % len(self.records)]
@@ -250,7 +250,7 @@ def step_loader(dataset: OnTheFlyBatches, start: int, stop: int, workers: int):
 
 def _worker_init(_worker_id: int) -> None:
     """A forked worker closes its copy of the run directory's lock: it must not outlive a killed run's."""
-    from .cache.lock import close_inherited_locks
+    from ..cache.lock import close_inherited_locks
 
     close_inherited_locks()
 

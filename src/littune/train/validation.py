@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .embeddings import cached_image_embeddings, text_embeddings
-from .eval.retrieval import retrieval_metrics
-from .eval.sets import folder_labels
-from .eval.templates import load_templates
-from .eval.zeroshot import zeroshot_classifier, zeroshot_metrics
+from ..embeddings import cached_image_embeddings, text_embeddings
+from ..eval.retrieval import retrieval_metrics
+from ..eval.sets import folder_labels
+from ..eval.templates import load_templates
+from ..eval.zeroshot import zeroshot_classifier, zeroshot_metrics
 
 
 def class_labels(cache, classnames_file: str | None = None) -> tuple[list[str], list[int]]:
@@ -60,7 +60,7 @@ def run_validation(model, val_cfg, device=None) -> dict:
     call and not needed. A text that several sets share (the class names of two splits, a caption of
     two retrieval sets) is encoded once.
     """
-    from .cache import EmbeddingCache
+    from ..cache import EmbeddingCache
 
     results, memo = {}, {}
     for item in val_cfg.zeroshot:

@@ -1,6 +1,6 @@
 """The contrastive losses a chunk of rows at a time: O(N x chunk) memory for a global batch of N.
 
-The full losses (:class:`littune.losses.ContrastiveLoss`) build this rank's ``n x N`` logit matrix
+The full losses (:class:`littune.train.losses.ContrastiveLoss`) build this rank's ``n x N`` logit matrix
 and autograd keeps it, with its softmax or sigmoid, for the backward pass: O(N^2) memory over the
 ranks, which is what limits the batch once the image tower is gone. Here each loss is an autograd
 function over the embeddings, the scale ``t`` (already exponentiated) and the bias ``b``:
@@ -110,7 +110,7 @@ def chunked_softmax(image_emb, text_emb, all_images, all_texts, scale, first: in
 
 
 def chunked_sigmoid(image_emb, all_texts, scale, bias, first: int, chunk: int) -> torch.Tensor:
-    """SigLIP's loss of this rank's rows over the *local* batch size (see :mod:`littune.losses`)."""
+    """SigLIP's loss of this rank's rows over the *local* batch size (see :mod:`littune.train.losses`)."""
     with torch.autocast(image_emb.device.type, enabled=False):
         total = _SigmoidPairs.apply(image_emb.float(), all_texts.float(), scale.float(), bias.float(), first, chunk)
         return total / image_emb.shape[0]

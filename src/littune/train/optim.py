@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from .config import check_choice
-from .errors import ConfigError
+from ..config import check_choice
+from ..errors import ConfigError
 
 
 def build_optimizer(model, optim_cfg) -> torch.optim.Optimizer:
@@ -109,7 +109,7 @@ def unlock_part(name: str) -> str:
 
 def lr_mults_line(model, lr_mults: dict | None) -> str:
     """One line for the start of training: each group's learning-rate multiplier and where it comes from."""
-    from .model.settings import default_lr_mults
+    from ..model.settings import default_lr_mults
 
     given, defaults = lr_mults or {}, default_lr_mults(model.setting, model.text_tower.kind)
     items = []

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
-from .errors import LittuneError
-from .fileio import atomic_write, fsync_dir, replace_dir, write_json
+from ..errors import LittuneError
+from ..fileio import atomic_write, fsync_dir, replace_dir, write_json
 
 PREFIX = "step_"
 

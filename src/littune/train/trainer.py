@@ -6,7 +6,7 @@ tower (``U*``, ``u*``), or ``data.on_the_fly``, images are decoded, augmented an
 tower every step. Everything else is shared: the global contrastive loss over all ranks, gradient
 accumulation that keeps the contrastive batch global, warm-up + decay, gradient clipping, bf16
 autocast, checkpoints with exact resume, NaN guard, Ctrl-C checkpoint, and the run directory's
-metrics, validation and plots (:mod:`littune.monitor`).
+metrics, validation and plots (:mod:`littune.train.monitor`).
 
 What is loaded, and when, with a locked tower: the cache is checked against the configured tower's
 fingerprint, computed from the weights file for ``efficientnet-lite`` and ``onnx`` towers (nothing
@@ -31,20 +31,20 @@ from .batches import (CacheBatches, OnTheFlyBatches, Prefetched, WithTextFeature
                       step_loader)
 from .accumulate import accumulated_backward
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import LiTConfig, TrainConfig
-from .errors import ConfigError, LittuneError, TrainingDiverged  # noqa: F401 (TrainingDiverged: re-exported)
+from ..config import LiTConfig, TrainConfig
+from ..errors import ConfigError, LittuneError, TrainingDiverged  # noqa: F401 (TrainingDiverged: re-exported)
 from .losses import ContrastiveLoss
-from .model.two_towers import LiTModel, save_trained
+from ..model.two_towers import LiTModel, save_trained
 from .monitor import Monitor, log_line, prepare_run_dir, record_validation, truncate_metrics
 from .optim import build_optimizer, build_scheduler, group_lrs, held_groups, lr_mults_line
 from .run_outcome import finished_step, interrupted
 from .run_plan import Timed, announce, plan_run
 from .rundir import StopSignals, close_run_dir, ensure_tokenizer, open_run_dir
-from .model.settings import parse_setting
-from .towers.fingerprint import tower_fingerprint
-from .towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
-from .towers.text import build_text_tower
-from .towers.trust import refuse_cache_code
+from ..model.settings import parse_setting
+from ..towers.fingerprint import tower_fingerprint
+from ..towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
+from ..towers.text import build_text_tower
+from ..towers.trust import refuse_cache_code
 
 
 def model_config(cfg: TrainConfig) -> LiTConfig:
@@ -72,7 +72,7 @@ class Trainer:
         if self.use_cache:
             self.cache = self._open_cache()
             if self.cfg.data.anchors is not None:  # the tower's own classes, read from its weights file
-                from .data.anchors import cache_head
+                from ..data.anchors import cache_head
 
                 self.anchor_head = cache_head(self.cache)
             return
@@ -82,12 +82,12 @@ class Trainer:
         self.records = self._source().records()
 
     def _source(self):
-        from .data.sources import open_source
+        from ..data.sources import open_source
 
         return open_source(self.cfg.data.source, **self.cfg.data.source_options)
 
     def _open_cache(self):
-        from .cache import EmbeddingCache, embed_source
+        from ..cache import EmbeddingCache, embed_source
 
         cache_dir = self.cfg.data.cache
         if not cache_dir:
@@ -134,7 +134,7 @@ class Trainer:
         tok_dir = self.run_dir / "tokenizer"
         from_scratch = text_spec.get("type", "transformer") == "transformer"
         if from_scratch:
-            if D.is_main():  # trained, or checked against the spec and captions it came from (littune.rundir)
+            if D.is_main():  # trained, or checked against the spec and captions it came from (littune.train.rundir)
                 ensure_tokenizer(tok_dir, text_spec, self._captions_for_tokenizer,
                                  resuming=latest_checkpoint(self.run_dir) is not None)
             D.barrier()  # every rank uses rank 0's tokenizer
@@ -204,7 +204,7 @@ class Trainer:
         """``data.anchors``: the tower's classes as extra rows (littune.data.anchors), or None."""
         if self.cfg.data.anchors is None:
             return None
-        from .data.anchors import anchor_rows
+        from ..data.anchors import anchor_rows
 
         return anchor_rows(self.cache, self.cfg.data.anchors, self.anchor_head, self.cfg.data.exclude, log_line)
 
@@ -260,7 +260,7 @@ class Trainer:
                 with torch.no_grad(), self._autocast():
                     feats = self.model.image_features(batch["pixels"].to(self.device, non_blocking=True))
                 batch = {"image_features": feats, "captions": batch["captions"]}
-            # One big step's gradients, one loss for the whole batch (see littune.accumulate).
+            # One big step's gradients, one loss for the whole batch (see littune.train.accumulate).
             loss = accumulated_backward(self.model, lambda sl: self._embed(batch, sl), self._loss, n, k, self.device)
         D.average_gradients(self.params)
         if self.cfg.optim.clip_grad_norm:
@@ -270,7 +270,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Path:
         """Train ``steps`` steps (resuming from the latest checkpoint), validate, export ``model/``."""
-        held = open_run_dir(self.run_dir) if D.is_main() else None  # one run at a time (littune.rundir)
+        held = open_run_dir(self.run_dir) if D.is_main() else None  # one run at a time (littune.train.rundir)
         try:
             self._open_data()
             self.cfg, self.plan = plan_run(self)  # batch, steps, warm-up: those not set sized from the data, printed
@@ -334,7 +334,7 @@ class Trainer:
             self._checkpoint(done)
 
     def _record(self, done: int, loss: torch.Tensor, lrs: dict) -> dict:
-        """The metrics line of a step: loss, the learning rates the step used (:func:`littune.optim.
+        """The metrics line of a step: loss, the learning rates the step used (:func:`littune.train.optim.
         group_lrs`), temperature; throughput every ``log_every`` steps and at the last."""
         record = {"step": done, "loss": loss.item(), **lrs, "temperature": self.model.logit_scale.exp().item()}
         if self.model.logit_bias is not None:
@@ -354,7 +354,7 @@ class Trainer:
         self._validate(self.cfg.steps, monitor=None, final=True)
         out = self._export()
         if D.is_main():
-            from .plots import plot_run
+            from ..plots import plot_run
 
             plot_run(self.run_dir)
             if self.skipped_images:

@@ -13,7 +13,7 @@ nothing is gathered.
 
 Both come in two forms with the same value and gradients (to float rounding). The full form builds
 this rank's ``n x N`` logit matrices (``N`` the global batch) and lets autograd keep them. The chunked
-form (``chunk`` rows at a time, :mod:`littune.chunked_loss`) never holds more than ``chunk x N`` logits:
+form (``chunk`` rows at a time, :mod:`littune.train.chunked_loss`) never holds more than ``chunk x N`` logits:
 its forward keeps only each row's log-sum-exp, its backward recomputes each chunk's logits, so the
 memory of the loss is O(N x chunk) instead of O(N^2): the loss no longer limits the batch.
 """

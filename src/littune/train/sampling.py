@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _LANG_BITS = 20
 

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from . import distributed as D
-from .errors import LittuneError
-from .fileio import clear_leftovers, replace_dir, write_json
+from ..errors import LittuneError
+from ..fileio import clear_leftovers, replace_dir, write_json
 from .monitor import METRICS, VALIDATION, log_line
 
 TOKENIZER_RECORD = "littune_tokenizer.json"
@@ -49,7 +49,7 @@ RUN_FILES = ("model", "tokenizer", "config.yaml", "results.json", METRICS, VALID
 def open_run_dir(run_dir: Path):
     """Rank 0, at the start of a run: lock ``run_dir`` (a second run is refused) and clear what killed
     runs left there (module doc), each said. Returns the lock, for :func:`close_run_dir`."""
-    from .cache.lock import lock
+    from ..cache.lock import lock
 
     held = lock(run_dir, what="run directory", by="`littune train`")
     for line in (clear_leftovers(run_dir / "checkpoints", everything=True)
@@ -59,7 +59,7 @@ def open_run_dir(run_dir: Path):
 
 
 def close_run_dir(held) -> None:
-    from .cache.lock import unlock
+    from ..cache.lock import unlock
 
     unlock(held)
 
@@ -96,7 +96,7 @@ def ensure_tokenizer(tok_dir: Path, spec: dict, captions: Callable[[], Iterable[
                            "run_dir, or delete its checkpoints/ and tokenizer/ to start over")
     if present:
         log_line(f"{tok_dir} was made from other settings or captions ({changed}): training a new one")
-    from .towers.text import train_tokenizer
+    from ..towers.text import train_tokenizer
 
     tok = train_tokenizer(captions(), vocab_size=want["vocab_size"], kind=want["tokenizer"])
     tmp = tok_dir.with_name(f".{tok_dir.name}.tmp-{os.getpid()}")
