@@ -1,4 +1,4 @@
-"""Zero-shot heat maps (littune.heatmap): the "free map" claim checked exactly on real towers, the map's
+"""Zero-shot heat maps (littune.inference.heatmap): the "free map" claim checked exactly on real towers, the map's
 geometry over the image, `littune classify --heatmap` and `POST /api/heatmap`."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import CAPTIONS, TINY_TEXT
 from littune.cli import main
 from littune.errors import LittuneError
-from littune.heatmap import cell_centre, heatmap, image_box, spatial_embeddings
+from littune.inference.heatmap import cell_centre, heatmap, image_box, spatial_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = Path(__file__).parent / "data"

@@ -83,7 +83,7 @@ def test_an_oserror_reading_a_tar_member_is_a_skip_in_classify_and_eval_not_a_tr
     from data_fixtures import encode, write_tar
     from littune.data import open_source
     from littune.data.records import Record
-    from littune.embeddings import image_embeddings
+    from littune.inference.embeddings import image_embeddings
 
     tar = write_tar(tmp_path / "shard.tar", [("a.png", encode(colour_image(1), "PNG")), ("a.txt", b"a red thing")])
     recs = open_source(tar).records()

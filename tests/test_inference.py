@@ -15,7 +15,7 @@ from PIL import Image
 
 import littune
 from littune.errors import LittuneError
-from littune.embeddings import cached_image_embedding_batches, cached_image_embeddings, image_embeddings
+from littune.inference.embeddings import cached_image_embedding_batches, cached_image_embeddings, image_embeddings
 from littune.eval.sets import class_folder, label_csv, open_labeled, open_retrieval
 from littune.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier
 
@@ -95,7 +95,7 @@ def test_encode_texts_batches_texts_by_their_token_counts_across_chunks(tiny_mod
     may take several tokens a character): each batch is cut to its own longest text, and the rows
     still equal each text's full-context forward, in the caller's order, across chunk borders."""
     model = tiny_model().eval()
-    monkeypatch.setattr("littune.embeddings.TOKENIZE_CHUNK", 5)
+    monkeypatch.setattr("littune.inference.embeddings.TOKENIZE_CHUNK", 5)
     texts = ["猫猫猫猫", "a red apple on a table", "cat", "ünïcödé ünïcödé", "dog", "🦄🦄", "a cat", "mat", "x"]
     shapes, encode = [], model.encode_text
 
@@ -116,7 +116,7 @@ def test_encode_texts_batches_texts_by_their_token_counts_across_chunks(tiny_mod
 def test_text_embeddings_with_a_memo_encode_a_text_shared_by_two_calls_once(tiny_model, monkeypatch):
     """Validation and the per-language evaluation pass one memo to every call: a text already
     encoded is not encoded again, and the rows equal those of calls without it."""
-    from littune.embeddings import text_embeddings
+    from littune.inference.embeddings import text_embeddings
 
     model = tiny_model().eval()
     first, second = ["a red apple", "cat", "a cat on a mat"], ["cat", "dog", "a red apple", "dog"]

@@ -149,7 +149,7 @@ def test_index_after_embed_runs_the_tower_on_nothing_and_on_ten_added_images_ten
 
 
 def test_eval_runs_the_tower_only_on_images_no_cache_holds(tmp_path, capsys, computed, tiny_model):
-    from littune.embeddings import image_embeddings
+    from littune.inference.embeddings import image_embeddings
     from littune.eval.sets import open_labeled
 
     model = tiny_model()

@@ -88,7 +88,7 @@ def evaluate(model, paths: dict, locked: bool, progress: bool = False) -> dict:
     Images come from each split's retrieval CSV; with ``locked`` their image features are read from
     the split's cache, otherwise the model runs on the pixels. Every image must embed.
     """
-    from .embeddings import image_embeddings, text_embeddings
+    from .inference.embeddings import image_embeddings, text_embeddings
     from .eval.retrieval import retrieval_metrics
     from .eval.sets import folder_labels, open_retrieval
     from .eval.templates import load_templates

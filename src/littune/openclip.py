@@ -15,7 +15,7 @@ The functions here give exactly those names and return shapes, so such code runs
 with the directory in place of open_clip's model name. As in open_clip, ``encode_image`` and
 ``encode_text`` return the projection heads' outputs *before* L2 normalisation unless
 ``normalize=True``; normalised, they equal littune's own image and text embeddings
-(:meth:`~littune.model.LiTModel.encode_image`, :meth:`~littune.inference.InferenceMixin.encode_texts`).
+(:meth:`~littune.model.LiTModel.encode_image`, :meth:`~littune.inference.mixin.InferenceMixin.encode_texts`).
 ``model.logit_scale`` is the log temperature (a parameter; ``exp()`` multiplies the cosines),
 ``model.logit_bias`` the sigmoid loss's bias or ``None``, and ``model.lit`` the
 :class:`~littune.model.LiTModel` itself for littune's own methods (``classify``...).

@@ -134,7 +134,7 @@ def draw_heat(ax, image, heat, crop: Sequence[float], size: Sequence[int], title
 
 
 def save_heatmap_figure(hm, path: str | Path, titles: Sequence[str], columns: int = 4) -> Path:
-    """``path``: the image of the :class:`~littune.heatmap.HeatMap` ``hm``, then each of its maps over the
+    """``path``: the image of the :class:`~littune.inference.heatmap.HeatMap` ``hm``, then each of its maps over the
     image with its title (``titles[i]`` for ``hm.maps[i]``, one colour scale for all, the peak marked)."""
     plt = pyplot("drawing heat maps")
     panels = 1 + len(hm.maps)

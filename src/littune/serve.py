@@ -94,7 +94,7 @@ def parse_label_text(text: str, max_labels: int = DEFAULT_MAX_LABELS,
     long = next((x for x in labels if len(x) > max_chars), None)
     if long is not None:
         raise ValueError(f"label {long[:40]!r}... is {len(long)} characters long, at most {max_chars}")
-    from .inference import repeated_label
+    from .inference.mixin import repeated_label
 
     twice = repeated_label(labels)
     if twice is not None:

@@ -4,7 +4,7 @@ The request is ``/api/classify``'s multipart form (``image``, ``labels``, ``temp
 limits and guards (bytes, pixels, labels, prompts, built-in template sets only: :meth:`Service.labelled_upload
 <littune.serve.Service.labelled_upload>`), and the answer gives, for each label in the order given, its
 probability (a softmax over the labels of the pooled embedding, as classify) and its map: the cosine of
-each location's embedding with the label's (:mod:`littune.heatmap`), a list of ``h`` rows of ``w``
+each location's embedding with the label's (:mod:`littune.inference.heatmap`), a list of ``h`` rows of ``w``
 floats at the map's own resolution (7 x 7 for EfficientNet-Lite0; rounded to 4 decimals)::
 
     {"labels": [{"label": "cat", "probability": 0.91, "map": [[0.12, ...], ...]}, ...],
@@ -25,7 +25,7 @@ def add_heatmap(app, svc) -> None:
     """Add ``POST /api/heatmap`` to ``app`` for the :class:`~littune.serve.Service` ``svc``."""
     from fastapi import File, Form, UploadFile
 
-    from .heatmap import heatmap
+    from .inference.heatmap import heatmap
 
     sets = svc.template_sets
 

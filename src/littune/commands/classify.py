@@ -8,7 +8,7 @@ the others are still classified (the exit status is then 1).
 
 --heatmap OUT.png also draws, per image, where each label shown matches: the image tower runs once
 more on the image (in torch, not onnxruntime), the image head is applied to the feature at each
-location of its map and compared with the label's embedding (see littune.heatmap); exact for
+location of its map and compared with the label's embedding (see littune.inference.heatmap); exact for
 mean-pooled towers (EfficientNet-Lite, CNN maps), an approximation from the patch tokens for a
 CLS-pooled ViT.
 """
@@ -62,7 +62,7 @@ def parse_labels(text: str | None, file: str | None = None) -> list[str]:
                    if ln.strip() and not ln.strip().startswith("#")]
     if not labels:
         raise LittuneError('the label list is empty: give --labels "cat,dog,horse" or --labels-file FILE')
-    from ..inference import repeated_label
+    from ..inference.mixin import repeated_label
 
     twice = repeated_label(labels)
     if twice is not None:
@@ -74,7 +74,7 @@ def run(args) -> int:
     from ..data.base import printable
     from ..errors import LittuneError
     from ..eval.templates import load_templates
-    from ..embeddings import image_embeddings
+    from ..inference.embeddings import image_embeddings
     from ..model.two_towers import LiTModel
 
     labels = parse_labels(args.labels, args.labels_file)
@@ -134,7 +134,7 @@ def heatmap_path(out: str, n: int, total: int):
 
 def _draw_heatmap(model, args, i: int, order: list[int], labels: list[str], weights, probs):
     """Draw image ``i``'s heat maps for the labels ``order`` (the ones shown) to its :func:`heatmap_path`."""
-    from ..heatmap import heatmap
+    from ..inference.heatmap import heatmap
     from ..plots import save_heatmap_figure
 
     hm = heatmap(model, args.images[i], [labels[c] for c in order], weights=weights[order])

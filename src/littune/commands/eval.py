@@ -179,7 +179,7 @@ def _cache(args, model, dataset):
     up by name must be the ones that were cached), unless ``--allow-stale-cache``."""
     if not args.cache:
         return None
-    from ..embeddings import open_feature_cache
+    from ..inference.embeddings import open_feature_cache
 
     return open_feature_cache(model, args.cache, source_fingerprint=dataset.source.fingerprint(),
                               allow_stale=args.allow_stale_cache)

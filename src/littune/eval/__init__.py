@@ -8,9 +8,9 @@
   image), keys ``image_retrieval_recall@K`` and ``text_retrieval_recall@K``.
 * :mod:`littune.eval.sets` -- the evaluation sets: class folders, label CSVs and captioned sources.
 
-The image and text embeddings they are scored with come from :mod:`littune.embeddings` (images
+The image and text embeddings they are scored with come from :mod:`littune.inference.embeddings` (images
 decoded and run through the model, or image features read from an embedding cache for a locked tower);
-nothing here imports :mod:`littune.inference`.
+nothing here imports :mod:`littune.inference.mixin`.
 
 Results files written by ``littune eval`` use CLIP_benchmark's layout
 (``{"dataset", "model", "task", "metrics": {...}}``) so existing tooling reads them.

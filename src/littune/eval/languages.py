@@ -27,7 +27,7 @@ COLUMNS = ("heldout_designs_acc1", "heldout_concepts_acc1", "heldout_concepts_t2
 
 def _split_images(model, data_dir: Path, split: str, cache: Path):
     """``(embeddings, keys)`` of every image of a split, in the split table's order, read through its cache."""
-    from ..embeddings import image_embeddings
+    from ..inference.embeddings import image_embeddings
     from .sets import open_retrieval
 
     data = open_retrieval(data_dir / "eval" / f"retrieval_{split}.csv")
@@ -53,7 +53,7 @@ def _has_rows(table: Path) -> bool:
 
 
 def _retrieval(model, emb, split_keys: Sequence[str], table: Path, memo: dict | None = None) -> float | None:
-    from ..embeddings import text_embeddings
+    from ..inference.embeddings import text_embeddings
     from .retrieval import retrieval_metrics
     from .sets import folder_labels, open_retrieval
 

@@ -3,7 +3,7 @@
 Collages of 2 to 4 labelled images (emoji of held-out designs, so nothing the model was trained on)
 pasted at random, non-overlapping places and sizes on a white canvas, each inside the part of the canvas
 the model sees (its eval view's centre crop). For every image pasted, its class name's heat map
-(:mod:`littune.heatmap`: the tower run once per collage, the head at each location, the cosine with the
+(:mod:`littune.inference.heatmap`: the tower run once per collage, the head at each location, the cosine with the
 name's prompts through a template set) is asked where the name is; the answer -- the centre of the map's
 highest cell -- *hits* when it falls inside the pasted image's box (the tight box of its drawn, non-white
 pixels). Reported, over every (collage, name) trial:
@@ -93,7 +93,7 @@ def render(layout_: Layout, records: Sequence, canvas: int):
     from PIL import Image
 
     from ..data.decode import BadImage
-    from ..embeddings import describe, load_rgb
+    from ..inference.embeddings import describe, load_rgb
 
     out = Image.new("RGB", (canvas, canvas), (255, 255, 255))
     boxes = []
@@ -128,7 +128,7 @@ def cell_centres(crop: Sequence[float], grid: tuple[int, int]) -> np.ndarray:
 def score(maps: np.ndarray, names: list[str], boxes: list, crop: Sequence[float], canvas: int,
           logit_scale: float) -> list[dict]:
     """One trial per name: its map's peak (and its peak among the names), hits, and both baselines' hits."""
-    from ..heatmap import cell_centre
+    from ..inference.heatmap import cell_centre
 
     among = F.softmax(logit_scale * torch.from_numpy(maps), dim=0).numpy()
     centres = cell_centres(crop, maps.shape[1:])
@@ -155,7 +155,7 @@ def play(model, dataset, collages: int = 200, seed: int = 0, canvas: int = 448, 
          counts: tuple[int, int] = (2, 4), batch_size: int = 16, show: int = 4, progress: bool = False) -> PointingResult:
     """The pointing game of ``model`` on ``collages`` collages of ``dataset`` (a
     :class:`~littune.eval.sets.LabeledImages`, e.g. a class folder of held-out designs)."""
-    from ..heatmap import spatial_embeddings, text_weights
+    from ..inference.heatmap import spatial_embeddings, text_weights
 
     if collages < 1 or not 2 <= counts[0] <= counts[1]:
         raise LittuneError(f"the pointing game needs at least one collage of at least 2 images, not {collages} "

@@ -15,7 +15,7 @@ query, the rank that counts is that of its best-placed caption. The similarity m
 chunks of queries, so memory stays at ``chunk x gallery`` whatever the set size.
 
 :func:`evaluate_retrieval` runs the whole evaluation on a :class:`~littune.eval.sets.RetrievalSet`;
-its image embeddings come from :func:`littune.embeddings.image_embeddings` (from the images, or from
+its image embeddings come from :func:`littune.inference.embeddings.image_embeddings` (from the images, or from
 an embedding cache's image features when one is given).
 """
 
@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..embeddings import image_embeddings, text_embeddings
+from ..inference.embeddings import image_embeddings, text_embeddings
 from ..errors import LittuneError
 
 
@@ -140,7 +140,7 @@ def evaluate_retrieval(model, dataset, cache: str | Path | None = None, batch_si
     """Recall@K both ways of ``model`` on a :class:`~littune.eval.sets.RetrievalSet`.
 
     Images that cannot be decoded (or are missing from the cache) are dropped with their captions
-    and listed in ``skipped``. ``reuse``: see :func:`~littune.embeddings.image_embeddings`.
+    and listed in ``skipped``. ``reuse``: see :func:`~littune.inference.embeddings.image_embeddings`.
     """
     img, kept, skipped = image_embeddings(model, dataset.records, cache=cache, batch_size=batch_size,
                                           progress=progress, skip_bad=True, reuse=reuse)

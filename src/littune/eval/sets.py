@@ -17,7 +17,7 @@ reads -- typically a CSV ``image,caption`` with several rows per image -- flatte
 list and ``text_to_image``.
 
 Both keep the :class:`~littune.data.records.Record` of each image and its ``key`` (the relative
-path for a folder, the image cell for a CSV), which is how :func:`littune.embeddings.image_embeddings`
+path for a folder, the image cell for a CSV), which is how :func:`littune.inference.embeddings.image_embeddings`
 finds an image in an embedding cache written by ``littune embed`` over the same folder or file.
 
 :func:`folder_labels` gives the classes of image keys laid out ``<class>/.../<image>`` under a root (an

@@ -18,7 +18,7 @@ in ``labels`` (classes with no sample are left out, as scikit-learn's balanced a
 :func:`per_class_table` and :func:`confusion_matrix` give the detail behind the averages;
 :func:`save_confusion_png` draws the matrix (matplotlib, the ``plot`` extra). :func:`evaluate_zeroshot`
 runs the whole evaluation on a :class:`~littune.eval.sets.LabeledImages` set; its image embeddings
-come from :func:`littune.embeddings.image_embeddings` (from the images, or from an embedding cache's
+come from :func:`littune.inference.embeddings.image_embeddings` (from the images, or from an embedding cache's
 image features when one is given).
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..embeddings import image_embeddings, model_device, text_embeddings
+from ..inference.embeddings import image_embeddings, model_device, text_embeddings
 from ..errors import LittuneError
 from .templates import PLACEHOLDER, fill
 
@@ -41,7 +41,7 @@ def zeroshot_classifier(model, classnames: list[str], templates: list[str], batc
                         memo: dict | None = None) -> torch.Tensor:
     """``(C, D)`` class weights on the model's device: per class, the mean of the L2-normalised
     embeddings of its filled templates, renormalised. Runs without gradients in eval mode and
-    restores the model's mode afterwards. ``memo``: see :func:`littune.embeddings.text_embeddings`."""
+    restores the model's mode afterwards. ``memo``: see :func:`littune.inference.embeddings.text_embeddings`."""
     classnames = [str(c) for c in classnames]
     templates = list(templates)
     if not classnames:
@@ -214,7 +214,7 @@ def evaluate_zeroshot(model, dataset, templates: list[str], cache: str | Path | 
 
     Image embeddings come from the embedding cache ``cache`` (locked image tower only) or are
     computed from the images (``reuse``: a locked tower's features that embedding caches hold for the same
-    files are read from them, see :func:`~littune.embeddings.image_embeddings`); images that cannot be decoded
+    files are read from them, see :func:`~littune.inference.embeddings.image_embeddings`); images that cannot be decoded
     are skipped and listed in ``skipped``.
     """
     emb, kept, skipped = image_embeddings(model, dataset.records, cache=cache, batch_size=batch_size,

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from ..config import LiTConfig
 from ..errors import LittuneError
 from ..fileio import clear_leftovers, replace_dir
-from ..inference import InferenceMixin
+from ..inference.mixin import InferenceMixin
 from ..train.optim import unlock_part
 from ..towers.image import ImageTower, build_image_tower, parse_image_tower
 from ..towers.text import TextTower, build_text_tower

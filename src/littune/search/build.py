@@ -138,7 +138,7 @@ def _named_cache(model, src, cache_dir: Path, allow_stale: bool | None):
 def _embed_through_cache(model, src, feats_dir: Path, emb_path: Path, batch_size: int, workers: int | None,
                          progress: bool, fresh: bool, allow_stale: bool | None = None, reuse: bool = True) -> _Embedded:
     """The tower's features from the cache, through the image head, streamed into ``embeddings.npy``."""
-    from ..embeddings import cached_image_embedding_batches
+    from ..inference.embeddings import cached_image_embedding_batches
 
     cache, stale = _named_cache(model, src, feats_dir, allow_stale) or (None, False)
     if not stale:
@@ -169,7 +169,7 @@ def _embed_through_cache(model, src, feats_dir: Path, emb_path: Path, batch_size
 
 def _embed_directly(model, src, emb_path: Path, batch_size: int, workers: int | None, progress: bool) -> _Embedded:
     """Without the cache: decode and embed every record in memory."""
-    from ..embeddings import image_embeddings
+    from ..inference.embeddings import image_embeddings
 
     records = src.records()
     emb, kept, bad = image_embeddings(model, records, batch_size=batch_size, workers=workers, progress=progress,

@@ -4,7 +4,7 @@
 ``(B, h, w, F)`` (channels last), the pooled ``(B, F)`` features the tower's ``forward`` gives (from the
 same pass), and whether the pooled features are *exactly* the mean of the map over its ``h x w``
 locations. With a linear image head that makes the image embedding (before normalisation) the mean
-of the head applied at each location -- a zero-shot map for free (:mod:`littune.heatmap`).
+of the head applied at each location -- a zero-shot map for free (:mod:`littune.inference.heatmap`).
 
 * ``efficientnet-lite*``: the network's last feature map (``extract_features``: 1280 x 7 x 7 at 224 px),
   which the tower averages: **exact**.

@@ -154,7 +154,7 @@ def fill_text_cache(model, folder, texts, progress: bool) -> None:
     training batch can draw), saying how many and how long."""
     import time
 
-    from ..embeddings import text_tower_features
+    from ..inference.embeddings import text_tower_features
     from .monitor import log_line
 
     store, texts = model.use_text_cache(folder), list(dict.fromkeys(texts))

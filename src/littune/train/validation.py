@@ -2,7 +2,7 @@
 
 Both read image features from an embedding cache written by ``littune embed`` with the same locked
 tower (the image model is not loaded) and turn them into image embeddings with the model's head
-(:func:`littune.embeddings.cached_image_embeddings`). Zero-shot: a class-folder source
+(:func:`littune.inference.embeddings.cached_image_embeddings`). Zero-shot: a class-folder source
 (``root/<class>/*.png``); an image's class is the top-level folder of its key under the root, the rule
 ``littune eval zeroshot`` follows (:func:`littune.eval.sets.key_classes`: ``cat/2019/x.png`` is a ``cat``),
 display names come from ``classnames.txt`` (one per line, in sorted folder order) when given. Retrieval: a captioned source;
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..embeddings import cached_image_embeddings, text_embeddings
+from ..inference.embeddings import cached_image_embeddings, text_embeddings
 from ..eval.retrieval import retrieval_metrics
 from ..eval.sets import folder_labels
 from ..eval.templates import load_templates
@@ -29,7 +29,7 @@ def class_labels(cache, classnames_file: str | None = None) -> tuple[list[str], 
 
 def zeroshot_on_cache(model, cache, classnames_file=None, templates="short", memo: dict | None = None) -> dict:
     """``acc1``, ``acc5`` and ``mean_per_class_recall`` on the images of an opened embedding cache
-    (``memo``: see :func:`littune.embeddings.text_embeddings`)."""
+    (``memo``: see :func:`littune.inference.embeddings.text_embeddings`)."""
     names, labels = class_labels(cache, classnames_file)
     classifier = zeroshot_classifier(model, names, load_templates(templates), memo=memo).float().cpu()
     logits = cached_image_embeddings(model, cache) @ classifier.t()

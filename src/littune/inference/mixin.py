@@ -14,8 +14,8 @@ directly::
 Images may be paths or Pillow images (or :class:`littune.data.records.Record` objects); they are
 decoded by :func:`littune.data.decode.load_image` (EXIF upright, alpha on white) and preprocessed
 with the image tower's evaluation transform (resize the shorter side, centre crop). The loops behind
-these methods are :func:`littune.embeddings.image_embeddings` and
-:func:`littune.embeddings.text_embeddings`, which evaluation, validation and indexing call too; class
+these methods are :func:`littune.inference.embeddings.image_embeddings` and
+:func:`littune.inference.embeddings.text_embeddings`, which evaluation, validation and indexing call too; class
 embeddings come from :func:`littune.eval.zeroshot.zeroshot_classifier`. Every method works in
 batches, runs without gradients, leaves the model's train/eval mode as it found it, and returns CPU
 float32 tensors.
@@ -55,8 +55,8 @@ class InferenceMixin:
         """``(C, D)`` class embeddings: per label, the mean of its normalised template embeddings,
         renormalised. ``templates`` is a set name (:func:`littune.eval.templates.builtin_sets`), a file, or a
         list of template strings each holding ``{}``."""
-        from .eval.templates import load_templates
-        from .eval.zeroshot import zeroshot_classifier
+        from ..eval.templates import load_templates
+        from ..eval.zeroshot import zeroshot_classifier
 
         tpl = load_templates(templates) if isinstance(templates, (str, Path)) else list(templates)
         return zeroshot_classifier(self, list(labels), tpl).float().cpu()
@@ -71,7 +71,7 @@ class InferenceMixin:
         ``multi_label=True`` scores each label on its own with a sigmoid, using the model's learned
         bias when it was trained with the sigmoid loss (each value in [0, 1], rows need not sum to 1).
         """
-        from .errors import LittuneError
+        from ..errors import LittuneError
 
         labels = [str(x).strip() for x in labels]
         if not labels or any(not x for x in labels):
@@ -80,11 +80,11 @@ class InferenceMixin:
         return self.label_probabilities(self.encode_images(images, batch_size=batch_size), weights, multi_label)
 
     def heatmap(self, image: ImageLike, texts: Sequence[str], templates: str | Sequence[str] = "none"):
-        """Zero-shot heat maps of one image: a :class:`~littune.heatmap.HeatMap` whose ``maps`` ``(T, h, w)``
+        """Zero-shot heat maps of one image: a :class:`~littune.inference.heatmap.HeatMap` whose ``maps`` ``(T, h, w)``
         are the cosines of each location's embedding (the image head applied to the tower's feature there)
         with each text's embedding (``templates``: ``none``, the text as given, or a set as in
         :meth:`classify`), with the map's area in the image (``crop``) and the image in map cells (``box``).
-        The image tower runs once, in torch (not onnxruntime), without gradients; see :mod:`littune.heatmap`."""
+        The image tower runs once, in torch (not onnxruntime), without gradients; see :mod:`littune.inference.heatmap`."""
         from .heatmap import heatmap
 
         return heatmap(self, image, texts, templates)

@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import LittuneError, StaleCacheError
-from .towers.runtime import module_device as model_device  # where the model's weights are
+from ..errors import LittuneError, StaleCacheError
+from ..towers.runtime import module_device as model_device  # where the model's weights are
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from .data.records import Record
+    from ..data.records import Record
 
 ImageLike = Union[str, Path, "Image.Image", "Record"]
 Skipped = list[tuple[str, str]]  # (where, reason) of each image left out
@@ -97,7 +97,7 @@ def load_rgb(item: ImageLike, reduce_to: int | None = None, render_to: int | Non
     """
     from PIL import Image
 
-    from .data.decode import load_image, to_rgb
+    from ..data.decode import load_image, to_rgb
 
     if isinstance(item, Image.Image):
         return to_rgb(item)
@@ -138,7 +138,7 @@ def image_embeddings(model, images: Sequence[ImageLike], cache: str | Path | Non
 def _embed_reusing(model, items: list, batch_size: int, workers: int | None, progress: bool, skip_bad: bool,
                    runtime: str) -> tuple[torch.Tensor, list[int], Skipped]:
     """:func:`_embed_decoded` of the images no cache holds; the others' cached features through the head."""
-    from .cache.reuse import find_reused
+    from ..cache.reuse import find_reused
 
     _image_encoder(model, runtime)  # opens the runner: what computes the features is part of what is looked up
     name = _RUNNERS[model.image_tower][runtime].name
@@ -166,7 +166,7 @@ def _decoded_batches(items: list, preprocess, batch_size: int, workers: int | No
     workers = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
 
     def prepare(i: int):
-        from .data.decode import BadImage
+        from ..data.decode import BadImage
 
         try:
             return preprocess.eval(load_rgb(items[i], preprocess.draft_to, preprocess.resize_to)), None
@@ -198,7 +198,7 @@ def _image_encoder(model, runtime: str):
     runners = _RUNNERS.setdefault(model.image_tower, {})
     runner = runners.get(runtime)
     if runner is None:
-        from .towers.runtime import open_runner
+        from ..towers.runtime import open_runner
 
         runner = runners[runtime] = open_runner(model.image_tower, runtime, device=device, quiet=runtime == "auto")
     return lambda px: model.embed_image_features(torch.from_numpy(runner(px)).to(device))
@@ -242,7 +242,7 @@ def open_feature_cache(model, cache: str | Path, source_fingerprint: str | None 
     if not model.setting.image.locked:
         raise LittuneError(f"the model's image tower is trained (setting {model.config.setting}): features in "
                            f"the cache {cache} were computed before training; evaluate without --cache")
-    from .cache import EmbeddingCache
+    from ..cache import EmbeddingCache
 
     store = EmbeddingCache.open(cache)
     store.check(tower_fingerprint=model.image_fingerprint, source_fingerprint=source_fingerprint,

@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .embeddings import ImageLike, describe, evaluating, load_rgb, model_device
-from .errors import LittuneError
-from .towers.spatial import SpatialFeatures, spatial_features
+from ..errors import LittuneError
+from ..towers.spatial import SpatialFeatures, spatial_features
 
 
 @dataclass
@@ -113,8 +113,8 @@ def heatmaps(model, pixels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.
 def text_weights(model, texts: Sequence[str], templates: str | Sequence[str] = "none") -> torch.Tensor:
     """``(T, D)`` normalised text embeddings: each text through ``templates`` (a set name, a file or a list;
     ``none``: the text as it is), the templates' embeddings averaged (as zero-shot classification does)."""
-    from .eval.templates import load_templates
-    from .eval.zeroshot import zeroshot_classifier
+    from ..eval.templates import load_templates
+    from ..eval.zeroshot import zeroshot_classifier
 
     texts = [str(t).strip() for t in texts]
     if not texts or any(not t for t in texts):
@@ -128,7 +128,7 @@ def heatmap(model, image: ImageLike, texts: Sequence[str], templates: str | Sequ
     """The heat maps of ``image`` (a path, a Pillow image or a record) for ``texts`` (see the module doc).
     ``weights``: the texts' normalised embeddings ``(T, D)`` if the caller has them already (``templates``
     is then not read)."""
-    from .data.decode import SIZE_INFO, BadImage
+    from ..data.decode import SIZE_INFO, BadImage
 
     pre = model.preprocess
     try:
