@@ -124,7 +124,7 @@ def test_exported_model_matches_littune_embeddings_without_torch(saved, tmp_path
 
 
 def test_the_onnx_record_says_a_model_was_embedded_with_fast_jpeg_decoding():
-    from littune.export import onnx_record
+    from littune.export.onnx import onnx_record
     from littune.towers.tiny import SPEC
 
     cfg = LiTConfig(setting="Lu", image_tower={**SPEC, "decode": "fast"}, text_tower=dict(TINY_TEXT), embed_dim=16)
@@ -162,7 +162,7 @@ def test_export_refuses_an_existing_folder_and_writes_nothing(saved, tmp_path, c
 
 
 def test_overwrite_replaces_an_earlier_export(saved, tmp_path):
-    from littune.export import export_onnx_model
+    from littune.export.onnx import export_onnx_model
 
     model, _ = saved
     out = tmp_path / "onnx"
@@ -239,7 +239,7 @@ def _saved(model, tmp_path: Path) -> Path:
 
 def test_an_onnx_tower_graph_fixed_at_batch_one_gives_the_text_side_only_and_says_why_and_a_sigmoid_model_its_bias(
         tmp_path, capsys):
-    from littune.export import export_onnx_model
+    from littune.export.onnx import export_onnx_model
 
     path, _ = _classifier_onnx(tmp_path / "fixed.onnx", batch=None)
     model = _onnx_tower_model({"type": "onnx", "path": str(path)}, loss="sigmoid")

@@ -75,7 +75,7 @@ def built(tmp_path_factory):
 def packages():
     """An npm folder holding onnxruntime-web and @huggingface/tokenizers, kept across sessions."""
     from littune.builders.fetch import fetch_npm
-    from littune.export_web import ORT_WEB, TOKENIZERS_JS
+    from littune.export.web import ORT_WEB, TOKENIZERS_JS
 
     root = Path(os.environ.get("LITTUNE_TEST_NPM") or Path(tempfile.gettempdir()) / "littune-test-npm")
     try:
@@ -233,7 +233,7 @@ def test_a_prefixed_text_tower_exports_its_prefix_and_tokenizers_js_puts_it_befo
 
     from tokenizers import Tokenizer
 
-    from littune.export_web import export_web_demo
+    from littune.export.web import export_web_demo
 
     model, index = _prefixed_model(built, tmp_path / "bert"), built[1]
     out = tmp_path / "web"

@@ -196,7 +196,7 @@ def test_a_small_cache_read_into_memory_gives_the_same_batches_as_reading_each_s
 
 def test_mlp_heads_save_load_and_export_to_the_same_embeddings(tiny_model, tmp_path):
     from littune import LiTModel
-    from littune.export import export_text
+    from littune.export.onnx import export_text
 
     model = tiny_model("Lu", image_head="mlp", text_head="mlp").eval()
     assert isinstance(model.text_head, torch.nn.Sequential) and model.text_head[0].out_features == 4 * 16

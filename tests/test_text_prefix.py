@@ -85,7 +85,7 @@ def test_onnx_export_tokenizer_json_gives_littunes_prefixed_ids_and_the_fingerpr
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from littune.export import export_onnx_model
+    from littune.export.onnx import export_onnx_model
 
     model = hf_model(folder).eval()
     record = export_onnx_model(model, tmp_path / "onnx")

@@ -22,9 +22,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "LiTConfig": "config",
     "LiTModel": "model.two_towers",
-    "create_model_and_transforms": "openclip",
-    "create_model_from_pretrained": "openclip",
-    "get_tokenizer": "openclip",
+    "create_model_and_transforms": "export.openclip",
+    "create_model_from_pretrained": "export.openclip",
+    "get_tokenizer": "export.openclip",
     "parse_setting": "model.settings",
 }
 

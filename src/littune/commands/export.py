@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_web(args, model) -> int:
     from ..errors import LittuneError
-    from ..export_web import export_web_demo
+    from ..export.web import export_web_demo
     from ..search import SearchIndex
 
     if not 16 <= args.thumb <= 1024:
@@ -56,7 +56,7 @@ def _run_web(args, model) -> int:
 
 def run(args) -> int:
     from ..errors import LittuneError
-    from ..export import export_onnx_model
+    from ..export.onnx import export_onnx_model
     from ..model.two_towers import LiTModel
 
     if args.format == "web" and not args.index:

@@ -6,7 +6,7 @@
   dynamic) to ``text_embeddings`` ``(batch, D)``: the text tower, the text head, L2 normalisation;
 * ``image.onnx`` -- ``pixels`` (float32 ``(batch, 3, S, S)``, the batch axis dynamic) to
   ``image_embeddings`` ``(batch, D)``: the image tower, the image head, L2 normalisation (an
-  ``onnx:`` tower's own graph joined to the head, :mod:`littune.onnx_join`). A tower that does not
+  ``onnx:`` tower's own graph joined to the head, :mod:`littune.export.onnx_join`). A tower that does not
   export (an operator the exporter lacks, a graph that disagrees with littune) leaves the text side
   only; one line and ``image_skipped`` in the JSON say why;
 * ``tokenizer.json`` -- the text tower's Hugging Face ``tokenizers`` tokenizer, with littune's
@@ -41,10 +41,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import LittuneError
-from .fileio import replace_dir as move_into_place
-from .fileio import write_json
-from .towers.runtime import EXPORT_TOLERANCE, first_line, onnx_bytes
+from ..errors import LittuneError
+from ..fileio import replace_dir as move_into_place
+from ..fileio import write_json
+from ..towers.runtime import EXPORT_TOLERANCE, first_line, onnx_bytes
 
 FORMAT = "littune-onnx"
 FORMAT_VERSION = 1
@@ -136,9 +136,9 @@ def export_text(model, path: Path) -> float:
 def export_image(model, path: Path) -> float:
     """``image.onnx``: the image tower, head and normalisation; checked at batch sizes 2 and 3.
 
-    An ``onnx:`` tower's own graph is joined to the rest (:mod:`littune.onnx_join`)."""
+    An ``onnx:`` tower's own graph is joined to the rest (:mod:`littune.export.onnx_join`)."""
     from .onnx_join import joined_image_graph
-    from .towers.onnx import ONNXTower
+    from ..towers.onnx import ONNXTower
 
     size = model.preprocess.size
     gen = torch.Generator().manual_seed(0)
@@ -171,8 +171,8 @@ def _fingerprints(model) -> dict:
     text embeddings' (text tower, text head, tokenizer)."""
     import hashlib
 
-    from .hashing import hash_state_dict
-    from .search.index import embedding_fingerprint
+    from ..hashing import hash_state_dict
+    from ..search.index import embedding_fingerprint
 
     h = hashlib.sha256()
     for part in (model.text_tower, model.text_head):
@@ -184,7 +184,7 @@ def _fingerprints(model) -> dict:
 
 def onnx_record(model, text_err: float, image: dict) -> dict:
     """What ``littune_onnx.json`` holds (see the module docstring)."""
-    from . import __version__
+    from .. import __version__
 
     p = model.preprocess
     tok = model.text_tower.tokenizer
@@ -210,7 +210,7 @@ def onnx_record(model, text_err: float, image: dict) -> dict:
 
 def _jpeg(p) -> dict:
     """How the model's images were decoded from JPEG: ``exact``, or ``fast`` with its draft size and gap."""
-    from .data.preprocess import REDUCING_GAP
+    from ..data.preprocess import REDUCING_GAP
 
     if p.decode != "fast":
         return {"mode": "exact"}

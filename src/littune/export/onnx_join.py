@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .towers.runtime import onnx_bytes
+from ..towers.runtime import onnx_bytes
 
 PREFIX = "littune_head/"
 

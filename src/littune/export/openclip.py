@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import LittuneError
+from ..errors import LittuneError
 
 __all__ = ["OpenCLIPModel", "Tokenizer", "Transform", "create_model", "create_model_and_transforms",
            "create_model_from_pretrained", "get_tokenizer"]
@@ -53,7 +53,7 @@ class Transform:
     def __call__(self, image) -> torch.Tensor:
         from PIL import Image
 
-        from .data.decode import to_rgb
+        from ..data.decode import to_rgb
 
         if not isinstance(image, Image.Image):
             raise TypeError(f"preprocess takes a PIL image, not {type(image).__name__}")
@@ -202,7 +202,7 @@ def create_model(model_name: str | Path, pretrained: str | None = None, precisio
     """open_clip's ``create_model``: the model of the littune directory ``model_name``, in eval mode on
     ``device`` (``None``: CPU). Only ``precision="fp32"``; open_clip's other keywords are ignored.
     ``trust_code``: as :meth:`littune.LiTModel.from_pretrained`'s (refused by default)."""
-    from .model.two_towers import LiTModel
+    from ..model.two_towers import LiTModel
 
     path = _model_dir(model_name, pretrained)
     if precision != "fp32":
@@ -233,7 +233,7 @@ def get_tokenizer(model_name: str | Path, context_length: int | None = None, **_
     ``context_length``)."""
     path = _model_dir(model_name, None)
     spec = json.loads((path / "config.json").read_text())["config"]["text_tower"]
-    from ._hf import quiet_transformers
+    from .._hf import quiet_transformers
 
     quiet_transformers()
     if spec.get("type", "transformer") == "transformer":
@@ -241,7 +241,7 @@ def get_tokenizer(model_name: str | Path, context_length: int | None = None, **_
 
         hf = PreTrainedTokenizerFast.from_pretrained(path / "text")
     else:  # with the tower's prefix, as the tower tokenizes (littune.towers.text.with_prefix)
-        from .towers.text import load_hf_tokenizer
+        from ..towers.text import load_hf_tokenizer
 
         hf = load_hf_tokenizer(path / "text", spec.get("prefix"))
     if hf.pad_token_id is None:

@@ -4,7 +4,7 @@ As big_vision's ``lit_demo`` does with precomputed image embeddings, :func:`expo
 a static folder that any plain file server (``python -m http.server -d DIR``) can serve:
 
 * ``text.onnx``, ``tokenizer.json``, ``littune_onnx.json`` -- the text side of ``--format onnx``
-  (:mod:`littune.export`), checked against torch and littune's tokenizer as it is written;
+  (:mod:`littune.export.onnx`), checked against torch and littune's tokenizer as it is written;
 * ``embeddings.f16`` -- the index's ``(N, D)`` L2-normalised image embeddings exactly as the index
   stores them: float16, little-endian, row after row;
 * ``littune_web.json`` -- count, dimension, dtype, each row's key (not where the file lives), its
@@ -14,7 +14,7 @@ a static folder that any plain file server (``python -m http.server -d DIR``) ca
   vendored packages' versions;
 * ``thumbs/NNNNNN.jpg`` -- each indexed image decoded again from its source
   (:meth:`~littune.search.SearchIndex.open_image`) and re-encoded, its longer side at most ``thumb`` px;
-* ``index.html``, ``app.js``, ``style.css`` -- the page (``littune/web_demo``): it tokenizes the
+* ``index.html``, ``app.js``, ``style.css`` -- the page (``littune/export/web_demo``): it tokenizes the
   query with tokenizers.js (Hugging Face's JS port, which reads ``tokenizer.json`` as it is), runs
   ``text.onnx`` with onnxruntime-web's single-threaded wasm backend, ranks the rows by cosine
   (ties to the lower row, as ``littune search``) and shows the top k;
@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LittuneError
-from .export import TEXT_NAME, TOKENIZER_NAME, check_out, export_text, export_tokenizer, onnx_record, write_export
-from .fileio import write_json
+from ..errors import LittuneError
+from .onnx import TEXT_NAME, TOKENIZER_NAME, check_out, export_text, export_tokenizer, onnx_record, write_export
+from ..fileio import write_json
 
 WEB_FORMAT, WEB_VERSION = "littune-web", 1
 WEB_META = "littune_web.json"
@@ -56,7 +56,7 @@ PAGE_FILES = ("index.html", "app.js", "style.css")
 def vendor_packages(packages: str | Path | None = None, cache: str | Path | None = None, log=print) -> dict[str, Path]:
     """``{name: folder}`` of the page's npm packages: from ``packages`` (an ``npm install`` folder),
     else fetched once into ``<cache>/npm/`` (``$LITTUNE_CACHE`` or ``~/.cache/littune``)."""
-    from .builders.fetch import cache_dir, fetch_npm
+    from ..builders.fetch import cache_dir, fetch_npm
 
     found = fetch_npm([ORT_WEB, TOKENIZERS_JS], cache_dir(cache), packages=packages, log=log)
     for name, files in VENDOR_FILES.items():
@@ -69,7 +69,7 @@ def vendor_packages(packages: str | Path | None = None, cache: str | Path | None
 
 def _copy_vendor(found: dict[str, Path], folder: Path) -> dict[str, str]:
     """The page's library files into ``folder/vendor``; returns ``{package: version}``."""
-    from .builders.fetch import package_version
+    from ..builders.fetch import package_version
 
     vendor = folder / "vendor"
     vendor.mkdir()
@@ -85,7 +85,7 @@ def _copy_vendor(found: dict[str, Path], folder: Path) -> dict[str, str]:
 
 
 def _copy_page(folder: Path) -> None:
-    page = resources.files("littune") / "web_demo"
+    page = resources.files("littune.export") / "web_demo"
     for name in PAGE_FILES:
         (folder / name).write_bytes((page / name).read_bytes())
 
@@ -94,7 +94,7 @@ def write_thumbnails(index, folder: Path, size: int = 128, log=print) -> list[st
     """``thumbs/NNNNNN.jpg`` for each row (longer side <= ``size``); ``None`` where it no longer opens."""
     from PIL import Image
 
-    from .data.decode import BadImage
+    from ..data.decode import BadImage
 
     (folder / THUMBS).mkdir()
     names: list[str | None] = []
@@ -119,7 +119,7 @@ def write_thumbnails(index, folder: Path, size: int = 128, log=print) -> list[st
 
 def web_record(model, index, thumbnails: list[str | None], versions: dict[str, str]) -> dict:
     """What ``littune_web.json`` holds (see the module docstring)."""
-    from . import __version__
+    from .. import __version__
 
     return {
         "format": WEB_FORMAT, "format_version": WEB_VERSION, "littune": __version__,
