@@ -73,7 +73,7 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from littune.serve import create_app
+    from littune.serve.app import create_app
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

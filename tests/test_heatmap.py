@@ -177,7 +177,7 @@ def client(saved):
     from fastapi.testclient import TestClient
 
     from littune import LiTModel
-    from littune.serve import create_app
+    from littune.serve.app import create_app
 
     app = create_app(LiTModel.from_pretrained(saved), model_name="tiny", max_upload_bytes=200_000,
                      max_pixels=1_000_000, max_prompts=50)

@@ -1,4 +1,4 @@
-"""The web app's JSON API (littune.serve) on a tiny model and a tiny index, through FastAPI's TestClient.
+"""The web app's JSON API (littune.serve.app) on a tiny model and a tiny index, through FastAPI's TestClient.
 
 Good requests give what the model and the index give; every bad kind (oversize, not an image, bad
 labels, k out of range, unknown template set, path traversal in any parameter) gets a 4xx with a
@@ -23,7 +23,7 @@ pytest.importorskip("multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import CAPTIONS, TINY_TEXT  # noqa: E402
-from littune.serve import create_app  # noqa: E402
+from littune.serve.app import create_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = Path(__file__).parent / "data"
@@ -358,7 +358,7 @@ def test_missing_extra_gives_a_clear_error(monkeypatch, capsys):
 
     from littune.cli import main
     from littune.errors import LittuneError
-    from littune.serve import require_fastapi
+    from littune.serve.app import require_fastapi
 
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if the serve extra were not installed
     with pytest.raises(LittuneError, match=r"pip install 'littune\[serve\]'"):

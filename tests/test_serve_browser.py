@@ -41,7 +41,7 @@ def server(tmp_path_factory):
     """(base URL, model, index): the app on a real uvicorn server in a thread, stopped afterwards."""
     import uvicorn
 
-    from littune.serve import create_app
+    from littune.serve.app import create_app
 
     model, index = build_served(tmp_path_factory.mktemp("browser"))
     port = _free_port()

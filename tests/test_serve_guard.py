@@ -1,6 +1,6 @@
 """``littune serve`` answers only its own host names and its own page (DNS rebinding, cross-site POSTs).
 
-Through FastAPI's TestClient on the app :func:`littune.serve.create_app` makes, and through the
+Through FastAPI's TestClient on the app :func:`littune.serve.app.create_app` makes, and through the
 command line (``littune serve`` with uvicorn.run replaced by a catcher of the app it would serve).
 """
 
@@ -18,7 +18,7 @@ pytest.importorskip("multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from littune.cli import main  # noqa: E402
-from littune.serve import create_app  # noqa: E402
+from littune.serve.app import create_app  # noqa: E402
 from test_serve_api import build_served, jpeg_bytes  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

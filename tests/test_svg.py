@@ -447,7 +447,7 @@ def test_serve_classifies_an_uploaded_svg_and_refuses_an_external_entity(tmp_pat
     pytest.importorskip("multipart")
     from fastapi.testclient import TestClient
 
-    from littune.serve import create_app
+    from littune.serve.app import create_app
 
     model = tiny_model()
     bad = hostile(tmp_path)

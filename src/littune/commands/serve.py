@@ -28,7 +28,7 @@ WILDCARDS = ("0.0.0.0", "::", "")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..serve import (DEFAULT_MAX_K, DEFAULT_MAX_LABELS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS,
+    from ..serve.app import (DEFAULT_MAX_K, DEFAULT_MAX_LABELS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_PROMPTS,
                          DEFAULT_MAX_UPLOAD_BYTES, MB)
 
     p.add_argument("--model", "-m", metavar="DIR", help="a model directory (default with --index: the index's model)")
@@ -57,7 +57,7 @@ def allowed_hosts(host: str, allow: list[str]) -> list[str]:
     address unless it is every interface, and ``allow``. Every interface without ``allow`` is an error
     that says what would be answered."""
     from ..errors import LittuneError
-    from ..webguard import LOOPBACK_HOSTS, normalize_host
+    from ..serve.webguard import LOOPBACK_HOSTS, normalize_host
 
     try:
         extra = [normalize_host(h) for h in allow]
@@ -132,7 +132,7 @@ def run(args) -> int:
 
 def _uvicorn():
     from ..errors import LittuneError
-    from ..serve import require_fastapi
+    from ..serve.app import require_fastapi
 
     require_fastapi()
     try:
@@ -146,7 +146,7 @@ def _app(args, allowed: list[str]):
     """The model (and index) loaded, in the app."""
     from pathlib import Path
 
-    from ..serve import MB, create_app
+    from ..serve.app import MB, create_app
 
     index = None
     if args.index:

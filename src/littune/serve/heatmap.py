@@ -2,7 +2,7 @@
 
 The request is ``/api/classify``'s multipart form (``image``, ``labels``, ``templates``) under the same
 limits and guards (bytes, pixels, labels, prompts, built-in template sets only: :meth:`Service.labelled_upload
-<littune.serve.Service.labelled_upload>`), and the answer gives, for each label in the order given, its
+<littune.serve.app.Service.labelled_upload>`), and the answer gives, for each label in the order given, its
 probability (a softmax over the labels of the pooled embedding, as classify) and its map: the cosine of
 each location's embedding with the label's (:mod:`littune.inference.heatmap`), a list of ``h`` rows of ``w``
 floats at the map's own resolution (7 x 7 for EfficientNet-Lite0; rounded to 4 decimals)::
@@ -22,10 +22,10 @@ import time  # no ``from __future__ import annotations``: FastAPI reads the endp
 
 
 def add_heatmap(app, svc) -> None:
-    """Add ``POST /api/heatmap`` to ``app`` for the :class:`~littune.serve.Service` ``svc``."""
+    """Add ``POST /api/heatmap`` to ``app`` for the :class:`~littune.serve.app.Service` ``svc``."""
     from fastapi import File, Form, UploadFile
 
-    from .inference.heatmap import heatmap
+    from ..inference.heatmap import heatmap
 
     sets = svc.template_sets
 

@@ -3,11 +3,11 @@
 :func:`create_app` turns a loaded model (and optionally an opened :class:`~littune.search.SearchIndex`)
 into a FastAPI application::
 
-    GET  /                  the page (static files shipped in ``littune/static/``, no build step)
+    GET  /                  the page (static files shipped in ``littune/serve/static/``, no build step)
     GET  /api/health        model name and setting, whether an index is loaded and its size, the limits
     POST /api/classify      multipart: ``image`` (file), ``labels`` ("cat, dog, horse"), ``templates``
     POST /api/heatmap       the same form: where each label matches, a small map per label
-                            (:mod:`littune.serve_heatmap`)
+                            (:mod:`littune.serve.heatmap`)
     GET  /api/search        ``q=TEXT`` or ``image_id=N`` (a row of the index), ``k`` (1..max_k)
     GET  /api/image/{id}    a JPEG preview of the index's image at integer row ``id``
     GET  /openapi.json      the OpenAPI schema (FastAPI's /docs and /redoc pages load their scripts
@@ -22,7 +22,7 @@ Labels are bounded in count and length, prompts (labels x templates)
 per request so that one request holds the model for about a second at most (422 before any prompt
 is embedded), ``k`` in range, and the template set must be one of the built-in names (never a
 path). Only the host names it was started for are answered, and other sites' pages are refused
-(:mod:`littune.webguard`). Search answers only with rows of the
+(:mod:`littune.serve.webguard`). Search answers only with rows of the
 index, and images are served by integer row id only, re-encoded from pixels, so no parameter names a
 file: a preview is decoded from the index's source through its own records
 (:meth:`~littune.search.SearchIndex.open_image`), so a file, a member of a plain or compressed tar
@@ -50,8 +50,8 @@ from typing import Any, Sequence
 import torch
 
 from .bodylimit import MB, BodyLimit, human_size
-from .data.decode import SIZE_INFO
-from .errors import LittuneError
+from ..data.decode import SIZE_INFO
+from ..errors import LittuneError
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * MB
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -79,7 +79,7 @@ def require_fastapi():
 
 def static_dir() -> Path:
     """The folder of the page's files, shipped inside the package."""
-    return Path(str(resources.files("littune").joinpath("static")))
+    return Path(str(resources.files("littune.serve").joinpath("static")))
 
 
 def parse_label_text(text: str, max_labels: int = DEFAULT_MAX_LABELS,
@@ -94,7 +94,7 @@ def parse_label_text(text: str, max_labels: int = DEFAULT_MAX_LABELS,
     long = next((x for x in labels if len(x) > max_chars), None)
     if long is not None:
         raise ValueError(f"label {long[:40]!r}... is {len(long)} characters long, at most {max_chars}")
-    from .inference.mixin import repeated_label
+    from ..inference.mixin import repeated_label
 
     twice = repeated_label(labels)
     if twice is not None:
@@ -142,7 +142,7 @@ class Service:
     """What the endpoints share: the model (one request at a time), the index, the limits, the caches."""
 
     def __init__(self, model, index, model_name: str | None, limits: dict, backend: str):
-        from .eval.templates import builtin_sets, load_templates
+        from ..eval.templates import builtin_sets, load_templates
 
         self.model, self.index, self.limits = model, index, limits
         self.search_backend = index.backend(backend) if index is not None else None
@@ -162,7 +162,7 @@ class Service:
 
     def class_weights(self, labels: list[str], templates: str) -> torch.Tensor:
         """The zero-shot classifier of ``labels`` (cached; call inside :meth:`model_turn`)."""
-        from .eval.templates import load_templates
+        from ..eval.templates import load_templates
 
         key = (tuple(labels), templates)
         weights = self._weights.get(key)
@@ -194,7 +194,7 @@ class Service:
 
     def preview(self, image_id: int) -> bytes:
         """A JPEG of row ``image_id``, re-encoded from the pixels its source's record decodes to."""
-        from .data.decode import BadImage
+        from ..data.decode import BadImage
 
         data = self._previews.get(image_id)
         if data is None:
@@ -222,12 +222,12 @@ def create_app(model, index=None, *, model_name: str | None = None,
     of at most ``max_label_chars`` characters and at most ``max_prompts`` prompts (labels x templates) per
     request, ``k`` from 1 to ``max_k``. ``allowed_hosts``: the host
     names answered, any port (default the loopback names; ``*``: any), and cross-site requests that
-    use the server are refused (:mod:`littune.webguard`).
+    use the server are refused (:mod:`littune.serve.webguard`).
     """
     require_fastapi()
     from fastapi import FastAPI
 
-    from .serve_heatmap import add_heatmap
+    from .heatmap import add_heatmap
     from .webguard import LOOPBACK_HOSTS, HostGuard
 
     if index is not None:
@@ -292,7 +292,7 @@ def _add_health(app, svc: Service) -> None:
 
 def _upload_image(image, svc: Service):
     """The uploaded file decoded, within the byte and pixel limits (413, 415 or 400 otherwise)."""
-    from .data.decode import BadImage, load_image
+    from ..data.decode import BadImage, load_image
 
     max_bytes = svc.limits["max_upload_bytes"]
     data = image.file.read(max_bytes + 1)
@@ -381,6 +381,6 @@ def _plain(errors: list[dict]) -> list[dict]:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
