@@ -49,7 +49,7 @@ test: setup
 
 # QUICK=1 make quickstart: the 200-concept subset, a few minutes.
 quickstart: setup-run
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m littune.quickstart $(if $(filter-out 0,$(QUICK)),--quick,)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m littune.studies.quickstart $(if $(filter-out 0,$(QUICK)),--quick,)
 
 # The design-choice study (Lu, LU, Uu, UU, uu, LL); about 75 minutes on 2 CPU cores.
 study: setup

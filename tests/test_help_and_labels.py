@@ -134,7 +134,7 @@ def _header_cells(table: str) -> list[str]:
 
 def test_study_tables_name_the_direction_of_every_r_at_1_column():
     """Each table's R@1 column says text→image or image→text (an R@5 beside it reads with it)."""
-    from littune import quickstart, study, text_study, tower_study
+    from littune.studies import quickstart, settings_study as study, text_study, tower_study
 
     metrics = {s: {"acc1": 0.5} for s in ("heldout_designs", "heldout_concepts")}
     metrics.update({f"{s}_retrieval": {"image_retrieval_recall@1": 0.25} for s in ("heldout_designs", "heldout_concepts")})

@@ -15,9 +15,9 @@ pytest.importorskip("resvg")
 from conftest import TINY_TEXT  # noqa: E402
 from test_builders import DESIGNS, SIZE, _fake_npm, _fake_openclipart  # noqa: E402
 
-from littune import benchmark as bench  # noqa: E402
-from littune import quickstart as qs  # noqa: E402
-from littune import study  # noqa: E402
+from littune.studies import benchmark as bench  # noqa: E402
+from littune.studies import quickstart as qs  # noqa: E402
+from littune.studies import settings_study as study  # noqa: E402
 from littune.cache import EmbeddingCache  # noqa: E402
 from littune.config import load_config  # noqa: E402
 from littune.eval.sets import read_classnames  # noqa: E402
@@ -55,7 +55,7 @@ def quickstart(prepared):
     try:
         result = qs.run_quickstart(root / "out", steps=STEPS, batch=BATCH, image_tower=SPEC, text_tower=TINY_TEXT,
                                    embed_dim=16, progress=False, recipe="Lu-scratch", **opts)
-        from littune.quickstart_data import prepare_mix
+        from littune.studies.quickstart_data import prepare_mix
 
         paths = prepare_mix(root / "out", False, tower=SPEC, progress=False, **opts)  # reused: what it trained on
     finally:
@@ -294,7 +294,7 @@ def test_an_openclipart_build_that_fails_beside_the_emoji_raises_its_own_error(p
     """The Openclipart build runs in a second process beside the emoji build; its error reaches the
     main job as the one-line error it raised there, after the emoji build is done."""
     from littune.errors import LittuneError
-    from littune.quickstart_data import prepare_mix
+    from littune.studies.quickstart_data import prepare_mix
 
     root, _, opts = prepared
     missing = tmp_path / "no-such-folder"
@@ -332,7 +332,7 @@ def test_the_default_ll_recipe_trains_heads_from_two_caches_and_evaluates_every_
 
 
 def test_text_study_rows_report_english_and_the_other_languages_with_their_ratio(quickstart):
-    from littune import text_study
+    from littune.studies import text_study
 
     out, _, result, _ = quickstart
     row = text_study.study_row("Lu-scratch", result)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from littune import tower_study
+from littune.studies import tower_study
 from littune.errors import LittuneError
 
 

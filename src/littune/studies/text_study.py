@@ -1,6 +1,6 @@
 """Which text tower the main job trains, chosen at (about) equal training wall time.
 
-The question of issue 22, on the main job's own data, caches and evaluation (:mod:`littune.quickstart`):
+The question of issue 22, on the main job's own data, caches and evaluation (:mod:`littune.studies.quickstart`):
 a text transformer from scratch (``Lu``, the main job until then), all-MiniLM-L6-v2 unlocked (``LU``,
 English only), multilingual-e5-small unlocked (``LU``) and multilingual-e5-small locked (``LL``: each
 caption's features computed once into a text cache, only the two linear heads train). A pre-trained
@@ -8,11 +8,11 @@ tower costs about 7x the compute of the small one from scratch (e5-small), so ea
 its wall time allows rather than the same steps: the table reports the seconds each row trained
 (caption features included) and the held-out figures in English and in the 26 other languages.
 
-Every row runs :func:`littune.quickstart.run_quickstart` with its own recipe and run name in the main
+Every row runs :func:`littune.studies.quickstart.run_quickstart` with its own recipe and run name in the main
 job's folder (default ``out/quickstart``: its data and image caches are reused, and a finished row is
 read back, not trained again). Writes ``text-towers.md`` and ``text-towers.json`` there.
 
-    python -m littune.text_study [--out out/quickstart] [--rows LL-e5,LU-e5,...]
+    python -m littune.studies.text_study [--out out/quickstart] [--rows LL-e5,LU-e5,...]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def markdown(rows: list[dict]) -> str:
 
 def run_text_study(out: str | Path = "out/quickstart", rows=tuple(ROWS), progress: bool = True) -> dict:
     """Train (or read back) every row; write ``text-towers.md`` / ``.json`` in ``out``."""
-    from .errors import LittuneError
+    from ..errors import LittuneError
 
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -110,7 +110,7 @@ def run_text_study(out: str | Path = "out/quickstart", rows=tuple(ROWS), progres
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m littune.text_study", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m littune.studies.text_study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/quickstart", help="the main job's folder (default out/quickstart)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"rows to run (default all: {','.join(ROWS)})")
