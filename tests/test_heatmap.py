@@ -228,3 +228,36 @@ def test_api_heatmap_refuses_bad_images(client):
     assert r.status_code == 415 and "not an image" in r.json()["detail"]
     assert client.post("/api/heatmap", data={"labels": "cat"}).status_code == 422
     assert post(client, (DATA / "coffee.jpg").read_bytes(), "cat").status_code == 200  # still serving
+
+
+def test_api_heatmap_query_is_one_text_commas_and_all(client, saved):
+    """``query`` instead of ``labels``: one map for the whole text (a comma does not split it), the model's own."""
+    from littune import LiTModel
+
+    data = (DATA / "coffee.jpg").read_bytes()
+    text = "a cup of coffee, seen from above"
+    r = post(client, data, "", query=f"  {text} ", templates="none")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["label"] for x in body["labels"]] == [text] and body["labels"][0]["probability"] == pytest.approx(1)
+    hm = LiTModel.from_pretrained(saved).heatmap(Image.open(io.BytesIO(data)), [text])
+    assert np.allclose(np.array(body["labels"][0]["map"]), hm.maps[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("labels, query, words", [
+    ("cat", "a cat", "give labels or a query, not both"), ("", "x" * 201, "the query is 201 characters long")])
+def test_api_heatmap_refuses_a_query_with_labels_or_too_long(client, labels, query, words):
+    r = post(client, (DATA / "coffee.jpg").read_bytes(), labels, query=query)
+    assert r.status_code == 422 and r.json()["detail"] == words + ("" if labels else ", at most 200")
+
+
+def test_api_heatmap_of_a_tower_without_a_map_is_a_one_line_400():
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from littune.serve import create_app
+
+    model = lit({"type": "torch", "factory": "torch.nn:Flatten", "preprocess": {"size": 8, "resize": 8}})
+    with TestClient(create_app(model), base_url="http://localhost:8000") as c:
+        r = post(c, (DATA / "coffee.jpg").read_bytes(), "cat")
+    assert r.status_code == 400 and "not a map" in r.json()["detail"] and "\n" not in r.json()["detail"]

@@ -171,11 +171,13 @@ class Service:
             self._weights.put(key, weights)
         return weights
 
-    def labelled_upload(self, image, labels: str, templates: str) -> tuple[list[str], str, Any]:
+    def labelled_upload(self, image, labels: str | list[str], templates: str) -> tuple[list[str], str, Any]:
         """``(labels, template set, decoded image)`` of a classify or heat-map request, within the limits
-        (a 4xx otherwise, before any prompt is embedded or pixel decoded)."""
+        (a 4xx otherwise, before any prompt is embedded or pixel decoded). ``labels``: the form's text, or
+        a list already parsed (a heat map's one query)."""
         try:
-            names = parse_label_text(labels, self.limits["max_labels"], self.limits["max_label_chars"])
+            names = labels if isinstance(labels, list) else parse_label_text(labels, self.limits["max_labels"],
+                                                                             self.limits["max_label_chars"])
         except ValueError as e:
             fail(422, str(e))
         templates = templates.strip() or "short"

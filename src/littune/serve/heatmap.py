@@ -14,16 +14,32 @@ floats at the map's own resolution (7 x 7 for EfficientNet-Lite0; rounded to 4 d
 ``crop`` is the area the map covers in the image's pixels (the tower's centre crop), ``box`` the whole
 image in map cells; ``exact`` is false where the map only approximates the pooled embedding (a
 CLS-pooled ViT). The image tower runs once on the image in torch, inside the model's one-request-at-a-
-time turn. A tower with no spatial features (ONNX, timm) answers 400 with one line. The web page does
-not draw these maps yet.
+time turn. A tower with no spatial features (ONNX, timm) answers 400 with one line. Instead of
+``labels``, the form may give ``query``: one text taken whole, commas and all ("a red handle, on the
+left"), bounded as a label is; giving both is a 422. The web page draws these maps over the image
+(``static/heatmap.js``).
 """
 
 import time  # no ``from __future__ import annotations``: FastAPI reads the endpoint's annotations at run time
 
 
+def query_label(query: str, labels: str, max_chars: int) -> list[str] | None:
+    """``[query]`` (stripped) when the form gives a query, None when it gives none; ``ValueError`` (one line)
+    for a query given with labels or one longer than ``max_chars``."""
+    text = query.strip()
+    if not text:
+        return None
+    if labels.strip():
+        raise ValueError("give labels or a query, not both")
+    if len(text) > max_chars:
+        raise ValueError(f"the query is {len(text)} characters long, at most {max_chars}")
+    return [text]
+
+
 def add_heatmap(app, svc) -> None:
     """Add ``POST /api/heatmap`` to ``app`` for the :class:`~littune.serve.app.Service` ``svc``."""
     from fastapi import File, Form, UploadFile
+    from fastapi.exceptions import HTTPException
 
     from ..inference.heatmap import heatmap
 
@@ -32,9 +48,15 @@ def add_heatmap(app, svc) -> None:
     @app.post("/api/heatmap", summary="Where in one image each of your labels matches: a small map per label")
     def heatmap_endpoint(image: UploadFile = File(..., description="an image file (JPEG, PNG, WebP, GIF, BMP, TIFF)"),
                          labels: str = Form("", description='comma separated, e.g. "cat, dog, horse"'),
-                         templates: str = Form("short", description="a template set: " + ", ".join(sets))) -> dict:
+                         templates: str = Form("short", description="a template set: " + ", ".join(sets)),
+                         query: str = Form("", description="one text instead of labels, commas kept: "
+                                                           '"a red handle, on the left"')) -> dict:
         t0 = time.perf_counter()
-        names, templates, img = svc.labelled_upload(image, labels, templates)
+        try:
+            one = query_label(query, labels, svc.limits["max_label_chars"])
+        except ValueError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from None
+        names, templates, img = svc.labelled_upload(image, labels if one is None else one, templates)
         with svc.model_turn():
             hm = heatmap(svc.model, img, names, weights=svc.class_weights(names, templates))
         rows = hm.maps.round(4).tolist()
