@@ -260,4 +260,6 @@ def test_api_heatmap_of_a_tower_without_a_map_is_a_one_line_400():
     model = lit({"type": "torch", "factory": "torch.nn:Flatten", "preprocess": {"size": 8, "resize": 8}})
     with TestClient(create_app(model), base_url="http://localhost:8000") as c:
         r = post(c, (DATA / "coffee.jpg").read_bytes(), "cat")
-    assert r.status_code == 400 and "not a map" in r.json()["detail"] and "\n" not in r.json()["detail"]
+    detail = r.json()["detail"]
+    assert r.status_code == 400 and detail.startswith("this model draws no heat maps: torch:torch.nn:Flatten")
+    assert "not a map" in detail and "\n" not in detail

@@ -14,13 +14,19 @@ floats at the map's own resolution (7 x 7 for EfficientNet-Lite0; rounded to 4 d
 ``crop`` is the area the map covers in the image's pixels (the tower's centre crop), ``box`` the whole
 image in map cells; ``exact`` is false where the map only approximates the pooled embedding (a
 CLS-pooled ViT). The image tower runs once on the image in torch, inside the model's one-request-at-a-
-time turn. A tower with no spatial features (ONNX, timm) answers 400 with one line. Instead of
+time turn. A tower with no spatial features (ONNX, timm) answers 400 with one line starting
+"this model draws no heat maps: " and saying why. Instead of
 ``labels``, the form may give ``query``: one text taken whole, commas and all ("a red handle, on the
 left"), bounded as a label is; giving both is a 422. The web page draws these maps over the image
 (``static/heatmap.js``).
 """
 
 import time  # no ``from __future__ import annotations``: FastAPI reads the endpoint's annotations at run time
+
+from .errors import LittuneError
+
+#: the start of the one-line 400 when the model's tower gives no map (the web page shows it as it is)
+NO_MAPS = "this model draws no heat maps"
 
 
 def query_label(query: str, labels: str, max_chars: int) -> list[str] | None:
@@ -58,7 +64,11 @@ def add_heatmap(app, svc) -> None:
             raise HTTPException(status_code=422, detail=str(e)) from None
         names, templates, img = svc.labelled_upload(image, labels if one is None else one, templates)
         with svc.model_turn():
-            hm = heatmap(svc.model, img, names, weights=svc.class_weights(names, templates))
+            weights = svc.class_weights(names, templates)
+            try:
+                hm = heatmap(svc.model, img, names, weights=weights)
+            except LittuneError as e:  # the image is decoded and the texts embedded: it is the model's tower
+                raise HTTPException(status_code=400, detail=f"{NO_MAPS}: {e}") from None
         rows = hm.maps.round(4).tolist()
         return {"labels": [{"label": n, "probability": float(p), "map": m}
                            for n, p, m in zip(names, hm.probabilities, rows)],
