@@ -3,8 +3,10 @@
 Debian's chromium and chromium-driver drive the page through Selenium (no browser download; the
 network is closed, so background networking is off). Test 1 uploads a photo, types labels and finds
 the model's top label ranked first on the page; test 2 searches the index by text, finds the
-index's own first hit first, then clicks it to search by that image. A screenshot of each view is
-saved under pytest's tmp_path, or under $LITTUNE_TEST_OUT when that is set.
+index's own first hit first, then clicks it to search by that image. The heat-map tests click a label
+(and press Enter on another) or type a text, and read the overlay canvas's pixels back: drawn where the
+map lies in the image, each cell the colour of its value, and different for two labels. A screenshot of
+each view is saved under pytest's tmp_path, or under $LITTUNE_TEST_OUT when that is set.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -36,17 +39,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(base URL, model, index): the app on a real uvicorn server in a thread, stopped afterwards."""
+def _serve(app):
+    """Yield the base URL of ``app`` on a real uvicorn server in a thread, stopped afterwards."""
     import uvicorn
 
-    from littune.serve.app import create_app
-
-    model, index = build_served(tmp_path_factory.mktemp("browser"))
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(model, index, model_name="tiny"), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
@@ -54,9 +52,19 @@ def server(tmp_path_factory):
         if not thread.is_alive() or time.monotonic() > deadline:
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", model, index
+    yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, model, index): the app of a tiny model (a CNN tower: it draws heat maps) and its index."""
+    from littune.serve.app import create_app
+
+    model, index = build_served(tmp_path_factory.mktemp("browser"))
+    for url in _serve(create_app(model, index, model_name="tiny")):
+        yield url, model, index
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +166,141 @@ def test_search_grid_shows_whole_thumbnails_and_whole_names(browser, server, out
         assert not c["cut"], f"the name {c['text']!r} is cut"
         assert c["title"] == c["text"] and c["text"].endswith((".png", ".jpg")), c
     screenshot(browser, out_dir / "search-grid.png")
+
+
+# -- heat maps over the classified image -----------------------------------------------------------
+#: the overlay canvas at points given as fractions of the image (arguments[0]), and how it lies over the image
+OVERLAY = """
+const c = document.getElementById('heat-overlay'), img = document.getElementById('heat-image');
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let drawn = 0;
+for (let i = 3; i < d.length; i += 4) if (d[i] > 0) drawn++;
+const at = ([fx, fy]) => {
+  const x = Math.min(c.width - 1, Math.floor(fx * c.width)), y = Math.min(c.height - 1, Math.floor(fy * c.height));
+  return Array.from(d.slice(4 * (y * c.width + x), 4 * (y * c.width + x) + 4));
+};
+const r = (e) => { const b = e.getBoundingClientRect(); return [b.left, b.top, b.width, b.height]; };
+return {drawn, total: c.width * c.height, points: arguments[0].map(at), canvas: r(c), image: r(img),
+        label: c.getAttribute('aria-label'), alt: img.alt, complete: img.complete && img.naturalWidth > 0};
+"""
+
+
+def cell_points(hm) -> list[list[float]]:
+    """The centre of each map cell (row by row), as fractions of the image's width and height."""
+    (h, w), (left, top, right, bottom), (iw, ih) = hm.shape, hm.crop, hm.image_size
+    return [[(left + (c + 0.5) * (right - left) / w) / iw, (top + (r + 0.5) * (bottom - top) / h) / ih]
+            for r in range(h) for c in range(w)]
+
+
+def expected_alpha(values, lo: float, hi: float) -> np.ndarray:
+    """heatmap.js's transparency of a cell of value ``values`` on the scale ``lo..hi``."""
+    return np.round(255 * (0.2 + 0.65 * np.clip((np.asarray(values) - lo) / (hi - lo), 0, 1)))
+
+
+def overlay(driver, hm) -> dict:
+    """The overlay's pixels at each cell centre of ``hm`` and at four points outside the map, with its layout."""
+    (left, top, right, bottom), (iw, ih) = hm.crop, hm.image_size
+    outside = [[left / iw / 2, 0.5], [(1 + right / iw) / 2, 0.5], [0.5, top / ih / 2], [0.5, (1 + bottom / ih) / 2]]
+    got = driver.execute_script(OVERLAY, cell_points(hm) + outside)
+    got["cells"], got["outside"] = np.array(got["points"][:-4]), [p for p, inside in zip(
+        got["points"][-4:], [left > 0, right < iw, top > 0, bottom < ih]) if inside]
+    return got
+
+
+def shown(driver, title: str):
+    wait(driver, lambda d: d.find_element("id", "heat").get_attribute("data-shown") == title
+         and d.find_element("id", "where").get_attribute("aria-busy") is None)
+
+
+def classified(driver, url, photo: Path, labels) -> None:
+    open_page(driver, url)
+    driver.find_element("id", "file").send_keys(str(photo.resolve()))
+    driver.find_element("id", "labels").send_keys(", ".join(labels))
+    driver.find_element("id", "classify-btn").click()
+    wait(driver, lambda d: d.find_elements("css selector", "#results button.label"))
+    assert driver.find_element("id", "where").is_displayed()
+    assert not driver.find_element("id", "heat").is_displayed()  # no map until one is asked for
+
+
+def label_button(driver, label: str):
+    return next(b for b in driver.find_elements("css selector", "#results button.label")
+                if b.get_attribute("data-label") == label)
+
+
+def assert_drawn_over_the_map(got, values, lo: float, hi: float) -> None:
+    """Drawn over the image's box exactly, nothing outside the map's crop, each cell's centre as opaque as
+    its value on the scale says (so the map is neither shifted, flipped nor transposed)."""
+    assert got["complete"] and got["canvas"] == pytest.approx(got["image"], abs=1)
+    assert 0 < got["drawn"] < got["total"]
+    assert got["outside"] and all(p[3] == 0 for p in got["outside"]), got["outside"]
+    assert np.abs(got["cells"][:, 3] - expected_alpha(values, lo, hi)).max() <= 6, (got["cells"][:, 3], values)
+
+
+def test_heatmap_overlay_of_a_clicked_label_and_of_another_by_keyboard(browser, server, out_dir):
+    from selenium.webdriver.common.keys import Keys
+
+    url, model, _ = server
+    photo = DATA / "chelsea.jpg"  # 451 x 300: the map covers the centre square, the sides stay clear
+    classified(browser, url, photo, LABELS)
+    hm = model.heatmap(str(photo), LABELS, templates="short")
+    lo, hi = float(hm.maps.min()), float(hm.maps.max())  # one scale over the labels: their maps compare
+    alphas = expected_alpha(hm.maps.reshape(len(LABELS), -1), lo, hi)
+    apart = np.abs(alphas[:, None] - alphas[None]).max(-1)
+    a, b = (int(i) for i in np.unravel_index(apart.argmax(), apart.shape))  # the two maps the model tells apart most
+    assert apart[a, b] > 40, apart
+    label_button(browser, LABELS[a]).click()
+    shown(browser, f"“{LABELS[a]}”")
+    first = overlay(browser, hm)
+    assert_drawn_over_the_map(first, hm.maps[a].ravel(), lo, hi)
+    assert first["label"].startswith(f"Heat map of where “{LABELS[a]}” matches in the image: strongest at the ")
+    assert first["alt"] == "the classified image, chelsea.jpg"
+    assert browser.find_element("id", "heat-min").text == f"{lo:.3f}"
+    assert browser.find_element("id", "heat-max").text == f"{hi:.3f}"
+    assert browser.find_element("id", "heat-note").text.startswith("Exact: 4×4 cells")
+    browser.execute_script("document.getElementById('where').scrollIntoView()")
+    screenshot(browser, out_dir / "heatmap-label.png")
+
+    label_button(browser, LABELS[b]).send_keys(Keys.ENTER)  # a label is a button: the keyboard reaches it
+    shown(browser, f"“{LABELS[b]}”")
+    second = overlay(browser, hm)
+    assert_drawn_over_the_map(second, hm.maps[b].ravel(), lo, hi)
+    assert np.abs(first["cells"][:, 3] - second["cells"][:, 3]).max() > 20  # another label, another picture
+    assert label_button(browser, LABELS[b]).get_attribute("aria-pressed") == "true"
+    assert label_button(browser, LABELS[a]).get_attribute("aria-pressed") == "false"
+
+
+def test_heatmap_overlay_of_a_typed_text(browser, server, out_dir):
+    from selenium.webdriver.common.keys import Keys
+
+    url, model, _ = server
+    photo = DATA / "coffee.jpg"
+    classified(browser, url, photo, LABELS)
+    text = "a cup of coffee, seen from above"  # one text: the comma does not split it
+    browser.find_element("id", "where-query").send_keys(text, Keys.ENTER)
+    shown(browser, f"“{text}”")
+    hm = model.heatmap(str(photo), [text], templates="short")
+    got = overlay(browser, hm)
+    assert_drawn_over_the_map(got, hm.maps[0].ravel(), float(hm.maps.min()), float(hm.maps.max()))
+    assert browser.find_element("id", "heat-caption").text == f"Where “{text}” matches"
+    browser.execute_script("document.getElementById('where').scrollIntoView()")
+    screenshot(browser, out_dir / "heatmap-query.png")
+
+
+@pytest.fixture(scope="module")
+def mapless_server():
+    """The app of a model whose image tower gives no spatial map (a flattening torch tower)."""
+    from test_heatmap import lit
+
+    from littune.serve.app import create_app
+
+    model = lit({"type": "torch", "factory": "torch.nn:Flatten", "preprocess": {"size": 8, "resize": 8}})
+    yield from _serve(create_app(model, model_name="flat"))
+
+
+def test_heatmap_of_a_tower_without_a_map_says_so(browser, mapless_server):
+    classified(browser, mapless_server, DATA / "coffee.jpg", LABELS)
+    label_button(browser, LABELS[0]).click()
+    error = wait(browser, lambda d: d.find_element("id", "where-error").is_displayed() and d.find_element("id", "where-error"))
+    assert error.text.startswith("this model draws no heat maps: torch:torch.nn:Flatten") and "not a map" in error.text
+    assert not browser.find_element("id", "heat").is_displayed()
+    assert label_button(browser, LABELS[0]).get_attribute("aria-pressed") == "false"

@@ -64,9 +64,11 @@ async function init() {
 // -- classify -----------------------------------------------------------------------------------
 function choose(file) {
   chosenFile = file || null;
+  Heat.clear();
   const preview = $("preview");
   if (!chosenFile) { preview.hidden = true; $("drop-text").hidden = false; return; }
   preview.src = URL.createObjectURL(chosenFile);
+  preview.alt = `the chosen image, ${chosenFile.name}`;
   preview.hidden = false;
   $("drop-text").hidden = true;
 }
@@ -77,8 +79,12 @@ function renderBars(labels) {
     const row = el("li", "bar-row");
     row.dataset.label = item.label;
     row.dataset.rank = String(rank + 1);
-    const label = el("span", "label", item.label);
-    label.title = item.label;
+    const label = el("button", "label", item.label);  // a button: keyboard and screen readers reach it
+    label.type = "button";
+    label.dataset.label = item.label;
+    label.title = `show where “${item.label}” matches in the image`;
+    label.setAttribute("aria-pressed", "false");
+    label.addEventListener("click", () => Heat.showLabel(item.label));
     const track = el("span", "track");
     const fill = el("span", "fill");
     fill.style.display = "block";
@@ -93,15 +99,18 @@ async function classify(event) {
   event.preventDefault();
   showError("classify-error", "");
   if (!chosenFile) { showError("classify-error", "choose or drop an image first"); return; }
+  const asked = { file: chosenFile, url: $("preview").src, labels: $("labels").value, templates: $("templates").value };
   const form = new FormData();
-  form.append("image", chosenFile, chosenFile.name);
-  form.append("labels", $("labels").value);
-  form.append("templates", $("templates").value);
+  form.append("image", asked.file, asked.file.name);
+  form.append("labels", asked.labels);
+  form.append("templates", asked.templates);
+  Heat.clear();
   const button = $("classify-btn");
   button.disabled = true;
   try {
     const result = await api("/api/classify", { method: "POST", body: form });
     renderBars(result.labels);
+    Heat.reset(asked.file, asked.url, asked.labels, result.templates);
     $("classify-time").textContent = `${result.image.width}×${result.image.height} px, ` +
       `templates “${result.templates}”, ${result.elapsed_ms} ms`;
   } catch (e) {
