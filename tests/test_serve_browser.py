@@ -269,11 +269,13 @@ def test_heatmap_overlay_of_a_clicked_label_and_of_another_by_keyboard(browser, 
     assert label_button(browser, LABELS[a]).get_attribute("aria-pressed") == "false"
 
 
-def test_heatmap_overlay_of_a_typed_text(browser, server, out_dir):
+def test_heatmap_overlay_of_a_typed_text_on_a_tall_image(browser, server, out_dir, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
     url, model, _ = server
-    photo = DATA / "coffee.jpg"
+    photo = tmp_path / "tall coffee.png"  # 400 x 600: the map covers the middle square, top and bottom stay clear
+    with Image.open(DATA / "coffee.jpg") as img:
+        img.transpose(Image.Transpose.ROTATE_90).save(photo)
     classified(browser, url, photo, LABELS)
     text = "a cup of coffee, seen from above"  # one text: the comma does not split it
     browser.find_element("id", "where-query").send_keys(text, Keys.ENTER)
