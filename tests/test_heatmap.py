@@ -255,7 +255,7 @@ def test_api_heatmap_of_a_tower_without_a_map_is_a_one_line_400():
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from littune.serve import create_app
+    from littune.serve.app import create_app
 
     model = lit({"type": "torch", "factory": "torch.nn:Flatten", "preprocess": {"size": 8, "resize": 8}})
     with TestClient(create_app(model), base_url="http://localhost:8000") as c:

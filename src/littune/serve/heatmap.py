@@ -23,7 +23,7 @@ left"), bounded as a label is; giving both is a 422. The web page draws these ma
 
 import time  # no ``from __future__ import annotations``: FastAPI reads the endpoint's annotations at run time
 
-from .errors import LittuneError
+from ..errors import LittuneError
 
 #: the start of the one-line 400 when the model's tower gives no map (the web page shows it as it is)
 NO_MAPS = "this model draws no heat maps"
