@@ -63,9 +63,12 @@ def _reinit(module: nn.Module) -> None:
 
 
 def _pool(out: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Reduce a tower output to (B, D): feature maps are averaged, token sequences pooled."""
+    """Reduce a tower output to (B, D): feature maps are averaged, token sequences pooled (``cls``: the first
+    token; ``mean``: the mean of the others; ``cls+mean``: both side by side, (B, 2D), as dino.txt reads a ViT)."""
     if out.ndim == 4:  # (B, C, H, W)
         return out.mean(dim=(2, 3))
+    if out.ndim == 3 and pooling == "cls+mean":
+        return torch.cat([out[:, 0], out[:, 1:].mean(dim=1)], dim=-1)
     if out.ndim == 3:  # (B, tokens, D)
         return out[:, 0] if pooling == "cls" else out[:, 1:].mean(dim=1)
     return out.flatten(1)

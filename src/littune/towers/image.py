@@ -11,7 +11,7 @@ tower's pool. Adapters:
 * ``efficientnet-lite0/1/2`` -- ImageNet weights shipped in pip packages (the offline default),
 * ``hf:<dir or hub id>`` -- any Hugging Face ``transformers`` vision model (ViT, DINOv2, ConvNeXt...)
   in a local directory, or a hub id ``from_pretrained`` downloads or finds in its cache; CLS,
-  mean-of-patches or pooler output,
+  mean-of-patches, both concatenated (``#cls+mean``, twice as wide) or pooler output,
 * ``onnx:<file>[#output=NAME&pool=cls|mean|none]`` -- an ONNX graph through onnxruntime (locked use
   only), read at a graph output or an inner node's output,
 * ``timm:<name>[#pool]`` -- a ``timm`` model (the extra ``littune[timm]``), pre-processing from timm's
@@ -179,8 +179,8 @@ class HFVisionTower(ImageTower):
 
         quiet_transformers()
 
-        if pooling not in ("cls", "mean", "pooler"):
-            raise ValueError(f"pooling must be cls, mean or pooler, not {pooling!r}")
+        if pooling not in ("cls", "mean", "cls+mean", "pooler"):
+            raise ValueError(f"pooling must be cls, mean, cls+mean or pooler, not {pooling!r}")
         folder = Path(path)
         local = folder.is_dir() or not _HUB_ID.fullmatch(str(path))
         if local and not (folder / "config.json").exists():
@@ -303,7 +303,7 @@ def parse_image_tower(text: str | dict) -> dict:
     raise ValueError(
         f"unknown image tower {text!r}; use one of {', '.join(sorted(EFFICIENTNET_LITE))} (@SIZE for another "
         "input size), "
-        "hf:<local dir or hub id>[#cls|#mean|#pooler], onnx:<file.onnx>[#output=NAME&pool=cls|mean|none], "
+        "hf:<local dir or hub id>[#cls|#mean|#cls+mean|#pooler], onnx:<file.onnx>[#output=NAME&pool=cls|mean|none], "
         "timm:<name>[#pool], torch:<package.module:factory>"
     )
 

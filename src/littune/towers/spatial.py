@@ -12,7 +12,8 @@ of the head applied at each location -- a zero-shot map for free (:mod:`littune.
   (``#cls`` and ``#mean`` alike): exact; ``#pooler`` normalises or transforms the mean: an approximation.
   Patch tokens of a ViT / DINOv2 (``(B, tokens, D)``; the grid from the config's ``patch_size`` and the
   pixels' size, the last ``h x w`` tokens, after any CLS and register tokens): exact for ``#mean`` when
-  CLS is the only other token (the tower averages every token after the first); for a CLS-pooled tower
+  CLS is the only other token (the tower averages every token after the first), and for ``#cls+mean``,
+  whose map is ``[CLS ; patch token]`` at each location (twice as wide); for a CLS-pooled tower
   (``#cls``, ``#pooler``) the patch tokens only **approximate** what the head was trained on: they live in
   the same space (after the final layer norm) but were never pooled.
 * ``torch:`` factory towers whose network returns a map ``(B, C, H, W)`` (exact; the tiny test tower), or
@@ -100,12 +101,15 @@ def _hf_spatial(tower: HFVisionTower, pixels: torch.Tensor) -> SpatialFeatures:
     prefix = hidden.shape[1] - h * w
     if prefix < 0:
         raise LittuneError(f"{tower.name}: {hidden.shape[1]} tokens are fewer than its {h} x {w} patches")
-    exact = tower.pooling == "mean" and prefix == 1
+    tokens = hidden[:, prefix:]
+    if tower.pooling == "cls+mean":  # each location [CLS ; its patch token]: their mean is the pooled [CLS ; mean]
+        tokens = torch.cat([hidden[:, :1].expand(-1, h * w, -1), tokens], dim=-1)
+    exact = tower.pooling in ("mean", "cls+mean") and prefix == 1
     how = (f"{tower.name}: {h} x {w} patch tokens, " +
-           ("mean-pooled by the tower (exact)" if exact else
+           (f"{tower.pooling}-pooled by the tower (exact)" if exact else
             f"{'the mean of every token after the first (registers too)' if tower.pooling == 'mean' else 'CLS'}"
             "-pooled by the tower: the patch tokens approximate it"))
-    return SpatialFeatures(hidden[:, prefix:].reshape(hidden.shape[0], h, w, hidden.shape[2]), pooled, exact, how)
+    return SpatialFeatures(tokens.reshape(hidden.shape[0], h, w, tokens.shape[2]), pooled, exact, how)
 
 
 def _hf_pooled(tower: HFVisionTower, out) -> torch.Tensor:
@@ -125,7 +129,11 @@ def _torch_spatial(tower: TorchModuleTower, pixels: torch.Tensor) -> SpatialFeat
     if out.ndim != 3 or side * side != out.shape[1] - 1:
         raise LittuneError(f"{tower.name}: its network returns {list(out.shape)}, not a map (B, C, H, W) or a CLS "
                            "token and a square grid of tokens (B, 1 + s*s, D): no spatial features for heat maps")
-    exact = tower.pooling == "mean"
-    return SpatialFeatures(out[:, 1:].reshape(out.shape[0], side, side, out.shape[2]), pooled, exact,
-                           f"{tower.name}: {side} x {side} tokens, " + ("mean-pooled by the tower (exact)" if exact
-                                                                       else "CLS-pooled: the tokens approximate it"))
+    tokens = out[:, 1:]
+    if tower.pooling == "cls+mean":  # [CLS ; token] at each location, as for an hf: tower
+        tokens = torch.cat([out[:, :1].expand(-1, side * side, -1), tokens], dim=-1)
+    exact = tower.pooling in ("mean", "cls+mean")
+    return SpatialFeatures(tokens.reshape(out.shape[0], side, side, tokens.shape[2]), pooled, exact,
+                           f"{tower.name}: {side} x {side} tokens, " + (f"{tower.pooling}-pooled by the tower (exact)"
+                                                                       if exact else
+                                                                       "CLS-pooled: the tokens approximate it"))
