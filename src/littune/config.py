@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from .config_checks import (LOWER_BOUNDS, at_least, check_keys, check_sizing, check_val_sets, positive,
-                            text_tower_keys)
+from .config_checks import (LOWER_BOUNDS, at_least, check_head_blocks, check_keys, check_sizing, check_val_sets,
+                            positive, text_tower_keys)
 from .errors import ConfigError
 from .train.sampling import check_share
 from .model.settings import VALID_SETTINGS, check_lr_mults, parse_setting
@@ -29,7 +29,7 @@ from .model.settings import VALID_SETTINGS, check_lr_mults, parse_setting
 #: Every enumerated option and its allowed values, checked in one place (:func:`check_choice`).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.setting": VALID_SETTINGS,
-    "model.image_head": ("linear", "identity", "mlp"),  # identity needs the tower's dim == embed_dim
+    "model.image_head": ("linear", "identity", "mlp", "attention"),  # identity: the tower's dim == embed_dim
     "model.text_head": ("linear", "identity", "mlp"),
     "model.loss": ("softmax", "sigmoid"),
     "model.image_tower.type": ("efficientnet-lite", "hf", "onnx", "timm", "torch"),
@@ -65,7 +65,8 @@ class LiTConfig:
     text_tower: dict = field(default_factory=lambda: {
         "type": "hf", "path": "e5-small", "pooling": "mean", "context_length": 64})
     embed_dim: int = 512
-    image_head: str = "linear"  # linear | identity | mlp
+    image_head: str = "linear"  # linear | identity | mlp | attention (over the tower's tokens: littune.model.heads)
+    image_head_blocks: int = 0  # attention head: transformer blocks over the tokens before pooling (0 or 1)
     text_head: str = "linear"
     temperature_init: float = 10.0
     loss: str = "softmax"  # softmax | sigmoid
@@ -88,6 +89,7 @@ class LiTConfig:
         if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
             raise ConfigError(f"model.loss_chunk: must be >= 0 (0: the full logit matrix), got {self.loss_chunk!r}")
         at_least("model.embed_dim", self.embed_dim, 1)
+        check_head_blocks(self.image_head, self.image_head_blocks)
         positive("model.temperature_init", self.temperature_init, " (the initial temperature; its log is learned)")
         self._check_towers()
         return self

@@ -73,6 +73,15 @@ def check_val_sets(val) -> None:
                 raise ConfigError(f"{key}.cache: required (the set's embedding cache, from `littune embed`)")
 
 
+def check_head_blocks(head: str, blocks) -> None:
+    """``model.image_head_blocks``: 0 or 1 transformer blocks, and only under the attention head."""
+    if blocks not in (0, 1) or isinstance(blocks, bool):
+        raise ConfigError(f"model.image_head_blocks: 0 or 1 (transformer blocks before the attention pooling), "
+                          f"got {blocks!r}")
+    if blocks and head != "attention":
+        raise ConfigError(f"model.image_head_blocks: {blocks} blocks need model.image_head=attention, not {head!r}")
+
+
 def check_sizing(cfg) -> None:
     """The keys that size a run (``steps``, ``epochs``, ``data.batch_size``, ``schedule.warmup_*``): each
     None (sized from the data by littune.train.run_plan) or in range; a batch that grad_accum divides."""

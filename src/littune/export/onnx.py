@@ -67,14 +67,20 @@ class _TextGraph(nn.Module):
 
 
 class _ImageGraph(nn.Module):
-    """Pixels -> L2-normalised image embeddings (what ``LiTModel.encode_image`` computes)."""
+    """Pixels -> L2-normalised image embeddings (what ``LiTModel.encode_image`` computes); the attention
+    head reads the tower's map, flattened to tokens (:func:`littune.model.heads.tower_tokens`)."""
 
     def __init__(self, model):
+        from ..model.heads import reads_tokens
+
         super().__init__()
-        self.tower, self.head = model.image_tower, model.image_head
+        self.tower, self.head, self.tokens = model.image_tower, model.image_head, reads_tokens(model)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.tower(pixels)), dim=-1)
+        from ..model.heads import tower_tokens
+
+        features = tower_tokens(self.tower, pixels) if self.tokens else self.tower(pixels)
+        return F.normalize(self.head(features), dim=-1)
 
 
 # -- one graph: export, then check against torch -------------------------------------------------
@@ -145,6 +151,9 @@ def export_image(model, path: Path) -> float:
     feeds = [{"pixels": torch.randn(n, 3, size, size, generator=gen)} for n in (2, 3)]
     module, what = _ImageGraph(model).eval(), f"image tower {model.image_tower.name}"
     if isinstance(model.image_tower, ONNXTower):
+        if module.tokens:
+            raise LittuneError(f"{what}: an onnx: tower's graph gives pooled features, and the attention image "
+                               "head reads the tower's map")
         return _checked(module, path, feeds, what, lambda: path.write_bytes(joined_image_graph(model)))
     axes = {"pixels": {0: "batch"}, "image_embeddings": {0: "batch"}}
     return _export_checked(module, path, feeds, "image_embeddings", axes, what)

@@ -38,6 +38,7 @@ import torch
 
 from ..errors import LittuneError, StaleCacheError
 from ..towers.runtime import module_device as model_device  # where the model's weights are
+from ..model.heads import cache_rows, reads_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -130,7 +131,7 @@ def image_embeddings(model, images: Sequence[ImageLike], cache: str | Path | Non
     _check_batch_size(batch_size)
     if cache is not None:
         return _embed_by_key(model, list(images), cache, batch_size, progress, skip_bad)
-    if reuse and model.setting.image.locked and runtime != "model":
+    if reuse and model.setting.image.locked and runtime != "model" and not reads_tokens(model):
         return _embed_reusing(model, list(images), batch_size, workers, progress, skip_bad, runtime)
     return _embed_decoded(model, list(images), batch_size, workers, progress, skip_bad, runtime)
 
@@ -193,7 +194,7 @@ def _image_encoder(model, runtime: str):
     """``pixels -> image embeddings``: a locked tower through its :mod:`littune.towers.runtime` runner (kept
     with the tower, so a server opens it once), then the head; a trained tower through the model."""
     device = model_device(model)
-    if not model.setting.image.locked or runtime == "model":
+    if not model.setting.image.locked or runtime == "model" or reads_tokens(model):  # a runner gives pooled features
         return lambda px: model.encode_image(px.to(device))
     runners = _RUNNERS.setdefault(model.image_tower, {})
     runner = runners.get(runtime)
@@ -281,14 +282,15 @@ def cached_image_embedding_batches(model, cache, rows: Sequence[int] | None = No
     (default: every row) of the opened embedding cache ``cache``, one batch at a time.
 
     The caller has checked that the cache belongs to the model (:func:`open_feature_cache`);
-    the features go through the model's image head only.
+    the features go through the model's image head only (the attention head: the tokens, 256 rows at a time).
     """
     _check_batch_size(batch_size)
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
-    device = model_device(model)
+    device, tokens = model_device(model), reads_tokens(model)
+    step = min(batch_size, 256) if tokens else batch_size
     with evaluating(model):
-        for s in range(0, len(rows), batch_size):
-            feats = np.ascontiguousarray(cache.features(rows[s:s + batch_size]), dtype=np.float32)
+        for s in range(0, len(rows), step):
+            feats = np.ascontiguousarray(cache_rows(cache, rows[s:s + step], tokens), dtype=np.float32)
             yield s, model.embed_image_features(torch.from_numpy(feats).to(device)).float().cpu()
 
 

@@ -21,7 +21,7 @@ for a batch of pixels against one set of text embeddings (the pointing game,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .embeddings import ImageLike, describe, evaluating, load_rgb, model_device
 from ..errors import LittuneError
 from ..towers.spatial import SpatialFeatures, spatial_features
+from ..model.heads import AttentionPoolHead
 
 
 @dataclass
@@ -83,18 +84,26 @@ def image_box(crop: Sequence[float], size: tuple[int, int], grid: tuple[int, int
 
 
 def _check_head(model) -> None:
-    if not isinstance(model.image_head, (nn.Linear, nn.Identity)):
-        raise LittuneError(f"heat maps need a linear image head (or none), not {type(model.image_head).__name__}")
+    if not isinstance(model.image_head, (nn.Linear, nn.Identity, AttentionPoolHead)):
+        raise LittuneError(f"heat maps need a linear or attention image head (or none), not "
+                           f"{type(model.image_head).__name__}")
 
 
 def spatial_embeddings(model, pixels: torch.Tensor) -> tuple[torch.Tensor, SpatialFeatures]:
     """``(B, h, w, D)``: the image head applied to each location's feature (not normalised; its mean over
     the locations is the image embedding before normalisation when ``exact``), and the tower's
-    :class:`SpatialFeatures` of the same pass. Runs the image tower in torch, without gradients."""
+    :class:`SpatialFeatures` of the same pass. Runs the image tower in torch, without gradients. The
+    attention head: each location's share (:meth:`~littune.model.heads.AttentionPoolHead.location_embeddings`),
+    whose mean is always the image embedding before normalisation (``exact``)."""
     _check_head(model)
     with evaluating(model):
         sf = spatial_features(model.image_tower, pixels.to(model_device(model)))
         head = model.image_head
+        if isinstance(head, AttentionPoolHead):  # each location's share of the pooled embedding: exact
+            b, h, w, f = sf.features.shape
+            emb = head.location_embeddings(sf.features.reshape(b, h * w, f).to(head.weight.dtype))
+            return emb.reshape(b, h, w, -1), replace(sf, exact=True, how=f"{sf.how}; attention head: each "
+                                                     "location's share of the image embedding (exact)")
         dtype = head.weight.dtype if isinstance(head, nn.Linear) else sf.features.dtype
         return head(sf.features.to(dtype)), sf
 
@@ -106,7 +115,8 @@ def heatmaps(model, pixels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.
     with evaluating(model):
         w = weights.to(emb.device, emb.dtype)
         maps = torch.einsum("bhwd,td->bthw", F.normalize(emb, dim=-1), w)
-        pooled = model.embed_image_features(sf.pooled) @ w.T
+        tokens = isinstance(model.image_head, AttentionPoolHead)  # the head reads the map, not the pooled features
+        pooled = model.embed_image_features(sf.features.flatten(1, 2) if tokens else sf.pooled) @ w.T
     return maps.float().cpu(), pooled.float().cpu(), sf
 
 

@@ -43,6 +43,7 @@ from ..towers.image import ImageTower, build_image_tower, parse_image_tower
 from ..towers.text import TextTower, build_text_tower
 from ..towers.trust import refuse_code
 from .settings import check_lr_mults, default_lr_mults, parse_setting
+from .heads import AttentionPoolHead, attention_head, reads_tokens, tower_tokens
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -61,6 +62,13 @@ def _head(kind: str, dim_in: int, dim_out: int, which: str) -> nn.Module:
     return nn.Linear(dim_in, dim_out)
 
 
+def _image_head(config: LiTConfig, tower: ImageTower) -> nn.Module:
+    """``_head`` on the tower's pooled features, or the attention head on its tokens (littune.model.heads)."""
+    if config.image_head == "attention":
+        return attention_head(config, tower)
+    return _head(config.image_head, tower.dim, config.embed_dim, "image")
+
+
 class LiTModel(InferenceMixin, nn.Module):
     """Two towers, two projection heads, a temperature. See the module docstring."""
 
@@ -72,7 +80,7 @@ class LiTModel(InferenceMixin, nn.Module):
             raise ValueError(f"image tower {image_tower.name} cannot be trained: use a setting starting with 'L'")
         self.image_tower = image_tower
         self.text_tower = text_tower
-        self.image_head = _head(config.image_head, image_tower.dim, config.embed_dim, "image")
+        self.image_head = _image_head(config, image_tower)
         self.text_head = _head(config.text_head, text_tower.dim, config.embed_dim, "text")
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.temperature_init)))
         self.logit_bias = nn.Parameter(torch.tensor(float(config.bias_init))) if config.loss == "sigmoid" else None
@@ -126,15 +134,18 @@ class LiTModel(InferenceMixin, nn.Module):
 
     # -- the forward pass ------------------------------------------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Raw tower output (what the embedding cache stores for a locked tower)."""
+        """Raw tower output (what the embedding cache stores for a locked tower); the attention head reads
+        the tower's tokens ``(B, T, F)`` instead (its map, from one pass: littune.model.heads.tower_tokens)."""
+        tower = (lambda px: tower_tokens(self.image_tower, px)) if reads_tokens(self) else self.image_tower
         if self.setting.image.locked or "image" in self.held:
             with torch.no_grad():
-                return self.image_tower(pixels)
-        return self.image_tower(pixels)
+                return tower(pixels)
+        return tower(pixels)
 
     def embed_image_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Project cached/precomputed tower features and L2-normalise."""
-        head_dtype = next(self.image_head.parameters()).dtype if isinstance(self.image_head, nn.Linear) else features.dtype
+        """Project cached/precomputed tower features (the attention head: tokens ``(B, T, F)``) and L2-normalise."""
+        linear = isinstance(self.image_head, (nn.Linear, AttentionPoolHead))
+        head_dtype = self.image_head.weight.dtype if linear else features.dtype
         return F.normalize(self.image_head(features.to(head_dtype)), dim=-1)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -270,6 +281,7 @@ class LiTModel(InferenceMixin, nn.Module):
             "config": cfg,
             "image_tower_by_reference": by_reference,
             "image_fingerprint": self.image_fingerprint,
+            "image_token_dim": self.image_head.proj.in_features if reads_tokens(self) else None,
             "image_preprocess": self.image_tower.preprocess.to_dict(),
         }
         tmp = directory / (WEIGHTS_NAME + ".tmp")
@@ -304,7 +316,8 @@ class LiTModel(InferenceMixin, nn.Module):
         nn.Module.__init__(model)
         model.config, model.setting = config, parse_setting(config.setting)
         model.image_tower, model.text_tower = image, text
-        model.image_head = _head(config.image_head, image.dim, config.embed_dim, "image")
+        image.token_dim = meta.get("image_token_dim")  # the attention head's input width (None: ask the tower)
+        model.image_head = _image_head(config, image)
         model.text_head = _head(config.text_head, text.dim, config.embed_dim, "text")
         model.logit_scale = nn.Parameter(torch.tensor(0.0))
         model.logit_bias = nn.Parameter(torch.tensor(0.0)) if config.loss == "sigmoid" else None

@@ -69,11 +69,21 @@ class CacheBatches:
     None): rows to mix in beside the cache's (:class:`~littune.cache.mix.MixedRows`, each listed
     ``extra.repeat`` times per epoch), e.g. the tower's own classes (``data.anchors``); None: the
     batches are exactly those without it. ``language_share``: the caption sampling rule of
-    :mod:`littune.train.sampling` (``{}``: uniform).
+    :mod:`littune.train.sampling` (``{}``: uniform). ``tokens`` (the attention image head): each batch's
+    ``image_features`` are the cache's tokens ``(n, T, F)`` (:meth:`EmbeddingCache.tokens`, the eval view),
+    not its pooled features; a cache without tokens, or ``extra`` rows (pooled only), is refused.
     """
 
     def __init__(self, cache, global_batch: int | None, rank: int, world: int, seed: int, exclude=None, extra=None,
-                 language_share: dict | None = None, budget: dict | None = None):
+                 language_share: dict | None = None, budget: dict | None = None, tokens: bool = False):
+        self.tokens = tokens
+        if tokens:
+            from ..model.heads import check_token_cache
+
+            check_token_cache(cache)
+            if extra is not None:
+                raise LittuneError("data.anchors: the tower's classes are pooled features, not tokens: "
+                                   "model.image_head=attention cannot mix them in")
         if budget:  # data.caption_budget: each image keeps only its budgeted captions (littune.cache.budget)
             from ..cache.budget import CaptionBudget
 
@@ -110,9 +120,15 @@ class CacheBatches:
         instead of one positional read each (the same values). A large cache, or one with augmented
         views, is read step by step, so memory stays flat whatever its size."""
         n, dim = len(self.cache), int(self.cache.dim)
-        if getattr(self.cache, "views", 0) or n * dim * 4 > RESIDENT_BYTES:
+        if self.tokens:
+            grid = self.cache.token_grid
+            dim = int(self.cache.token_dim) * int(np.prod(grid))
+        if (getattr(self.cache, "views", 0) and not self.tokens) or n * dim * 4 > RESIDENT_BYTES:
             return None
-        return self.cache.features(np.arange(n, dtype=np.int64))
+        return self._rows(np.arange(n, dtype=np.int64))
+
+    def _rows(self, rows: np.ndarray, view=None) -> np.ndarray:
+        return self.cache.tokens(rows) if self.tokens else self.cache.features(rows, view=view)
 
     def texts(self):
         """Every caption a batch can draw (what a locked text tower's cache must hold), repeats included."""
@@ -129,9 +145,9 @@ class CacheBatches:
         rows = rows if self.rows is None else self.rows[rows]
         captions = self.cache.sample_captions(rows, rand, self.language_share)
         view = None
-        if getattr(self.cache, "views", 0):
+        if getattr(self.cache, "views", 0) and not self.tokens:  # tokens: the eval view's only
             view = (rand >> 20) % self.cache.views
-        feats = self._resident[rows] if self._resident is not None else self.cache.features(rows, view=view)
+        feats = self._resident[rows] if self._resident is not None else self._rows(rows, view)
         return {"image_features": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
                 "captions": captions}
 

@@ -126,7 +126,9 @@ class Trainer:
             m = self.cache.manifest
             spec = m.get("tower_spec", mcfg.image_tower)  # the spec _export builds: no code the config does not name
             refuse_cache_code(spec, parse_image_tower(mcfg.image_tower), Path(self.cfg.data.cache) / "manifest.json")
-            return CachedFeaturesTower(spec, self.cache.tower_fingerprint, self.cache.dim, m.get("preprocess", {}))
+            tower = CachedFeaturesTower(spec, self.cache.tower_fingerprint, self.cache.dim, m.get("preprocess", {}))
+            tower.token_dim = getattr(self.cache, "token_dim", None)  # the attention head's input: a token cache's
+            return tower
         return build_image_tower(mcfg.image_tower, pretrained=self.setting.image.pretrained)
 
     def _text_tower(self, mcfg: LiTConfig):
@@ -174,7 +176,8 @@ class Trainer:
             cfg = self.cfg
             self._cache_data = CacheBatches(self.cache, cfg.data.batch_size, self.rank, self.world, cfg.seed,
                                             cfg.data.exclude, language_share=cfg.data.language_share,
-                                            extra=self._anchors(), budget=cfg.data.caption_budget)
+                                            extra=self._anchors(), budget=cfg.data.caption_budget,
+                                            tokens=cfg.model.image_head == "attention")
             if cfg.data.exclude:
                 log_line(f"excluded {self._cache_data.excluded:,} training images listed in {cfg.data.exclude}")
         return self._cache_data

@@ -1,0 +1,318 @@
+"""The attention-pooling image head (model.image_head=attention, littune.model.heads) and ``hf:...#cls+mean``.
+
+The head reads the locked tower's tokens (its map, flattened), starts exactly as the linear head, saves and
+loads as data, exports to ONNX with the tower, draws exact heat maps and trains -- on the fly from pixels, and
+from a token cache without running the tower. Token caches are another engineer's work: the cache path is
+tested through the contract they implement (``has_tokens``, ``token_grid``, ``token_dim``, ``tokens(rows)``),
+with a wrapper of a real cache whose tokens come from the real tower (:class:`TokenCache`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import CAPTIONS, TINY_TEXT
+from littune.config import load_config
+from littune.errors import ConfigError, LittuneError, StaleCacheError
+from littune.inference.heatmap import spatial_embeddings
+from littune.towers.tiny import SPEC
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DATA = Path(__file__).parent / "data"
+
+
+def lit(tower=SPEC, head="attention", blocks=0, seed=0, setting="Lu"):
+    from littune import LiTConfig, LiTModel
+
+    torch.manual_seed(seed)
+    cfg = LiTConfig(setting=setting, image_tower=tower, text_tower=dict(TINY_TEXT), embed_dim=16, image_head=head,
+                    image_head_blocks=blocks)
+    return LiTModel.from_config(cfg, captions=CAPTIONS).eval()
+
+
+def _perturb(model) -> None:
+    """Move every head parameter off its initial value, as training does (the zero scales included)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.image_head.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def test_the_attention_head_reads_the_towers_tokens_and_gives_unit_embeddings():
+    model = lit(blocks=1)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.image_features(x)
+        emb = model.embed_image_features(tokens)
+    assert tokens.shape == (3, 16, 32)  # the tiny CNN's 4 x 4 map of 32 channels
+    assert emb.shape == (3, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(3))
+    assert torch.equal(emb, model.encode_image(x).detach())
+    assert model.image_head.heads == 1 and len(model.image_head.blocks) == 1
+    with pytest.raises(LittuneError, match=r"reads tokens \(batch, tokens, 32\), not \[3, 32\]"):
+        model.embed_image_features(model.image_tower(x))
+
+
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_the_attention_head_starts_exactly_as_the_linear_head(blocks):
+    """Zero residual scales and a projection drawn first: at initialisation the attention head is the linear
+    head on the mean of the tokens -- for a mean-pooled tower, the linear head, bit for bit."""
+    linear, attention = lit(head="linear"), lit(blocks=blocks)
+    assert torch.equal(attention.image_head.proj.weight, linear.image_head.weight)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(attention.encode_image(x), linear.encode_image(x))
+        _perturb(attention)
+        assert not torch.allclose(attention.encode_image(x), linear.encode_image(x), atol=1e-3)
+
+
+def test_an_attention_heads_heat_map_is_each_locations_share_of_the_image_embedding():
+    model = lit(blocks=1)
+    _perturb(model)
+    x = torch.randn(2, 3, 32, 32)
+    emb, sf = spatial_embeddings(model, x)
+    with torch.no_grad():
+        whole = model.image_head(model.image_features(x))
+        weights = model.image_head.attention(model.image_features(x))
+    assert emb.shape == (2, 4, 4, 16) and sf.exact and "attention head" in sf.how
+    assert torch.allclose(emb.mean(dim=(1, 2)), whole, atol=1e-5)
+    assert weights.shape == (2, 16) and torch.allclose(weights.sum(-1), torch.ones(2))
+    hm = model.heatmap(DATA / "chelsea.jpg", ["cat", "cup of coffee"])
+    assert hm.maps.shape == (2, 4, 4) and hm.exact
+    assert np.allclose(hm.pooled, (model.encode_images(DATA / "chelsea.jpg") @
+                                   model.encode_texts(["cat", "cup of coffee"]).T)[0].numpy(), atol=1e-5)
+
+
+def test_save_and_load_give_identical_embeddings_and_the_folder_is_data(tmp_path):
+    from littune import load
+
+    model = lit(blocks=1)
+    _perturb(model)
+    model.save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["config"]["image_head"] == "attention" and meta["config"]["image_head_blocks"] == 1
+    assert meta["image_token_dim"] == 32
+    assert not [p for p in (tmp_path / "m").rglob("*") if p.suffix in (".py", ".pkl", ".pt", ".bin")]
+    again = load(tmp_path / "m")
+    images = [DATA / "chelsea.jpg", DATA / "coffee.jpg"]
+    assert torch.equal(again.encode_images(images), model.encode_images(images))
+    assert torch.allclose(again.encode_images(images, batch_size=1), model.encode_images(images), atol=1e-6)
+
+
+def test_a_bad_token_width_in_config_json_is_one_line(tmp_path):
+    from littune import load
+
+    lit().save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**meta, "image_token_dim": "32; import os"}))
+    with pytest.raises(LittuneError, match=r"^the attention image head's token width must be a positive integer, "
+                                           r"not '32; import os' \(image_token_dim"):
+        load(tmp_path / "m")
+
+
+def test_classify_with_an_attention_head_and_its_heat_map(tmp_path, capsys):
+    from littune.cli import main
+
+    model = lit()
+    _perturb(model)
+    model.save_pretrained(tmp_path / "m")
+    labels = ["cat", "cup of coffee"]
+    assert main(["classify", "--model", str(tmp_path / "m"), str(DATA / "chelsea.jpg"), "--labels", ",".join(labels),
+                 "--heatmap", str(tmp_path / "hm.png"), "--json", "--templates", "none"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = model.classify(DATA / "chelsea.jpg", labels, templates="none")[0]
+    got = {r["label"]: r["probability"] for r in out[0]["labels"]}
+    assert got == pytest.approx({c: float(p) for c, p in zip(labels, want)}, abs=1e-5)
+    assert (tmp_path / "hm.png").stat().st_size > 0
+
+
+def test_littune_export_writes_an_image_graph_with_the_towers_map_and_the_head(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    from littune.cli import main
+
+    model = lit(blocks=1)
+    _perturb(model)
+    model.save_pretrained(tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    record = json.loads((tmp_path / "onnx" / "littune_onnx.json").read_text())
+    assert record["image_skipped"] is None and record["image"]["max_abs_diff"] <= 1e-4
+    x = torch.randn(5, 3, 32, 32)
+    got = ort.InferenceSession(str(tmp_path / "onnx" / "image.onnx")).run(None, {"pixels": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model.encode_image(x).numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.image_head_blocks=2", "model.image_head_blocks: 0 or 1 (transformer blocks before the attention "
+                                  "pooling), got 2"),
+    ("model.image_head_blocks=1", "model.image_head_blocks: 1 blocks need model.image_head=attention, not 'linear'"),
+    ("model.image_head=attn", "model.image_head: 'attn' is not one of linear, identity, mlp, attention"),
+])
+def test_bad_attention_head_settings_are_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert str(e.value) == message
+
+
+# -- cls+mean ---------------------------------------------------------------------------------------
+def _tiny_vit(folder: Path) -> Path:
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=48)
+    ViTModel(cfg, add_pooling_layer=False).eval().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        '{"size": {"height": 32, "width": 32}, "image_mean": [0.5,0.5,0.5], "image_std": [0.5,0.5,0.5]}')
+    return folder
+
+
+def test_cls_plus_mean_pooling_concatenates_cls_and_the_patch_mean_and_keys_its_own_caches(tmp_path):
+    from littune.cache import write_cache
+    from littune.towers.image import build_image_tower
+
+    vit = _tiny_vit(tmp_path / "vit")
+    towers = {p: build_image_tower(f"hf:{vit}#{p}").eval() for p in ("cls", "mean", "cls+mean")}
+    both = towers["cls+mean"]
+    assert both.dim == 48 and towers["cls"].dim == 24
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hidden = both.net(pixel_values=x).last_hidden_state
+        assert torch.equal(both(x), torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], dim=-1))
+        assert torch.equal(both(x), torch.cat([towers["cls"](x), towers["mean"](x)], dim=-1))
+    prints = {p: t.fingerprint() for p, t in towers.items()}
+    assert len(set(prints.values())) == 3 and prints["cls+mean"].startswith("hf:vit#cls+mean|")
+    cache = write_cache(tmp_path / "cache", np.zeros((2, 24), np.float32), ["a", "b"], towers["cls"])
+    cache.check(tower_fingerprint=prints["cls"])
+    with pytest.raises(StaleCacheError):
+        cache.check(tower_fingerprint=prints["cls+mean"])
+
+
+def test_a_cls_plus_mean_towers_map_is_exact_and_the_attention_head_starts_as_its_linear_head(tmp_path):
+    vit = _tiny_vit(tmp_path / "vit")
+    tower = f"hf:{vit}#cls+mean"
+    linear, attention = lit(tower, head="linear"), lit(tower)
+    x = torch.randn(2, 3, 32, 32)
+    emb, sf = spatial_embeddings(linear, x)  # [CLS ; patch] at each of the 4 x 4 locations
+    with torch.no_grad():
+        assert sf.features.shape == (2, 4, 4, 48) and sf.exact
+        assert torch.allclose(emb.mean(dim=(1, 2)), linear.image_head(linear.image_features(x)), atol=1e-5)
+        assert torch.allclose(attention.encode_image(x), linear.encode_image(x), atol=1e-6)
+
+
+# -- training ----------------------------------------------------------------------------------------
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_on_the_fly_with_an_attention_head_lowers_the_loss(tmp_path):
+    from test_trainer import TINY, make_source
+
+    from littune import load
+    from littune.train.trainer import Trainer
+
+    src = make_source(tmp_path / "data")
+    cfg = load_config(overrides=TINY + [f"run_dir={tmp_path / 'run'}", f"data.source={src}", "data.on_the_fly=true",
+                                        "data.augment=false", "data.workers=0", "steps=100", "model.image_head=attention",
+                                        "model.image_head_blocks=1"])
+    out = Trainer(cfg).run()
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 100 and np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
+    model = load(out, trust_code=True)
+    assert float(model.image_head.gamma.detach().abs().max()) > 0  # the attention path was trained in
+
+
+def test_a_cache_without_tokens_is_refused_in_one_line(tmp_path):
+    from test_trainer import TINY, make_source
+
+    from littune.train.trainer import Trainer
+
+    src = make_source(tmp_path / "data", per_class=1)
+    cfg = load_config(overrides=TINY + [f"run_dir={tmp_path / 'run'}", f"data.source={src}",
+                                        f"data.cache={tmp_path / 'cache'}", "steps=2", "model.image_head=attention"])
+    with pytest.raises(LittuneError) as e:
+        Trainer(cfg).run()
+    assert str(e.value).startswith("model.image_head=attention trains from a token cache: littune embed ... --tokens")
+    assert "\n" not in str(e.value)
+
+
+class TokenCache:
+    """A real :class:`EmbeddingCache` with the token contract (``has_tokens``, ``token_grid``, ``token_dim``,
+    ``tokens(rows)``) answered from an array of the real tower's tokens; everything else is the cache's."""
+
+    def __init__(self, cache, tokens: np.ndarray, grid: tuple[int, int]):
+        self._cache, self._tokens = cache, tokens
+        self.has_tokens, self.token_grid, self.token_dim = True, grid, int(tokens.shape[-1])
+        self.reads = 0
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def tokens(self, rows) -> np.ndarray:
+        self.reads += 1
+        return self._tokens[np.asarray(rows, dtype=np.int64)].astype(np.float32)
+
+
+def _token_cache(tmp_path, spec: str):
+    """The cache of ``spec`` over the coloured-shapes source, and its tokens from the same tower."""
+    from test_trainer import make_source
+
+    from littune.cache import embed_source
+    from littune.data.decode import load_image
+    from littune.data.sources import open_source
+    from littune.model.heads import tower_tokens
+    from littune.towers.image import build_image_tower
+
+    src = make_source(tmp_path / "data")
+    tower = build_image_tower(yaml.safe_load(spec.split("=", 1)[1])).eval()
+    cache = embed_source(open_source(str(src)), tower, tmp_path / "cache", batch_size=8, progress=False)
+    with torch.no_grad():
+        pixels = torch.stack([tower.preprocess.eval(load_image(cache.path(i))) for i in range(len(cache))])
+        tokens = tower_tokens(tower, pixels).numpy().astype(np.float16)
+    return src, tokens
+
+
+def test_training_from_a_token_cache_never_runs_the_tower_and_lowers_the_loss(tmp_path, monkeypatch):
+    import counting_tower
+    from test_trainer import COUNTED, TINY
+
+    from littune import load
+    from littune.cache import EmbeddingCache
+    from littune.data.decode import load_image
+    from littune.train.trainer import Trainer
+
+    src, tokens = _token_cache(tmp_path, COUNTED)
+    opened = []
+    real_open = EmbeddingCache.open.__func__
+
+    def open_with_tokens(cls, directory, *a, **k):
+        opened.append(TokenCache(real_open(cls, directory, *a, **k), tokens, (4, 4)))
+        return opened[-1]
+
+    monkeypatch.setattr(EmbeddingCache, "open", classmethod(open_with_tokens))
+    cfg = load_config(overrides=TINY + [COUNTED, f"run_dir={tmp_path / 'run'}", f"data.source={src}",
+                                        f"data.cache={tmp_path / 'cache'}", "steps=80", "model.image_head=attention",
+                                        "val.retrieval=[{name: train, cache: '" + str(tmp_path / "cache") + "'}]"])
+    counting_tower.BUILT.clear()
+    out = Trainer(cfg).run()
+    assert len(counting_tower.BUILT) == 2 and not any(counting_tower.BUILT)  # built to fingerprint and export, never run
+    assert opened[0].reads >= 1 and opened[-1].reads >= 1  # training and validation read the tokens
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 80 and np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train"]["text_retrieval_recall@10"] > 0.5  # validated from the tokens (chance: 10/64)
+    model = load(out, trust_code=True)
+    assert model.config.image_head == "attention" and not any(counting_tower.BUILT)
+    # the trained head embeds pixels as it embedded the cached (float16) tokens
+    with torch.no_grad():
+        px = torch.stack([model.preprocess.eval(load_image(opened[0].path(i))) for i in range(4)])
+        from_cache = model.embed_image_features(torch.from_numpy(tokens[:4].astype(np.float32)))
+        assert torch.allclose(model.encode_image(px), from_cache, atol=1e-2)
