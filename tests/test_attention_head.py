@@ -71,6 +71,33 @@ def test_the_attention_head_starts_exactly_as_the_linear_head(blocks):
         assert not torch.allclose(attention.encode_image(x), linear.encode_image(x), atol=1e-3)
 
 
+def test_several_heads_pool_as_attention_with_per_token_values_and_their_shares_sum_to_it():
+    """Two heads over 128-wide tokens: the pooled-then-projected values equal attention over per-token values,
+    and each location's share (the heat map's) averages to the head's output."""
+    from littune.model_heads import AttentionPoolHead
+
+    torch.manual_seed(0)
+    head = AttentionPoolHead(128, 8, blocks=1)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        x = torch.randn(3, 10, 128)
+        assert head.heads == 2
+        y = x
+        for block in head.blocks:
+            y = block(y)
+        n = head.norm(y)
+        a = head.attention(x)
+        v = head.value(n).reshape(3, 10, 2, 64)  # per-token values, then attention per head
+        logits = torch.einsum("btf,hf->bht", n, head.query) / 8.0
+        pooled = torch.einsum("bht,bthd->bhd", torch.softmax(logits, -1), v).reshape(3, 128)
+        want = head.proj(y.mean(1) + head.gamma * head.out(pooled))
+        assert torch.allclose(head(x), want, atol=1e-5)
+        assert torch.allclose(a, torch.softmax(logits, -1).mean(1))
+        assert torch.allclose(head.location_embeddings(x).mean(1), want, atol=1e-5)
+
+
 def test_an_attention_heads_heat_map_is_each_locations_share_of_the_image_embedding():
     model = lit(blocks=1)
     _perturb(model)

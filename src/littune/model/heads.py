@@ -19,7 +19,7 @@ projection on the loss gradient), so the attention can only be added where it lo
 starts no worse than linear, and the mean stays as a residual path.
 
 **Heat maps** (:meth:`AttentionPoolHead.location_embeddings`): ``z`` is a sum over locations of each
-location's share, ``x_t / T + gamma * W_o (sum_h a_{h,t} v_{h,t}) + gamma * b_o / T`` (``a``: the query's
+location's share, ``x_t / T + gamma * W_o (a_{h,t} v_{h,t})_h + gamma * b_o / T`` (``a``: the query's
 attention weights; they sum to 1 over the locations, so the value bias is a share too). ``proj(T * share_t)``
 is each location's embedding, whose mean is the image's embedding before normalisation, exactly as the
 linear head applied at each location is (:mod:`littune.heatmap`). With a block, ``x_t`` has seen the other
@@ -116,16 +116,21 @@ class _Block(nn.Module):
 
 
 class AttentionPoolHead(nn.Module):
-    """Tokens ``(B, T, F)`` -> ``(B, embed_dim)`` (see the module doc)."""
+    """Tokens ``(B, T, F)`` -> ``(B, embed_dim)`` (see the module doc).
+
+    One learned query per head, already through the key projection (``query[h]`` is ``W_k^h^T q_h``: with a
+    single query the two are one vector, and the keys of ``T`` tokens cost ``T x F`` a head instead of
+    ``T x F x F``); the value projection is applied after the pooling (it is linear, and the weights sum to 1),
+    so pooling costs ``T x F`` an image a head and the projections ``F x F`` an image, not ``T x F x F``."""
 
     def __init__(self, dim_in: int, dim_out: int, blocks: int = 0):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out)  # first: the same numbers as a linear head made at this point
         self.heads = head_count(dim_in)
         self.blocks = nn.ModuleList(_Block(dim_in, self.heads) for _ in range(blocks))
-        self.query = nn.Parameter(torch.randn(self.heads, dim_in // self.heads) * 0.02)
+        self.query = nn.Parameter(torch.randn(self.heads, dim_in) * 0.02)
         self.norm = nn.LayerNorm(dim_in)
-        self.key, self.value, self.out = nn.Linear(dim_in, dim_in), nn.Linear(dim_in, dim_in), nn.Linear(dim_in, dim_in)
+        self.value, self.out = nn.Linear(dim_in, dim_in), nn.Linear(dim_in, dim_in)
         self.gamma = nn.Parameter(torch.zeros(dim_in))
 
     @property
@@ -133,7 +138,7 @@ class AttentionPoolHead(nn.Module):
         return self.proj.weight
 
     def _attend(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x, a (B, heads, T), v (B, T, heads, d))``: the block's tokens, the query's weights, the values."""
+        """``(x, n, a)``: the block's tokens, their layer norm and the query's weights ``(B, heads, T)``."""
         if tokens.ndim != 3:
             raise LittuneError(f"the attention image head reads tokens (batch, tokens, {self.proj.in_features}), "
                                f"not {list(tokens.shape)}")
@@ -141,26 +146,29 @@ class AttentionPoolHead(nn.Module):
         for block in self.blocks:
             x = block(x)
         n = self.norm(x)
-        b, t, d = n.shape
-        k = self.key(n).reshape(b, t, self.heads, d // self.heads)
-        v = self.value(n).reshape(b, t, self.heads, d // self.heads)
-        a = torch.softmax(torch.einsum("bthd,hd->bht", k, self.query) / math.sqrt(d // self.heads), dim=-1)
-        return x, a, v
+        scale = math.sqrt(n.shape[-1] // self.heads)
+        return x, n, torch.softmax(torch.einsum("btf,hf->bht", n, self.query) / scale, dim=-1)
+
+    def _values(self) -> torch.Tensor:
+        """``(heads, d, F)``: each head's rows of the value projection."""
+        return self.value.weight.reshape(self.heads, -1, self.value.in_features)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x, a, v = self._attend(tokens)
-        pooled = self.out(torch.einsum("bht,bthd->bhd", a, v).reshape(x.shape[0], -1))
-        return self.proj(x.mean(dim=1) + self.gamma * pooled)
+        x, n, a = self._attend(tokens)
+        pooled = torch.einsum("bht,btf->bhf", a, n)  # each head's weighted mean of the normed tokens
+        v = torch.einsum("bhf,hdf->bhd", pooled, self._values()).reshape(x.shape[0], -1) + self.value.bias
+        return self.proj(x.mean(dim=1) + self.gamma * self.out(v))
 
     def attention(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, T)``: the learned query's attention weights over the tokens, averaged over the heads."""
-        return self._attend(tokens)[1].mean(dim=1)
+        return self._attend(tokens)[2].mean(dim=1)
 
     def location_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, T, embed_dim)``: each location's embedding, ``proj(T * share_t)``; their mean over the
         locations is ``forward(tokens)`` (the module doc)."""
-        x, a, v = self._attend(tokens)
+        x, n, a = self._attend(tokens)
         b, t, d = x.shape
+        v = self.value(n).reshape(b, t, self.heads, d // self.heads)
         weighted = (a.permute(0, 2, 1)[..., None] * v).reshape(b, t, d)  # a_{h,t} v_{h,t}, heads side by side
         share = x / t + self.gamma * (F.linear(weighted, self.out.weight) + self.out.bias / t)
         return self.proj(t * share)
