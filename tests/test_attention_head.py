@@ -74,7 +74,7 @@ def test_the_attention_head_starts_exactly_as_the_linear_head(blocks):
 def test_several_heads_pool_as_attention_with_per_token_values_and_their_shares_sum_to_it():
     """Two heads over 128-wide tokens: the pooled-then-projected values equal attention over per-token values,
     and each location's share (the heat map's) averages to the head's output."""
-    from littune.model_heads import AttentionPoolHead
+    from littune.model.heads import AttentionPoolHead
 
     torch.manual_seed(0)
     head = AttentionPoolHead(128, 8, blocks=1)
