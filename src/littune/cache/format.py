@@ -21,6 +21,7 @@ from ..data.decode import REASONS
 from ..errors import LittuneError
 from ..fileio import atomic_write, write_json, write_npy, write_skipped
 from ..hashing import hash_file
+from .tokens import ABOUT, SUFFIX, manifest_fields, plan_fields
 
 FORMAT = "littune-embedding-cache"
 VERSION = 1
@@ -41,7 +42,7 @@ OUR_FILES = (MANIFEST, PLAN, SKIPPED, "keys.utf8", "key_offsets.npy", "paths.utf
 #: and ``hf:DIR#mean`` had one fingerprint (and shared one ONNX export): such a cache is stale for those towers.
 FINGERPRINT_SCHEME = 2
 #: plan fields that describe rather than decide the computation (a change does not stop a resume)
-_DESCRIPTIVE = ("source", "tower_spec", "preprocess", "tower_name", "fingerprint_scheme")
+_DESCRIPTIVE = ("source", "tower_spec", "preprocess", "tower_name", "fingerprint_scheme", ABOUT)
 
 
 def sha256(path: Path) -> str:
@@ -49,8 +50,9 @@ def sha256(path: Path) -> str:
 
 
 def make_plan(tower, *, dim: int, source_fingerprint: str, source: str, records: int, shard_size: int,
-              dtype: str, views: int, seed: int, max_pixels: int | None) -> dict:
-    """What a cache computes: the tower, the source, the shards, the stored precision and views."""
+              dtype: str, views: int, seed: int, max_pixels: int | None, tokens: dict | None = None) -> dict:
+    """What a cache computes: the tower, the source, the shards, the stored precision and views, and with
+    ``tokens`` (:func:`.tokens.resolve`'s spec) the token grid (a plan without tokens has no token field)."""
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -69,6 +71,7 @@ def make_plan(tower, *, dim: int, source_fingerprint: str, source: str, records:
         "views": int(views),
         "seed": int(seed),
         "max_pixels": max_pixels,
+        **plan_fields(tokens),
     }
 
 
@@ -80,7 +83,7 @@ def plan_hash(plan: dict) -> str:
 
 def plan_differences(old: dict, new: dict) -> list[str]:
     """``"field old -> new"`` for each deciding field that differs."""
-    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new)
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted({*old, *new})
             if k not in _DESCRIPTIVE and old.get(k) != new.get(k)]
 
 
@@ -102,21 +105,41 @@ def shard_complete(out: Path, s: int, phash: str, verify: bool = True) -> dict |
         return None
     if verify and sha256(npy) != meta.get("sha256"):
         return None
+    tok = meta.get("tokens")
+    if tok is not None:  # the shard's token file: covered by the same commit record
+        t = npy.with_name(f"{s:05d}{SUFFIX}")
+        if not t.is_file() or t.stat().st_size != tok.get("bytes") or (verify and sha256(t) != tok.get("sha256")):
+            return None
     return meta
 
 
-def write_shard(out: Path, shard: int, arr: np.ndarray, np_dtype, phash: str, records: list[int],
-                good: list[int], skipped: list, overflow: str, fix: str, runtime: str | None = None) -> dict:
-    """Write shard ``shard``: the float32 ``arr`` (count, 1 + views, dim) stored as ``np_dtype``, then
-    its ``.json`` (last: the shard counts as complete once that exists). Returns the commit record."""
+def _stored(arr: np.ndarray, np_dtype, overflow: str, fix: str) -> np.ndarray:
     with np.errstate(over="ignore"):  # an overflow is caught just below, with a clear message
         stored = arr.astype(np_dtype)
     if np_dtype is np.float16 and np.isinf(stored).any() and np.isfinite(arr).all():
         raise LittuneError(f"{overflow} (max |x| = {np.abs(arr).max():.4g}); {fix}")
+    return stored
+
+
+def write_shard(out: Path, shard: int, arr: np.ndarray, np_dtype, phash: str, records: list[int],
+                good: list[int], skipped: list, overflow: str, fix: str, runtime: str | None = None,
+                tokens: np.ndarray | None = None) -> dict:
+    """Write shard ``shard``: the float32 ``arr`` (count, 1 + views, dim) stored as ``np_dtype`` (and the
+    ``tokens`` (count, h*w, F) as float16 beside it), then its ``.json`` (last: the shard counts as complete
+    once that exists). Returns the commit record."""
+    stored = _stored(arr, np_dtype, overflow, fix)
     npy, js = shard_paths(out, shard)
+    tok = None
+    if tokens is not None:
+        t = npy.with_name(f"{shard:05d}{SUFFIX}")
+        write_npy(t, _stored(tokens, np.float16, overflow.replace("features", "tokens"),
+                             "the tokens are stored as float16: embed without --tokens"))
+        tok = {"bytes": t.stat().st_size, "sha256": sha256(t)}
     write_npy(npy, stored)
     meta = {"shard": shard, "plan": phash, "records": records, "count": len(good), "bytes": npy.stat().st_size,
             "sha256": sha256(npy), "good": good, "skipped": skipped}
+    if tok is not None:
+        meta["tokens"] = tok
     if runtime:
         meta["runtime"] = runtime
     write_json(js, meta)
@@ -129,6 +152,8 @@ def manifest_entry(shard: int, start: int, meta: dict) -> dict:
              "records": meta["records"], "bytes": meta["bytes"], "sha256": meta["sha256"]}
     if meta.get("runtime"):
         entry["runtime"] = meta["runtime"]
+    if meta.get("tokens"):
+        entry["tokens"] = {"file": f"{SHARD_DIR}/{shard:05d}{SUFFIX}", **meta["tokens"]}
     return entry
 
 
@@ -203,6 +228,7 @@ def _manifest(plan: dict, shards: list[dict], files: dict, count: int, captions:
         "skipped": len(skipped),
         "skipped_by_reason": {r: reasons[r] for r in sorted(reasons, key=_reason_order)},
         "index_problems": len(problems),
+        **manifest_fields(plan),
         "plan": plan,
         "shards": shards,
         "files": files,
@@ -217,6 +243,8 @@ def summary(cache) -> str:
     """One line: what was embedded, which images have no caption (not trained on), what was skipped and why."""
     m = cache.manifest
     views = f", {m['views']} augmented views" if m["views"] else ""
+    if m.get("tokens"):
+        views += f", {' x '.join(map(str, m['tokens']['grid']))} x {m['tokens']['dim']} float16 tokens"
     line = f"embedded {m['count']:,} images ({m['dim']}-d {m['dtype']}{views}) into {cache.directory}"
     report = cache.directory / SKIPPED
     n_skip, n_bare = m["skipped"] + m.get("index_problems", 0), m.get("no_caption", 0)

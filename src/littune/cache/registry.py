@@ -29,7 +29,8 @@ import numpy as np
 
 from ..errors import LittuneError
 from ..fileio import cache_home
-from .reader import _Npy
+from .pread import _Npy
+from .tokens import token_path
 
 INDEX_DIR = "features"
 INDEX_FILE = "index-1.sqlite3"  # the number is the schema's: another schema is another file
@@ -85,13 +86,18 @@ def file_identity(item, now: float | None = None) -> bytes | None:
 
 
 def computation_key(*, tower_fingerprint: str, scheme: int, preprocess: dict, dim: int, max_pixels: int | None,
-                    decode: str, runtime: str) -> str:
+                    decode: str, runtime: str, tokens: dict | None = None) -> str:
     """What makes a row's features what they are, besides the image file: the tower (fingerprint, the rule it
     was made by, its pre-processing and output size), the pixel limit, how the eval view was decoded
     (``draft`` or ``full``) and what computed it (``runtime/device``: torch and onnxruntime, a GPU and a CPU
-    differ in the last bits)."""
-    text = json.dumps({"tower": tower_fingerprint, "scheme": scheme, "preprocess": preprocess, "dim": int(dim),
-                       "max_pixels": max_pixels, "decode": decode, "runtime": runtime}, sort_keys=True)
+    differ in the last bits). ``tokens``: a token cache's grid (:mod:`.tokens`): its rows come with their tokens,
+    computed by the graph with the map output, so a token cache reuses only the rows of token caches of the
+    same grid (and a cache without tokens only the rows of caches without)."""
+    key = {"tower": tower_fingerprint, "scheme": scheme, "preprocess": preprocess, "dim": int(dim),
+           "max_pixels": max_pixels, "decode": decode, "runtime": runtime}
+    if tokens:  # absent otherwise: the keys of caches without tokens are what they were
+        key["tokens"] = tokens
+    text = json.dumps(key, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -241,20 +247,29 @@ class Rows:
 
     :meth:`check` reads a file once (through one descriptor) and remembers its inode, size and mtime;
     :meth:`read` reopens it only if they are unchanged (littune replaces a shard by renaming a new file
-    over it, never writes one in place), else says that the cache changed during the run."""
+    over it, never writes one in place), else says that the cache changed during the run. With ``tokens``
+    (the token spec of a token cache) a shard of a token cache is entered with ``FEATURES_SHA+TOKENS_SHA``:
+    its token file (:func:`.tokens.token_path`) is checked alike and :meth:`token_rows` reads it."""
 
-    def __init__(self, dim: int, max_open: int = 64):
-        self.dim, self.max_open = dim, max_open
-        self._checked: dict[tuple[str, str], tuple | None] = {}
+    def __init__(self, dim: int, max_open: int = 64, tokens: dict | None = None):
+        self.dim, self.max_open, self.tokens = dim, max_open, tokens
+        self._checked: dict[tuple[str, str], tuple | None] = {}  # -> (features' signature, tokens' or None)
         self._open: OrderedDict[str, _Npy] = OrderedDict()
 
     def check(self, found: Found) -> bool:
-        """Is ``found``'s shard file the one that was entered (and a ``(n, 1 + views, dim)`` array)?"""
+        """Is ``found``'s shard file the one that was entered (and a ``(n, 1 + views, dim)`` array)? With
+        ``tokens``: and its token file too (``(n, h*w, F)``)?"""
         k = (found.path, found.sha256)
         if k not in self._checked:
-            self._checked[k] = _signature(found.path, found.sha256, self.dim)
+            feats, _, toks = found.sha256.partition("+")
+            sig = _signature(found.path, feats, self.dim)
+            tok = None
+            if sig is not None and self.tokens is not None:
+                h, w = self.tokens["grid"]
+                tok = _signature(str(token_path(Path(found.path))), toks, self.tokens["dim"], (sig[-1], h * w))
+            self._checked[k] = None if sig is None or (self.tokens is not None and tok is None) else (sig, tok)
         sig = self._checked[k]
-        return sig is not None and found.row < sig[-1]
+        return sig is not None and found.row < sig[0][-1]
 
     def read(self, found: list[Found], views: int) -> np.ndarray:
         """The rows ``found`` (each checked before), slots ``0..views``, as float32 ``(n, 1 + views, dim)``."""
@@ -263,20 +278,30 @@ class Rows:
             out[k] = self._file(f).rows(f.row, f.row + 1)[0, :1 + views]
         return out
 
-    def _file(self, found: Found) -> _Npy:
-        f = self._open.get(found.path)
+    def token_rows(self, found: list[Found]) -> np.ndarray:
+        """The tokens of the rows ``found`` (each checked before, with ``tokens``), float32 ``(n, h*w, F)``."""
+        h, w = self.tokens["grid"]
+        out = np.empty((len(found), h * w, self.tokens["dim"]), dtype=np.float32)
+        for k, f in enumerate(found):
+            out[k] = self._file(f, tokens=True).rows(f.row, f.row + 1)[0]
+        return out
+
+    def _file(self, found: Found, tokens: bool = False) -> _Npy:
+        path = str(token_path(Path(found.path))) if tokens else found.path
+        f = self._open.get(path)
         if f is None:
-            f = _Npy(Path(found.path))
+            f = _Npy(Path(path))
             st = os.fstat(f.fd)
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._checked[(found.path, found.sha256)][:4]:
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._checked[(found.path, found.sha256)][
+                    int(tokens)][:4]:
                 f.close()
                 raise LittuneError(f"the cache {found.cache} that features were reused from changed during this "
                                    "run; run the same command again (the shards written so far are kept)")
-            self._open[found.path] = f
+            self._open[path] = f
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()
         else:
-            self._open.move_to_end(found.path)
+            self._open.move_to_end(path)
         return f
 
     def close(self) -> None:
@@ -284,9 +309,9 @@ class Rows:
             self._open.popitem()[1].close()
 
 
-def _signature(path: str, sha256: str, dim: int) -> tuple | None:
+def _signature(path: str, sha256: str, dim: int, lead: tuple[int, int] | None = None) -> tuple | None:
     """``(dev, inode, size, mtime_ns, rows)`` of the shard file ``path`` if its bytes hash to ``sha256``
-    and it holds ``(rows, 1 + views, dim)`` features, else None."""
+    and it holds ``(rows, 1 + views, dim)`` features (``lead``: ``(rows, tokens)``, a token file), else None."""
     try:
         f = _Npy(Path(path))
     except (OSError, ValueError, LittuneError):
@@ -296,7 +321,7 @@ def _signature(path: str, sha256: str, dim: int) -> tuple | None:
         h = hashlib.sha256()
         for pos in range(0, f.size, 1 << 20):
             h.update(f.read(pos, min(1 << 20, f.size - pos)))
-        if h.hexdigest() != sha256 or len(f.shape) != 3 or f.shape[2] != dim:
+        if h.hexdigest() != sha256 or len(f.shape) != 3 or f.shape[2] != dim or (lead and f.shape[:2] != lead):
             return None
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, f.shape[0]
     except (OSError, LittuneError):

@@ -75,7 +75,7 @@ class RunReuse:
         self.out, self.plan, self.phash, self.comp, self.index = out, plan, phash, comp, index
         self.records = records
         self.views, self.dim = int(plan["views"]), int(plan["dim"])
-        self.source = Rows(self.dim)
+        self.source = Rows(self.dim, tokens=plan.get("tokens"))
         self.skips: dict[int, np.ndarray] = {}  # shard -> offsets (within the shard) of the copied images
         self.report = Report()
         now = time.time()  # every file is looked at before any is decoded
@@ -100,6 +100,11 @@ class RunReuse:
         copied = self._copied(shard)
         return self.source.read([copied[o] for o in offsets], self.views)
 
+    def token_rows(self, shard: int, offsets: list[int]) -> np.ndarray:
+        """The tokens of the copied rows of ``shard`` at ``offsets``, float32 ``(n, h*w, F)`` (a token cache)."""
+        copied = self._copied(shard)
+        return self.source.token_rows([copied[o] for o in offsets])
+
     def decide(self, shard: int, decided: dict[int, Found], write: bool) -> None:
         """Copy the rows ``decided`` (offset -> row) into ``shard``; ``write``: pin the decision on disk."""
         if write and decided:
@@ -114,8 +119,9 @@ class RunReuse:
         copied = self._copied(shard)
         rows = [(ident, self.records[lo + g].key, j) for j, g in enumerate(good)
                 if (ident := self.identity(lo, g)) is not None]
-        if rows:
-            self.index.enter(self.comp, self.out / SHARD_DIR / f"{shard:05d}.npy", meta["sha256"], self.plan["dtype"],
+        if rows:  # a token shard is entered with both files' sha256 (see registry.Rows)
+            digest = meta["sha256"] + (f"+{meta['tokens']['sha256']}" if meta.get("tokens") else "")
+            self.index.enter(self.comp, self.out / SHARD_DIR / f"{shard:05d}.npy", digest, self.plan["dtype"],
                              self.views, self.dim, self.plan["seed"], rows)
         (self.out / SHARD_DIR / DECISION.format(shard)).unlink(missing_ok=True)
         self.report.add(Report(len(good) - len(copied), len(copied), Counter(f.cache for f in copied.values())))
@@ -142,7 +148,8 @@ def start(out: Path, records, spans: list[tuple[int, int, int]], plan: dict, pha
     ``runtime``: what computes the features, ``name/device`` (``onnxruntime/cpu``)."""
     comp = computation_key(tower_fingerprint=plan["tower_fingerprint"], scheme=plan.get("fingerprint_scheme", 1),
                            preprocess=plan["preprocess"], dim=plan["dim"], max_pixels=plan["max_pixels"],
-                           decode=eval_decode(preprocess, int(plan["views"])), runtime=runtime)
+                           decode=eval_decode(preprocess, int(plan["views"])), runtime=runtime,
+                           tokens=plan.get("tokens"))
     run = RunReuse(out, plan, phash, comp, index or FeatureIndex(), records, spans)
     decided = _decided(out, phash) if look else set()
     new = []

@@ -82,30 +82,44 @@ class _Writer:
         self.out, self.phash, self.views, self.dim = out, phash, plan["views"], plan["dim"]
         self.runtime, self.reuse = runtime, reuse
         self.np_dtype = np.float16 if plan["dtype"] == "float16" else np.float32
+        self.tokens = plan.get("tokens")  # the token spec (deciding fields), None without tokens
         self.queue: deque[_Shard] = deque()
 
     def write_ready(self, block: bool = False) -> None:
         while self.queue and (block or all(f.done() for f in self.queue[0].jobs)):
             job = self.queue.popleft()
-            feats = [f.result() for f in job.jobs]
+            results = [f.result() for f in job.jobs]
+            feats = [r[0] for r in results] if self.tokens else results
             arr = np.concatenate(feats) if feats else np.zeros((0, self.dim), np.float32)
             arr = arr.reshape(len(job.good) - len(job.copied), 1 + self.views, self.dim)
+            toks = self._tokens(len(job.good) - len(job.copied), [r[1] for r in results]) if self.tokens else None
             if job.copied:
-                arr = self._with_copied(job, arr)
+                arr, toks = self._with_copied(job, arr, toks)
             meta = write_shard(self.out, job.shard, arr, self.np_dtype, self.phash, [job.lo, job.hi], job.good,
                                job.skipped, overflow="tower features exceed the float16 range",
-                               fix="use --dtype float32", runtime=self.runtime)
+                               fix="use --dtype float32", runtime=self.runtime, tokens=toks)
             if self.reuse is not None:
                 self.reuse.written(job.shard, meta, job.lo)
 
-    def _with_copied(self, job: _Shard, computed: np.ndarray) -> np.ndarray:
-        """The shard's rows in order: the computed ones, and the copied ones in their places."""
+    def _tokens(self, n: int, parts: list[np.ndarray]) -> np.ndarray:
+        """The computed rows' tokens ``(n, h*w, F)`` float32."""
+        h, w = self.tokens["grid"]
+        return np.concatenate(parts) if parts else np.zeros((n, h * w, self.tokens["dim"]), np.float32)
+
+    def _with_copied(self, job: _Shard, computed: np.ndarray, tokens: np.ndarray | None):
+        """The shard's rows (and tokens) in order: the computed ones, and the copied ones in their places."""
         arr = np.empty((len(job.good), 1 + self.views, self.dim), dtype=np.float32)
         mine = np.ones(len(job.good), dtype=bool)
         mine[job.copied] = False
         arr[mine] = computed
-        arr[job.copied] = self.reuse.rows(job.shard, [job.good[p] for p in job.copied])
-        return arr
+        offsets = [job.good[p] for p in job.copied]
+        arr[job.copied] = self.reuse.rows(job.shard, offsets)
+        if tokens is not None:
+            full = np.empty((len(job.good), *tokens.shape[1:]), dtype=np.float32)
+            full[mine] = tokens
+            full[job.copied] = self.reuse.token_rows(job.shard, offsets)
+            tokens = full
+        return arr, tokens
 
 
 def _embed_shard(job: _Shard, items, lanes: Lanes, per_batch: int, bar, copy: frozenset = frozenset()) -> _Shard:

@@ -4,32 +4,30 @@ stores features computed elsewhere. Both write the format of :mod:`.format`.
 ``embed_source`` reads like its recipe: check the options, make the plan, lock and prepare the
 directory (rank 0), find the shards still to do, embed them (:func:`.shards.run_shards`, calling the
 tower through :func:`.forward.tower_forward`), then, once every rank is done, write the global
-tables and the manifest (rank 0).
+tables and the manifest (rank 0). :func:`write_cache` (features computed elsewhere) is :mod:`.precomputed`'s.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..data.decode import DEFAULT_MAX_PIXELS
 from ..errors import LittuneError
 from ..towers.runtime import check_runtime, module_device
-from .format import (DTYPES, MANIFEST, SHARD_DIR, make_plan, manifest_entry, plan_hash, shard_complete,
-                     write_shard, write_tables)
+from .format import DTYPES, MANIFEST, make_plan, manifest_entry, plan_hash, shard_complete, write_tables
 from .forward import tower_forward
-from .lock import clear, drop_previous, lock, prepare, unlock
+from .lock import drop_previous, lock, prepare, unlock
+from .precomputed import write_cache  # noqa: F401 - littune.cache.writer.write_cache, as before
 from .reader import EmbeddingCache
 from .reuse import Report, remove_decisions
 from .reuse import start as start_reuse
 from .shards import run_shards
+from .tokens import check_request, resolve
 from .workers import default_batch_size, default_lanes, default_threads, default_workers
 
 
@@ -38,7 +36,7 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
                  resume: bool = True, progress: bool = True, seed: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  device: str | torch.device | None = None, distributed: bool = False,
                  lanes: int | None = None, threads: int | None = None, runtime: str = "auto",
-                 reuse: bool = True) -> EmbeddingCache:
+                 reuse: bool = True, tokens: bool | int | None = None) -> EmbeddingCache:
     """Run the locked ``tower`` over every image of ``source`` and write the cache in ``out_dir``.
 
     ``source``: a :class:`~littune.data.sources.Source` or anything :func:`open_source` takes;
@@ -56,11 +54,12 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
     rank of the initialised process group must call this; the shards are split over the ranks.
     ``reuse``: copy the rows that earlier caches hold for the same image files, computed the same way,
     instead of embedding them again (:mod:`.reuse`); every shard written is entered in the feature index
-    either way. Returns the opened cache; its ``reuse`` (a :class:`.reuse.Report`) says what this call
-    embedded and what it copied from where.
-    """
+    either way. ``tokens``: also store the eval view's spatial map from the same forward pass (True: the
+    tower's own grid; ``GRID``: average-pooled to at most ``GRID x GRID``), float16 (:mod:`.tokens`).
+    Returns the opened cache; its ``reuse`` (a :class:`.reuse.Report`) says what was embedded and copied."""
     _check_options(dtype, views, batch_size, shard_size, workers)
     check_runtime(runtime)
+    tokens = check_request(tokens)
     source, tower = _open_inputs(source, tower)
     workers = default_workers() if workers is None else int(workers)
     rank, world = _rank_and_world(distributed)
@@ -71,7 +70,7 @@ def embed_source(source, tower, out_dir: str | Path, *, dtype: str = "float16", 
     with _embedding(tower):
         plan = make_plan(tower, dim=tower.dim, source_fingerprint=source.fingerprint(), source=source.describe(),
                          records=len(records), shard_size=shard_size, dtype=dtype, views=views, seed=seed,
-                         max_pixels=max_pixels)
+                         max_pixels=max_pixels, tokens=resolve(tower, tokens))
         phash = plan_hash(plan)
         with _disk_full_is_one_line(out, plan, phash):
             held = _claim(out, plan, resume, rank, world, reuse)
@@ -119,7 +118,8 @@ def _embed_shards(out: Path, records, todo: list[int], tower, plan: dict, phash:
     rank). Returns what was embedded and copied."""
     dev = torch.device(device) if device is not None else module_device(tower)
     settings = _speed(dev, *speed)
-    forward = tower_forward(tower, dev, runtime, threads=torch.get_num_threads())
+    forward = tower_forward(tower, dev, runtime, threads=torch.get_num_threads(), tokens=plan.get("tokens"),
+                            every=1 + int(plan["views"]))
     size, n = plan["shard_size"], len(records)
     run = None
     try:
@@ -270,112 +270,3 @@ def _finalize(out: Path, source, records, plan: dict, phash: str) -> None:
     langs = [lang for r in good for lang in (r.langs or [""] * len(r.captions))] if any(r.langs for r in good) else None
     write_tables(out, plan, shards, [r.key for r in good], [r.where for r in good], caps,
                  [len(r.captions) for r in good], source_index, skipped, problems, caption_langs=langs)
-
-
-# -- features computed elsewhere ---------------------------------------------------------------
-def write_cache(out_dir: str | Path, features, captions, tower, *, keys: Sequence[str] | None = None,
-                paths: Sequence[str] | None = None, dtype: str = "float16", shard_size: int = 2048,
-                source_fingerprint: str | None = None, source: str = "precomputed features",
-                langs: Sequence[Sequence[str]] | None = None) -> EmbeddingCache:
-    """Write a cache from features computed elsewhere (in the format :func:`embed_source` writes).
-
-    ``features``: ``(n, dim)`` or ``(n, 1 + views, dim)`` -- anything with ``len()`` and ``[a:b]``
-    slicing that gives arrays (an ndarray, an ``np.memmap``, a lazy generator object); it is read
-    one shard at a time, so it need not fit in memory. ``captions[i]``: image ``i``'s captions (a
-    list of strings, or one string). ``tower``: the :class:`~littune.towers.image.ImageTower` (or
-    spec) that the features belong to; its fingerprint, spec and preprocessing go in the manifest,
-    so a trainer configured with that tower accepts the cache, and its output dim must equal
-    ``dim``. ``keys`` default to ``"00000000"``, ``"00000001"``...; ``paths`` to the keys. The
-    cache has no skipped images; rows with no (non-blank) caption are stored but not trainable (see
-    :meth:`EmbeddingCache.trainable`). ``source_fingerprint`` defaults to a hash of the keys.
-    ``langs[i]``: the languages of image ``i``'s captions, parallel to them (optional).
-    """
-    from ..towers.image import build_image_tower
-
-    if dtype not in DTYPES:
-        raise LittuneError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if shard_size < 1:
-        raise LittuneError(f"shard_size must be >= 1, not {shard_size}")
-    if not isinstance(tower, torch.nn.Module):
-        tower = build_image_tower(tower)
-    n, views, dim = _feature_shape(features, captions, tower)
-    keys, paths = _keys_and_paths(keys, paths, n)
-    if source_fingerprint is None:
-        source_fingerprint = _keys_fingerprint(keys)
-    plan = make_plan(tower, dim=dim, source_fingerprint=source_fingerprint, source=source, records=n,
-                     shard_size=shard_size, dtype=dtype, views=views, seed=0, max_pixels=None)
-    out = Path(os.path.expanduser(str(out_dir)))
-    held = lock(out)
-    try:
-        clear(out)
-        (out / SHARD_DIR).mkdir(exist_ok=True)
-        shards = _write_feature_shards(out, features, plan)
-        flat, counts, flat_langs = _flat_captions(captions, n, langs)
-        write_tables(out, plan, shards, keys, paths, flat, counts, np.arange(n, dtype=np.int64), caption_langs=flat_langs)
-    finally:
-        unlock(held)
-    return EmbeddingCache.open(out, verify=False)
-
-
-def _feature_shape(features, captions, tower) -> tuple[int, int, int]:
-    """``(rows, views, dim)`` of ``features``, checked against the captions and the tower."""
-    n = len(features)
-    if len(captions) != n:
-        raise LittuneError(f"{n} feature rows but {len(captions)} caption entries")
-    if n == 0:
-        raise LittuneError("no features to write")
-    first = np.asarray(features[0:1])
-    if first.ndim not in (2, 3):
-        raise LittuneError(f"features must be (n, dim) or (n, 1 + views, dim), got rows of shape {first.shape[1:]}")
-    dim = int(first.shape[-1])
-    if dim != tower.dim:
-        raise LittuneError(f"features are {dim}-d but the tower {tower.name} gives {tower.dim}-d outputs")
-    return n, (first.shape[1] - 1 if first.ndim == 3 else 0), dim
-
-
-def _keys_and_paths(keys, paths, n: int) -> tuple[list[str], list[str]]:
-    keys = [f"{i:08d}" for i in range(n)] if keys is None else [str(k) for k in keys]
-    paths = keys if paths is None else [str(p) for p in paths]
-    if len(keys) != n or len(paths) != n:
-        raise LittuneError(f"{n} feature rows but {len(keys)} keys and {len(paths)} paths")
-    return keys, paths
-
-
-def _keys_fingerprint(keys: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for k in keys:
-        h.update(k.encode("utf-8") + b"\0")
-    return f"precomputed|{h.hexdigest()[:16]}"
-
-
-def _write_feature_shards(out: Path, features, plan: dict) -> list[dict]:
-    """Every shard of ``features``, read and written one at a time; returns the manifest's shard list."""
-    n, size, views, dim = plan["records"], plan["shard_size"], plan["views"], plan["dim"]
-    np_dtype = np.float16 if plan["dtype"] == "float16" else np.float32
-    phash, shards = plan_hash(plan), []
-    for s in range(plan["shards"]):
-        lo, hi = s * size, min(n, (s + 1) * size)
-        arr = np.asarray(features[lo:hi], dtype=np.float32).reshape(hi - lo, 1 + views, dim)
-        meta = write_shard(out, s, arr, np_dtype, phash, [lo, hi], list(range(hi - lo)), [],
-                           overflow="features exceed the float16 range", fix="use dtype='float32'")
-        shards.append(manifest_entry(s, lo, meta))
-    return shards
-
-
-def _flat_captions(captions, n: int, langs=None) -> tuple[list[str], np.ndarray, list[str] | None]:
-    """All captions in image order, the count of each image's (blank captions are dropped) and, with
-    ``langs``, the language of each kept caption."""
-    flat: list[str] = []
-    flat_langs: list[str] | None = None if langs is None else []
-    counts = np.zeros(n, dtype=np.int64)
-    for i in range(n):
-        c = captions[i]
-        c = [c] if isinstance(c, str) else list(c)
-        keep = [k for k, x in enumerate(c) if str(x).strip()]
-        flat.extend(c[k] for k in keep)
-        if flat_langs is not None:
-            if len(langs[i]) != len(c):
-                raise LittuneError(f"image {i}: {len(c)} captions but {len(langs[i])} languages")
-            flat_langs.extend(str(langs[i][k]) for k in keep)
-        counts[i] = len(keep)
-    return flat, counts, flat_langs

@@ -13,6 +13,11 @@ locked tower over images (``littune embed``, ``littune index``, evaluation from 
 * ``torch``: eval mode under ``inference_mode``; convolutional towers in ``channels_last`` memory
   format; on CUDA under float16 autocast.
 
+With ``spatial`` (a function ``spatial(tower, pixels) -> (pooled, map)``, e.g. from
+:func:`littune.towers.spatial.spatial_features`: what ``littune embed --tokens`` stores) a runner returns
+``(features, map)`` from one forward pass: torch calls ``spatial``; onnxruntime runs a second export of the
+tower (``tower-map.onnx`` beside ``tower.onnx``) whose graph has both outputs, checked against torch alike.
+
 ``auto`` (the default) takes onnxruntime on a CPU when the tower exports, torch otherwise (CUDA, or a
 tower that cannot be exported: one line says why). The runtime never changes the tower's fingerprint:
 features from both agree far inside the float16 rounding the cache stores (tested: cosine > 0.99999).
@@ -67,8 +72,8 @@ class TorchRunner:
 
     name = "torch"
 
-    def __init__(self, tower: torch.nn.Module, device=None, autocast: bool = True):
-        self.tower, self.device = tower, _device(tower, device)
+    def __init__(self, tower: torch.nn.Module, device=None, autocast: bool = True, spatial=None):
+        self.tower, self.device, self.spatial = tower, _device(tower, device), spatial
         self.tower.eval().to(self.device)
         self.channels_last = any(p.ndim == 4 for p in tower.parameters())
         if self.channels_last:
@@ -81,6 +86,9 @@ class TorchRunner:
             x = x.contiguous(memory_format=torch.channels_last)
         amp = torch.autocast("cuda", dtype=torch.float16) if self.autocast else nullcontext()
         with torch.inference_mode(), amp:
+            if self.spatial is not None:
+                y, fmap = self.spatial(self.tower, x)
+                return y.float().cpu().numpy(), fmap.float().cpu()
             y = self.tower(x)
         return y.float().cpu().numpy()
 
@@ -94,7 +102,8 @@ class ONNXRunner:
     """An ONNX graph of the tower on onnxruntime's CPU provider, ``threads`` intra-op threads.
 
     One session serves concurrent calls (onnxruntime releases the GIL), so several forward lanes of
-    one thread each run in parallel, as torch's lanes do."""
+    one thread each run in parallel, as torch's lanes do. A graph with two outputs (features and map)
+    gives both, as a tuple."""
 
     name = "onnxruntime"
 
@@ -108,11 +117,12 @@ class ONNXRunner:
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
+        self.outputs = len(self.session.get_outputs())
 
-    def __call__(self, pixels: torch.Tensor) -> np.ndarray:
+    def __call__(self, pixels: torch.Tensor):
         x = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
-        y = self.session.run(None, {self.input: x})[0]
-        return np.asarray(y, dtype=np.float32)
+        y = [np.asarray(o, dtype=np.float32) for o in self.session.run(None, {self.input: x})]
+        return y[0] if self.outputs == 1 else tuple(y)
 
     def close(self) -> None:
         pass
@@ -124,11 +134,11 @@ def export_dir(tower) -> Path:
     return cache_home() / "towers" / hash_text(tower.fingerprint())[:24]
 
 
-def _record_ok(folder: Path, fingerprint: str) -> bool:
-    """Is ``folder`` a complete export of the tower ``fingerprint`` (record, size, checksum)?"""
+def _record_ok(folder: Path, fingerprint: str, stem: str = "tower") -> bool:
+    """Is ``folder`` a complete export ``stem.onnx`` of the tower ``fingerprint`` (record, size, checksum)?"""
     try:
-        rec = json.loads((folder / "tower.json").read_text())
-        onnx_file = folder / "tower.onnx"
+        rec = json.loads((folder / f"{stem}.json").read_text())
+        onnx_file = folder / f"{stem}.onnx"
         return (rec.get("fingerprint") == fingerprint and onnx_file.stat().st_size == rec.get("bytes")
                 and hash_file(onnx_file) == rec.get("sha256"))
     except (OSError, ValueError):
@@ -149,14 +159,15 @@ def _locked(folder: Path):
         yield
 
 
-def onnx_bytes(module: torch.nn.Module, example: tuple, inputs: list[str], output: str, axes: dict,
+def onnx_bytes(module: torch.nn.Module, example: tuple, inputs: list[str], output: str | list[str], axes: dict,
                opset: int = OPSET) -> bytes:
     """``module`` traced on ``example`` as ONNX bytes (``torch.onnx.export``, TorchScript exporter, opset
-    :data:`OPSET` unless told), the exporter's chatter kept off the console."""
+    :data:`OPSET` unless told), the exporter's chatter kept off the console; ``output``: a name, or a list."""
     buf = io.BytesIO()
     with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, buf, input_names=inputs, output_names=[output],
+        torch.onnx.export(module, example, buf, input_names=inputs,
+                          output_names=[output] if isinstance(output, str) else list(output),
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
     return buf.getvalue()
 
@@ -167,52 +178,68 @@ def first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else 'no message'}"
 
 
-def _export_bytes(tower: torch.nn.Module, size: int) -> bytes:
-    """The tower as ONNX bytes, batch axis dynamic."""
-    return onnx_bytes(tower, (torch.zeros(2, 3, size, size),), ["pixels"], "features",
-                      {"pixels": {0: "batch"}, "features": {0: "batch"}})
+class _WithMap(torch.nn.Module):
+    """The tower with two outputs, from one pass: ``spatial(tower, pixels)`` (features, map)."""
+
+    def __init__(self, tower: torch.nn.Module, spatial):
+        super().__init__()
+        self.tower, self.spatial = tower, spatial
+
+    def forward(self, pixels: torch.Tensor):
+        return tuple(self.spatial(self.tower, pixels))
 
 
-def _agreement(tower: torch.nn.Module, path: Path, size: int) -> float:
-    """Largest |ONNX - torch| on two seeded inputs, relative to the largest |torch| output."""
+def _export_bytes(tower: torch.nn.Module, size: int, spatial=None) -> bytes:
+    """The tower as ONNX bytes (with ``spatial``: outputs features and map), batch axis dynamic."""
+    outputs = ["features"] if spatial is None else ["features", "map"]
+    module = tower if spatial is None else _WithMap(tower, spatial).train(tower.training)  # a new module trains
+    return onnx_bytes(module, (torch.zeros(2, 3, size, size),),
+                      ["pixels"], outputs, {"pixels": {0: "batch"}, **{o: {0: "batch"} for o in outputs}})
+
+
+def _agreement(tower: torch.nn.Module, path: Path, size: int, spatial=None) -> float:
+    """Largest |ONNX - torch| on two seeded inputs, relative to the largest |torch| output (each output)."""
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        want = tower(x).float().numpy()
+        want = [tower(x)] if spatial is None else list(spatial(tower, x))
+    want = [w.float().numpy() for w in want]
     got = ONNXRunner(path, threads=1)(x)
-    if got.shape != want.shape:
+    got = [got] if spatial is None else list(got)
+    if [g.shape for g in got] != [w.shape for w in want]:
         return float("inf")
-    return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
+    return max(float(np.abs(g - w).max() / max(float(np.abs(w).max()), 1e-12)) for g, w in zip(got, want))
 
 
-def export_onnx(tower, folder: Path | None = None) -> Path:
-    """The tower's ONNX file, exported now unless a complete, matching export is kept already.
+def export_onnx(tower, folder: Path | None = None, spatial=None) -> Path:
+    """The tower's ONNX file, exported now unless a complete, matching export is kept already (``spatial``:
+    the graph with a second output, the map, ``tower-map.onnx``; see the module doc).
 
     Raises :class:`LittuneError` (one line, the reason) if the tower cannot be exported or its
     export disagrees with torch."""
     folder = export_dir(tower) if folder is None else Path(folder)
-    fp = tower.fingerprint()
-    if _record_ok(folder, fp):
-        return folder / "tower.onnx"
+    fp, stem = tower.fingerprint(), "tower" if spatial is None else "tower-map"
+    if _record_ok(folder, fp, stem):
+        return folder / f"{stem}.onnx"
     with _locked(folder):
-        if _record_ok(folder, fp):  # another process exported it while we waited
-            return folder / "tower.onnx"
-        (folder / "tower.json").unlink(missing_ok=True)  # the record goes first, the graph is rewritten
+        if _record_ok(folder, fp, stem):  # another process exported it while we waited
+            return folder / f"{stem}.onnx"
+        (folder / f"{stem}.json").unlink(missing_ok=True)  # the record goes first, the graph is rewritten
         was = tower.training
         tower.eval()
         try:
-            data = _export_bytes(tower, tower.preprocess.size)
-            atomic_write(folder / "tower.onnx", data)
-            err = _agreement(tower, folder / "tower.onnx", tower.preprocess.size)
+            data = _export_bytes(tower, tower.preprocess.size, spatial)
+            atomic_write(folder / f"{stem}.onnx", data)
+            err = _agreement(tower, folder / f"{stem}.onnx", tower.preprocess.size, spatial)
         except Exception as e:  # the exporter's errors are many and long: keep the first line
             raise LittuneError(f"cannot export {tower.name} to ONNX ({first_line(e)})") from None
         finally:
             tower.train(was)
         if not err <= EXPORT_TOLERANCE:
             raise LittuneError(f"the ONNX export of {tower.name} disagrees with torch (relative error {err:.2g})")
-        write_json(folder / "tower.json", {"fingerprint": fp, "bytes": len(data),
-                                            "sha256": hash_file(folder / "tower.onnx"), "opset": OPSET,
-                                            "torch": torch.__version__, "relative_error": err})
-    return folder / "tower.onnx"
+        write_json(folder / f"{stem}.json", {"fingerprint": fp, "bytes": len(data),
+                                              "sha256": hash_file(folder / f"{stem}.onnx"), "opset": OPSET,
+                                              "torch": torch.__version__, "relative_error": err})
+    return folder / f"{stem}.onnx"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,11 +252,13 @@ def _onnxruntime_available() -> str | None:
     return None
 
 
-def open_runner(tower, runtime: str = "auto", device=None, threads: int | None = None, quiet: bool = False):
+def open_runner(tower, runtime: str = "auto", device=None, threads: int | None = None, quiet: bool = False,
+                spatial=None):
     """A :class:`TorchRunner` or :class:`ONNXRunner` for the locked ``tower`` (see the module doc).
 
     ``threads``: onnxruntime intra-op threads per call (torch's are set by the caller). With ``auto``
-    a tower that cannot take onnxruntime falls back to torch, saying why in one line (``quiet``: not)."""
+    a tower that cannot take onnxruntime falls back to torch, saying why in one line (``quiet``: not).
+    ``spatial``: the runner gives ``(features, map)`` (see the module doc)."""
     check_runtime(runtime)
     dev = _device(tower, device)
     from .onnx import ONNXTower
@@ -237,22 +266,24 @@ def open_runner(tower, runtime: str = "auto", device=None, threads: int | None =
     if isinstance(tower, ONNXTower):
         if runtime == "torch":
             raise LittuneError(f"{tower.name} is an ONNX graph: it runs on onnxruntime only (use --runtime auto)")
+        if spatial is not None:
+            raise LittuneError(f"{tower.name} is an ONNX graph: littune reads no spatial map from it")
         return _OwnSession(tower)
     if runtime == "torch" or (runtime == "auto" and dev.type != "cpu"):
-        return TorchRunner(tower, dev)
+        return TorchRunner(tower, dev, spatial=spatial)
     if dev.type != "cpu":
         raise LittuneError(f"--runtime onnxruntime runs on the CPU; the tower is on {dev} (use --runtime torch)")
     why = _onnxruntime_available()
     if why is None:
         try:
-            return ONNXRunner(export_onnx(tower), threads)
+            return ONNXRunner(export_onnx(tower, spatial=spatial), threads)
         except LittuneError as e:
             why = str(e)
     if runtime == "onnxruntime":
         raise LittuneError(why)
     if not quiet:
         _say(f"runtime torch for {tower.name}: {why}")
-    return TorchRunner(tower, dev)
+    return TorchRunner(tower, dev, spatial=spatial)
 
 
 class _OwnSession:

@@ -1,0 +1,189 @@
+"""Token caches: the locked tower's spatial map, stored beside its pooled features (``littune embed --tokens``).
+
+With ``tokens`` a cache also keeps, for the eval view of every image, the tower's map from the same forward
+pass as its pooled features (:func:`littune.towers.spatial.spatial_features`): a CNN's last feature map
+(EfficientNet-Lite0: 7 x 7 x 1280 at 224 px), a ViT's patch tokens. ``tokens=GRID`` bounds its size: a map
+larger than ``GRID x GRID`` is average-pooled to it (adaptive average pooling, as
+``torch.nn.functional.adaptive_avg_pool2d``); a smaller one is kept as it is. Tokens are float16, row-major
+over the grid, one file per shard (``shards/NNNNN.tokens.npy``, ``(n, h*w, F)``) whose size and sha256 the
+shard's commit record and the manifest hold like the features file's. The grid, the tokens' size and the
+pooling are deciding fields of the plan (:data:`KEY`): a cache with another grid, or none, is not reused;
+the manifest's ``"tokens"`` says ``{"grid": [h, w], "dim": F, "pool": "none" | "avg", "exact", "how"}``
+(``exact``: the pooled features are the mean of the stored tokens; ``how``: what the map is read from).
+
+:class:`TokenRows` is the reader's part (``cache.tokens(indices)``, with ``pread`` only, as the features).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import LittuneError
+from .pread import _Npy
+
+#: the token file of a shard, beside its features ``NNNNN.npy``
+SUFFIX = ".tokens.npy"
+#: the plan's deciding token fields (``KEY``) and its descriptive ones (``ABOUT``)
+KEY, ABOUT = "tokens", "tokens_about"
+
+
+def token_path(npy: Path) -> Path:
+    """The token file beside the features shard ``npy`` (``shards/00003.npy`` -> ``shards/00003.tokens.npy``)."""
+    return npy.with_name(npy.name[:-len(".npy")] + SUFFIX)
+
+
+def check_request(tokens) -> bool | int | None:
+    """``tokens`` as given to ``embed_source``: None/False (no tokens), True (the native grid) or a grid >= 1."""
+    if tokens is None or tokens is False:
+        return None
+    if tokens is True:
+        return True
+    if isinstance(tokens, (int, np.integer)) and int(tokens) >= 1:
+        return int(tokens)
+    raise LittuneError(f"tokens must be True (the tower's own grid) or a grid size >= 1, not {tokens!r}")
+
+
+def resolve(tower, tokens) -> dict | None:
+    """The token spec of a run of ``tower`` for the request ``tokens`` (see :func:`check_request`): None, or
+    ``{"grid": [h, w], "dim": F, "pool": "none" | "avg", "exact": bool, "how": str}``, learnt from one forward
+    pass of one blank image (the map's size depends on the tower and its input size only)."""
+    from ..towers.runtime import module_device
+    from ..towers.spatial import spatial_features
+
+    tokens = check_request(tokens)
+    if tokens is None:
+        return None
+    size = tower.preprocess.size
+    was = tower.training
+    tower.eval()
+    try:
+        with torch.inference_mode():
+            sf = spatial_features(tower, torch.zeros(1, 3, size, size, device=module_device(tower)))
+    finally:
+        tower.train(was)
+    (h0, w0), dim = sf.grid, int(sf.features.shape[-1])
+    grid = (h0, w0) if tokens is True else (min(tokens, h0), min(tokens, w0))
+    pooled = grid != (h0, w0)
+    exact = sf.exact and (not pooled or (h0 % grid[0] == 0 and w0 % grid[1] == 0))
+    how = sf.how + (f"; average-pooled from {h0} x {w0} to {grid[0]} x {grid[1]}"
+                    + ("" if exact or not sf.exact else " (uneven cells: their mean is not the pooled features)")
+                    if pooled else "")
+    return {"grid": list(grid), "dim": dim, "pool": "avg" if pooled else "none", "exact": exact, "how": how}
+
+
+def pooled_and_map(tower, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pooled (B, D), map (B, h, w, F))`` of one forward pass (what a runner's ``spatial`` computes)."""
+    from ..towers.spatial import spatial_features
+
+    sf = spatial_features(tower, pixels)
+    return sf.pooled, sf.features
+
+
+def plan_fields(spec: dict | None) -> dict:
+    """The plan's token fields: the deciding ones and the descriptive ones (none without tokens)."""
+    if not spec:
+        return {}
+    return {KEY: {k: spec[k] for k in ("grid", "dim", "pool")}, ABOUT: {k: spec[k] for k in ("exact", "how")}}
+
+
+def manifest_fields(plan: dict) -> dict:
+    """The manifest's ``"tokens"`` from the plan (none without tokens)."""
+    if not plan.get(KEY):
+        return {}
+    return {"tokens": {**plan[KEY], **plan.get(ABOUT, {})}}
+
+
+def to_grid(fmap: torch.Tensor, grid: Sequence[int], every: int = 1) -> np.ndarray:
+    """``(B / every, h*w, F)`` float32 tokens of the map ``fmap`` ``(B, H, W, F)`` (rows ``0, every, ...``: the
+    eval views of a batch of ``1 + views`` views per image), average-pooled to ``grid`` when it is smaller.
+    Each token is computed from its own image alone (the bytes do not depend on the batch)."""
+    fmap = torch.as_tensor(fmap)[::every].float()
+    b, h0, w0, f = fmap.shape
+    h, w = int(grid[0]), int(grid[1])
+    if (h, w) != (h0, w0):
+        fmap = F.adaptive_avg_pool2d(fmap.permute(0, 3, 1, 2), (h, w)).permute(0, 2, 3, 1)
+    return np.ascontiguousarray(fmap.reshape(b, h * w, f).cpu().numpy())
+
+
+def shard_files(entry: dict):
+    """``(file, bytes, sha256)`` of each file of a manifest's shard entry: its features, and its tokens."""
+    yield entry["file"], entry["bytes"], entry["sha256"]
+    if entry.get("tokens"):
+        t = entry["tokens"]
+        yield t["file"], t["bytes"], t["sha256"]
+
+
+class TokenRows:
+    """The token part of :class:`~littune.cache.EmbeddingCache` (a mixin: it reads the reader's manifest,
+    directory, shard list and ``max_open``)."""
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the cache stores tokens (``littune embed --tokens``)."""
+        return bool(self.manifest.get("tokens"))
+
+    @property
+    def token_grid(self) -> tuple[int, int] | None:
+        """``(h, w)`` of the stored token grid (None without tokens)."""
+        t = self.manifest.get("tokens")
+        return (int(t["grid"][0]), int(t["grid"][1])) if t else None
+
+    @property
+    def token_dim(self) -> int | None:
+        """``F``: the size of one token (None without tokens)."""
+        t = self.manifest.get("tokens")
+        return int(t["dim"]) if t else None
+
+    def tokens(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``(len(indices), h*w, F)`` float32 tokens of the eval view of images ``indices``, in that order
+        (row-major over the ``h x w`` grid), read with ``pread`` (one read per run of consecutive images)."""
+        if not self.has_tokens:
+            raise LittuneError(f"the cache {self.directory} was embedded without --tokens: littune embed SOURCE "
+                               f"--out {self.directory} --tokens [GRID] --no-resume stores them")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            bad = idx[(idx < -n) | (idx >= n)][0]
+            raise IndexError(f"image index {bad} out of range for a cache of {n} images")
+        idx = np.where(idx < 0, idx + n, idx)
+        h, w = self.token_grid
+        stored = np.empty((len(idx), h * w, self.token_dim), dtype=np.float16)
+        if not len(idx):
+            return stored.astype(np.float32)
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        which = np.searchsorted(self._starts, sidx, side="right") - 1
+        cuts = np.flatnonzero((np.diff(sidx) != 1) | (np.diff(which) != 0)) + 1
+        bounds = np.concatenate([[0], cuts, [len(sidx)]]).tolist()
+        local = (sidx - self._starts[which]).tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            j = int(which[a])
+            self._token_file(j).rows(local[a], local[a] + b - a, out=stored[a:b])
+        out = np.empty(stored.shape, dtype=np.float32)
+        out[order] = stored
+        return out
+
+    def _token_file(self, j: int):
+        files = self.__dict__.setdefault("_token_files", OrderedDict())
+        f = files.get(j)
+        if f is not None:
+            files.move_to_end(j)
+            return f
+        entry = self._shards[j]
+        f = _Npy(self.directory / entry["tokens"]["file"])
+        h, w = self.token_grid
+        want = (entry["count"], h * w, self.token_dim)
+        if f.shape != want or f.dtype != np.float16:
+            f.close()
+            raise LittuneError(f"{f.path} holds {f.dtype}{list(f.shape)}, the manifest says float16{list(want)}: "
+                               "re-run `littune embed`")
+        files[j] = f
+        while len(files) > self.max_open:
+            files.popitem(last=False)[1].close()
+        return f
