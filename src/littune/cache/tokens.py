@@ -111,6 +111,21 @@ def to_grid(fmap: torch.Tensor, grid: Sequence[int], every: int = 1) -> np.ndarr
     return np.ascontiguousarray(fmap.reshape(b, h * w, f).cpu().numpy())
 
 
+def bytes_per_image(cache) -> float:
+    """Bytes on disk per image of a cache's token files (0 for an empty cache or one without tokens)."""
+    total = sum(s["tokens"]["bytes"] for s in cache.manifest["shards"] if s.get("tokens"))
+    return total / max(1, len(cache))
+
+
+def size_line(cache) -> str:
+    """One line: the tokens a cache stores and their bytes per image on disk."""
+    t = cache.manifest["tokens"]
+    (h, w), total = t["grid"], sum(s["tokens"]["bytes"] for s in cache.manifest["shards"] if s.get("tokens"))
+    pooled = "" if t["pool"] == "none" else ", average-pooled"
+    return (f"tokens: {h} x {w} x {t['dim']} float16 per image{pooled}; {bytes_per_image(cache):,.0f} bytes per image "
+            f"on disk ({total / 2**20:,.1f} MiB in {cache.directory / 'shards'}/*{SUFFIX})")
+
+
 def shard_files(entry: dict):
     """``(file, bytes, sha256)`` of each file of a manifest's shard entry: its features, and its tokens."""
     yield entry["file"], entry["bytes"], entry["sha256"]

@@ -19,6 +19,13 @@ is not embedded again: its row is copied from that cache (found through littune'
 $LITTUNE_CACHE/features or ~/.cache/littune/features), so a second caption file over the same images,
 `littune index` and `littune eval` embed only what is new. The cache written is complete on its own.
 --no-reuse embeds everything.
+
+--tokens [GRID] also stores each image's spatial map from the same forward pass (a CNN's last feature map,
+EfficientNet-Lite0: 7 x 7 x 1280 at 224 px; a ViT's patch tokens), float16, for the centre-crop view only:
+what heat maps and a pooling head over tokens read (EmbeddingCache.tokens). GRID bounds its size: a larger
+map is average-pooled to GRID x GRID (--tokens 4: 16 tokens instead of 49). The grid is part of the cache's
+plan: a cache made without tokens, or with another grid, is not resumed into (use another --out or
+--no-resume). The bytes per image of the token shards are printed at the end.
 Several processes: torchrun --nproc_per_node 2 -m littune embed SOURCE --out CACHE
 (each rank embeds every N-th shard; rank 0 writes the manifest).
 """
@@ -45,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stored precision (default float16)")
     p.add_argument("--views", type=int, default=0, metavar="K",
                    help="also store K augmented views per image (default 0: the centre-crop view only)")
+    p.add_argument("--tokens", nargs="?", const=True, default=None, type=_grid, metavar="GRID",
+                   help="also store the tower's spatial map (CNN feature map, ViT patch tokens) of each image, "
+                        "float16, from the same forward pass; GRID: average-pool a larger map to GRID x GRID "
+                        "(default: the tower's own grid, 7 x 7 for efficientnet-lite0)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass (default 16 on a CPU, 64 on a GPU)")
     p.add_argument("--workers", type=int, default=None,
@@ -89,6 +100,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-code", action="store_true",
                    help="let a --tower .json file name a torch factory that littune imports and calls (a spec "
                         "typed on the command line needs no such leave: it is your own)")
+
+
+def _grid(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"GRID must be a whole number >= 1, not {text!r}")
+    return int(text)
 
 
 def _tower_spec(text: str, trust_code: bool = False):
@@ -138,7 +155,8 @@ def run(args) -> int:
             source, tower, args.out, dtype=args.dtype, views=args.views, batch_size=args.batch_size,
             workers=args.workers, shard_size=args.shard_size, resume=args.resume, progress=not args.quiet,
             seed=args.seed, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, device=device,
-            distributed=world > 1, lanes=args.lanes, threads=args.threads, runtime=args.runtime, reuse=args.reuse)
+            distributed=world > 1, lanes=args.lanes, threads=args.threads, runtime=args.runtime, reuse=args.reuse,
+            tokens=args.tokens)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -147,6 +165,10 @@ def run(args) -> int:
         if note:
             print(f"littune embed: {note}", file=sys.stderr)
         print(summary(cache))
+        if cache.has_tokens:
+            from ..cache.tokens import size_line
+
+            print(size_line(cache))
         if cache.reuse.line():
             print(cache.reuse.line())
     if len(cache) == 0:
