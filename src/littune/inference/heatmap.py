@@ -13,7 +13,9 @@ matches there. Nothing is trained for it::
     hm.box             # the whole image in map cells (to draw the image under the map)
 
 The tower runs once on the image, in torch (never through onnxruntime, which gives only the pooled
-output), under ``no_grad`` and in eval mode. For a CLS-pooled ViT the patch tokens only approximate
+output), under ``no_grad`` and in eval mode. :func:`cached_heatmap` draws the same maps from a token cache
+(``littune embed --tokens``) without running the tower: the cached tokens and pooled features of the image
+go through the same head and cosines (:func:`cached_heatmaps` for a batch of cached images). For a CLS-pooled ViT the patch tokens only approximate
 what the head was trained on (``exact`` is False; ``how`` says which). :func:`heatmaps` does the same
 for a batch of pixels against one set of text embeddings (the pointing game,
 :mod:`littune.eval.pointing`).
@@ -98,26 +100,59 @@ def spatial_embeddings(model, pixels: torch.Tensor) -> tuple[torch.Tensor, Spati
     _check_head(model)
     with evaluating(model):
         sf = spatial_features(model.image_tower, pixels.to(model_device(model)))
-        head = model.image_head
-        if isinstance(head, AttentionPoolHead):  # each location's share of the pooled embedding: exact
-            b, h, w, f = sf.features.shape
-            emb = head.location_embeddings(sf.features.reshape(b, h * w, f).to(head.weight.dtype))
-            return emb.reshape(b, h, w, -1), replace(sf, exact=True, how=f"{sf.how}; attention head: each "
-                                                     "location's share of the image embedding (exact)")
-        dtype = head.weight.dtype if isinstance(head, nn.Linear) else sf.features.dtype
-        return head(sf.features.to(dtype)), sf
+        if isinstance(model.image_head, AttentionPoolHead):  # each location's share of the pooled embedding: exact
+            sf = replace(sf, exact=True, how=f"{sf.how}; attention head: each location's share of the image "
+                                             "embedding (exact)")
+        return _head_at(model, sf.features), sf
+
+
+def _head_at(model, features: torch.Tensor) -> torch.Tensor:
+    """The image head applied to each location's feature ``(B, h, w, F)`` -> ``(B, h, w, D)`` (an attention head:
+    each location's share of the image embedding)."""
+    head = model.image_head
+    if isinstance(head, AttentionPoolHead):
+        b, h, w, f = features.shape
+        return head.location_embeddings(features.reshape(b, h * w, f).to(head.weight.dtype)).reshape(b, h, w, -1)
+    dtype = head.weight.dtype if isinstance(head, nn.Linear) else features.dtype
+    return head(features.to(dtype))
+
+
+def _head_input(model, features: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """What the image head reads: the map's tokens ``(B, h*w, F)`` (an attention head) or the pooled features."""
+    return features.flatten(1, 2) if isinstance(model.image_head, AttentionPoolHead) else pooled
+
+
+def _cosines(model, emb: torch.Tensor, head_input: torch.Tensor,
+             weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(maps (B, T, h, w), pooled (B, T))``: cosines of the location embeddings ``emb`` and of the image
+    embedding of ``head_input`` (:func:`_head_input`) with the normalised text embeddings ``weights``."""
+    with evaluating(model):
+        w = weights.to(emb.device, emb.dtype)
+        maps = torch.einsum("bhwd,td->bthw", F.normalize(emb, dim=-1), w)
+        pooled = model.embed_image_features(head_input.to(emb.device)) @ w.T
+    return maps.float().cpu(), pooled.float().cpu()
 
 
 def heatmaps(model, pixels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SpatialFeatures]:
     """``(maps (B, T, h, w), pooled (B, T), spatial features)``: cosines of each location's embedding
     and of the pooled embedding of ``pixels`` with the normalised text embeddings ``weights`` ``(T, D)``."""
     emb, sf = spatial_embeddings(model, pixels)
+    return (*_cosines(model, emb, _head_input(model, sf.features, sf.pooled), weights), sf)
+
+
+def cached_heatmaps(model, cache, indices: Sequence[int], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(maps (B, T, h, w), pooled (B, T))`` of the cached images ``indices`` of the token cache ``cache`` (an
+    :class:`~littune.cache.EmbeddingCache` of the model's tower): :func:`heatmaps`' cosines, from the cached
+    tokens and pooled features (the tower does not run)."""
+    _check_head(model)
+    cache.check(tower_fingerprint=model.image_tower.fingerprint())
+    h, w = cache.token_grid or (0, 0)
+    tokens = cache.tokens(indices)  # one line if the cache has none
+    dev = model_device(model)
+    feats = torch.from_numpy(tokens).to(dev).reshape(len(tokens), h, w, cache.token_dim)
     with evaluating(model):
-        w = weights.to(emb.device, emb.dtype)
-        maps = torch.einsum("bhwd,td->bthw", F.normalize(emb, dim=-1), w)
-        tokens = isinstance(model.image_head, AttentionPoolHead)  # the head reads the map, not the pooled features
-        pooled = model.embed_image_features(sf.features.flatten(1, 2) if tokens else sf.pooled) @ w.T
-    return maps.float().cpu(), pooled.float().cpu(), sf
+        emb = _head_at(model, feats)
+    return _cosines(model, emb, _head_input(model, feats, torch.from_numpy(cache.features(indices))), weights)
 
 
 def text_weights(model, texts: Sequence[str], templates: str | Sequence[str] = "none") -> torch.Tensor:
@@ -151,11 +186,52 @@ def heatmap(model, image: ImageLike, texts: Sequence[str], templates: str | Sequ
     elif len(weights) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(weights)} text embeddings")
     maps, pooled, sf = heatmaps(model, pre.eval(img)[None], weights)
-    size = tuple(int(v) for v in img.info.get(SIZE_INFO, img.size))
-    sx, sy = size[0] / img.size[0], size[1] / img.size[1]  # a JPEG decoded at a DCT scale is smaller
-    left, top, right, bottom = pre.eval_box(*img.size)
-    crop = (left * sx, top * sy, right * sx, bottom * sy)
+    return _heatmap(model, texts, maps[0], pooled[0], img, sf.exact, sf.how)
+
+
+def _heatmap(model, texts, maps: torch.Tensor, pooled: torch.Tensor, img, exact: bool, how: str) -> HeatMap:
+    """The :class:`HeatMap` of one image's ``maps`` ``(T, h, w)`` and ``pooled`` ``(T,)`` over the decoded image
+    ``img`` (None: the eval view's own square, in its pixels)."""
+    from .data.decode import SIZE_INFO
+
+    pre = model.preprocess
+    if img is None:
+        size, crop = (pre.size, pre.size), (0.0, 0.0, float(pre.size), float(pre.size))
+    else:
+        size = tuple(int(v) for v in img.info.get(SIZE_INFO, img.size))
+        sx, sy = size[0] / img.size[0], size[1] / img.size[1]  # a JPEG decoded at a DCT scale is smaller
+        left, top, right, bottom = pre.eval_box(*img.size)
+        crop = (left * sx, top * sy, right * sx, bottom * sy)
     scale = model.logit_scale.detach().exp().float().cpu()
-    return HeatMap(texts=[str(t).strip() for t in texts], maps=maps[0].numpy(), pooled=pooled[0].numpy(),
-                   probabilities=F.softmax(scale * pooled[0], dim=-1).numpy(), crop=crop,
-                   box=image_box(crop, size, sf.grid), image_size=size, exact=sf.exact, how=sf.how, image=img)
+    return HeatMap(texts=[str(t).strip() for t in texts], maps=maps.numpy(), pooled=pooled.numpy(),
+                   probabilities=F.softmax(scale * pooled, dim=-1).numpy(), crop=crop,
+                   box=image_box(crop, size, tuple(maps.shape[1:])), image_size=size, exact=exact, how=how, image=img)
+
+
+def cached_heatmap(model, cache, index: int, texts: Sequence[str], templates: str | Sequence[str] = "none",
+                   weights: torch.Tensor | None = None, image: ImageLike | None = None) -> HeatMap:
+    """The heat maps of image ``index`` of the token cache ``cache`` (a directory or an opened
+    :class:`~littune.cache.EmbeddingCache` embedded with ``--tokens`` by the model's tower) for ``texts``:
+    what :func:`heatmap` gives for that image (to float16 rounding, on the stored grid), without running the
+    tower. ``image`` (default: the file the cache read, when it is one) is decoded for the map's place over
+    the image only; without one the map covers the eval view's square (``crop`` in its pixels)."""
+    import os
+
+    from .cache import EmbeddingCache
+    from .data.decode import BadImage
+
+    cache = cache if isinstance(cache, EmbeddingCache) else EmbeddingCache.open(cache, verify=False)
+    if weights is None:
+        weights = text_weights(model, texts, templates)
+    elif len(weights) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(weights)} text embeddings")
+    maps, pooled = cached_heatmaps(model, cache, [index], weights)
+    if image is None and os.path.isfile(cache.path(index)):
+        image = cache.path(index)
+    try:
+        img = None if image is None else load_rgb(image, model.preprocess.draft_to)
+    except BadImage as e:
+        raise LittuneError(f"cannot read image {describe(image)}: {e.reason}"
+                           + (f": {e.detail}" if e.detail else "")) from None
+    t = cache.manifest["tokens"]
+    return _heatmap(model, texts, maps[0], pooled[0], img, bool(t.get("exact")), str(t.get("how", "")))
