@@ -227,6 +227,13 @@ def test_tokens_of_a_cache_without_them_is_one_line_naming_the_option(tmp_path, 
         cache.tokens([0])
     assert "was embedded without --tokens: littune embed" in str(e.value) and "--tokens" in str(e.value).split(":")[-1]
     assert "\n" not in str(e.value)
+    # a tower littune reads no map from (an ONNX graph) is refused in one line before anything is written
+    from littune.runtime import export_onnx
+
+    graph = {"type": "onnx", "path": str(export_onnx(tower)), "preprocess": SPEC["preprocess"]}
+    with pytest.raises(LittuneError, match="^--tokens: onnx:tower.onnx: no spatial features") as e:
+        embed_source(src, graph, tmp_path / "g", tokens=True, workers=0, progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "g").exists()
 
 
 def _rss() -> int:

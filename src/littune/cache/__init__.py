@@ -12,6 +12,7 @@ Layout of a cache directory::
     plan.json                 what is being computed (lets an interrupted run resume)
     shards/00000.npy          (n, 1 + views, dim) float16/float32: view 0 = eval (centre crop),
     shards/00000.json         then the augmented views; the json is the shard's commit record
+    shards/00000.tokens.npy   with --tokens: (n, h*w, F) float16, the eval view's spatial map (see .tokens)
     keys.utf8, key_offsets.npy             image keys (one UTF-8 blob + int64 offsets)
     paths.utf8, path_offsets.npy           where each image came from
     captions.utf8, caption_offsets.npy     every caption; image_captions.npy maps image -> captions
@@ -39,8 +40,9 @@ the manifest after a barrier; the result equals a one-process run.
 
 The package: :mod:`.format` (names, plan, shard commit records, tables, manifest), :mod:`.workers`
 (decoding processes, speed defaults), :mod:`.lock` (one writer per directory), :mod:`.forward` (the
-tower as one function), :mod:`.shards` (the shard loop), :mod:`.writer` (:func:`embed_source`,
-:func:`write_cache`), :mod:`.reader` (:class:`EmbeddingCache`), :mod:`.stale` (is a cache the
+tower as one function), :mod:`.shards` (the shard loop), :mod:`.writer` (:func:`embed_source`),
+:mod:`.precomputed` (:func:`write_cache`), :mod:`.reader` (:class:`EmbeddingCache`; :mod:`.pread`, its
+positional reads), :mod:`.tokens` (token caches: the tower's spatial map beside its features), :mod:`.stale` (is a cache the
 configuration's: tower and source fingerprints, and the rule they were made by), :mod:`.registry` (the
 feature index: which cached row holds which image file's features) and :mod:`.reuse` (a run copies those
 rows instead of embedding the same files again).

@@ -65,6 +65,8 @@ def resolve(tower, tokens) -> dict | None:
     try:
         with torch.inference_mode():
             sf = spatial_features(tower, torch.zeros(1, 3, size, size, device=module_device(tower)))
+    except LittuneError as e:
+        raise LittuneError(f"--tokens: {e}") from None
     finally:
         tower.train(was)
     (h0, w0), dim = sf.grid, int(sf.features.shape[-1])
