@@ -17,13 +17,23 @@ machine hurts all alike):
   runtime with fast decoding (``littune embed --fast-decode``: JPEG draft + reducing_gap), the same files.
   Each pipeline's CPU time per image (this process and its decoding workers) is printed too.
 
+With tokens (``littune embed --tokens [GRID]``; skipped with ``--no-tokens``), in the same rounds: the pipeline
+again on each runtime storing the tower's spatial map (EfficientNet-Lite0: 7 x 7 x 1280 float16) and, on the
+chosen runtime, pooled to ``--tokens-grid`` (default 4: 4 x 4); the bare forward of onnxruntime's graph with
+the map as a second output (the extra output's cost); the token shards' bytes per image on disk.
+
 It ends with ``result:`` lines: ``embed_speedup_vs_torch_eager`` (pipeline on the chosen runtime /
 pipeline with ``--runtime torch``; target >= 2.5 on a CPU) and ``embed_pipeline_vs_bare`` (pipeline /
 the chosen runtime's bare forward; target >= 0.85), then the same two with the fast-decoding pipeline
-in the numerator (``..._fast_decode``; the denominators are the same). Run from the repository root:
+in the numerator (``..._fast_decode``; the denominators are the same); with tokens also
+``embed_tokens_vs_plain_RUNTIME`` (pipeline with ``--tokens`` / without, per runtime, the same round's files),
+``embed_tokens_GRID_vs_plain_RUNTIME`` (``--tokens GRID``), ``onnxruntime_map_output_vs_plain`` (bare forward with
+the map output / without; 1.0 = free) and ``token_bytes_per_image_native`` / ``token_bytes_per_image_grid_GRID``.
+Run from the repository root:
 
     python benchmarks/embed_throughput.py                        # efficientnet-lite0, 512 images
     python benchmarks/embed_throughput.py --tower tiny --images 2000   # the decode-bound extreme
+    python benchmarks/embed_throughput.py --images 64 --repeat 2       # a small run, tokens included
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import torch
 from PIL import Image
 
 from littune.cache import _cores, default_batch_size, default_lanes, default_threads, default_workers, embed_source
+from littune.cache.tokens import bytes_per_image, pooled_and_map
 from littune.data.decode import load_image
 from littune.data.sources import open_source
 from littune.towers.runtime import open_runner
@@ -139,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the best of each measurement counts")
     p.add_argument("--dir", help="keep the images (and reuse them) here instead of a temporary folder")
+    p.add_argument("--no-tokens", dest="tokens", action="store_false", help="skip the --tokens measurements")
+    p.add_argument("--tokens-grid", type=int, default=4, metavar="GRID", help="the pooled token grid (default 4)")
     args = p.parse_args(argv)
     sides = tuple(int(x) for x in args.short_side.split("-"))
     workers = default_workers() if args.workers is None else args.workers
@@ -161,6 +174,8 @@ def main(argv=None) -> int:
         records = source.records()
         fast = fast_decoding(tower)
         open_runner(fast, "auto", threads=threads, quiet=True).close()  # its own fingerprint: export it untimed
+        if args.tokens:  # the graph with the map output: exported untimed too
+            open_runner(tower, "auto", threads=threads, quiet=True, spatial=pooled_and_map).close()
         costs = {"exact": decode_costs(records, tower.preprocess), "fast": decode_costs(records, fast.preprocess)}
         pixels = torch.stack([tower.preprocess.eval(load_image(r.path)) for r in records])
         res = rounds(args, tower, fast, source, pixels, workers, lanes, threads)
@@ -195,6 +210,31 @@ def report(args, tower, res: dict, costs: dict, speed: tuple, default_torch_thre
     print(f"result: embed_pipeline_vs_bare = {pipe * per / bare:.3f}")
     print(f"result: embed_speedup_vs_torch_eager_fast_decode = {pipe_fast / best['pipe torch']:.2f}")
     print(f"result: embed_pipeline_vs_bare_fast_decode = {pipe_fast * per / bare:.3f}")
+    if args.tokens:
+        report_tokens(args, best, res, chosen)
+
+
+def report_tokens(args, best: dict, res: dict, chosen: str) -> None:
+    """The token lines: pipelines with and without tokens, the map output's cost, bytes per image."""
+    g = args.tokens_grid
+    for rt in dict.fromkeys((chosen, "torch")):
+        if f"pipe {rt} tokens" in best:
+            print(f"embed pipeline with --tokens, runtime {rt:<12}: {best[f'pipe {rt} tokens']:7.1f} images/s "
+                  f"(without: {best[f'pipe {rt}']:.1f})")
+    print(f"embed pipeline with --tokens {g}, runtime {chosen:<10}: {best[f'pipe {chosen} tokens{g}']:7.1f} images/s")
+    if f"bare {chosen} map" in best:
+        print(f"bare forward with the map output, runtime {chosen}: {best[f'bare {chosen} map']:7.1f} images/s "
+              f"(without: {best[f'bare {chosen}']:.1f})")
+    native, pooled = res[f"bytes {chosen} tokens"][0], res[f"bytes {chosen} tokens{g}"][0]
+    print(f"token shards on disk: {native:,.0f} bytes per image (native grid), {pooled:,.0f} (--tokens {g})")
+    for rt in dict.fromkeys((chosen, "torch")):
+        if f"pipe {rt} tokens" in best:
+            print(f"result: embed_tokens_vs_plain_{rt} = {best[f'pipe {rt} tokens'] / best[f'pipe {rt}']:.3f}")
+    print(f"result: embed_tokens_{g}_vs_plain_{chosen} = {best[f'pipe {chosen} tokens{g}'] / best[f'pipe {chosen}']:.3f}")
+    if f"bare {chosen} map" in best:
+        print(f"result: {chosen}_map_output_vs_plain = {best[f'bare {chosen} map'] / best[f'bare {chosen}']:.3f}")
+    print(f"result: token_bytes_per_image_native = {native:.0f}")
+    print(f"result: token_bytes_per_image_grid_{g} = {pooled:.0f}")
 
 
 def rounds(args, tower, fast, source, pixels, workers: int, lanes: int, threads: int) -> dict:
@@ -215,23 +255,47 @@ def rounds(args, tower, fast, source, pixels, workers: int, lanes: int, threads:
                         f"pipeline {pipeline(args, tower, source, rt, name, res, speed):.1f}")
             if rt == "auto":  # the same runtime, with fast decoding
                 line.append(f"fast-decode pipeline {pipeline(args, fast, source, rt, name, res, speed):.1f}")
+            if args.tokens:
+                line.append(token_rounds(args, tower, source, pixels, rt, name, res, speed))
             if rt == "auto" and name == "torch":  # nothing faster here: one torch measurement is enough
                 break
         print(f"  round {r + 1}: " + " | ".join(line) + " images/s", file=sys.stderr)
     return res
 
 
-def pipeline(args, tower, source, rt: str, name: str, res: dict, speed: tuple) -> float:
-    """One whole ``embed_source`` run into a fresh folder; records images/s and CPU ms per image in ``res``."""
+def token_rounds(args, tower, source, pixels, rt: str, name: str, res: dict, speed: tuple) -> str:
+    """This round's token measurements on runtime ``rt`` (``name``): the pipeline with ``--tokens``, and on the
+    chosen runtime with ``--tokens GRID`` and the bare forward of the graph with the map output."""
+    line = f"tokens pipeline {pipeline(args, tower, source, rt, name, res, speed, tokens=True):.1f}"
+    if rt != "auto":
+        return line
+    line += f", tokens {args.tokens_grid} pipeline "
+    line += f"{pipeline(args, tower, source, rt, name, res, speed, tokens=args.tokens_grid):.1f}"
+    if name == "onnxruntime":
+        workers, lanes, threads = speed
+        runner = open_runner(tower, rt, threads=threads, quiet=True, spatial=pooled_and_map)
+        res.setdefault(f"bare {name} map", []).append(bare_forward(runner, pixels, args.batch_size, lanes, threads))
+        runner.close()
+        line += f", bare with map {res[f'bare {name} map'][-1]:.1f}"
+    return line
+
+
+def pipeline(args, tower, source, rt: str, name: str, res: dict, speed: tuple, tokens=None) -> float:
+    """One whole ``embed_source`` run into a fresh folder; records images/s and CPU ms per image in ``res``
+    (and with ``tokens``, the token shards' bytes per image)."""
     n = len(source.records())
     key = name + (" fast-decode" if tower.preprocess.decode == "fast" else "")
+    key += "" if tokens is None else " tokens" if tokens is True else f" tokens{tokens}"
     workers, lanes, threads = speed
     t, c = time.perf_counter(), cpu_seconds()
     cache = embed_source(source, tower, Path(tempfile.mkdtemp(prefix="littune-bench-cache-")),
                          dtype=args.dtype, views=args.views, batch_size=args.batch_size, workers=workers,
-                         lanes=lanes, threads=threads, resume=False, progress=False, runtime=rt)
+                         lanes=lanes, threads=threads, resume=False, progress=False, runtime=rt, tokens=tokens)
     res.setdefault(f"pipe {key}", []).append(n / (time.perf_counter() - t))
     res.setdefault(f"cpu {key}", []).append(1000 * (cpu_seconds() - c) / n)
+    if tokens is not None:
+        assert cache.has_tokens
+        res.setdefault(f"bytes {key}", []).append(bytes_per_image(cache))
     assert len(cache) == n and cache.manifest["runtime"] == name, cache.manifest.get("runtime")
     assert cache.manifest["preprocess"]["decode"] == tower.preprocess.decode
     shutil.rmtree(cache.directory, ignore_errors=True)
