@@ -170,7 +170,7 @@ def test_a_killed_token_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_pat
 
 def test_onnxruntime_gives_torchs_map_from_the_same_pass(tower):
     from littune.cache.tokens import pooled_and_map
-    from littune.runtime import ONNXRunner, open_runner
+    from littune.towers.runtime import ONNXRunner, open_runner
 
     plain = open_runner(tower, "onnxruntime")
     both = open_runner(tower, "onnxruntime", spatial=pooled_and_map)
@@ -228,7 +228,7 @@ def test_tokens_of_a_cache_without_them_is_one_line_naming_the_option(tmp_path, 
     assert "was embedded without --tokens: littune embed" in str(e.value) and "--tokens" in str(e.value).split(":")[-1]
     assert "\n" not in str(e.value)
     # a tower littune reads no map from (an ONNX graph) is refused in one line before anything is written
-    from littune.runtime import export_onnx
+    from littune.towers.runtime import export_onnx
 
     graph = {"type": "onnx", "path": str(export_onnx(tower)), "preprocess": SPEC["preprocess"]}
     with pytest.raises(LittuneError, match="^--tokens: onnx:tower.onnx: no spatial features") as e:
@@ -290,7 +290,7 @@ def _lit(tower_spec):
 
 def _same_heatmaps(model, cache, files, tolerance: float) -> float:
     """Heat maps of the cached images == those of running the tower on the files; returns the largest gap."""
-    from littune.heatmap import cached_heatmap, heatmap
+    from littune.inference.heatmap import cached_heatmap, heatmap
 
     gap = 0.0
     for i, f in enumerate(files):
@@ -311,7 +311,7 @@ def _photo_csv(root: Path) -> tuple[Path, list[Path]]:
 
 
 def test_heatmaps_from_cached_tokens_are_those_of_running_the_tiny_tower(tmp_path):
-    from littune.heatmap import cached_heatmap
+    from littune.inference.heatmap import cached_heatmap
 
     model = _lit(SPEC)
     csv_path, files = _photo_csv(tmp_path)

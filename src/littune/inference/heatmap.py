@@ -192,7 +192,7 @@ def heatmap(model, image: ImageLike, texts: Sequence[str], templates: str | Sequ
 def _heatmap(model, texts, maps: torch.Tensor, pooled: torch.Tensor, img, exact: bool, how: str) -> HeatMap:
     """The :class:`HeatMap` of one image's ``maps`` ``(T, h, w)`` and ``pooled`` ``(T,)`` over the decoded image
     ``img`` (None: the eval view's own square, in its pixels)."""
-    from .data.decode import SIZE_INFO
+    from ..data.decode import SIZE_INFO
 
     pre = model.preprocess
     if img is None:
@@ -217,8 +217,8 @@ def cached_heatmap(model, cache, index: int, texts: Sequence[str], templates: st
     the image only; without one the map covers the eval view's square (``crop`` in its pixels)."""
     import os
 
-    from .cache import EmbeddingCache
-    from .data.decode import BadImage
+    from ..cache import EmbeddingCache
+    from ..data.decode import BadImage
 
     cache = cache if isinstance(cache, EmbeddingCache) else EmbeddingCache.open(cache, verify=False)
     if weights is None:

@@ -22,7 +22,7 @@ starts no worse than linear, and the mean stays as a residual path.
 location's share, ``x_t / T + gamma * W_o (a_{h,t} v_{h,t})_h + gamma * b_o / T`` (``a``: the query's
 attention weights; they sum to 1 over the locations, so the value bias is a share too). ``proj(T * share_t)``
 is each location's embedding, whose mean is the image's embedding before normalisation, exactly as the
-linear head applied at each location is (:mod:`littune.heatmap`). With a block, ``x_t`` has seen the other
+linear head applied at each location is (:mod:`littune.inference.heatmap`). With a block, ``x_t`` has seen the other
 locations.
 
 The number of attention heads follows the token width: ``F // 64`` where 64 divides ``F``, else 1
