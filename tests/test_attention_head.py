@@ -268,78 +268,58 @@ def test_a_cache_without_tokens_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
-class TokenCache:
-    """A real :class:`EmbeddingCache` with the token contract (``has_tokens``, ``token_grid``, ``token_dim``,
-    ``tokens(rows)``) answered from an array of the real tower's tokens; everything else is the cache's."""
-
-    def __init__(self, cache, tokens: np.ndarray, grid: tuple[int, int]):
-        self._cache, self._tokens = cache, tokens
-        self.has_tokens, self.token_grid, self.token_dim = True, grid, int(tokens.shape[-1])
-        self.reads = 0
-
-    def __getattr__(self, name):
-        return getattr(self._cache, name)
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    def tokens(self, rows) -> np.ndarray:
-        self.reads += 1
-        return self._tokens[np.asarray(rows, dtype=np.int64)].astype(np.float32)
-
-
-def _token_cache(tmp_path, spec: str):
-    """The cache of ``spec`` over the coloured-shapes source, and its tokens from the same tower."""
+def _token_cache(tmp_path, spec: str, grid=True, name: str = "cache"):
+    """A real token cache (``embed_source(tokens=grid)``) of ``spec`` over the coloured-shapes source."""
     from test_trainer import make_source
 
     from littune.cache import embed_source
-    from littune.data.decode import load_image
     from littune.data.sources import open_source
-    from littune.model.heads import tower_tokens
     from littune.towers.image import build_image_tower
 
     src = make_source(tmp_path / "data")
     tower = build_image_tower(yaml.safe_load(spec.split("=", 1)[1])).eval()
-    cache = embed_source(open_source(str(src)), tower, tmp_path / "cache", batch_size=8, progress=False)
-    with torch.no_grad():
-        pixels = torch.stack([tower.preprocess.eval(load_image(cache.path(i))) for i in range(len(cache))])
-        tokens = tower_tokens(tower, pixels).numpy().astype(np.float16)
-    return src, tokens
+    cache = embed_source(open_source(str(src)), tower, tmp_path / name, batch_size=8, progress=False, tokens=grid)
+    assert cache.has_tokens
+    return src, cache
 
 
-def test_training_from_a_token_cache_never_runs_the_tower_and_lowers_the_loss(tmp_path, monkeypatch):
-    import counting_tower
-    from test_trainer import COUNTED, TINY
+def _train_from_tokens(tmp_path, spec: str, cache, src, *extra, steps: int = 80):
+    from test_trainer import TINY
 
-    from littune import load
-    from littune.cache import EmbeddingCache
-    from littune.data.decode import load_image
     from littune.train.trainer import Trainer
 
-    src, tokens = _token_cache(tmp_path, COUNTED)
-    opened = []
-    real_open = EmbeddingCache.open.__func__
+    val = "val.retrieval=[{name: train, cache: '" + str(cache.directory) + "'}]"
+    cfg = load_config(overrides=TINY + [spec, f"run_dir={tmp_path / 'run'}", f"data.source={src}",
+                                        f"data.cache={cache.directory}", f"steps={steps}",
+                                        "model.image_head=attention", val, *extra])
+    return Trainer(cfg).run()
 
-    def open_with_tokens(cls, directory, *a, **k):
-        opened.append(TokenCache(real_open(cls, directory, *a, **k), tokens, (4, 4)))
-        return opened[-1]
 
-    monkeypatch.setattr(EmbeddingCache, "open", classmethod(open_with_tokens))
-    cfg = load_config(overrides=TINY + [COUNTED, f"run_dir={tmp_path / 'run'}", f"data.source={src}",
-                                        f"data.cache={tmp_path / 'cache'}", "steps=80", "model.image_head=attention",
-                                        "val.retrieval=[{name: train, cache: '" + str(tmp_path / "cache") + "'}]"])
+def _pixels(model, cache, rows) -> torch.Tensor:
+    from littune.data.decode import load_image
+
+    return torch.stack([model.preprocess.eval(load_image(cache.path(i))) for i in rows])
+
+
+def test_training_from_a_token_cache_never_runs_the_tower_and_lowers_the_loss(tmp_path):
+    """A real token cache (``embed_source(tokens=True)``, the real reader): training and validation read its
+    tokens, the tower is never run, and the trained head embeds pixels as it embedded the cached tokens."""
+    import counting_tower
+    from test_trainer import COUNTED
+
+    from littune import load
+
+    src, cache = _token_cache(tmp_path, COUNTED)
+    assert cache.token_grid == (4, 4) and cache.token_dim == 32
     counting_tower.BUILT.clear()
-    out = Trainer(cfg).run()
+    out = _train_from_tokens(tmp_path, COUNTED, cache, src)
     assert len(counting_tower.BUILT) == 2 and not any(counting_tower.BUILT)  # built to fingerprint and export, never run
-    assert opened[0].reads >= 1 and opened[-1].reads >= 1  # training and validation read the tokens
     losses = _losses(tmp_path / "run")
     assert len(losses) == 80 and np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["train"]["text_retrieval_recall@10"] > 0.5  # validated from the tokens (chance: 10/64)
     model = load(out, trust_code=True)
     assert model.config.image_head == "attention" and not any(counting_tower.BUILT)
-    # the trained head embeds pixels as it embedded the cached (float16) tokens
     with torch.no_grad():
-        px = torch.stack([model.preprocess.eval(load_image(opened[0].path(i))) for i in range(4)])
-        from_cache = model.embed_image_features(torch.from_numpy(tokens[:4].astype(np.float32)))
-        assert torch.allclose(model.encode_image(px), from_cache, atol=1e-2)
+        from_cache = model.embed_image_features(torch.from_numpy(cache.tokens(range(4))))
+        assert torch.allclose(model.encode_image(_pixels(model, cache, range(4))), from_cache, atol=1e-2)
