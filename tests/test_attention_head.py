@@ -276,7 +276,8 @@ def _token_cache(tmp_path, spec: str, grid=True, name: str = "cache"):
     from littune.data.sources import open_source
     from littune.towers.image import build_image_tower
 
-    src = make_source(tmp_path / "data")
+    src = tmp_path / "data" / "pairs.csv"
+    src = src if src.exists() else make_source(tmp_path / "data")  # one source for several caches
     tower = build_image_tower(yaml.safe_load(spec.split("=", 1)[1])).eval()
     cache = embed_source(open_source(str(src)), tower, tmp_path / name, batch_size=8, progress=False, tokens=grid)
     assert cache.has_tokens
@@ -323,3 +324,60 @@ def test_training_from_a_token_cache_never_runs_the_tower_and_lowers_the_loss(tm
     with torch.no_grad():
         from_cache = model.embed_image_features(torch.from_numpy(cache.tokens(range(4))))
         assert torch.allclose(model.encode_image(_pixels(model, cache, range(4))), from_cache, atol=1e-2)
+
+
+def test_a_model_trained_on_a_pooled_token_grid_pools_the_towers_map_to_it_in_encode_image_onnx_and_heat_maps(
+        tmp_path):
+    """``--tokens 2`` over the tiny tower's 4 x 4 map: the head trains on 2 x 2 average-pooled tokens, so the
+    saved model records the grid (config.json) and pools the tower's map to it wherever it runs the tower."""
+    ort = pytest.importorskip("onnxruntime")
+    from test_trainer import TINY
+
+    from littune import load
+    from littune.export.onnx import export_onnx_model
+
+    spec = TINY[1]
+    src, cache = _token_cache(tmp_path, spec, grid=2)
+    assert cache.token_grid == (2, 2)
+    out = _train_from_tokens(tmp_path, spec, cache, src, "model.image_head_blocks=1", steps=40)
+    meta = json.loads((out / "config.json").read_text())
+    model = load(out, trust_code=True)
+    px = _pixels(model, cache, range(6))
+    with torch.no_grad():
+        from_cache = model.embed_image_features(torch.from_numpy(cache.tokens(range(6))))
+        got = model.encode_image(px)
+    assert (got - from_cache).abs().max() < 1e-3  # float16 tokens (measured 6e-5; 1.7e-2 feeding the 4 x 4 map)
+    assert meta["image_token_grid"] == [2, 2]
+    hm = model.heatmap(cache.path(0), ["red square", "blue circle"])
+    assert hm.maps.shape == (2, 2, 2)
+    assert np.allclose(hm.pooled, (got[:1] @ model.encode_texts(["red square", "blue circle"]).T)[0].numpy(),
+                       atol=1e-5)
+    export_onnx_model(model, tmp_path / "onnx")
+    onnx = ort.InferenceSession(str(tmp_path / "onnx" / "image.onnx")).run(None, {"pixels": px.numpy()})[0]
+    assert np.abs(onnx - got.numpy()).max() <= 1e-4
+
+
+def test_a_validation_cache_of_another_token_grid_is_one_line_naming_it(tmp_path):
+    from test_trainer import TINY
+
+    spec = TINY[1]
+    src, pooled = _token_cache(tmp_path, spec, grid=2)
+    _, native = _token_cache(tmp_path, spec, name="native")
+    with pytest.raises(LittuneError) as e:
+        _train_from_tokens(tmp_path, spec, pooled, src, "val.zeroshot=[{cache: '" + str(native.directory) + "'}]")
+    assert str(e.value) == (f"val.zeroshot[0]: the cache {native.directory} holds 4 x 4 tokens; the attention image "
+                            "head reads 2 x 2 tokens (the grid it was trained on): littune embed SOURCE --out CACHE "
+                            "--tokens 2 stores them")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_bad_token_grid_in_config_json_is_one_line(tmp_path):
+    from littune import load
+
+    lit().save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["image_token_grid"] is None  # not trained from a token cache: the tower's own map
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**meta, "image_token_grid": [2, "x"]}))
+    with pytest.raises(LittuneError, match=r"^the attention image head's token grid must be two positive integers "
+                                           r"\[h, w\], not \[2, 'x'\] \(image_token_grid"):
+        load(tmp_path / "m")

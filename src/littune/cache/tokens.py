@@ -105,12 +105,19 @@ def to_grid(fmap: torch.Tensor, grid: Sequence[int], every: int = 1) -> np.ndarr
     """``(B / every, h*w, F)`` float32 tokens of the map ``fmap`` ``(B, H, W, F)`` (rows ``0, every, ...``: the
     eval views of a batch of ``1 + views`` views per image), average-pooled to ``grid`` when it is smaller.
     Each token is computed from its own image alone (the bytes do not depend on the batch)."""
-    fmap = torch.as_tensor(fmap)[::every].float()
-    b, h0, w0, f = fmap.shape
-    h, w = int(grid[0]), int(grid[1])
-    if (h, w) != (h0, w0):
-        fmap = F.adaptive_avg_pool2d(fmap.permute(0, 3, 1, 2), (h, w)).permute(0, 2, 3, 1)
+    fmap = pool_map(torch.as_tensor(fmap)[::every].float(), grid)
+    b, h, w, f = fmap.shape
     return np.ascontiguousarray(fmap.reshape(b, h * w, f).cpu().numpy())
+
+
+def pool_map(fmap: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """The map ``fmap`` ``(B, H, W, F)`` average-pooled to ``grid`` ``(h, w)`` (adaptive average pooling) when
+    it differs, as :func:`to_grid` stores it (a torch function: a model pools the tower's map to the grid its
+    attention head was trained on with it, in training, inference and its ONNX graph)."""
+    h, w = int(grid[0]), int(grid[1])
+    if (h, w) != tuple(fmap.shape[1:3]):
+        fmap = F.adaptive_avg_pool2d(fmap.permute(0, 3, 1, 2), (h, w)).permute(0, 2, 3, 1)
+    return fmap
 
 
 def bytes_per_image(cache) -> float:

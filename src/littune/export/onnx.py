@@ -79,7 +79,7 @@ class _ImageGraph(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         from ..model.heads import tower_tokens
 
-        features = tower_tokens(self.tower, pixels) if self.tokens else self.tower(pixels)
+        features = tower_tokens(self.tower, pixels, self.head.grid) if self.tokens else self.tower(pixels)
         return F.normalize(self.head(features), dim=-1)
 
 

@@ -38,7 +38,7 @@ import torch
 
 from ..errors import LittuneError, StaleCacheError
 from ..towers.runtime import module_device as model_device  # where the model's weights are
-from ..model.heads import cache_rows, reads_tokens
+from ..model.heads import cache_rows, head_input, reads_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -286,7 +286,7 @@ def cached_image_embedding_batches(model, cache, rows: Sequence[int] | None = No
     """
     _check_batch_size(batch_size)
     rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
-    device, tokens = model_device(model), reads_tokens(model)
+    device, tokens = model_device(model), head_input(model)
     step = min(batch_size, 256) if tokens else batch_size
     with evaluating(model):
         for s in range(0, len(rows), step):

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from .embeddings import ImageLike, describe, evaluating, load_rgb, model_device
 from ..errors import LittuneError
 from ..towers.spatial import SpatialFeatures, spatial_features
-from ..model.heads import AttentionPoolHead
+from ..cache.tokens import pool_map
+from ..model.heads import AttentionPoolHead, check_token_cache
 
 
 @dataclass
@@ -100,6 +101,10 @@ def spatial_embeddings(model, pixels: torch.Tensor) -> tuple[torch.Tensor, Spati
     _check_head(model)
     with evaluating(model):
         sf = spatial_features(model.image_tower, pixels.to(model_device(model)))
+        grid = getattr(model.image_head, "grid", None)  # the token grid the attention head was trained on
+        if grid is not None and tuple(grid) != sf.grid:
+            sf = replace(sf, features=pool_map(sf.features, grid), how=f"{sf.how}; average-pooled to "
+                                                                        f"{grid[0]} x {grid[1]} (as trained)")
         if isinstance(model.image_head, AttentionPoolHead):  # each location's share of the pooled embedding: exact
             sf = replace(sf, exact=True, how=f"{sf.how}; attention head: each location's share of the image "
                                              "embedding (exact)")
@@ -146,6 +151,8 @@ def cached_heatmaps(model, cache, indices: Sequence[int], weights: torch.Tensor)
     tokens and pooled features (the tower does not run)."""
     _check_head(model)
     cache.check(tower_fingerprint=model.image_tower.fingerprint())
+    if isinstance(model.image_head, AttentionPoolHead):
+        check_token_cache(cache, model.image_head.grid or True)
     h, w = cache.token_grid or (0, 0)
     tokens = cache.tokens(indices)  # one line if the cache has none
     dev = model_device(model)

@@ -56,13 +56,29 @@ def reads_tokens(model) -> bool:
     return getattr(model.config, "image_head", "linear") == "attention"
 
 
-def tower_tokens(tower, pixels: torch.Tensor) -> torch.Tensor:
+def tower_tokens(tower, pixels: torch.Tensor, grid=None) -> torch.Tensor:
     """``(B, h*w, F)``: the tower's map for ``pixels``, row by row (one forward pass; a tower without a map
-    in torch is one :class:`LittuneError` naming it)."""
+    in torch is one :class:`LittuneError` naming it), average-pooled to ``grid`` as a token cache pools it
+    (:func:`littune.cache.tokens.pool_map`; None: the map as it is)."""
+    from ..cache.tokens import pool_map
     from ..towers.spatial import spatial_features
 
     fmap = spatial_features(tower, pixels).features
+    fmap = fmap if grid is None else pool_map(fmap, grid)
     return fmap.reshape(fmap.shape[0], -1, fmap.shape[-1])
+
+
+def token_grid(tower) -> tuple[int, int] | None:
+    """The grid ``(h, w)`` the attention head was trained on (the training token cache's, ``image_token_grid``
+    in config.json), or None: the tower's own map (a model trained on the fly, or saved before the grid was)."""
+    found = getattr(tower, "token_grid", None)
+    if found is None:
+        return None
+    if not (isinstance(found, (list, tuple)) and len(found) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in found)):
+        raise LittuneError(f"the attention image head's token grid must be two positive integers [h, w], not "
+                           f"{found!r} (image_token_grid in the model's config.json)")
+    return int(found[0]), int(found[1])
 
 
 def token_dim(tower) -> int:
@@ -82,18 +98,53 @@ def token_dim(tower) -> int:
     return found
 
 
-def cache_rows(cache, rows, tokens: bool):
-    """A batch's image inputs from an embedding cache: its tokens ``(n, T, F)`` (the attention head) or its
-    pooled features ``(n, F)``; a cache without tokens is refused for the attention head (one line)."""
+def head_input(model):
+    """What the model's image head reads from a cache: False (pooled features), or the token grid it was
+    trained on (``(h, w)``; True: the tower's own map)."""
+    return (model.image_head.grid or True) if reads_tokens(model) else False
+
+
+def cache_rows(cache, rows, tokens):
+    """A batch's image inputs from an embedding cache: its tokens ``(n, T, F)`` (``tokens``: the attention
+    head, see :func:`head_input`) or its pooled features ``(n, F)``; a cache without tokens, or with
+    another grid, is refused for the attention head (one line)."""
     if not tokens:
         return cache.features(rows)
-    check_token_cache(cache)
+    check_token_cache(cache, tokens)
     return cache.tokens(rows)
 
 
-def check_token_cache(cache) -> None:
+def check_token_cache(cache, grid=None, where: str = "") -> None:
+    """``cache`` holds tokens, of ``grid`` (``(h, w)``; True: the tower's own map, not pooled; None: any); else
+    one :class:`LittuneError` (``where``: what named the cache, e.g. ``val.retrieval[0]``)."""
+    at = f"{where}: " if where else ""
     if not getattr(cache, "has_tokens", False):
-        raise LittuneError(TOKEN_CACHE_NEEDED.format(where=getattr(cache, "directory", "")))
+        raise LittuneError(at + TOKEN_CACHE_NEEDED.format(where=getattr(cache, "directory", "")))
+    if grid is None:
+        return
+    (h, w), pool = cache.token_grid, cache.manifest["tokens"].get("pool", "none")
+    if (tuple(grid) != (h, w)) if grid is not True else pool != "none":
+        want = "the tower's own map" if grid is True else f"{grid[0]} x {grid[1]} tokens"
+        raise LittuneError(f"{at}the cache {cache.directory} holds {h} x {w} tokens"
+                           f"{', average-pooled' if pool != 'none' else ''}; the attention image head reads {want} "
+                           f"(the grid it was trained on): littune embed SOURCE --out CACHE --tokens "
+                           f"{'' if grid is True else grid[0]} stores them")
+
+
+def train_tokens(config, tower, cache, val):
+    """``tower``, given the attention head's input from the training cache ``cache``: its tokens' width and
+    grid (the model records the grid and pools the tower's map to it); every validation cache (``val``) must
+    hold the same grid (one line naming it otherwise)."""
+    from ..cache import EmbeddingCache
+
+    tower.token_dim = getattr(cache, "token_dim", None)
+    if config.image_head != "attention" or not getattr(cache, "has_tokens", False):
+        return tower
+    tower.token_grid = cache.token_grid
+    for kind in ("zeroshot", "retrieval"):
+        for k, item in enumerate(getattr(val, kind)):
+            check_token_cache(EmbeddingCache.open(item["cache"]), cache.token_grid, f"val.{kind}[{k}]")
+    return tower
 
 
 class _Block(nn.Module):
@@ -132,6 +183,7 @@ class AttentionPoolHead(nn.Module):
         self.norm = nn.LayerNorm(dim_in)
         self.value, self.out = nn.Linear(dim_in, dim_in), nn.Linear(dim_in, dim_in)
         self.gamma = nn.Parameter(torch.zeros(dim_in))
+        self.grid: tuple[int, int] | None = None  # the token grid trained on (None: the tower's own map)
 
     @property
     def weight(self) -> torch.Tensor:  # the dtype callers cast the tokens to (as for a Linear head)
@@ -176,4 +228,6 @@ class AttentionPoolHead(nn.Module):
 
 def attention_head(config, tower) -> AttentionPoolHead:
     """The attention image head of ``config`` over ``tower``'s tokens."""
-    return AttentionPoolHead(token_dim(tower), config.embed_dim, config.image_head_blocks)
+    head = AttentionPoolHead(token_dim(tower), config.embed_dim, config.image_head_blocks)
+    head.grid = token_grid(tower)
+    return head

@@ -136,7 +136,8 @@ class LiTModel(InferenceMixin, nn.Module):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Raw tower output (what the embedding cache stores for a locked tower); the attention head reads
         the tower's tokens ``(B, T, F)`` instead (its map, from one pass: littune.model.heads.tower_tokens)."""
-        tower = (lambda px: tower_tokens(self.image_tower, px)) if reads_tokens(self) else self.image_tower
+        tower = (lambda px: tower_tokens(self.image_tower, px, self.image_head.grid)) if reads_tokens(self) \
+            else self.image_tower
         if self.setting.image.locked or "image" in self.held:
             with torch.no_grad():
                 return tower(pixels)
@@ -282,6 +283,7 @@ class LiTModel(InferenceMixin, nn.Module):
             "image_tower_by_reference": by_reference,
             "image_fingerprint": self.image_fingerprint,
             "image_token_dim": self.image_head.proj.in_features if reads_tokens(self) else None,
+            "image_token_grid": list(self.image_head.grid) if reads_tokens(self) and self.image_head.grid else None,
             "image_preprocess": self.image_tower.preprocess.to_dict(),
         }
         tmp = directory / (WEIGHTS_NAME + ".tmp")
@@ -317,6 +319,7 @@ class LiTModel(InferenceMixin, nn.Module):
         model.config, model.setting = config, parse_setting(config.setting)
         model.image_tower, model.text_tower = image, text
         image.token_dim = meta.get("image_token_dim")  # the attention head's input width (None: ask the tower)
+        image.token_grid = meta.get("image_token_grid")  # ... and the grid it was trained on (None: the tower's)
         model.image_head = _image_head(config, image)
         model.text_head = _head(config.text_head, text.dim, config.embed_dim, "text")
         model.logit_scale = nn.Parameter(torch.tensor(0.0))

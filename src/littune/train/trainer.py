@@ -41,6 +41,7 @@ from .run_outcome import finished_step, interrupted
 from .run_plan import Timed, announce, plan_run
 from .rundir import StopSignals, close_run_dir, ensure_tokenizer, open_run_dir
 from ..model.settings import parse_setting
+from ..model.heads import train_tokens
 from ..towers.fingerprint import tower_fingerprint
 from ..towers.image import CachedFeaturesTower, build_image_tower, parse_image_tower
 from ..towers.text import build_text_tower
@@ -127,8 +128,7 @@ class Trainer:
             spec = m.get("tower_spec", mcfg.image_tower)  # the spec _export builds: no code the config does not name
             refuse_cache_code(spec, parse_image_tower(mcfg.image_tower), Path(self.cfg.data.cache) / "manifest.json")
             tower = CachedFeaturesTower(spec, self.cache.tower_fingerprint, self.cache.dim, m.get("preprocess", {}))
-            tower.token_dim = getattr(self.cache, "token_dim", None)  # the attention head's input: a token cache's
-            return tower
+            return train_tokens(mcfg, tower, self.cache, self.cfg.val)  # the attention head: a token cache
         return build_image_tower(mcfg.image_tower, pretrained=self.setting.image.pretrained)
 
     def _text_tower(self, mcfg: LiTConfig):
