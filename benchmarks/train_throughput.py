@@ -24,6 +24,12 @@ and steady RSS (the median after each step from the 3rd) must differ by less tha
 reads rows and captions from the cache with pread, step by step, and holds nothing per image but the
 epoch's permutation (8 bytes a row).
 
+``--memory-tokens`` does the same for the attention image head (``model.image_head=attention``) trained
+from a token cache: synthetic 4 x 4 x 1280 float16 tokens (EfficientNet-Lite0's width) beside the 1280-d
+features, written with ``write_cache(..., tokens=...)`` at ``--memory-token-rows`` (10k and 100k: ~4.5 GB on
+disk for 100k), each trained in its own process; it prints ``result: attention_head_rss_growth_mb`` (the
+larger of the peak and steady RSS growth from the smallest to the largest cache; target < 100 MB).
+
 Then the largest batch (``--no-max-batch`` skips it; the paper's Table 7: precomputed embeddings let far
 larger batches fit). A global batch *trains* if `littune train` runs 2 steps of it in a fresh process that
 exits cleanly (no out-of-memory, finite loss), whose peak memory stays under ``--mem-limit-gib`` (20 GiB:
@@ -43,6 +49,7 @@ largest batch whose 2 steps fit the cap. On a CUDA machine the same code runs on
     .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--batches 64,256] [--no-memory]
     .venv/bin/python benchmarks/train_throughput.py --no-throughput --memory-rows 10000,1000000
     .venv/bin/python benchmarks/train_throughput.py --no-throughput --no-memory --max-batch-cap-s 60
+    .venv/bin/python benchmarks/train_throughput.py --no-throughput --no-memory --no-max-batch --memory-tokens
     .venv/bin/python benchmarks/train_throughput.py --quick       # a smoke run of every part
 
 It ends with ``result: NAME = NUMBER`` lines (``nan`` for a part that was skipped).
@@ -177,6 +184,21 @@ class SyntheticFeatures:
         return np.random.default_rng([1, lo]).standard_normal((hi - lo, self.dim), dtype=np.float32)
 
 
+class SyntheticTokens:
+    """Rows of random ``(grid * grid, dim)`` token maps, float16, made one slice at a time."""
+
+    def __init__(self, n: int, grid: int, dim: int):
+        self.n, self.grid, self.dim = n, grid, dim
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        lo, hi, _ = sl.indices(self.n)
+        rng = np.random.default_rng([3, lo])
+        return rng.standard_normal((hi - lo, self.grid * self.grid, self.dim), dtype=np.float32).astype(np.float16)
+
+
 class SyntheticCaptions:
     """Two captions per image, 4-7 words each, from a small vocabulary."""
 
@@ -198,7 +220,7 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child_memtrain(cache: str, run: str, batch: int, steps: int, dim: int) -> dict:
+def child_memtrain(cache: str, run: str, batch: int, steps: int, dim: int, tokens: bool = False) -> dict:
     from littune.train import trainer as T
     from littune.config import load_config
 
@@ -213,6 +235,7 @@ def child_memtrain(cache: str, run: str, batch: int, steps: int, dim: int) -> di
     overrides = [f"data.cache={cache}", f"run_dir={run}", f"data.batch_size={batch}", f"steps={steps}",
                  "progress=false", "log_every=1", "checkpoint_every=0", f"model.text_tower={MEM_TEXT}",
                  f"model.image_tower={json.dumps(mem_tower(dim))}", "schedule.warmup_steps=2"]
+    overrides += ["model.image_head=attention"] if tokens else []  # trained from the cache's tokens
     t0 = time.perf_counter()
     T.Trainer(load_config(overrides=overrides)).run()
     # steady: the median RSS after each step past the first WARMUP (one step's reading swings by tens
@@ -221,7 +244,9 @@ def child_memtrain(cache: str, run: str, batch: int, steps: int, dim: int) -> di
             "total_s": time.perf_counter() - t0}
 
 
-def memory_check(tmp: Path, rows: list[int], batch: int, steps: int, limit_mb: float = 100.0) -> bool:
+def memory_check(tmp: Path, rows: list[int], batch: int, steps: int, limit_mb: float = 100.0,
+                 grid: int = 0) -> tuple[bool, float]:
+    """``(passed, growth in MB)``; ``grid``: token caches of ``grid x grid`` tokens, the attention head."""
     import shutil
 
     from littune.cache import write_cache
@@ -230,19 +255,22 @@ def memory_check(tmp: Path, rows: list[int], batch: int, steps: int, limit_mb: f
     dim = 1280
     for d in (1280, 768, 512, 256, 128):  # float16 features; a smaller dim only if the disk is short
         dim = d
-        if max(rows) * (d * 2 + 64) * 1.1 + (1 << 30) < free:
+        if max(rows) * (d * 2 * (1 + grid * grid) + 64) * 1.1 + (1 << 30) < free:
             break
     note = "" if dim == 1280 else f" (disk short: {free / 2**30:.1f} GB free, so {dim}-d instead of 1280-d)"
-    print(f"\nmemory check: {', '.join(f'{n:,}' for n in rows)}-row caches of {dim}-d float16 features{note}, "
+    what = f" + {grid} x {grid} x {dim} float16 tokens, attention image head" if grid else ""
+    print(f"\nmemory check: {', '.join(f'{n:,}' for n in rows)}-row caches of {dim}-d float16 features{what}{note}, "
           f"batch {batch}, {steps} steps, 2-layer 128-wide text tower, each run in its own process")
     results = []
     for n in rows:
         cache = tmp / f"mem{n}"
         t0 = time.perf_counter()
-        write_cache(cache, SyntheticFeatures(n, dim), SyntheticCaptions(n), mem_tower(dim), dtype="float16")
+        write_cache(cache, SyntheticFeatures(n, dim), SyntheticCaptions(n), mem_tower(dim), dtype="float16",
+                    tokens=SyntheticTokens(n, grid, dim) if grid else None)
         size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
         wrote = time.perf_counter() - t0
-        r = run_child("memtrain", cache=str(cache), run=str(tmp / f"memrun{n}"), batch=batch, steps=steps, dim=dim)
+        r = run_child("memtrain", cache=str(cache), run=str(tmp / f"memrun{n}"), batch=batch, steps=steps, dim=dim,
+                      tokens=bool(grid))
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(tmp / f"memrun{n}", ignore_errors=True)
         results.append((n, size, wrote, r))
@@ -252,14 +280,15 @@ def memory_check(tmp: Path, rows: list[int], batch: int, steps: int, limit_mb: f
     for n, size, wrote, r in results:
         print(f"| {n:,} | {size / 2**20:,.0f} MB | {wrote:.0f} s | {r['total_s']:.0f} s | {r['peak_rss_mb']:.0f} MB | "
               f"{r['steady_rss_mb']:.0f} MB |")
-    ok = True
+    ok, growth = True, float("-inf")
     (n0, _, _, small), (n1, _, _, big) = results[0], results[-1]
     for what in ("peak_rss_mb", "steady_rss_mb"):
         diff = big[what] - small[what]
         ok &= diff < limit_mb
+        growth = max(growth, diff)
         print(f"{what.replace('_rss_mb', '')} RSS {n1:,} rows - {n0:,} rows: {diff:+.0f} MB -> "
               f"{'PASS' if diff < limit_mb else 'FAIL'} (limit {limit_mb:.0f} MB)")
-    return ok
+    return ok, growth
 
 
 def text_flops(length: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
@@ -376,6 +405,9 @@ def parse_args():
                     help="the 10k-row vs 1M-row cache memory check (default: on)")
     ap.add_argument("--memory-rows", default="10000,1000000")
     ap.add_argument("--memory-steps", type=int, default=8)
+    ap.add_argument("--memory-tokens", action=argparse.BooleanOptionalAction, default=False,
+                    help="the same check for the attention head from token caches (4 x 4 x 1280 tokens; default: off)")
+    ap.add_argument("--memory-token-rows", default="10000,100000")
     ap.add_argument("--memory-batch", type=int, default=256)
     ap.add_argument("--max-batch", action=argparse.BooleanOptionalAction, default=True,
                     help="the largest batch that trains, from the cache vs the tower every step (default: on)")
@@ -412,11 +444,17 @@ def main() -> None:
           f"{gflops:.0f} GFLOP/s fp32 matmul (to compare machines)")
     tmp = Path(tempfile.mkdtemp(prefix="littune-bench-"))
     ok, results = True, dict.fromkeys(("cache_vs_tower_every_step_b256", "cache_vs_bare_b256",
-                                       "text_flop_utilisation", "max_batch_ratio", "max_batch_cache"), "nan")
+                                       "text_flop_utilisation", "max_batch_ratio", "max_batch_cache",
+                                       "attention_head_rss_growth_mb"), "nan")
     if args.throughput:
         results.update(throughput(tmp, args, gflops))
     if args.memory:
-        ok = memory_check(tmp, [int(n) for n in args.memory_rows.split(",")], args.memory_batch, args.memory_steps)
+        ok = memory_check(tmp, [int(n) for n in args.memory_rows.split(",")], args.memory_batch, args.memory_steps)[0]
+    if args.memory_tokens:
+        passed, growth = memory_check(tmp, [int(n) for n in args.memory_token_rows.split(",")], args.memory_batch,
+                                      args.memory_steps, grid=4)
+        ok &= passed
+        results["attention_head_rss_growth_mb"] = f"{growth:.0f}"
     if args.max_batch:
         results.update(max_batch(tmp, args))
     print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
