@@ -34,6 +34,7 @@ from ..data.decode import DEFAULT_MAX_PIXELS
 from ..fileio import atomic_write
 from .format import FINGERPRINT_SCHEME, SHARD_DIR
 from .registry import FeatureIndex, Found, Rows, computation_key, eval_decode, file_identity
+from .tokens import KEY as TOKENS_KEY, plan_fields, resolve
 
 #: a shard's decision (the rows it copies, from which files), when it copies any
 DECISION = "{:05d}.reuse"
@@ -237,6 +238,7 @@ class Reused:
 
     def __init__(self, n: int, indices: list[int], found: list[Found], rows: Rows):
         self.indices, self._found, self._rows = indices, found, rows
+        self.step = 4096 if rows.tokens is None else 256  # rows a :meth:`head_rows` call reads at most, for memory
         held = set(indices)
         self.rest = [i for i in range(n) if i not in held]
         self.report = Report(0, len(found), Counter(f.cache for f in found))
@@ -245,20 +247,28 @@ class Reused:
         """Features ``(hi - lo, dim)`` float32 of ``indices[lo:hi]``."""
         return self._rows.read(self._found[lo:hi], 0)[:, 0]
 
+    def head_rows(self, lo: int, hi: int) -> np.ndarray:
+        """What an image head reads of ``indices[lo:hi]``: their tokens ``(hi - lo, h*w, F)`` float32 (found with
+        ``tokens``), else their features."""
+        return self.features(lo, hi) if self._rows.tokens is None else self._rows.token_rows(self._found[lo:hi])
+
     def close(self) -> None:
         self._rows.close()
 
 
 def find_reused(tower, runtime: str, items, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                index: FeatureIndex | None = None) -> Reused:
+                index: FeatureIndex | None = None, tokens=None) -> Reused:
     """The eval-view features that caches hold for ``items`` (records or paths), computed by ``tower`` on
     ``runtime`` (``name/device``) from the same files, decoded as :func:`~littune.data.decode.load_image`
-    does; stored as float16 or float32 (evaluation with ``--cache`` reads them the same way)."""
+    does; stored as float16 or float32 (evaluation with ``--cache`` reads them the same way). ``tokens`` (the
+    request ``embed_source`` takes: True or a grid): the rows of token caches of that grid, with their tokens
+    (:meth:`Reused.head_rows`), which the attention image head reads."""
+    spec = plan_fields(resolve(tower, tokens)).get(TOKENS_KEY)
     comp = computation_key(tower_fingerprint=tower.fingerprint(), scheme=FINGERPRINT_SCHEME,
                            preprocess=tower.preprocess.to_dict(), dim=tower.dim, max_pixels=max_pixels,
-                           decode=eval_decode(tower.preprocess, 0), runtime=runtime)
+                           decode=eval_decode(tower.preprocess, 0), runtime=runtime, tokens=spec)
     index = index or FeatureIndex()
-    rows = Rows(int(tower.dim))
+    rows = Rows(int(tower.dim), tokens=spec)
     now = time.time()
     wants = [(i, ident) for i, item in enumerate(items) if (ident := file_identity(item, now)) is not None]
     indices, found, gone = [], [], set()

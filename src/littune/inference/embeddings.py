@@ -38,7 +38,7 @@ import torch
 
 from ..errors import LittuneError, StaleCacheError
 from ..towers.runtime import module_device as model_device  # where the model's weights are
-from ..model.heads import cache_rows, head_input, reads_tokens
+from ..model.heads import cache_rows, head_input, runner_rows, runner_spatial, token_request
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -124,14 +124,13 @@ def image_embeddings(model, images: Sequence[ImageLike], cache: str | Path | Non
     ``runtime`` runs a locked tower (``auto``, ``torch``, ``onnxruntime``; ``model``: the torch model itself,
     bit for bit what ``model.encode_image`` gives). An image that fails to decode
     or is not in the cache raises :class:`~littune.errors.LittuneError` naming it, or with
-    ``skip_bad=True`` is skipped and listed. ``reuse`` (a locked tower, no ``cache``): the tower features that
-    embedding caches hold for the same image files, computed the same way, are read from them (only the
-    head runs; :func:`littune.cache.reuse.find_reused`) and one line on stderr says how many.
-    """
+    ``skip_bad=True`` is skipped and listed. ``reuse`` (a locked tower, no ``cache``): the tower features (the
+    attention head: tokens of its grid) that caches hold for the same image files, computed the same way, are
+    read from them (only the head runs; :func:`littune.cache.reuse.find_reused`); a line on stderr says how many."""
     _check_batch_size(batch_size)
     if cache is not None:
         return _embed_by_key(model, list(images), cache, batch_size, progress, skip_bad)
-    if reuse and model.setting.image.locked and runtime != "model" and not reads_tokens(model):
+    if reuse and model.setting.image.locked and runtime != "model":
         return _embed_reusing(model, list(images), batch_size, workers, progress, skip_bad, runtime)
     return _embed_decoded(model, list(images), batch_size, workers, progress, skip_bad, runtime)
 
@@ -143,14 +142,14 @@ def _embed_reusing(model, items: list, batch_size: int, workers: int | None, pro
 
     _image_encoder(model, runtime)  # opens the runner: what computes the features is part of what is looked up
     name = _RUNNERS[model.image_tower][runtime].name
-    found = find_reused(model.image_tower, f"{name}/{model_device(model).type}", items)
+    found = find_reused(model.image_tower, f"{name}/{model_device(model).type}", items, tokens=token_request(model))
     try:
         emb, kept, skipped = _embed_decoded(model, [items[i] for i in found.rest], batch_size, workers, progress,
                                             skip_bad, runtime)
         kept, parts = [found.rest[k] for k in kept], [emb]
         with evaluating(model):
-            for lo in range(0, len(found.indices), 4096):
-                feats = torch.from_numpy(found.features(lo, lo + 4096)).to(model_device(model))
+            for lo in range(0, len(found.indices), found.step):  # pooled features, or tokens (the attention head)
+                feats = torch.from_numpy(found.head_rows(lo, lo + found.step)).to(model_device(model))
                 parts.append(model.embed_image_features(feats).float().cpu())
     finally:
         found.close()
@@ -194,15 +193,16 @@ def _image_encoder(model, runtime: str):
     """``pixels -> image embeddings``: a locked tower through its :mod:`littune.towers.runtime` runner (kept
     with the tower, so a server opens it once), then the head; a trained tower through the model."""
     device = model_device(model)
-    if not model.setting.image.locked or runtime == "model" or reads_tokens(model):  # a runner gives pooled features
+    if not model.setting.image.locked or runtime == "model":
         return lambda px: model.encode_image(px.to(device))
     runners = _RUNNERS.setdefault(model.image_tower, {})
     runner = runners.get(runtime)
     if runner is None:
         from ..towers.runtime import open_runner
 
-        runner = runners[runtime] = open_runner(model.image_tower, runtime, device=device, quiet=runtime == "auto")
-    return lambda px: model.embed_image_features(torch.from_numpy(runner(px)).to(device))
+        runner = runners[runtime] = open_runner(model.image_tower, runtime, device=device, quiet=runtime == "auto",
+                                                spatial=runner_spatial(model))  # the attention head: its map too
+    return lambda px: model.embed_image_features(torch.from_numpy(runner_rows(model, runner(px))).to(device))
 
 
 def _embed_decoded(model, items: list, batch_size: int, workers: int | None, progress: bool,

@@ -98,6 +98,34 @@ def token_dim(tower) -> int:
     return found
 
 
+def token_request(model):
+    """The ``tokens`` request (``embed_source``, ``find_reused``) whose tokens the model's image head reads:
+    None (pooled features), True (the tower's own map) or the largest side of the grid it was trained on
+    (a cache pools ``--tokens GRID`` to at most ``GRID x GRID``: the same grid)."""
+    if not reads_tokens(model):
+        return None
+    return max(model.image_head.grid) if model.image_head.grid else True
+
+
+def runner_spatial(model):
+    """What a locked tower's runner must also give for the model's image head: None, or the map (the attention
+    head: :func:`littune.cache.tokens.pooled_and_map`, as ``littune embed --tokens`` computes it)."""
+    from ..cache.tokens import pooled_and_map
+
+    return pooled_and_map if reads_tokens(model) else None
+
+
+def runner_rows(model, out):
+    """The image head's input from a locked tower's runner (opened with ``spatial=pooled_and_map`` for the
+    attention head, :func:`token_request`): its pooled features, or its map's tokens pooled to the head's
+    grid as a token cache stores them (:func:`littune.cache.tokens.to_grid`)."""
+    if not reads_tokens(model):
+        return out
+    from ..cache.tokens import to_grid
+
+    return to_grid(out[1], model.image_head.grid or tuple(out[1].shape[1:3]))
+
+
 def head_input(model):
     """What the model's image head reads from a cache: False (pooled features), or the token grid it was
     trained on (``(h, w)``; True: the tower's own map)."""

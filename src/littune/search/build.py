@@ -108,8 +108,10 @@ def _features_from_cache(model, source, cache_dir: Path, batch_size: int, worker
                          fresh: bool = False, reuse: bool = True):
     """Run (or resume) the embedding cache of ``source`` with the model's image tower; returns it open."""
     from ..cache import embed_source
+    from ..model.heads import token_request
 
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "reuse": reuse}
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "reuse": reuse,
+                              "tokens": token_request(model)}  # the attention image head reads tokens
     if workers is not None:
         kwargs["workers"] = workers
     try:
