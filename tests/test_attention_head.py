@@ -381,3 +381,67 @@ def test_a_bad_token_grid_in_config_json_is_one_line(tmp_path):
     with pytest.raises(LittuneError, match=r"^the attention image head's token grid must be two positive integers "
                                            r"\[h, w\], not \[2, 'x'\] \(image_token_grid"):
         load(tmp_path / "m")
+
+
+def test_embed_tokens_train_eval_index_classify_from_the_cli_agree(tmp_path, monkeypatch, capsys):
+    """``littune embed --tokens`` -> ``littune train`` (attention head) -> ``littune eval`` from the token cache,
+    from the pixels and reusing the cache's rows -> ``littune index`` -> ``littune classify``: all agree."""
+    import os
+    import time
+
+    from test_trainer import TINY, make_source
+
+    from littune import load
+    from littune.cli import main
+    from littune.data.sources import open_source
+    from littune.inference.embeddings import image_embeddings
+
+    monkeypatch.setenv("LITTUNE_CACHE", str(tmp_path / "home"))  # a feature index of this test's own
+    src = make_source(tmp_path / "data")
+    hour_ago = time.time() - 3600  # a file modified within 2 s is never entered in the feature index
+    for p in (tmp_path / "data").rglob("*.png"):
+        os.utime(p, (hour_ago, hour_ago))
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    tower = TINY[1].split("=", 1)[1]
+    assert main(["embed", str(src), "--out", str(cache), "--tokens", "--tower", json.dumps(yaml.safe_load(tower)),
+                 "-q"]) == 0
+    sets = [x for o in TINY + [f"run_dir={run}", f"data.source={src}", f"data.cache={cache}", "steps=40",
+                               "model.image_head=attention"] for x in ("--set", o)]
+    assert main(["train", *sets]) == 0
+    model = load(run / "model")
+    assert model.image_head.grid == (4, 4)
+    outs = {}
+    for name, extra in (("cache", ["--cache", str(cache)]), ("pixels", ["--no-reuse"]), ("reused", [])):
+        capsys.readouterr()
+        assert main(["eval", "retrieval", str(src), "--model", str(run / "model"), "--out",
+                     str(tmp_path / f"{name}.json"), "-q", *extra]) == 0
+        outs[name] = json.loads((tmp_path / f"{name}.json").read_text())["metrics"]
+        if name == "reused":
+            assert "reused 64" in capsys.readouterr().err
+    assert outs["reused"] == outs["cache"] and outs["pixels"] == pytest.approx(outs["cache"], abs=0.04)
+    records = list(open_source(str(src)))
+    from_cache = image_embeddings(model, records, cache=cache)[0]
+    reused = image_embeddings(model, [r.path for r in records], reuse=True)[0]
+    with torch.no_grad():
+        pixels = model.encode_image(torch.stack([model.preprocess.eval(model_image(r.path)) for r in records]))
+    print("max |eval from the token cache - encode_image|:", float((from_cache - pixels).abs().max()))
+    assert (from_cache - pixels).abs().max() < 2e-3  # float16 tokens, onnxruntime's map vs torch's
+    assert torch.allclose(reused, from_cache, atol=1e-6)
+    capsys.readouterr()
+    assert main(["index", str(src), "--model", str(run / "model"), "--out", str(tmp_path / "index"), "-q"]) == 0
+    assert f"embedded 0 new images, reused 64 from {cache}" in capsys.readouterr().out  # a token cache's rows
+    index = np.load(tmp_path / "index" / "embeddings.npy")  # float16
+    assert np.abs(index - from_cache.numpy()).max() < 5e-4
+    labels = ["red square", "blue circle", "green triangle"]
+    capsys.readouterr()
+    assert main(["classify", "--model", str(run / "model"), records[0].path, "--labels", ",".join(labels), "--json",
+                 "--templates", "none"]) == 0
+    got = {r["label"]: r["probability"] for r in json.loads(capsys.readouterr().out)[0]["labels"]}
+    want = model.classify(records[0].path, labels, templates="none")[0]
+    assert got == pytest.approx({c: float(p) for c, p in zip(labels, want)}, abs=1e-5)
+
+
+def model_image(path):
+    from littune.data.decode import load_image
+
+    return load_image(path)
