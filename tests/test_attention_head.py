@@ -445,3 +445,22 @@ def model_image(path):
     from littune.data.decode import load_image
 
     return load_image(path)
+
+
+def test_eval_and_index_with_an_attention_head_refuse_a_cache_without_tokens_in_one_line(tmp_path, capsys):
+    from test_trainer import make_source
+
+    from littune.cache import embed_source
+    from littune.cli import main
+    from littune.data.sources import open_source
+    from littune.towers.image import build_image_tower
+
+    src = make_source(tmp_path / "data", per_class=1)
+    plain = embed_source(open_source(str(src)), build_image_tower(SPEC).eval(), tmp_path / "plain", progress=False)
+    lit().save_pretrained(tmp_path / "m")
+    for argv in (["eval", "retrieval", str(src), "--cache", str(plain.directory)],
+                 ["index", str(src), "--cache", str(plain.directory), "--out", str(tmp_path / "index")]):
+        capsys.readouterr()
+        assert main([*argv, "--model", str(tmp_path / "m"), "-q"]) != 0
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "holds pooled features only" in err and "--tokens" in err, err
