@@ -29,6 +29,11 @@ The number of attention heads follows the token width: ``F // 64`` where 64 divi
 (:func:`head_count`). The token width (the map's channels; a ``cls+mean`` tower's pooled features are
 twice as wide) is the tower's ``token_dim`` (set by the trainer from a token cache) or found by running the
 tower once on a blank image (:func:`token_dim`).
+
+**The grid.** A head trained from a token cache reads that cache's grid (``littune embed --tokens GRID``
+average-pools a larger map): the model records it (``image_token_grid`` in config.json, :func:`token_grid`)
+and pools the tower's map to it with the cache's own pooling (:func:`littune.cache.tokens.pool_map`) wherever
+it runs the tower (``encode_image``, its ONNX graph, heat maps); a cache of another grid is refused in one line.
 """
 
 from __future__ import annotations
