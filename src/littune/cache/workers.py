@@ -82,6 +82,17 @@ def default_threads(workers: int, lanes: int) -> int:
     return max(1, budget // max(1, lanes))
 
 
+def training_threads(workers: int = 0) -> int:
+    """torch intra-op threads for training (``littune train --threads``' default): the cores this process
+    may use, less the ``workers`` decoding processes of the on-the-fly path (0 from a cache), at least 1;
+    ``OMP_NUM_THREADS`` (torchrun sets it) when set. Every core, not one fewer: OpenMP threads wait
+    passively (``littune/__init__``), so a core taken by another process slows its thread's share of each
+    operator: from a cache on 2 cores beside a one-core hog, 2 threads train about as fast as 1, and up to
+    1.5x faster than 1 when the cores are free (``benchmarks/train_throughput.py``, its loaded part). Besides
+    them training runs one thread that makes the next batch (the cache path) or the decoding workers."""
+    return default_threads(workers, 1)
+
+
 def augment_rng(seed: int, key: str, view: int) -> random.Random:
     """The random stream of augmented view ``view`` of image ``key`` (independent of order and rank)."""
     return random.Random(f"littune-view|{seed}|{key}|{view}")

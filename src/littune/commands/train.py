@@ -41,8 +41,28 @@ def add_arguments(p) -> None:
     p.add_argument("--run-dir", help="run directory (same as --set run_dir=...)")
     p.add_argument("--resume", action="store_true",
                    help="require a checkpoint to resume from (resuming is automatic when the run directory has one)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads for training (default: the cores this process may use, less "
+                        "data.workers when images are decoded every step; OMP_NUM_THREADS when set). Besides "
+                        "them one thread makes the next batch from the cache, or data.workers processes of one "
+                        "thread each decode images. Lower it to leave cores to other work")
     p.add_argument("--print-config", action="store_true",
                    help="print the configuration and how the run will be sized (null: from the data), and exit")
+
+
+def set_threads(cfg, threads: int | None) -> int:
+    """Set torch's intra-op threads for training ``cfg``: ``threads``, or by default
+    :func:`littune.cache.workers.training_threads` (the decoding workers count where the image tower runs
+    every step). Returns the number set."""
+    import torch
+
+    from ..cache.workers import training_threads
+    from ..tower_settings import parse_setting
+
+    on_the_fly = cfg.data.on_the_fly or not parse_setting(cfg.model.setting).image.locked
+    n = threads or training_threads(cfg.data.workers if on_the_fly else 0)
+    torch.set_num_threads(n)
+    return n
 
 
 def run(args) -> int:
@@ -51,6 +71,8 @@ def run(args) -> int:
     from ..errors import LittuneError
     from ..train.run_plan import annotate
 
+    if args.threads is not None and args.threads < 1:
+        raise LittuneError(f"--threads must be at least 1, not {args.threads}")
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
@@ -59,6 +81,7 @@ def run(args) -> int:
         sys.stdout.write(annotate(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)))
         return 0
     cfg = load_config(args.config, overrides)
+    set_threads(cfg, args.threads)
     if args.resume and latest_checkpoint(cfg.run_dir) is None:
         raise LittuneError(f"--resume: no checkpoint in {cfg.run_dir}/checkpoints")
     from ..train.trainer import Trainer
