@@ -46,10 +46,22 @@ is tried once. Both sides train the same small text tower (2 layers, 128 wide) a
 On 2 CPU cores both searches are usually stopped by the time cap, not memory: the figure is then the
 largest batch whose 2 steps fit the cap. On a CUDA machine the same code runs on the GPU.
 
+Then beside a busy core (``--no-loaded`` skips it; issue 24: on a loaded 2-core machine the trainer's
+pairs/s varied 32x between runs): training from a cache (synthetic 1280-d features in the real cache format),
+each run in its own process with the threads ``littune train`` would take (``--threads N`` to choose), first
+quiet, then beside a second process that busy-loops on one core (started before the run, killed after), the
+same steps; ``--loaded-rounds`` times in turn, each round's ratio from its two runs a minute apart (the rest of
+the machine's load drifts over minutes), the median of the rounds. Two workloads: the default LL (the two heads
+train on cached image and text features, batch 1024) and Lu (the 6x384 text transformer trains, batch 64).
+``cache_loaded_vs_quiet`` is the lower of their median loaded/quiet ratios (the target: >= 0.5); the table says the
+torch threads and OMP_WAIT_POLICY used. "Quiet" is the machine as it is: the load average before each run is
+printed, since other work on the cores moves both figures.
+
     .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--batches 64,256] [--no-memory]
     .venv/bin/python benchmarks/train_throughput.py --no-throughput --memory-rows 10000,1000000
     .venv/bin/python benchmarks/train_throughput.py --no-throughput --no-memory --max-batch-cap-s 60
     .venv/bin/python benchmarks/train_throughput.py --no-throughput --no-memory --no-max-batch --memory-tokens
+    .venv/bin/python benchmarks/train_throughput.py --no-throughput --no-memory --no-max-batch [--threads 1]
     .venv/bin/python benchmarks/train_throughput.py --quick       # a smoke run of every part
 
 It ends with ``result: NAME = NUMBER`` lines (``nan`` for a part that was skipped).
@@ -416,13 +428,21 @@ def parse_args():
     ap.add_argument("--max-batch-upto", type=int, default=65536,
                     help="the largest (a) batch tried (the synthetic cache has this many rows)")
     ap.add_argument("--max-batch-start", default="2048,128", help="the first batch tried for (a),(b)")
+    ap.add_argument("--loaded", action=argparse.BooleanOptionalAction, default=True,
+                    help="pairs/s from the cache quiet and beside a one-core CPU hog (default: on)")
+    ap.add_argument("--loaded-steps", type=int, default=20)
+    ap.add_argument("--loaded-rounds", type=int, default=3)
+    ap.add_argument("--loaded-rows", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the --loaded runs (default: what littune train --threads defaults to)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run of every part: 4 steps at batch 256, no memory check, 20 s trials")
     ap.add_argument("--child", nargs=2)
     args = ap.parse_args()
     if args.quick:  # smaller defaults; an option given on the command line still wins
         quick = {"steps": 4, "batches": "256", "images": 256, "memory": False, "max_batch_cap_s": 30.0,
-                 "max_batch_upto": 8192, "max_batch_start": "1024,32"}
+                 "max_batch_upto": 8192, "max_batch_start": "1024,32",
+                 "loaded_steps": 8, "loaded_rounds": 1, "loaded_rows": 2048}
         for key, value in quick.items():
             if getattr(args, key) == ap.get_default(key):
                 setattr(args, key, value)
@@ -433,7 +453,8 @@ def main() -> None:
     args = parse_args()
     if args.child:
         kind, kw = args.child
-        fn = {"train": child_train, "bare": child_bare, "memtrain": child_memtrain, "maxtrain": child_maxtrain}[kind]
+        fn = {"train": child_train, "bare": child_bare, "memtrain": child_memtrain, "maxtrain": child_maxtrain,
+              "loadtrain": child_loadtrain}[kind]
         print(json.dumps(fn(**json.loads(kw))))
         return
     import torch
@@ -445,7 +466,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="littune-bench-"))
     ok, results = True, dict.fromkeys(("cache_vs_tower_every_step_b256", "cache_vs_bare_b256",
                                        "text_flop_utilisation", "max_batch_ratio", "max_batch_cache",
-                                       "attention_head_rss_growth_mb"), "nan")
+                                       "attention_head_rss_growth_mb", "cache_loaded_vs_quiet"), "nan")
     if args.throughput:
         results.update(throughput(tmp, args, gflops))
     if args.memory:
@@ -457,6 +478,8 @@ def main() -> None:
         results["attention_head_rss_growth_mb"] = f"{growth:.0f}"
     if args.max_batch:
         results.update(max_batch(tmp, args))
+    if args.loaded:
+        results.update(loaded(tmp, args))
     print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for name, value in results.items():
         print(f"result: {name} = {value}")
@@ -515,6 +538,87 @@ def print_throughput(rows, gflops: float) -> None:
               f"{a['pairs_per_s'] * c['train_flops_real'] / (gflops * 1e9):.3f}, (c) "
               f"{c['pairs_per_s'] * c['train_flops_real'] / (gflops * 1e9):.3f}; as computed (c) "
               f"{c['pairs_per_s'] * c['train_flops_padded'] / (gflops * 1e9):.3f}")
+
+
+# -- beside a busy core: pairs/s quiet and next to a one-core CPU hog ----------------------------------------
+#: (name, setting, batch): the default LL (the two heads train on cached image and text features) and Lu
+#: (the 6x384 text transformer trains), each from the same synthetic cache
+LOADED = (("heads (LL)", "LL", 1024), ("text tower (Lu)", "Lu", 64))
+HOG = "while True:\n    pass\n"  # one core's worth of busy work, as another user's job would be
+
+
+def child_loadtrain(cache: str, run: str, setting: str, batch: int, steps: int, threads: int | None) -> dict:
+    """Train from ``cache`` with the threads ``littune train --threads`` would set; the steady rate."""
+    import torch
+
+    from littune.commands.train import set_threads
+    from littune.config import load_config
+    from littune.trainer import Trainer
+
+    overrides = [f"data.cache={cache}", f"run_dir={run}", f"data.batch_size={batch}", f"steps={steps}",
+                 f"model.setting={setting}", "progress=false", "log_every=1", "checkpoint_every=0",
+                 f"model.text_tower={TEXT}", f"model.image_tower={json.dumps(mem_tower(1280))}",
+                 "schedule.warmup_steps=2"]
+    cfg = load_config(overrides=overrides)
+    set_threads(cfg, threads)
+    Trainer(cfg).run()
+    secs = [batch / json.loads(ln)["pairs_per_s"] for ln in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return {"pairs_per_s": batch * (len(secs) - WARMUP) / sum(secs[WARMUP:]), "threads": torch.get_num_threads(),
+            "wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "slowest_step_s": max(secs[WARMUP:])}
+
+
+def beside_hog(kw: dict) -> dict:
+    """``loadtrain`` in its own process while another process busy-loops on one core (killed after)."""
+    hog = subprocess.Popen([sys.executable, "-c", HOG])
+    try:
+        return run_child("loadtrain", **kw)
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def loaded(tmp: Path, args) -> dict:
+    """Each workload of :data:`LOADED` quiet, then beside the hog, ``--loaded-rounds`` times in turn. Each
+    round's ratio compares two runs a minute apart, so the rest of the machine's load, which drifts over
+    minutes, weighs on both alike; the median over the rounds is the workload's ratio, the lower one the result."""
+    import shutil
+
+    from littune.cache import write_cache
+
+    cache = tmp / "loadcache"
+    write_cache(cache, SyntheticFeatures(args.loaded_rows, 1280), PhotoCaptions(args.loaded_rows), mem_tower(1280),
+                dtype="float16")
+    print(f"\nbeside a busy core: {args.loaded_steps} steps from a {args.loaded_rows:,}-row cache of 1280-d features, "
+          f"quiet, then beside a process busy-looping on one core; each run in its own process, {args.loaded_rounds} "
+          f"rounds; threads {args.threads or 'littune train default'}")
+    rows = []
+    for name, setting, batch in LOADED:
+        kw = {"cache": str(cache), "run": str(tmp / "loadrun"), "setting": setting, "batch": batch,
+              "steps": args.loaded_steps + WARMUP, "threads": args.threads}
+        rounds = []
+        for _ in range(args.loaded_rounds):
+            pair = []
+            for measure in (lambda: run_child("loadtrain", **kw), lambda: beside_hog(kw)):
+                shutil.rmtree(tmp / "loadrun", ignore_errors=True)
+                load = os.getloadavg()[0]
+                pair.append(measure())
+                print(f"  {name}, {'beside the hog' if len(pair) == 2 else 'quiet'}: {pair[-1]['pairs_per_s']:.1f} "
+                      f"pairs/s (slowest step {pair[-1]['slowest_step_s']:.2f} s, load average {load:.2f} before)",
+                      flush=True)
+            rounds.append(pair)
+        rows.append((name, batch, rounds))
+    print("\n| training | batch | torch threads | OMP_WAIT_POLICY | quiet pairs/s (median) | beside the hog (median) | "
+          "loaded / quiet, each round | median |")
+    print("|---|---|---|---|---|---|---|---|")
+    ratios = []
+    for name, batch, rounds in rows:
+        each = [b["pairs_per_s"] / q["pairs_per_s"] for q, b in rounds]
+        ratios.append(float(np.median(each)))
+        q0, quiet, busy = rounds[0][0], [q["pairs_per_s"] for q, _ in rounds], [b["pairs_per_s"] for _, b in rounds]
+        print(f"| {name} | {batch} | {q0['threads']} | {q0['wait_policy']} | {np.median(quiet):.1f} | "
+              f"{np.median(busy):.1f} | {', '.join(f'{r:.2f}' for r in each)} | {ratios[-1]:.2f} |")
+    print("(besides the torch threads: the trainer's one batch-making thread)")
+    return {"cache_loaded_vs_quiet": f"{min(ratios):.2f}"}
 
 
 # -- the largest batch that trains -------------------------------------------------------------------
