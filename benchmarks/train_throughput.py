@@ -155,7 +155,7 @@ def child_train(source: str, cache: str, run: str, batch: int, steps: int, on_th
     from littune.train.trainer import Trainer
 
     overrides = [f"data.source={source}", f"data.cache={cache}", f"run_dir={run}", f"data.batch_size={batch}",
-                 f"steps={steps}", "progress=false", "log_every=1", "checkpoint_every=0",
+                 f"steps={steps}", "progress=false", "log_every=1", "checkpoint_every=0", "model.setting=Lu",
                  f"model.text_tower={TEXT}", "schedule.warmup_steps=2", f"data.on_the_fly={str(on_the_fly).lower()}",
                  "data.workers=1"]
     trainer = Trainer(load_config(overrides=overrides))
@@ -245,7 +245,8 @@ def child_memtrain(cache: str, run: str, batch: int, steps: int, dim: int, token
 
     T.Monitor.log = logged
     overrides = [f"data.cache={cache}", f"run_dir={run}", f"data.batch_size={batch}", f"steps={steps}",
-                 "progress=false", "log_every=1", "checkpoint_every=0", f"model.text_tower={MEM_TEXT}",
+                 "progress=false", "log_every=1", "checkpoint_every=0", "model.setting=Lu",
+                 f"model.text_tower={MEM_TEXT}",
                  f"model.image_tower={json.dumps(mem_tower(dim))}", "schedule.warmup_steps=2"]
     overrides += ["model.image_head=attention"] if tokens else []  # trained from the cache's tokens
     t0 = time.perf_counter()
@@ -652,7 +653,7 @@ def child_maxtrain(data: list, run: str, batch: int, accum: int, chunk: int, lim
         torch.cuda.set_per_process_memory_fraction(min(1.0, limit_mb * 2**20 / total))
     overrides = [*data, f"run_dir={run}", f"data.batch_size={batch}", "steps=2", f"grad_accum={accum}",
                  f"model.loss_chunk={chunk}", "progress=false", "log_every=1", "checkpoint_every=0",
-                 f"model.text_tower={MAX_TEXT}", "schedule.warmup_steps=1"]
+                 "model.setting=Lu", f"model.text_tower={MAX_TEXT}", "schedule.warmup_steps=1"]
     t0 = time.perf_counter()
     Trainer(load_config(overrides=overrides)).run()
     return {"peak_mb": peak_memory_mb(), "total_s": time.perf_counter() - t0}
