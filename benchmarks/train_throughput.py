@@ -554,7 +554,7 @@ def child_loadtrain(cache: str, run: str, setting: str, batch: int, steps: int, 
 
     from littune.commands.train import set_threads
     from littune.config import load_config
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     overrides = [f"data.cache={cache}", f"run_dir={run}", f"data.batch_size={batch}", f"steps={steps}",
                  f"model.setting={setting}", "progress=false", "log_every=1", "checkpoint_every=0",

@@ -30,7 +30,7 @@ def _args(tmp_path, *extra):
 
 
 def test_threads_option_is_what_torch_trains_with(tmp_path, monkeypatch, threads_back):
-    from littune.trainer import Trainer
+    from littune.train.trainer import Trainer
 
     seen = []
     step = Trainer.train_step

@@ -57,7 +57,7 @@ def set_threads(cfg, threads: int | None) -> int:
     import torch
 
     from ..cache.workers import training_threads
-    from ..tower_settings import parse_setting
+    from ..model.settings import parse_setting
 
     on_the_fly = cfg.data.on_the_fly or not parse_setting(cfg.model.setting).image.locked
     n = threads or training_threads(cfg.data.workers if on_the_fly else 0)
