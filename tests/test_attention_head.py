@@ -188,15 +188,9 @@ def test_bad_attention_head_settings_are_one_line_naming_the_key(override, messa
 
 # -- cls+mean ---------------------------------------------------------------------------------------
 def _tiny_vit(folder: Path) -> Path:
-    from transformers import ViTConfig, ViTModel
+    from test_heatmap import _tiny_vit as tiny_vit  # one tiny random ViT for the heat-map and head tests
 
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=48)
-    ViTModel(cfg, add_pooling_layer=False).eval().save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(
-        '{"size": {"height": 32, "width": 32}, "image_mean": [0.5,0.5,0.5], "image_std": [0.5,0.5,0.5]}')
-    return folder
+    return tiny_vit(folder)
 
 
 def test_cls_plus_mean_pooling_concatenates_cls_and_the_patch_mean_and_keys_its_own_caches(tmp_path):

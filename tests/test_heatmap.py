@@ -62,7 +62,7 @@ def test_tiny_tower_map_mean_is_the_image_embedding_before_normalisation(tiny):
     assert np.allclose(hm.probabilities, tiny.classify(DATA / "chelsea.jpg", LABELS, templates="none")[0], atol=1e-4)
 
 
-def _tiny_vit(folder: Path) -> None:
+def _tiny_vit(folder: Path) -> Path:
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
@@ -71,6 +71,7 @@ def _tiny_vit(folder: Path) -> None:
     ViTModel(cfg, add_pooling_layer=False).eval().save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(
         '{"size": {"height": 32, "width": 32}, "image_mean": [0.5,0.5,0.5], "image_std": [0.5,0.5,0.5]}')
+    return folder
 
 
 def test_vit_patch_tokens_are_exact_for_mean_pooling_and_flagged_approximate_for_cls(tmp_path):
