@@ -5,7 +5,8 @@ text embeddings), image.onnx (pixels to normalised image embeddings; left out, w
 the image tower does not export), tokenizer.json (for the `tokenizers` package, truncation and
 padding built in) and littune_onnx.json (image preprocessing, temperature, logit bias, embedding
 size, context length, pad id, fingerprints). An onnx: image tower's own graph is joined to the image
-head. Both graphs are checked against littune's own embeddings as they are written.
+head. Both graphs are checked against littune's own embeddings as they are written. --exporter
+chooses torch's ONNX exporter (dynamo, the default, or torchscript); littune_onnx.json records which wrote each.
 
 --format web --index INDEX writes a search page that needs no server: the text side as above, the
 index's image embeddings (embeddings.f16), a thumbnail of each image, index.html + app.js and the
@@ -36,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packages", metavar="DIR", help="web: take onnxruntime-web and @huggingface/tokenizers "
                    "from this `npm install` folder instead of fetching them")
     p.add_argument("--thumb", type=int, default=128, metavar="PX", help="web: thumbnail size (default 128)")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default=None,
+                   help="torch's ONNX exporter (default: $LITTUNE_ONNX_EXPORTER, else dynamo with torchscript as "
+                        "the fallback, one line saying why; a named exporter is never replaced)")
     add_trust_code(p)
 
 
@@ -47,7 +51,7 @@ def _run_web(args, model) -> int:
     if not 16 <= args.thumb <= 1024:
         raise LittuneError(f"--thumb {args.thumb}: choose a size from 16 to 1024 px")
     record = export_web_demo(model, SearchIndex.open(args.index), args.out, overwrite=args.overwrite,
-                             packages=args.packages, thumb=args.thumb)
+                             packages=args.packages, thumb=args.thumb, exporter=args.exporter)
     shown = sum(t is not None for t in record["thumbnails"])
     print(f"exported a search page over {record['count']} images ({shown} thumbnails) to {args.out}; "
           f"serve it with: python -m http.server -d {args.out}")
@@ -66,7 +70,7 @@ def run(args) -> int:
     model = LiTModel.from_pretrained(args.model, trust_code=args.trust_code)
     if args.format == "web":
         return _run_web(args, model)
-    record = export_onnx_model(model, args.out, overwrite=args.overwrite)
+    record = export_onnx_model(model, args.out, overwrite=args.overwrite, exporter=args.exporter)
     parts = "text.onnx" + (", image.onnx" if record["image"] else " (text side only)")
     print(f"exported {parts}, tokenizer.json, littune_onnx.json ({record['embed_dim']}-d) to {args.out}")
     return 0

@@ -21,8 +21,10 @@
   tokenizer puts before every text, for the record: do not add it again; null: none), littune's
   version and the model's fingerprints (the text side's covers the tokenizer, prefix included).
 
-Each graph is exported as :mod:`littune.towers.runtime` exports locked towers (``torch.onnx.export``, the
-TorchScript exporter, its warnings silenced) and compared with littune's own embeddings right after
+Each graph is exported as :mod:`littune.towers.runtime` exports locked towers (``torch.onnx.export``: the
+dynamo exporter unless ``exporter`` or ``$LITTUNE_ONNX_EXPORTER`` says ``torchscript``, TorchScript as the
+fallback, :mod:`littune.towers.exporters`; its warnings silenced; ``text.exporter`` and ``image.exporter`` in
+``littune_onnx.json`` name the exporter that wrote each graph, ``opset`` 18 for dynamo's, 17 for TorchScript's) and compared with littune's own embeddings right after
 (torch; an ``onnx:`` tower through its onnxruntime session), on inputs of two batch sizes (and, for text, two sequence lengths); an export that disagrees is refused. The folder
 is written beside ``out`` under a temporary name and renamed into place, so a failed export leaves
 nothing; a folder that exists already is an error unless ``overwrite`` (which replaces only an
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 from ..errors import LittuneError
 from ..fileio import replace_dir as move_into_place
 from ..fileio import write_json
+from ..towers.exporters import with_fallback
 from ..towers.runtime import EXPORT_TOLERANCE, first_line, onnx_bytes
 
 FORMAT = "littune-onnx"
@@ -84,9 +87,10 @@ class _ImageGraph(nn.Module):
 
 
 # -- one graph: export, then check against torch -------------------------------------------------
-def _export(module: nn.Module, example: tuple, path: Path, inputs: list[str], output: str, axes: dict) -> None:
-    """``module`` on ``example`` as an ONNX file (:func:`littune.towers.runtime.onnx_bytes`)."""
-    path.write_bytes(onnx_bytes(module, example, inputs, output, axes))
+def _export(module: nn.Module, example: tuple, path: Path, inputs: list[str], output: str, axes: dict,
+            exporter: str) -> None:
+    """``module`` on ``example`` as an ONNX file (:func:`littune.towers.exporters.onnx_bytes`)."""
+    path.write_bytes(onnx_bytes(module, example, inputs, output, axes, exporter=exporter))
 
 
 def _max_diff(module: nn.Module, path: Path, feeds: list[dict[str, torch.Tensor]]) -> float:
@@ -107,12 +111,14 @@ def _max_diff(module: nn.Module, path: Path, feeds: list[dict[str, torch.Tensor]
     return worst
 
 
-def _export_checked(module: nn.Module, path: Path, feeds: list[dict], output: str, axes: dict, what: str) -> float:
-    """Export ``module`` to ``path`` and check it on ``feeds``; returns the largest difference.
+def _export_checked(module: nn.Module, path: Path, feeds: list[dict], output: str, axes: dict, what: str,
+                    exporter: str | None = None) -> tuple[float, str]:
+    """Export ``module`` to ``path`` and check it on ``feeds``: ``(largest difference, exporter used)``
+    (:func:`littune.towers.exporters.with_fallback`).
 
     ``module`` must be in eval mode: the exporter gives it back in the mode it found it, children too."""
-    return _checked(module, path, feeds, what,
-                    lambda: _export(module, tuple(feeds[0].values()), path, list(feeds[0]), output, axes))
+    return with_fallback(lambda name: _checked(module, path, feeds, what, lambda: _export(
+        module, tuple(feeds[0].values()), path, list(feeds[0]), output, axes, name)), f"the {what}", exporter)
 
 
 def _checked(module: nn.Module, path: Path, feeds: list[dict], what: str, write) -> float:
@@ -120,6 +126,8 @@ def _checked(module: nn.Module, path: Path, feeds: list[dict], what: str, write)
     try:
         write()
         err = _max_diff(module, path, feeds)
+    except LittuneError:
+        raise
     except Exception as e:  # the exporter's errors are many and long: keep the first line
         raise LittuneError(f"cannot export the {what} to ONNX ({first_line(e)})") from None
     if not err <= EXPORT_TOLERANCE:
@@ -127,8 +135,9 @@ def _checked(module: nn.Module, path: Path, feeds: list[dict], what: str, write)
     return err
 
 
-def export_text(model, path: Path) -> float:
-    """``text.onnx``: the text tower, head and normalisation; checked at two batch and sequence sizes."""
+def export_text(model, path: Path, exporter: str | None = None) -> tuple[float, str]:
+    """``text.onnx``: the text tower, head and normalisation; checked at two batch and sequence sizes.
+    Returns ``(largest difference, exporter used)``."""
     tower = model.text_tower
     short = tower.tokenize(CHECK_TEXTS[:2], padding="longest")
     full = tower.tokenize(CHECK_TEXTS, padding="max_length")
@@ -136,11 +145,12 @@ def export_text(model, path: Path) -> float:
              {k: full[k].long() for k in ("input_ids", "attention_mask")}]
     seq = {0: "batch", 1: "sequence"}
     axes = {"input_ids": seq, "attention_mask": seq, "text_embeddings": {0: "batch"}}
-    return _export_checked(_TextGraph(model).eval(), path, feeds, "text_embeddings", axes, "text tower")
+    return _export_checked(_TextGraph(model).eval(), path, feeds, "text_embeddings", axes, "text tower", exporter)
 
 
-def export_image(model, path: Path) -> float:
-    """``image.onnx``: the image tower, head and normalisation; checked at batch sizes 2 and 3.
+def export_image(model, path: Path, exporter: str | None = None) -> tuple[float, str]:
+    """``image.onnx``: the image tower, head and normalisation; checked at batch sizes 2 and 3; returns
+    ``(largest difference, exporter used)``.
 
     An ``onnx:`` tower's own graph is joined to the rest (:mod:`littune.export.onnx_join`)."""
     from .onnx_join import joined_image_graph
@@ -154,9 +164,10 @@ def export_image(model, path: Path) -> float:
         if module.tokens:
             raise LittuneError(f"{what}: an onnx: tower's graph gives pooled features, and the attention image "
                                "head reads the tower's map")
-        return _checked(module, path, feeds, what, lambda: path.write_bytes(joined_image_graph(model)))
+        return with_fallback(lambda name: _checked(module, path, feeds, what, lambda: path.write_bytes(
+            joined_image_graph(model, name))), f"the {what}", exporter)
     axes = {"pixels": {0: "batch"}, "image_embeddings": {0: "batch"}}
-    return _export_checked(module, path, feeds, "image_embeddings", axes, what)
+    return _export_checked(module, path, feeds, "image_embeddings", axes, what, exporter)
 
 
 # -- the tokenizer and the record ----------------------------------------------------------------
@@ -191,8 +202,9 @@ def _fingerprints(model) -> dict:
             "text_embeddings": "txt-" + h.hexdigest()[:24]}
 
 
-def onnx_record(model, text_err: float, image: dict) -> dict:
-    """What ``littune_onnx.json`` holds (see the module docstring)."""
+def onnx_record(model, text_err: float, image: dict, text_exporter: str | None = None) -> dict:
+    """What ``littune_onnx.json`` holds (see the module docstring); ``text_exporter``: the exporter that
+    wrote ``text.onnx`` (``image``'s record names its own)."""
     from .. import __version__
 
     p = model.preprocess
@@ -202,7 +214,7 @@ def onnx_record(model, text_err: float, image: dict) -> dict:
         "format": FORMAT, "format_version": FORMAT_VERSION, "littune": __version__,
         "setting": model.config.setting, "loss": model.config.loss, "embed_dim": int(model.config.embed_dim),
         "text": {"file": TEXT_NAME, "inputs": ["input_ids", "attention_mask"], "output": "text_embeddings",
-                 "max_abs_diff": text_err},
+                 "max_abs_diff": text_err, "exporter": text_exporter},
         **image,
         "tokenizer": TOKENIZER_NAME, "context_length": int(model.text_tower.context_length),
         "pad_id": int(tok.pad_token_id), "padding_side": tok.padding_side,
@@ -243,29 +255,31 @@ def check_out(out: Path, overwrite: bool, marker: str = META_NAME, what: str = "
                            "only an earlier export or an empty folder (nothing was written)")
 
 
-def _write_folder(model, folder: Path) -> dict:
-    text_err = export_text(model, folder / TEXT_NAME)
+def _write_folder(model, folder: Path, exporter: str | None = None) -> dict:
+    text_err, text_exporter = export_text(model, folder / TEXT_NAME, exporter)
     try:
-        err = export_image(model, folder / IMAGE_NAME)
+        err, used = export_image(model, folder / IMAGE_NAME, exporter)
         image = {"image": {"file": IMAGE_NAME, "input": "pixels", "output": "image_embeddings",
-                           "max_abs_diff": err}, "image_skipped": None}
+                           "max_abs_diff": err, "exporter": used}, "image_skipped": None}
     except LittuneError as e:
         (folder / IMAGE_NAME).unlink(missing_ok=True)
         print(f"littune: image tower not exported, the text side only: {e}", file=sys.stderr)
         image = {"image": None, "image_skipped": str(e)}
     export_tokenizer(model, folder / TOKENIZER_NAME)
-    record = onnx_record(model, text_err, image)
+    record = onnx_record(model, text_err, image, text_exporter)
     write_json(folder / META_NAME, record)
     return record
 
 
-def export_onnx_model(model, out: str | Path, overwrite: bool = False) -> dict:
+def export_onnx_model(model, out: str | Path, overwrite: bool = False, exporter: str | None = None) -> dict:
     """Write the ONNX export of ``model`` to the folder ``out``; returns ``littune_onnx.json``'s record.
+    ``exporter``: :data:`littune.towers.exporters.EXPORTERS`; None: ``$LITTUNE_ONNX_EXPORTER``, else the
+    default with TorchScript as fallback (:func:`littune.towers.exporters.with_fallback`).
 
     Raises :class:`LittuneError` (one line, nothing written) if ``out`` exists (see ``overwrite`` in
     the module docstring), or if the text side cannot be exported or disagrees with torch."""
     check_out(Path(out), overwrite)
-    return write_export(model, out, lambda tmp: _write_folder(model, tmp))
+    return write_export(model, out, lambda tmp: _write_folder(model, tmp, exporter))
 
 
 def write_export(model, out: str | Path, write) -> dict:

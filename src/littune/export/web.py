@@ -134,11 +134,13 @@ def web_record(model, index, thumbnails: list[str | None], versions: dict[str, s
     }
 
 
-def _write_web_folder(model, index, folder: Path, found: dict[str, Path], thumb: int, log) -> dict:
-    text_err = export_text(model, folder / TEXT_NAME)
+def _write_web_folder(model, index, folder: Path, found: dict[str, Path], thumb: int, log,
+                      exporter: str | None = None) -> dict:
+    text_err, used = export_text(model, folder / TEXT_NAME, exporter)
     export_tokenizer(model, folder / TOKENIZER_NAME)
     skipped = "the web demo needs the text side only; the images are embedded already"
-    write_json(folder / "littune_onnx.json", onnx_record(model, text_err, {"image": None, "image_skipped": skipped}))
+    write_json(folder / "littune_onnx.json", onnx_record(model, text_err, {"image": None, "image_skipped": skipped},
+                                                            used))
     emb = np.asarray(index.embeddings, dtype="<f2")
     (folder / EMBEDDINGS_FILE).write_bytes(np.ascontiguousarray(emb).tobytes())
     thumbnails = write_thumbnails(index, folder, thumb, log)
@@ -150,9 +152,10 @@ def _write_web_folder(model, index, folder: Path, found: dict[str, Path], thumb:
 
 
 def export_web_demo(model, index, out: str | Path, overwrite: bool = False, packages: str | Path | None = None,
-                    cache: str | Path | None = None, thumb: int = 128, log=None) -> dict:
+                    cache: str | Path | None = None, thumb: int = 128, log=None, exporter: str | None = None) -> dict:
     """Write the static search page for ``index`` (a :class:`~littune.search.SearchIndex` of
-    ``model``'s image embeddings) to the folder ``out``; returns ``littune_web.json``'s record.
+    ``model``'s image embeddings) to the folder ``out``; returns ``littune_web.json``'s record
+    (``exporter``: ``text.onnx``'s, as :func:`littune.export.onnx.export_onnx_model` takes it).
 
     Raises :class:`LittuneError` (one line, nothing written) if ``out`` exists (see ``overwrite``),
     if the index holds another model's embeddings, if the npm packages cannot be had, or if the
@@ -163,4 +166,5 @@ def export_web_demo(model, index, out: str | Path, overwrite: bool = False, pack
     if len(index) == 0:
         raise LittuneError(f"index {index.directory} is empty: nothing to search (nothing was written)")
     found = vendor_packages(packages, cache, log)
-    return write_export(model, out, lambda tmp: _write_web_folder(model, index, tmp, found, thumb, log))
+    return write_export(model, out, lambda tmp: _write_web_folder(model, index, tmp, found, thumb, log,
+                                                                          exporter))

@@ -25,11 +25,9 @@ features from both agree far inside the float16 rounding the cache stores (teste
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import warnings
-from contextlib import contextmanager, nullcontext, redirect_stderr
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +36,9 @@ import torch
 from ..errors import LittuneError
 from ..fileio import atomic_write, cache_home, write_json
 from ..hashing import hash_file, hash_text
+from .exporters import describe, graph_opset, onnx_bytes, with_fallback
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
-OPSET = 17
 #: largest |difference| between an export's outputs and torch's, relative to the outputs' scale
 EXPORT_TOLERANCE = 1e-3
 
@@ -159,23 +157,10 @@ def _locked(folder: Path):
         yield
 
 
-def onnx_bytes(module: torch.nn.Module, example: tuple, inputs: list[str], output: str | list[str], axes: dict,
-               opset: int = OPSET) -> bytes:
-    """``module`` traced on ``example`` as ONNX bytes (``torch.onnx.export``, TorchScript exporter, opset
-    :data:`OPSET` unless told), the exporter's chatter kept off the console; ``output``: a name, or a list."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, buf, input_names=inputs,
-                          output_names=[output] if isinstance(output, str) else list(output),
-                          dynamic_axes=axes, opset_version=opset, dynamo=False)
-    return buf.getvalue()
-
-
 def first_line(e: Exception) -> str:
-    """``Type: first line of the message``: the exporter's errors are many and long."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else 'no message'}"
+    """``Type: first line of the message``: the exporter's errors are many and long (a torch.onnx step
+    error with its cause's, :func:`littune.towers.exporters.describe`)."""
+    return describe(e)
 
 
 class _WithMap(torch.nn.Module):
@@ -189,12 +174,12 @@ class _WithMap(torch.nn.Module):
         return tuple(self.spatial(self.tower, pixels))
 
 
-def _export_bytes(tower: torch.nn.Module, size: int, spatial=None) -> bytes:
+def _export_bytes(tower: torch.nn.Module, size: int, spatial=None, exporter: str = "torchscript") -> bytes:
     """The tower as ONNX bytes (with ``spatial``: outputs features and map), batch axis dynamic."""
     outputs = ["features"] if spatial is None else ["features", "map"]
     module = tower if spatial is None else _WithMap(tower, spatial).train(tower.training)  # a new module trains
-    return onnx_bytes(module, (torch.zeros(2, 3, size, size),),
-                      ["pixels"], outputs, {"pixels": {0: "batch"}, **{o: {0: "batch"} for o in outputs}})
+    return onnx_bytes(module, (torch.zeros(2, 3, size, size),), ["pixels"], outputs,
+                      {"pixels": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}, exporter=exporter)
 
 
 def _agreement(tower: torch.nn.Module, path: Path, size: int, spatial=None) -> float:
@@ -210,9 +195,32 @@ def _agreement(tower: torch.nn.Module, path: Path, size: int, spatial=None) -> f
     return max(float(np.abs(g - w).max() / max(float(np.abs(w).max()), 1e-12)) for g, w in zip(got, want))
 
 
-def export_onnx(tower, folder: Path | None = None, spatial=None) -> Path:
+def _write_checked(tower, path: Path, spatial, exporter: str) -> tuple[int, float]:
+    """Export ``tower`` to ``path`` with ``exporter`` and compare it with torch: ``(bytes, relative error)``;
+    one :class:`LittuneError` line if either fails."""
+    was = tower.training
+    tower.eval()
+    try:
+        data = _export_bytes(tower, tower.preprocess.size, spatial, exporter)
+        atomic_write(path, data)
+        err = _agreement(tower, path, tower.preprocess.size, spatial)
+    except LittuneError:
+        raise
+    except Exception as e:  # the exporter's errors are many and long: keep the first line
+        raise LittuneError(f"cannot export {tower.name} to ONNX ({first_line(e)})") from None
+    finally:
+        tower.train(was)
+    if not err <= EXPORT_TOLERANCE:
+        raise LittuneError(f"the ONNX export of {tower.name} disagrees with torch (relative error {err:.2g})")
+    return len(data), err
+
+
+def export_onnx(tower, folder: Path | None = None, spatial=None, exporter: str | None = None) -> Path:
     """The tower's ONNX file, exported now unless a complete, matching export is kept already (``spatial``:
-    the graph with a second output, the map, ``tower-map.onnx``; see the module doc).
+    the graph with a second output, the map, ``tower-map.onnx``; see the module doc). ``exporter``:
+    :data:`littune.towers.exporters.EXPORTERS`; None: ``$LITTUNE_ONNX_EXPORTER`` or the default, with
+    TorchScript as fallback (:func:`littune.towers.exporters.with_fallback`). A kept export is used whichever
+    exporter wrote it (its record says which).
 
     Raises :class:`LittuneError` (one line, the reason) if the tower cannot be exported or its
     export disagrees with torch."""
@@ -224,21 +232,12 @@ def export_onnx(tower, folder: Path | None = None, spatial=None) -> Path:
         if _record_ok(folder, fp, stem):  # another process exported it while we waited
             return folder / f"{stem}.onnx"
         (folder / f"{stem}.json").unlink(missing_ok=True)  # the record goes first, the graph is rewritten
-        was = tower.training
-        tower.eval()
-        try:
-            data = _export_bytes(tower, tower.preprocess.size, spatial)
-            atomic_write(folder / f"{stem}.onnx", data)
-            err = _agreement(tower, folder / f"{stem}.onnx", tower.preprocess.size, spatial)
-        except Exception as e:  # the exporter's errors are many and long: keep the first line
-            raise LittuneError(f"cannot export {tower.name} to ONNX ({first_line(e)})") from None
-        finally:
-            tower.train(was)
-        if not err <= EXPORT_TOLERANCE:
-            raise LittuneError(f"the ONNX export of {tower.name} disagrees with torch (relative error {err:.2g})")
-        write_json(folder / f"{stem}.json", {"fingerprint": fp, "bytes": len(data),
-                                              "sha256": hash_file(folder / f"{stem}.onnx"), "opset": OPSET,
-                                              "torch": torch.__version__, "relative_error": err})
+        (size, err), used = with_fallback(lambda name: _write_checked(tower, folder / f"{stem}.onnx", spatial, name),
+                                          f"the ONNX export of {tower.name}", exporter)
+        write_json(folder / f"{stem}.json", {"fingerprint": fp, "bytes": size,
+                                              "sha256": hash_file(folder / f"{stem}.onnx"),
+                                              "opset": graph_opset((folder / f"{stem}.onnx").read_bytes()),
+                                              "exporter": used, "torch": torch.__version__, "relative_error": err})
     return folder / f"{stem}.onnx"
 
 
