@@ -152,7 +152,7 @@ def data_dependent():
 
 
 def test_a_tower_whose_export_disagrees_falls_back_to_torch_saying_why(capfd, monkeypatch):
-    monkeypatch.setenv("LITTUNE_ONNX_EXPORTER", "torchscript")  # dynamo captures the numpy (test_onnx_exporters)
+    monkeypatch.setenv("LITTUNE_ONNX_EXPORTER", "torchscript")  # no fallback to dynamo, which captures the numpy
     tower = build_image_tower({"type": "torch", "factory": "test_runtime:data_dependent",
                                "preprocess": {"size": 16, "resize": 16}})
     runner = open_runner(tower, "auto")

@@ -6,7 +6,7 @@ the image tower does not export), tokenizer.json (for the `tokenizers` package, 
 padding built in) and littune_onnx.json (image preprocessing, temperature, logit bias, embedding
 size, context length, pad id, fingerprints). An onnx: image tower's own graph is joined to the image
 head. Both graphs are checked against littune's own embeddings as they are written. --exporter
-chooses torch's ONNX exporter (dynamo, the default, or torchscript); littune_onnx.json records which wrote each.
+chooses torch's ONNX exporter (torchscript, the default, or dynamo); littune_onnx.json records which wrote each.
 
 --format web --index INDEX writes a search page that needs no server: the text side as above, the
 index's image embeddings (embeddings.f16), a thumbnail of each image, index.html + app.js and the
@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "from this `npm install` folder instead of fetching them")
     p.add_argument("--thumb", type=int, default=128, metavar="PX", help="web: thumbnail size (default 128)")
     p.add_argument("--exporter", choices=["dynamo", "torchscript"], default=None,
-                   help="torch's ONNX exporter (default: $LITTUNE_ONNX_EXPORTER, else dynamo with torchscript as "
+                   help="torch's ONNX exporter (default: $LITTUNE_ONNX_EXPORTER, else torchscript with dynamo as "
                         "the fallback, one line saying why; a named exporter is never replaced)")
     add_trust_code(p)
 

@@ -22,7 +22,7 @@
   version and the model's fingerprints (the text side's covers the tokenizer, prefix included).
 
 Each graph is exported as :mod:`littune.towers.runtime` exports locked towers (``torch.onnx.export``: the
-dynamo exporter unless ``exporter`` or ``$LITTUNE_ONNX_EXPORTER`` says ``torchscript``, TorchScript as the
+TorchScript exporter unless ``exporter`` or ``$LITTUNE_ONNX_EXPORTER`` says ``dynamo``, dynamo as the
 fallback, :mod:`littune.towers.exporters`; its warnings silenced; ``text.exporter`` and ``image.exporter`` in
 ``littune_onnx.json`` name the exporter that wrote each graph, ``opset`` 18 for dynamo's, 17 for TorchScript's) and compared with littune's own embeddings right after
 (torch; an ``onnx:`` tower through its onnxruntime session), on inputs of two batch sizes (and, for text, two sequence lengths); an export that disagrees is refused. The folder

@@ -4,8 +4,9 @@ A locked tower's outputs never change, so *how* they are computed is free to cho
 locked tower over images (``littune embed``, ``littune index``, evaluation from images) through a
 :class:`Runner`, ``runner(pixels) -> (B, D) float32 numpy``:
 
-* ``onnxruntime`` (CPU): the tower is exported with ``torch.onnx.export`` once per tower
-  fingerprint into littune's cache folder (``$LITTUNE_CACHE/towers`` or ``~/.cache/littune/towers``),
+* ``onnxruntime`` (CPU): the tower is exported with ``torch.onnx.export`` (TorchScript unless
+  ``$LITTUNE_ONNX_EXPORTER=dynamo``; dynamo as the fallback, :mod:`littune.towers.exporters`; ``tower.json``
+  names the exporter and opset) once per tower fingerprint into littune's cache folder (``$LITTUNE_CACHE/towers`` or ``~/.cache/littune/towers``),
   written atomically and checked on every load (size, sha256, the fingerprint it belongs to); a file
   that is missing, corrupt or from another tower is exported again. Right after an export the graph's
   outputs are compared with torch's on two inputs; an export that disagrees is not used. An
