@@ -51,8 +51,9 @@ def test_dynamo_tower_and_tower_map_graphs_agree_with_torch_at_other_batch_sizes
         assert rec["exporter"] == "dynamo" and rec["opset"] == _opset(tmp_path / f"{stem}.onnx") == 18
 
 
-def test_the_runtime_exports_with_the_env_exporter_and_fingerprint_and_features_do_not_change(monkeypatch):
+def test_the_runtime_exports_with_the_env_exporter_and_fingerprint_and_features_do_not_change(monkeypatch, tmp_path):
     monkeypatch.setenv("LITTUNE_ONNX_EXPORTER", "dynamo")
+    monkeypatch.setenv("LITTUNE_CACHE", str(tmp_path))  # its own export cache: another test's TorchScript export is reused
     tower = build_image_tower(SPEC)
     before = tower.fingerprint()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
