@@ -24,7 +24,10 @@ writer at a time: filling holds the directory's ``.lock``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -34,11 +37,14 @@ from ..errors import LittuneError, StaleCacheError
 from ..fileio import write_json, write_npy
 from ..hashing import hash_state_dict, hash_text
 from .format import sha256
+from .pread import _Npy
 
 FORMAT, VERSION = "littune-text-features", 1
 MANIFEST, SHARDS = "manifest.json", "shards"
 #: texts per shard (and per commit of a fill): ~12 MB of 384-d features
 SHARD_TEXTS = 8192
+#: shard files a reader keeps open at once
+MAX_OPEN = 64
 
 
 def text_tower_fingerprint(tower) -> str:
@@ -56,17 +62,32 @@ def text_tower_fingerprint(tower) -> str:
             f"|t={hash_text(backend)[:12]}|x={hash_text(extra)[:8]}")
 
 
+def text_keys(texts) -> np.ndarray:
+    """``(n,)`` uint64: the first 8 bytes of each text's blake2b (what the cache's index holds: 16 bytes a text
+    with its row, never the text; two of 2M texts share one with a chance of about 1e-7)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little")
+                        for t in texts), dtype=np.uint64, count=len(texts))
+
+
 class TextFeatureCache:
-    """Tower features by text. :meth:`open` one, :meth:`fill` it, read it with :meth:`features`."""
+    """Tower features by text. :meth:`open` one, :meth:`fill` it, read it with :meth:`features`.
+
+    Nothing but 16 bytes a text is held in memory (the index: a sorted 8-byte key and a row number): the
+    features stay in the shard files, read with ``pread`` (at most :data:`MAX_OPEN` open), and :meth:`fill`
+    reads its texts as they come, a shard's worth at a time. So training from a large cache under ``LL``
+    keeps the process's memory flat in the number of captions, as the image cache's reader does."""
 
     def __init__(self, directory: Path, manifest: dict):
         self.directory, self.manifest = Path(directory), manifest
         self.fingerprint, self.dim = manifest["tower"], int(manifest["dim"])
-        self._index: dict[str, int] = {}
-        # every shard's rows one after another; the capacity doubles when full, so adding n rows costs O(n)
-        self._rows = np.empty((0, self.dim), np.float32)
+        self._keys = np.empty(0, np.uint64)  # sorted, distinct (the first row of a text wins)
+        self._where = np.empty(0, np.int64)  # the row of each key: every shard's rows one after another
+        self._files: list[_Npy] = []  # each shard's features, headers parsed; reopened when used
+        self._starts: list[int] = []
         self._count = 0
         self._shards: set[str] = set()
+        self._open: OrderedDict[int, _Npy] = OrderedDict()
+        self._lock = threading.Lock()  # the prefetch thread and the main thread may read at once
 
     @classmethod
     def open(cls, directory: str | Path, fingerprint: str, dim: int) -> "TextFeatureCache":
@@ -95,10 +116,16 @@ class TextFeatureCache:
         return cache
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._keys)
 
     def __contains__(self, text: str) -> bool:
-        return text in self._index
+        return bool(self._rows_of(text_keys([text]))[0] >= 0)
+
+    def _rows_of(self, keys: np.ndarray) -> np.ndarray:
+        """The row of each key, -1 where the cache lacks it."""
+        at = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
+        found = self._keys[at] == keys if len(self._keys) else np.zeros(len(keys), bool)
+        return np.where(found, self._where[at] if len(self._keys) else -1, -1)
 
     def _read_shards(self) -> None:
         """Take in every complete shard not read yet (another writer may have added some)."""
@@ -114,63 +141,112 @@ class TextFeatureCache:
                 ok = False
             if not ok:  # a half-committed shard: its texts are computed again
                 continue
-            feats = np.load(npy, allow_pickle=False)
-            if feats.shape != (len(rec["texts"]), self.dim):
-                raise LittuneError(f"{npy} holds {feats.shape} features for {len(rec['texts'])} texts of dim {self.dim}")
-            self._add(rec_path.stem, rec["texts"], feats)
+            self._add(rec_path.stem, rec["texts"], npy)
 
-    def _add(self, name: str, texts: list[str], feats: np.ndarray) -> None:
-        base, end = self._count, self._count + len(feats)
-        if end > len(self._rows):
-            grown = np.empty((max(end, 2 * len(self._rows)), self.dim), np.float32)
-            grown[:base] = self._rows[:base]
-            self._rows = grown
-        self._rows[base:end] = feats
-        for k, t in enumerate(texts):
-            self._index.setdefault(t, base + k)
-        self._count = end
+    def _add(self, name: str, texts: list[str], npy: Path) -> None:
+        f = _Npy(npy)
+        f.close()  # opened again when read (:meth:`_file`)
+        if f.shape != (len(texts), self.dim) or f.dtype != np.float32:
+            raise LittuneError(f"{npy} holds {f.dtype}{list(f.shape)} features for {len(texts)} texts of dim {self.dim}")
+        keys = text_keys(texts)
+        keys, first = np.unique(keys, return_index=True)  # sorted; a text twice in a shard: its first row
+        new = self._rows_of(keys) < 0  # a text another shard holds already keeps that row
+        keys, rows = keys[new], first[new].astype(np.int64) + self._count
+        at = np.searchsorted(self._keys, keys)
+        self._keys, self._where = np.insert(self._keys, at, keys), np.insert(self._where, at, rows)
+        self._files.append(f)
+        self._starts.append(self._count)
+        self._count += len(texts)
         self._shards.add(name)
 
     def missing(self, texts: Iterable[str]) -> list[str]:
         """The distinct texts not in the cache, in first-seen order."""
-        return [t for t in dict.fromkeys(texts) if t not in self._index]
+        texts = list(dict.fromkeys(texts))
+        return [t for t, r in zip(texts, self._rows_of(text_keys(texts))) if r < 0]
 
     def features(self, texts: list[str]) -> np.ndarray:
-        """``(len(texts), dim)`` float32 features; every text must be in the cache."""
-        try:
-            rows = np.fromiter((self._index[t] for t in texts), dtype=np.int64, count=len(texts))
-        except KeyError as e:
-            raise LittuneError(f"text cache {self.directory} has no features for {e.args[0]!r}: fill it first") from None
-        return self._rows[rows]
+        """``(len(texts), dim)`` float32 features; every text must be in the cache (read with ``pread``, one
+        read per run of consecutive rows)."""
+        rows = self._rows_of(text_keys(texts))
+        if (rows < 0).any():
+            raise LittuneError(f"text cache {self.directory} has no features for {texts[int(np.argmax(rows < 0))]!r}: "
+                               "fill it first")
+        out = np.empty((len(rows), self.dim), np.float32)
+        if not len(rows):
+            return out
+        order = np.argsort(rows, kind="stable")
+        srows = rows[order]
+        which = np.searchsorted(np.asarray(self._starts, np.int64), srows, side="right") - 1
+        cuts = np.flatnonzero((np.diff(srows) != 1) | (np.diff(which) != 0)) + 1
+        bounds = np.concatenate([[0], cuts, [len(srows)]]).tolist()
+        sorted_out = np.empty_like(out)
+        with self._lock:
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                j = int(which[a])
+                lo = int(srows[a]) - self._starts[j]
+                self._file(j).rows(lo, lo + b - a, out=sorted_out[a:b])
+        out[order] = sorted_out
+        return out
+
+    def _file(self, j: int) -> _Npy:
+        f = self._open.get(j)
+        if f is None:
+            f = self._open[j] = self._files[j].reopen()
+            while len(self._open) > MAX_OPEN:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(j)
+        return f
 
     def fill(self, texts: Iterable[str], encode: Callable[[list[str]], np.ndarray], progress: bool = False,
              shard_texts: int = SHARD_TEXTS) -> int:
         """Compute and store the features of the texts the cache lacks (``encode``: texts -> (n, dim)
         tower features), one committed shard at a time; returns how many were computed."""
-        todo = self.missing(texts)
-        if not todo:
-            return 0
         from .lock import lock, unlock
 
-        handle = lock(self.directory)
+        handle, done, bar = None, 0, None
         try:
-            self._read_shards()  # what a writer before us added
-            todo = self.missing(todo)
-            todo.sort(key=len)  # similar lengths together: batches pad little
-            bar = _bar(len(todo)) if progress else None
-            for lo in range(0, len(todo), shard_texts):
-                chunk = todo[lo:lo + shard_texts]
+            for chunk in self._todo(texts, shard_texts):
+                if handle is None:
+                    handle = lock(self.directory)
+                    self._read_shards()  # what a writer before us added
+                    bar = _bar(None) if progress else None
+                    chunk = self.missing(chunk)
+                    if not chunk:
+                        continue
+                chunk.sort(key=len)  # similar lengths together: batches pad little
                 feats = np.asarray(encode(chunk), dtype=np.float32)
                 if feats.shape != (len(chunk), self.dim):
                     raise LittuneError(f"text features of shape {feats.shape} for {len(chunk)} texts of dim {self.dim}")
                 self._commit(chunk, feats)
+                done += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
+        finally:
             if bar is not None:
                 bar.close()
-        finally:
-            unlock(handle)
-        return len(todo)
+            if handle is not None:
+                unlock(handle)
+        return done
+
+    def _todo(self, texts: Iterable[str], shard_texts: int):
+        """The distinct texts the cache lacks, ``shard_texts`` at a time, read from ``texts`` as they come (a
+        text of an earlier chunk is in the cache once that chunk is committed: nothing is held per text)."""
+        chunk: dict[str, None] = {}
+        for t in texts:
+            if t in chunk:
+                continue
+            chunk[t] = None
+            if len(chunk) >= shard_texts:
+                todo = self.missing(chunk)
+                if len(todo) >= shard_texts // 2:
+                    yield todo
+                    chunk = {}
+                else:  # mostly known texts: keep gathering
+                    chunk = dict.fromkeys(todo)
+        todo = self.missing(chunk)
+        if todo:
+            yield todo
 
     def _commit(self, texts: list[str], feats: np.ndarray) -> None:
         folder = self.directory / SHARDS
@@ -179,7 +255,7 @@ class TextFeatureCache:
         name = f"{max(taken, default=-1) + 1:05d}"
         write_npy(folder / f"{name}.npy", feats)
         write_json(folder / f"{name}.json", {"texts": texts, "sha256": sha256(folder / f"{name}.npy")})
-        self._add(name, texts, feats)
+        self._add(name, texts, folder / f"{name}.npy")
 
 
 def _bar(total: int):

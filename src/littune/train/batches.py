@@ -173,10 +173,10 @@ def fill_text_cache(model, folder, texts, progress: bool) -> None:
     from ..inference.embeddings import text_tower_features
     from .monitor import log_line
 
-    store, texts = model.use_text_cache(folder), list(dict.fromkeys(texts))
-    t0, todo = time.perf_counter(), len(store.missing(texts))
-    store.fill(texts, lambda chunk: text_tower_features(model, chunk), progress=progress)
-    log_line(f"text cache {folder}: {len(texts):,} captions can be drawn, {todo:,} computed now "
+    store = model.use_text_cache(folder)  # texts streamed: nothing held per caption (littune.cache.text)
+    t0 = time.perf_counter()
+    todo = store.fill(texts, lambda chunk: text_tower_features(model, chunk), progress=progress)
+    log_line(f"text cache {folder}: {todo:,} captions computed now, {len(store):,} held "
              f"({time.perf_counter() - t0:.0f} s)")
 
 
