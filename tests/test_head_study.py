@@ -80,3 +80,14 @@ def test_unknown_row_is_one_line_before_anything_is_written(tmp_path):
     with pytest.raises(LittuneError, match="unknown row 'mlp'"):
         head_study.run_head_study(tmp_path / "q", tmp_path / "hs", rows=("mlp",))
     assert not (tmp_path / "hs").exists()
+
+
+def test_a_row_whose_run_missed_the_linear_time_is_matched_to_its_own_speed():
+    assert head_study.matched_steps(334.0, {"train_s": 104.0, "s_per_step": 0.97}) == 344
+    assert head_study.matched_steps(334.0, {"train_s": 300.0, "s_per_step": 2.8}) is None  # within 20%
+
+
+def test_kept_timing_is_read_back_so_the_rows_keep_their_steps(tmp_path):
+    kept = {"linear": {"s_per_step": 0.17, "rounds": [0.17]}, "attention": {"s_per_step": 3.1, "rounds": [3.1]}}
+    (tmp_path / "head-study-timing.json").write_text(json.dumps(kept))
+    assert head_study.session_timing(tmp_path / "q", tmp_path, ["linear", "attention"], 2, 30) == kept

@@ -161,6 +161,19 @@ def time_rows(quickstart: Path, out: Path, keys, rounds: int, steps: int) -> dic
     return {k: {"s_per_step": statistics.median(v), "rounds": v} for k, v in found.items()}
 
 
+def session_timing(quickstart: Path, out: Path, keys, rounds: int, steps: int) -> dict:
+    """:func:`time_rows`, kept in ``OUT/head-study-timing.json``: a study run again reads its timing back
+    (so its rows keep their steps and are read back, not trained again); delete the file to time afresh."""
+    path = out / "head-study-timing.json"
+    kept = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if all(k in kept for k in keys):
+        return kept
+    out.mkdir(parents=True, exist_ok=True)
+    kept = time_rows(quickstart, out, keys, rounds, steps)  # all of them again: one session's timing
+    path.write_text(json.dumps(kept, indent=2), encoding="utf-8")
+    return kept
+
+
 def equal_steps(linear_steps: int, linear_s: float, row_s: float) -> int:
     """The steps that take ``row_s`` a step as long as ``linear_steps`` steps of ``linear_s``."""
     return max(1, round(linear_steps * linear_s / row_s))
@@ -209,12 +222,13 @@ def linear_row(quickstart: Path, timing: dict, pointing_at: Path, collages: int)
 
 def attention_row(key: str, quickstart: Path, out: Path, steps: int, timing: dict, pointing_at: Path,
                   collages: int) -> dict:
-    """Train (or read back) one attention row of ``steps`` steps; its figures."""
-    row, run_dir = ROWS[key], out / f"attn-{key}"
+    """Train (or read back: ``OUT/attn-KEY-STEPS``) one attention row of ``steps`` steps; its figures. Its
+    ``s_per_step`` is the run's own (train seconds / steps); ``timed_s_per_step`` the timing runs'."""
+    row, run_dir = ROWS[key], out / f"attn-{key}-{steps}"
     record_file = run_dir / "head-study-row.json"
     if not (run_dir / "results.json").is_file():
         embed_token_caches(main_config(quickstart), out, row.grid)
-        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier row (other steps) starts over
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
         commit, t0 = bench.code_commit(), time.perf_counter()
         bench.say(f"train {key}: {steps} steps of {row.batch} ({steps * timing['s_per_step']:.0f} s at "
                   f"{timing['s_per_step']:.3g} s/step)")
@@ -222,9 +236,19 @@ def attention_row(key: str, quickstart: Path, out: Path, steps: int, timing: dic
         record_file.write_text(json.dumps({"commit": commit, "wall_s": round(time.perf_counter() - t0, 1)}))
     record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-    return {"row": key, **asdict(row), "steps": steps, "s_per_step": timing["s_per_step"],
-            "train_s": train_seconds(run_dir / "metrics.jsonl", row.batch), "commit": record.get("commit", "?"),
+    seconds = train_seconds(run_dir / "metrics.jsonl", row.batch)
+    return {"row": key, **asdict(row), "steps": steps, "s_per_step": seconds / steps,
+            "timed_s_per_step": timing["s_per_step"], "train_s": seconds, "commit": record.get("commit", "?"),
             "pointing": pointing(run_dir / "model", pointing_at, collages), **figures(results)}
+
+
+def matched_steps(budget_s: float, done: dict, tolerance: float = 0.2) -> int | None:
+    """The steps that would have filled ``budget_s`` at the s/step a finished row ``done`` really ran at,
+    where its training time missed the budget by more than ``tolerance`` (the machine's load changed
+    between the timing and the run); None where it did not."""
+    if abs(done["train_s"] - budget_s) <= tolerance * budget_s:
+        return None
+    return max(1, round(budget_s / done["s_per_step"]))
 
 
 COLUMNS = (("designs_acc1", "designs top-1"), ("concepts_acc1", "concepts top-1"), ("both_acc1", "both top-1"),
@@ -250,9 +274,10 @@ def markdown(rows: list[dict], chance: dict) -> str:
 
 
 def run_head_study(quickstart="out/quickstart", out="out/head-study", rows=("attention",), rounds: int = 2,
-                   timing_steps: int = 40, collages: int = 200) -> dict:
-    """Time the rows against the linear head, train each attention row for the linear head's training time,
-    write ``head-study.md`` / ``.json`` in ``out``."""
+                   timing_steps: int = 40, collages: int = 200, calibrate: bool = True) -> dict:
+    """Time the rows against the linear head, train each attention row for the linear head's training time
+    (``calibrate``: and once more, at the steps its own run's speed allows, where its time missed that by more
+    than 20%), write ``head-study.md`` / ``.json`` in ``out``."""
     from ..errors import LittuneError
 
     unknown = [r for r in rows if r not in ROWS or r == "linear"]
@@ -261,12 +286,15 @@ def run_head_study(quickstart="out/quickstart", out="out/head-study", rows=("att
     quickstart, out = Path(quickstart), Path(out)
     cfg = main_config(quickstart)
     embedded = {f"tok{g or 7}": embed_token_caches(cfg, out, g) for g in dict.fromkeys(ROWS[k].grid for k in rows)}
-    timing = time_rows(quickstart, out, ["linear", *rows], rounds, timing_steps)
+    timing = session_timing(quickstart, out, ["linear", *rows], rounds, timing_steps)
     linear_s, pointing_at = timing["linear"]["s_per_step"], Path(cfg["val"]["zeroshot"][0]["classnames"]).parent
     found = [linear_row(quickstart, timing["linear"], pointing_at, collages)]
     for key in rows:
         steps = equal_steps(cfg["steps"], linear_s, timing[key]["s_per_step"])
         found.append(attention_row(key, quickstart, out, steps, timing[key], pointing_at, collages))
+        again = matched_steps(found[0]["train_s"], found[-1]) if calibrate else None
+        if again is not None:  # once: the steps this row's own speed allows in the linear head's time
+            found.append(attention_row(key, quickstart, out, again, timing[key], pointing_at, collages))
     table = markdown(found, chances(cfg))
     (out / "head-study.md").write_text(table + "\n", encoding="utf-8")
     (out / "head-study.json").write_text(json.dumps({"rows": found, "timing": timing, "embed_seconds": embedded,
@@ -285,9 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="timing runs of each row, alternated (default 2)")
     ap.add_argument("--timing-steps", type=int, default=40, help="steps of each timing run (default 40)")
     ap.add_argument("--collages", type=int, default=200, help="pointing-game collages (0: skip; default 200)")
+    ap.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                    help="no second run of a row whose training time missed the linear head's by more than 20%%")
     args = ap.parse_args(argv)
     run_head_study(args.quickstart, args.out, [r for r in args.rows.split(",") if r], args.rounds,
-                   args.timing_steps, args.collages)
+                   args.timing_steps, args.collages, args.calibrate)
     return 0
 
 
