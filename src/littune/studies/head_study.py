@@ -230,8 +230,7 @@ def attention_row(key: str, quickstart: Path, out: Path, steps: int, timing: dic
         embed_token_caches(main_config(quickstart), out, row.grid)
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
         commit, t0 = bench.code_commit(), time.perf_counter()
-        bench.say(f"train {key}: {steps} steps of {row.batch} ({steps * timing['s_per_step']:.0f} s at "
-                  f"{timing['s_per_step']:.3g} s/step)")
+        bench.say(f"train {key}: {steps} steps of {row.batch} (timed at {timing['s_per_step']:.3g} s/step)")
         train(quickstart / "run" / "config.yaml", overrides(row, main_config(quickstart), out, run_dir, steps))
         record_file.write_text(json.dumps({"commit": commit, "wall_s": round(time.perf_counter() - t0, 1)}))
     record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
