@@ -27,7 +27,7 @@ def _main_job(tmp_path):
     return path, cfg
 
 
-@pytest.mark.parametrize("key", [k for k in head_study.ROWS if k != "linear"])
+@pytest.mark.parametrize("key", [k for k in head_study.ROWS if head_study.ROWS[k].head == "attention"])
 def test_attention_rows_overrides_make_valid_configs_reading_token_caches(tmp_path, key):
     path, cfg = _main_job(tmp_path)
     row, out = head_study.ROWS[key], tmp_path / "hs"
@@ -91,3 +91,12 @@ def test_kept_timing_is_read_back_so_the_rows_keep_their_steps(tmp_path):
     kept = {"linear": {"s_per_step": 0.17, "rounds": [0.17]}, "attention": {"s_per_step": 3.1, "rounds": [3.1]}}
     (tmp_path / "head-study-timing.json").write_text(json.dumps(kept))
     assert head_study.session_timing(tmp_path / "q", tmp_path, ["linear", "attention"], 2, 30) == kept
+
+
+def test_the_linear_control_row_keeps_pooled_caches_at_its_fixed_batch(tmp_path):
+    path, cfg = _main_job(tmp_path)
+    row = head_study.ROWS["linear-b256"]
+    c = load_config(path, head_study.overrides(row, cfg, tmp_path / "hs", tmp_path / "r", row.steps), need_data=False)
+    assert c.model.image_head == "linear" and c.data.batch_size == 256 and c.steps == row.steps
+    assert c.data.cache == "q/caches/mix-lite0/train"
+    assert [v["cache"] for v in c.val.zeroshot] == ["q/caches/mix-lite0/heldout_designs"]

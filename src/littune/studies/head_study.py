@@ -44,12 +44,14 @@ TIMING_LOG = 10
 @dataclass(frozen=True)
 class Row:
     """One configuration: the image head, the batch, and for the attention head the token grid (None: the
-    tower's own, 7 x 7 for EfficientNet-Lite0) and transformer blocks before the pooling."""
+    tower's own, 7 x 7 for EfficientNet-Lite0) and transformer blocks before the pooling; ``steps``: a fixed
+    step count instead of the linear head's wall time (a control)."""
 
     head: str = "attention"
     batch: int = 1024
     grid: int | None = None
     blocks: int = 0
+    steps: int | None = None
 
 
 #: the main job's linear head (its own run) and the attention rows
@@ -58,6 +60,8 @@ ROWS = {
     "attention": Row("attention"),
     "attention-b256": Row("attention", batch=256),
     "attention-g4": Row("attention", grid=4),
+    # the control: the linear head at attention-b256's calibrated steps and batch (same pairs seen)
+    "linear-b256": Row("linear", batch=256, steps=729),
 }
 
 
@@ -191,16 +195,22 @@ def figures(results: dict) -> dict:
             "openclipart_i2t_r1": both("openclipart_test").get("text_retrieval_recall@1")}
 
 
-def pointing(model_dir: Path, dataset: Path, collages: int) -> float | None:
-    """The model's pointing-game accuracy (:mod:`littune.eval.pointing`) on ``dataset``'s collages."""
+def pointing(model_dir: Path, dataset: Path, collages: int, keep: Path | None = None) -> float | None:
+    """The model's pointing-game accuracy (:mod:`littune.eval.pointing`) on ``dataset``'s collages (read back
+    from ``keep``, a JSON file, where it was written before)."""
     from ..eval.pointing import play
     from ..eval.sets import class_folder
     from ..model.two_towers import LiTModel
 
     if not collages or not dataset.is_dir():
         return None
+    if keep is not None and keep.is_file():
+        return json.loads(keep.read_text(encoding="utf-8"))["pointing_accuracy"]
     model = LiTModel.from_pretrained(model_dir)
-    return play(model, class_folder(dataset), collages=collages, show=0).metrics["pointing_accuracy"]
+    metrics = play(model, class_folder(dataset), collages=collages, show=0).metrics
+    if keep is not None:
+        keep.write_text(json.dumps({k: v for k, v in metrics.items() if k != "by_count"}), encoding="utf-8")
+    return metrics["pointing_accuracy"]
 
 
 def chances(cfg: dict) -> dict:
@@ -208,7 +218,7 @@ def chances(cfg: dict) -> dict:
     return {v["name"]: bench.chance(v["classnames"]) for v in cfg["val"]["zeroshot"]}
 
 
-def linear_row(quickstart: Path, timing: dict, pointing_at: Path, collages: int) -> dict:
+def linear_row(quickstart: Path, out: Path, timing: dict, pointing_at: Path, collages: int) -> dict:
     """The main job's own run, as the linear row (its steps' seconds: those of this session's timing)."""
     cfg, run = main_config(quickstart), quickstart / "run"
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))
@@ -216,21 +226,22 @@ def linear_row(quickstart: Path, timing: dict, pointing_at: Path, collages: int)
     record = json.loads((run / "quickstart.json").read_text(encoding="utf-8")) if (run / "quickstart.json").is_file() else {}
     return {"row": "linear", **asdict(ROWS["linear"]), "steps": steps, "s_per_step": timing["s_per_step"],
             "train_s": steps * timing["s_per_step"], "train_s_then": train_seconds(run / "metrics.jsonl", batch),
-            "commit": record.get("commit", "?"), "pointing": pointing(run / "model", pointing_at, collages),
+            "commit": record.get("commit", "?"), "pointing": pointing(run / "model", pointing_at, collages, out / f"pointing-linear-{collages}.json"),
             **figures(results)}
 
 
 def attention_row(key: str, quickstart: Path, out: Path, steps: int, timing: dict, pointing_at: Path,
                   collages: int) -> dict:
-    """Train (or read back: ``OUT/attn-KEY-STEPS``) one attention row of ``steps`` steps; its figures. Its
+    """Train (or read back: ``OUT/KEY-STEPS``) one row of ``steps`` steps; its figures. Its
     ``s_per_step`` is the run's own (train seconds / steps); ``timed_s_per_step`` the timing runs'."""
-    row, run_dir = ROWS[key], out / f"attn-{key}-{steps}"
+    row, run_dir = ROWS[key], out / f"{key}-{steps}"
     record_file = run_dir / "head-study-row.json"
     if not (run_dir / "results.json").is_file():
         embed_token_caches(main_config(quickstart), out, row.grid)
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
         commit, t0 = bench.code_commit(), time.perf_counter()
-        bench.say(f"train {key}: {steps} steps of {row.batch} (timed at {timing['s_per_step']:.3g} s/step)")
+        timed = f" (timed at {timing['s_per_step']:.3g} s/step)" if timing["s_per_step"] else ""
+        bench.say(f"train {key}: {steps} steps of {row.batch}{timed}")
         train(quickstart / "run" / "config.yaml", overrides(row, main_config(quickstart), out, run_dir, steps))
         record_file.write_text(json.dumps({"commit": commit, "wall_s": round(time.perf_counter() - t0, 1)}))
     record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
@@ -238,7 +249,8 @@ def attention_row(key: str, quickstart: Path, out: Path, steps: int, timing: dic
     seconds = train_seconds(run_dir / "metrics.jsonl", row.batch)
     return {"row": key, **asdict(row), "steps": steps, "s_per_step": seconds / steps,
             "timed_s_per_step": timing["s_per_step"], "train_s": seconds, "commit": record.get("commit", "?"),
-            "pointing": pointing(run_dir / "model", pointing_at, collages), **figures(results)}
+            "pointing": pointing(run_dir / "model", pointing_at, collages, run_dir / f"pointing-{collages}.json"),
+            **figures(results)}
 
 
 def matched_steps(budget_s: float, done: dict, tolerance: float = 0.2) -> int | None:
@@ -285,15 +297,17 @@ def run_head_study(quickstart="out/quickstart", out="out/head-study", rows=("att
     quickstart, out = Path(quickstart), Path(out)
     cfg = main_config(quickstart)
     embedded = {f"tok{g or 7}": embed_token_caches(cfg, out, g) for g in dict.fromkeys(ROWS[k].grid for k in rows)}
-    timing = session_timing(quickstart, out, ["linear", *rows], rounds, timing_steps)
+    timing = session_timing(quickstart, out, ["linear", *(k for k in rows if ROWS[k].steps is None)], rounds,
+                            timing_steps)
     linear_s, pointing_at = timing["linear"]["s_per_step"], Path(cfg["val"]["zeroshot"][0]["classnames"]).parent
-    found = [linear_row(quickstart, timing["linear"], pointing_at, collages)]
+    found = [linear_row(quickstart, out, timing["linear"], pointing_at, collages)]
     for key in rows:
-        steps = equal_steps(cfg["steps"], linear_s, timing[key]["s_per_step"])
-        found.append(attention_row(key, quickstart, out, steps, timing[key], pointing_at, collages))
-        again = matched_steps(found[0]["train_s"], found[-1]) if calibrate else None
+        fixed, timed = ROWS[key].steps, timing.get(key, {"s_per_step": None})
+        steps = fixed or equal_steps(cfg["steps"], linear_s, timed["s_per_step"])
+        found.append(attention_row(key, quickstart, out, steps, timed, pointing_at, collages))
+        again = matched_steps(found[0]["train_s"], found[-1]) if calibrate and not fixed else None
         if again is not None:  # once: the steps this row's own speed allows in the linear head's time
-            found.append(attention_row(key, quickstart, out, again, timing[key], pointing_at, collages))
+            found.append(attention_row(key, quickstart, out, again, timed, pointing_at, collages))
     table = markdown(found, chances(cfg))
     (out / "head-study.md").write_text(table + "\n", encoding="utf-8")
     (out / "head-study.json").write_text(json.dumps({"rows": found, "timing": timing, "embed_seconds": embedded,
