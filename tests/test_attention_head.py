@@ -251,15 +251,31 @@ def test_training_on_the_fly_with_an_attention_head_lowers_the_loss(tmp_path):
 def test_a_cache_without_tokens_is_refused_in_one_line(tmp_path):
     from test_trainer import TINY, make_source
 
+    from littune.cache import embed_source
     from littune.train.trainer import Trainer
 
     src = make_source(tmp_path / "data", per_class=1)
+    embed_source(str(src), SPEC, tmp_path / "cache", batch_size=8, progress=False)  # pooled features only
     cfg = load_config(overrides=TINY + [f"run_dir={tmp_path / 'run'}", f"data.source={src}",
                                         f"data.cache={tmp_path / 'cache'}", "steps=2", "model.image_head=attention"])
     with pytest.raises(LittuneError) as e:
         Trainer(cfg).run()
     assert str(e.value).startswith("model.image_head=attention trains from a token cache: littune embed ... --tokens")
     assert "\n" not in str(e.value)
+
+
+def test_a_missing_cache_for_the_attention_head_is_built_with_tokens_and_trains(tmp_path):
+    from test_trainer import TINY, make_source
+
+    from littune.cache import EmbeddingCache
+    from littune.train.trainer import Trainer
+
+    src = make_source(tmp_path / "data", per_class=1)
+    cfg = load_config(overrides=TINY + [f"run_dir={tmp_path / 'run'}", f"data.source={src}",
+                                        f"data.cache={tmp_path / 'cache'}", "steps=2", "model.image_head=attention"])
+    Trainer(cfg).run()
+    assert EmbeddingCache.open(tmp_path / "cache").has_tokens
+    assert len(_losses(tmp_path / "run")) == 2
 
 
 def _token_cache(tmp_path, spec: str, grid=True, name: str = "cache"):

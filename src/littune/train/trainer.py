@@ -103,7 +103,7 @@ class Trainer:
             # manifest); the cache equals a one-process build.
             built = build_image_tower(tower_spec).eval()
             embed_source(self._source(), built, cache_dir, progress=self.cfg.progress and D.is_main(),
-                         distributed=self.world > 1)
+                         distributed=self.world > 1, tokens=self.cfg.model.image_head == "attention" or None)
             D.barrier()
         cache = EmbeddingCache.open(cache_dir)
         # The cache must come from the configured tower (and source, when one is named).
