@@ -17,7 +17,7 @@ row is the main job's own run (``QUICKSTART/run/results.json``, not trained agai
 Writes ``OUT/head-study.md`` and ``OUT/head-study.json``; a finished row is read back, not trained again.
 
     python -m littune.studies.head_study [--quickstart out/quickstart] [--out out/head-study]
-                                         [--rows attention,attention-b256] [--rounds 2] [--timing-steps 40]
+                                         [--rows attention,attention-b256] [--rounds 2] [--timing-steps 30]
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ def markdown(rows: list[dict], chance: dict) -> str:
 
 
 def run_head_study(quickstart="out/quickstart", out="out/head-study", rows=("attention",), rounds: int = 2,
-                   timing_steps: int = 40, collages: int = 200, calibrate: bool = True) -> dict:
+                   timing_steps: int = 30, collages: int = 200, calibrate: bool = True) -> dict:
     """Time the rows against the linear head, train each attention row for the linear head's training time
     (``calibrate``: and once more, at the steps its own run's speed allows, where its time missed that by more
     than 20%), write ``head-study.md`` / ``.json`` in ``out``."""
@@ -321,10 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quickstart", default="out/quickstart", help="the main job's folder (default out/quickstart)")
     ap.add_argument("--out", default="out/head-study", help="where the token caches and runs go (default out/head-study)")
-    ap.add_argument("--rows", default="attention", help=f"attention rows to run (default attention; "
-                                                        f"{','.join(k for k in ROWS if k != 'linear')})")
+    others = ",".join(k for k in ROWS if k != "linear")
+    ap.add_argument("--rows", default=others, help=f"rows to run beside the main job's linear head (default all: {others})")
     ap.add_argument("--rounds", type=int, default=2, help="timing runs of each row, alternated (default 2)")
-    ap.add_argument("--timing-steps", type=int, default=40, help="steps of each timing run (default 40)")
+    ap.add_argument("--timing-steps", type=int, default=30, help="steps of each timing run (default 30)")
     ap.add_argument("--collages", type=int, default=200, help="pointing-game collages (0: skip; default 200)")
     ap.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                     help="no second run of a row whose training time missed the linear head's by more than 20%%")
