@@ -276,6 +276,15 @@ def test_embed_cli_documents_tokens_and_prints_their_bytes_per_image(tmp_path, c
     assert f"tokens: 2 x 2 x 32 float16 per image, average-pooled; {per_image:,.0f} bytes per image on disk" in out
 
 
+def test_tokens_before_the_source_says_where_to_put_it(tmp_path, capsys):
+    csv_path = write_csv(tmp_path / "data", n=1)
+    with pytest.raises(SystemExit):
+        main(["embed", "--tokens", str(csv_path), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"GRID must be a whole number >= 1, not {str(csv_path)!r}" in err
+    assert "put it after SOURCE, or give one: --tokens 4 SOURCE" in err
+
+
 LABELS = ["cat", "cup of coffee", "red square"]
 
 

@@ -104,7 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _grid(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"GRID must be a whole number >= 1, not {text!r}")
+        hint = " (--tokens takes an optional GRID: put it after SOURCE, or give one: --tokens 4 SOURCE)"
+        raise argparse.ArgumentTypeError(f"GRID must be a whole number >= 1, not {text!r}"
+                                         + (hint if not text.lstrip("-").isdigit() else ""))
     return int(text)
 
 
