@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from littune.towers.exporters import onnx_bytes
 from littune.towers.image import build_image_tower, parse_image_tower
 from littune.towers.text import build_text_tower, train_tokenizer
 
@@ -113,8 +114,8 @@ def test_onnx_tower_locked_only(tmp_path):
     path = tmp_path / "tiny.onnx"
     x = torch.randn(2, 3, 32, 32)
     try:
-        torch.onnx.export(net, (x,), str(path), input_names=["pixels"], dynamic_axes={"pixels": {0: "b"}},
-                          dynamo=False)
+        # littune's own TorchScript path (its deprecation notices quieted, as for every graph littune writes)
+        path.write_bytes(onnx_bytes(net, (x,), ["pixels"], "output", {"pixels": {0: "b"}}))
     except Exception as e:  # pragma: no cover - exporter availability differs between torch builds
         pytest.skip(f"torch.onnx.export unavailable here: {e}")
     tower = build_image_tower({"type": "onnx", "path": str(path),
@@ -163,8 +164,8 @@ def _tiny_onnx(tmp_path):
         from littune.towers.tiny import tiny_cnn
 
         path = tmp_path / "tiny.onnx"
-        torch.onnx.export(tiny_cnn().eval(), (torch.randn(2, 3, 32, 32),), str(path), input_names=["pixels"],
-                          dynamic_axes={"pixels": {0: "b"}}, dynamo=False)
+        path.write_bytes(onnx_bytes(tiny_cnn().eval(), (torch.randn(2, 3, 32, 32),), ["pixels"], "output",
+                                    {"pixels": {0: "b"}}))
         return path
     except Exception:  # pragma: no cover - exporter availability differs between torch builds
         return None
