@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import OrderedDict
 from pathlib import Path
+from typing import Callable, Hashable
 
 import numpy as np
 
@@ -156,3 +158,38 @@ class _Strings:
         data = self.blob.read(base, int(off[-1]) - base)
         cut = (off - base).tolist()
         return [data[cut[k]:cut[k + 1]].decode("utf-8") for k in range(hi - lo)]
+
+
+class OpenFiles:
+    """At most ``limit`` files open at once, keyed; the least recently used is closed first.
+
+    ``get(key, open_file)`` returns the open file of ``key``, calling ``open_file()`` when it is not open (a
+    random batch touches most shards of a cache, so keeping them open saves an ``open()`` each; the limit keeps
+    a process within its open-file limit however many shards there are)."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self._files: OrderedDict = OrderedDict()
+
+    def get(self, key: Hashable, open_file: Callable[[], _File]):
+        f = self._files.get(key)
+        if f is not None:
+            self._files.move_to_end(key)
+            return f
+        f = self._files[key] = open_file()
+        while len(self._files) > self.limit:
+            self._files.popitem(last=False)[1].close()
+        return f
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._files
+
+    def __getitem__(self, key: Hashable):
+        return self._files[key]
+
+    def close(self) -> None:
+        while self._files:
+            self._files.popitem()[1].close()

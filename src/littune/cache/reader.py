@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +18,7 @@ from ..errors import LittuneError
 from ..fileio import read_skipped
 from ..train.sampling import pick_caption
 from .format import FORMAT, LANGS_FILE, MANIFEST, NO_CAPTION, PLAN, SKIPPED, VERSION, sha256
-from .pread import _Npy, _Strings
+from .pread import OpenFiles, _Npy, _Strings
 from .tokens import TokenRows, shard_files
 
 
@@ -57,9 +56,9 @@ class EmbeddingCache(TokenRows):
         self._count = int(manifest["count"])
         self._shards = [s for s in manifest["shards"] if s["count"] > 0]
         self._starts = np.asarray([s["start"] for s in self._shards], dtype=np.int64)
-        self._open: OrderedDict[int, _Npy] = OrderedDict()
-        self._known: dict[int, _Npy] = {}  # shards opened before (a few hundred bytes each)
         self.max_open = max(1, int(default_max_open() if max_open is None else max_open))
+        self._open = OpenFiles(self.max_open)  # the feature shards open now
+        self._known: dict[int, _Npy] = {}  # shards opened before (a few hundred bytes each)
         d = self.directory
         self._keys = _Strings(d / "keys.utf8", d / "key_offsets.npy")
         self._paths = _Strings(d / "paths.utf8", d / "path_offsets.npy")
@@ -111,25 +110,20 @@ class EmbeddingCache(TokenRows):
 
     # -- features --------------------------------------------------------------------------------
     def _shard(self, j: int) -> _Npy:
-        f = self._open.get(j)
-        if f is None:
-            # Reopening a shard is one open(): its header is parsed and checked the first time only.
-            known = self._known.get(j)
-            if known is not None:
-                f = known.reopen()
-            else:
-                f = _Npy(self.directory / self._shards[j]["file"])
-                want = (self._shards[j]["count"], 1 + self.views, self.dim)
-                if f.shape != want or f.dtype != np.dtype(self.dtype):
-                    f.close()
-                    raise LittuneError(f"{f.path} holds {f.dtype}{list(f.shape)}, the manifest says "
-                                       f"{self.dtype}{list(want)}: re-run `littune embed`")
-                self._known[j] = f
-            self._open[j] = f
-            while len(self._open) > self.max_open:
-                self._open.popitem(last=False)[1].close()
-        else:
-            self._open.move_to_end(j)
+        return self._open.get(j, lambda: self._open_shard(j))
+
+    def _open_shard(self, j: int) -> _Npy:
+        # Reopening a shard is one open(): its header is parsed and checked the first time only.
+        known = self._known.get(j)
+        if known is not None:
+            return known.reopen()
+        f = _Npy(self.directory / self._shards[j]["file"])
+        want = (self._shards[j]["count"], 1 + self.views, self.dim)
+        if f.shape != want or f.dtype != np.dtype(self.dtype):
+            f.close()
+            raise LittuneError(f"{f.path} holds {f.dtype}{list(f.shape)}, the manifest says "
+                               f"{self.dtype}{list(want)}: re-run `littune embed`")
+        self._known[j] = f
         return f
 
     def features(self, indices: Sequence[int] | np.ndarray, view: int | np.ndarray | None = None) -> np.ndarray:

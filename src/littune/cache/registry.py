@@ -21,7 +21,6 @@ import sqlite3
 import stat
 import sys
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 
 from ..errors import LittuneError
 from ..fileio import cache_home
-from .pread import _Npy
+from .pread import OpenFiles, _Npy
 from .tokens import token_path
 
 INDEX_DIR = "features"
@@ -252,9 +251,9 @@ class Rows:
     its token file (:func:`.tokens.token_path`) is checked alike and :meth:`token_rows` reads it."""
 
     def __init__(self, dim: int, max_open: int = 64, tokens: dict | None = None):
-        self.dim, self.max_open, self.tokens = dim, max_open, tokens
+        self.dim, self.tokens = dim, tokens
         self._checked: dict[tuple[str, str], tuple | None] = {}  # -> (features' signature, tokens' or None)
-        self._open: OrderedDict[str, _Npy] = OrderedDict()
+        self._open = OpenFiles(max_open)
 
     def check(self, found: Found) -> bool:
         """Is ``found``'s shard file the one that was entered (and a ``(n, 1 + views, dim)`` array)? With
@@ -288,25 +287,21 @@ class Rows:
 
     def _file(self, found: Found, tokens: bool = False) -> _Npy:
         path = str(token_path(Path(found.path))) if tokens else found.path
-        f = self._open.get(path)
-        if f is None:
-            f = _Npy(Path(path))
-            st = os.fstat(f.fd)
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._checked[(found.path, found.sha256)][
-                    int(tokens)][:4]:
-                f.close()
-                raise LittuneError(f"the cache {found.cache} that features were reused from changed during this "
-                                   "run; run the same command again (the shards written so far are kept)")
-            self._open[path] = f
-            while len(self._open) > self.max_open:
-                self._open.popitem(last=False)[1].close()
-        else:
-            self._open.move_to_end(path)
+        return self._open.get(path, lambda: self._open_checked(found, path, tokens))
+
+    def _open_checked(self, found: Found, path: str, tokens: bool) -> _Npy:
+        """``path`` opened, if it is still the file :meth:`check` entered (device, inode, size, mtime)."""
+        f = _Npy(Path(path))
+        st = os.fstat(f.fd)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._checked[(found.path, found.sha256)][
+                int(tokens)][:4]:
+            f.close()
+            raise LittuneError(f"the cache {found.cache} that features were reused from changed during this "
+                               "run; run the same command again (the shards written so far are kept)")
         return f
 
     def close(self) -> None:
-        while self._open:
-            self._open.popitem()[1].close()
+        self._open.close()
 
 
 def _signature(path: str, sha256: str, dim: int, lead: tuple[int, int] | None = None) -> tuple | None:

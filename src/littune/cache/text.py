@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,7 +36,7 @@ from ..errors import LittuneError, StaleCacheError
 from ..fileio import write_json, write_npy
 from ..hashing import hash_state_dict, hash_text
 from .format import sha256
-from .pread import _Npy
+from .pread import OpenFiles, _Npy
 
 FORMAT, VERSION = "littune-text-features", 1
 MANIFEST, SHARDS = "manifest.json", "shards"
@@ -86,7 +85,7 @@ class TextFeatureCache:
         self._starts: list[int] = []
         self._count = 0
         self._shards: set[str] = set()
-        self._open: OrderedDict[int, _Npy] = OrderedDict()
+        self._open = OpenFiles(MAX_OPEN)
         self._lock = threading.Lock()  # the prefetch thread and the main thread may read at once
 
     @classmethod
@@ -189,14 +188,7 @@ class TextFeatureCache:
         return out
 
     def _file(self, j: int) -> _Npy:
-        f = self._open.get(j)
-        if f is None:
-            f = self._open[j] = self._files[j].reopen()
-            while len(self._open) > MAX_OPEN:
-                self._open.popitem(last=False)[1].close()
-        else:
-            self._open.move_to_end(j)
-        return f
+        return self._open.get(j, self._files[j].reopen)
 
     def fill(self, texts: Iterable[str], encode: Callable[[list[str]], np.ndarray], progress: bool = False,
              shard_texts: int = SHARD_TEXTS) -> int:

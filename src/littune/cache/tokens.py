@@ -16,7 +16,6 @@ the manifest's ``"tokens"`` says ``{"grid": [h, w], "dim": F, "pool": "none" | "
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LittuneError
-from .pread import _Npy
+from .pread import OpenFiles, _Npy
 
 #: the token file of a shard, beside its features ``NNNNN.npy``
 SUFFIX = ".tokens.npy"
@@ -194,11 +193,12 @@ class TokenRows:
         return out
 
     def _token_file(self, j: int):
-        files = self.__dict__.setdefault("_token_files", OrderedDict())
-        f = files.get(j)
-        if f is not None:
-            files.move_to_end(j)
-            return f
+        files = self.__dict__.get("_token_files")
+        if files is None:
+            files = self._token_files = OpenFiles(self.max_open)
+        return files.get(j, lambda: self._open_token_file(j))
+
+    def _open_token_file(self, j: int):
         entry = self._shards[j]
         f = _Npy(self.directory / entry["tokens"]["file"])
         h, w = self.token_grid
@@ -207,7 +207,4 @@ class TokenRows:
             f.close()
             raise LittuneError(f"{f.path} holds {f.dtype}{list(f.shape)}, the manifest says float16{list(want)}: "
                                "re-run `littune embed`")
-        files[j] = f
-        while len(files) > self.max_open:
-            files.popitem(last=False)[1].close()
         return f
