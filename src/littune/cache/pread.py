@@ -193,3 +193,26 @@ class OpenFiles:
     def close(self) -> None:
         while self._files:
             self._files.popitem()[1].close()
+
+
+def image_rows(indices, count: int) -> np.ndarray:
+    """``indices`` as int64 row numbers of a cache of ``count`` images (negative ones from the end); one out of
+    range is an :class:`IndexError` naming it."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < -count or idx.max() >= count):
+        bad = idx[(idx < -count) | (idx >= count)][0]
+        raise IndexError(f"image index {bad} out of range for a cache of {count} images")
+    return np.where(idx < 0, idx + count, idx)
+
+
+def shard_runs(rows: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """How to read ``rows`` (int64 row numbers) from shards whose first rows are ``starts``, one read per run of
+    consecutive rows within a shard: ``(order, runs)``. ``order`` sorts the rows; a run ``(a, b, shard, local)``
+    is the sorted positions ``a:b``, the rows ``local:local + b - a`` of shard ``shard``."""
+    order = np.argsort(rows, kind="stable")
+    srows = rows[order]
+    which = np.searchsorted(starts, srows, side="right") - 1
+    cuts = np.flatnonzero((np.diff(srows) != 1) | (np.diff(which) != 0)) + 1
+    bounds = np.concatenate([[0], cuts, [len(srows)]]).tolist()
+    which_l, local_l = which.tolist(), (srows - starts[which]).tolist()
+    return order, [(a, b, which_l[a], local_l[a]) for a, b in zip(bounds[:-1], bounds[1:])]

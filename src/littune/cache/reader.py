@@ -18,7 +18,7 @@ from ..errors import LittuneError
 from ..fileio import read_skipped
 from ..train.sampling import pick_caption
 from .format import FORMAT, LANGS_FILE, MANIFEST, NO_CAPTION, PLAN, SKIPPED, VERSION, sha256
-from .pread import OpenFiles, _Npy, _Strings
+from .pread import OpenFiles, _Npy, _Strings, image_rows, shard_runs
 from .tokens import TokenRows, shard_files
 
 
@@ -132,11 +132,7 @@ class EmbeddingCache(TokenRows):
 
         Rows are read in index order, one read per run of consecutive images (a random batch: one
         small read per row; a range: one read per shard)."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < -self._count or idx.max() >= self._count):
-            bad = idx[(idx < -self._count) | (idx >= self._count)][0]
-            raise IndexError(f"image index {bad} out of range for a cache of {self._count} images")
-        idx = np.where(idx < 0, idx + self._count, idx)
+        idx = image_rows(indices, self._count)
         if view is None:
             slot = np.zeros(len(idx), dtype=np.int64)
         else:
@@ -153,23 +149,18 @@ class EmbeddingCache(TokenRows):
         out = np.empty((len(idx), self.dim), dtype=np.float32)
         if not len(idx):
             return out
-        order = np.argsort(idx, kind="stable")
-        sidx, sslot = idx[order], slot[order]
-        which = np.searchsorted(self._starts, sidx, side="right") - 1
-        # runs of consecutive images within one shard
-        cuts = np.flatnonzero((np.diff(sidx) != 1) | (np.diff(which) != 0)) + 1
-        bounds = np.concatenate([[0], cuts, [len(sidx)]]).tolist()
-        local = (sidx - self._starts[which]).tolist()
-        which_l, slot_l = which.tolist(), sslot.tolist()
+        order, runs = shard_runs(idx, self._starts)
+        sslot = slot[order]
+        slot_l = sslot.tolist()
         stored = np.empty((len(idx), self.dim), dtype=np.dtype(self.dtype))
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            f = self._shard(which_l[a])
+        for a, b, j, local in runs:
+            f = self._shard(j)
             if b - a == 1:  # one row: read just its slot
-                f.read_into(stored[a], f.offset + (local[a] * (1 + self.views) + slot_l[a]) * self.dim * f.dtype.itemsize)
+                f.read_into(stored[a], f.offset + (local * (1 + self.views) + slot_l[a]) * self.dim * f.dtype.itemsize)
             elif self.views == 0:
-                f.rows(local[a], local[a] + b - a, out=stored[a:b].reshape(b - a, 1, self.dim))
+                f.rows(local, local + b - a, out=stored[a:b].reshape(b - a, 1, self.dim))
             else:
-                block = f.rows(local[a], local[a] + b - a)
+                block = f.rows(local, local + b - a)
                 stored[a:b] = block[np.arange(b - a), sslot[a:b]]
         out[order] = stored
         return out

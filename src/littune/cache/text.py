@@ -36,7 +36,7 @@ from ..errors import LittuneError, StaleCacheError
 from ..fileio import write_json, write_npy
 from ..hashing import hash_state_dict, hash_text
 from .format import sha256
-from .pread import OpenFiles, _Npy
+from .pread import OpenFiles, _Npy, shard_runs
 
 FORMAT, VERSION = "littune-text-features", 1
 MANIFEST, SHARDS = "manifest.json", "shards"
@@ -173,16 +173,10 @@ class TextFeatureCache:
         out = np.empty((len(rows), self.dim), np.float32)
         if not len(rows):
             return out
-        order = np.argsort(rows, kind="stable")
-        srows = rows[order]
-        which = np.searchsorted(np.asarray(self._starts, np.int64), srows, side="right") - 1
-        cuts = np.flatnonzero((np.diff(srows) != 1) | (np.diff(which) != 0)) + 1
-        bounds = np.concatenate([[0], cuts, [len(srows)]]).tolist()
+        order, runs = shard_runs(rows, np.asarray(self._starts, np.int64))
         sorted_out = np.empty_like(out)
         with self._lock:
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                j = int(which[a])
-                lo = int(srows[a]) - self._starts[j]
+            for a, b, j, lo in runs:
                 self._file(j).rows(lo, lo + b - a, out=sorted_out[a:b])
         out[order] = sorted_out
         return out

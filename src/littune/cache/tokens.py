@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LittuneError
-from .pread import OpenFiles, _Npy
+from .pread import OpenFiles, _Npy, image_rows, shard_runs
 
 #: the token file of a shard, beside its features ``NNNNN.npy``
 SUFFIX = ".tokens.npy"
@@ -169,25 +169,14 @@ class TokenRows:
         if not self.has_tokens:
             raise LittuneError(f"the cache {self.directory} was embedded without --tokens: littune embed SOURCE "
                                f"--out {self.directory} --tokens [GRID] --no-resume stores them")
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            bad = idx[(idx < -n) | (idx >= n)][0]
-            raise IndexError(f"image index {bad} out of range for a cache of {n} images")
-        idx = np.where(idx < 0, idx + n, idx)
+        idx = image_rows(indices, len(self))
         h, w = self.token_grid
         stored = np.empty((len(idx), h * w, self.token_dim), dtype=np.float16)
         if not len(idx):
             return stored.astype(np.float32)
-        order = np.argsort(idx, kind="stable")
-        sidx = idx[order]
-        which = np.searchsorted(self._starts, sidx, side="right") - 1
-        cuts = np.flatnonzero((np.diff(sidx) != 1) | (np.diff(which) != 0)) + 1
-        bounds = np.concatenate([[0], cuts, [len(sidx)]]).tolist()
-        local = (sidx - self._starts[which]).tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            j = int(which[a])
-            self._token_file(j).rows(local[a], local[a] + b - a, out=stored[a:b])
+        order, runs = shard_runs(idx, self._starts)
+        for a, b, j, local in runs:
+            self._token_file(j).rows(local, local + b - a, out=stored[a:b])
         out = np.empty(stored.shape, dtype=np.float32)
         out[order] = stored
         return out
