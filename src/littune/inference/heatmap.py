@@ -35,7 +35,7 @@ from .embeddings import ImageLike, describe, evaluating, load_rgb, model_device
 from ..errors import LittuneError
 from ..towers.spatial import SpatialFeatures, spatial_features
 from ..cache.tokens import pool_map
-from ..model.heads import AttentionPoolHead, check_token_cache
+from ..model.heads import AttentionPoolHead, check_token_cache, reads_tokens
 
 
 @dataclass
@@ -105,7 +105,7 @@ def spatial_embeddings(model, pixels: torch.Tensor) -> tuple[torch.Tensor, Spati
         if grid is not None and tuple(grid) != sf.grid:
             sf = replace(sf, features=pool_map(sf.features, grid), how=f"{sf.how}; average-pooled to "
                                                                         f"{grid[0]} x {grid[1]} (as trained)")
-        if isinstance(model.image_head, AttentionPoolHead):  # each location's share of the pooled embedding: exact
+        if reads_tokens(model):  # the attention head: each location's share of the pooled embedding: exact
             sf = replace(sf, exact=True, how=f"{sf.how}; attention head: each location's share of the image "
                                              "embedding (exact)")
         return _head_at(model, sf.features), sf
@@ -122,9 +122,10 @@ def _head_at(model, features: torch.Tensor) -> torch.Tensor:
     return head(features.to(dtype))
 
 
-def _head_input(model, features: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """What the image head reads: the map's tokens ``(B, h*w, F)`` (an attention head) or the pooled features."""
-    return features.flatten(1, 2) if isinstance(model.image_head, AttentionPoolHead) else pooled
+def _head_input(model, features: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+    """What the image head reads: the map's tokens ``(B, h*w, F)`` (an attention head: ``pooled`` is not read
+    and may be None) or the pooled features."""
+    return features.flatten(1, 2) if reads_tokens(model) else pooled
 
 
 def _cosines(model, emb: torch.Tensor, head_input: torch.Tensor,
@@ -151,7 +152,7 @@ def cached_heatmaps(model, cache, indices: Sequence[int], weights: torch.Tensor)
     tokens and pooled features (the tower does not run)."""
     _check_head(model)
     cache.check(tower_fingerprint=model.image_tower.fingerprint())
-    if isinstance(model.image_head, AttentionPoolHead):
+    if reads_tokens(model):
         check_token_cache(cache, model.image_head.grid or True)
     h, w = cache.token_grid or (0, 0)
     tokens = cache.tokens(indices)  # one line if the cache has none
@@ -159,7 +160,8 @@ def cached_heatmaps(model, cache, indices: Sequence[int], weights: torch.Tensor)
     feats = torch.from_numpy(tokens).to(dev).reshape(len(tokens), h, w, cache.token_dim)
     with evaluating(model):
         emb = _head_at(model, feats)
-    return _cosines(model, emb, _head_input(model, feats, torch.from_numpy(cache.features(indices))), weights)
+    pooled = None if reads_tokens(model) else torch.from_numpy(cache.features(indices))  # what the head reads
+    return _cosines(model, emb, _head_input(model, feats, pooled), weights)
 
 
 def text_weights(model, texts: Sequence[str], templates: str | Sequence[str] = "none") -> torch.Tensor:
