@@ -274,7 +274,7 @@ def _write_folder(model, folder: Path, exporter: str | None = None) -> dict:
 def export_onnx_model(model, out: str | Path, overwrite: bool = False, exporter: str | None = None) -> dict:
     """Write the ONNX export of ``model`` to the folder ``out``; returns ``littune_onnx.json``'s record.
     ``exporter``: :data:`littune.towers.exporters.EXPORTERS`; None: ``$LITTUNE_ONNX_EXPORTER``, else the
-    default with TorchScript as fallback (:func:`littune.towers.exporters.with_fallback`).
+    default (TorchScript), with the other as fallback (:func:`littune.towers.exporters.with_fallback`).
 
     Raises :class:`LittuneError` (one line, nothing written) if ``out`` exists (see ``overwrite`` in
     the module docstring), or if the text side cannot be exported or disagrees with torch."""

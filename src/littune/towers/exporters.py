@@ -33,8 +33,9 @@ import torch
 from ..errors import LittuneError
 
 EXPORTERS = ("dynamo", "torchscript")
-#: measured: both export every graph kind littune writes and agree with torch alike, but dynamo takes 5-20x
-#: longer (EfficientNet-Lite0's tower 9.4 s against 1.6 s; the tiny text graph 3.4 s against 0.13 s)
+#: measured: both export every graph kind littune writes and agree with torch alike, but dynamo takes 2-10x
+#: longer on the real towers (EfficientNet-Lite0's tower 9.4 s against 1.6 s, e5-small's text 48 s against 24 s)
+#: and more on tiny graphs (the tiny text graph 3.4 s against 0.13 s)
 DEFAULT_EXPORTER = "torchscript"
 ENV = "LITTUNE_ONNX_EXPORTER"
 #: the opset each exporter writes unless told: TorchScript's littune has always used; dynamo's lowest (torch's

@@ -219,8 +219,8 @@ def _write_checked(tower, path: Path, spatial, exporter: str) -> tuple[int, floa
 def export_onnx(tower, folder: Path | None = None, spatial=None, exporter: str | None = None) -> Path:
     """The tower's ONNX file, exported now unless a complete, matching export is kept already (``spatial``:
     the graph with a second output, the map, ``tower-map.onnx``; see the module doc). ``exporter``:
-    :data:`littune.towers.exporters.EXPORTERS`; None: ``$LITTUNE_ONNX_EXPORTER`` or the default, with
-    TorchScript as fallback (:func:`littune.towers.exporters.with_fallback`). A kept export is used whichever
+    :data:`littune.towers.exporters.EXPORTERS`; None: ``$LITTUNE_ONNX_EXPORTER`` or the default (TorchScript),
+    with the other as fallback (:func:`littune.towers.exporters.with_fallback`). A kept export is used whichever
     exporter wrote it (its record says which).
 
     Raises :class:`LittuneError` (one line, the reason) if the tower cannot be exported or its
